@@ -1,0 +1,329 @@
+"""Encoding and decoding of whole frames: u32 LE length (counting itself) + bincode.
+
+The per-field codecs are chosen from the annotation names in messages.py, so
+adding a message there is enough to make it encodable. Bulk messages (Write,
+WriteUnwritten, ReadResponse) end with their data, which `encode_parts` hands
+back as a separate buffer so that it is never copied on the way out.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from dataclasses import fields
+from typing import Any
+
+from crucible.protocol import wire
+from crucible.protocol.errors import CrucibleError, decode_error, encode_error
+from crucible.protocol.messages import (
+    MAX_FRAME_LEN,
+    MESSAGE_TYPES,
+    BlockContext,
+    EncryptionContext,
+    Message,
+    ReadBlockContext,
+)
+from crucible.protocol.wire import U32, U64, DecodeError, Reader
+from crucible.region.definition import RegionDefinition
+
+Put = Callable[[bytearray, Any], None]
+Get = Callable[[Reader], Any]
+
+
+class ProtocolError(Exception):
+    """A frame that cannot be accepted; the connection it came on must close."""
+
+
+# ---- composite field codecs -------------------------------------------------
+
+_QB = struct.Struct("<QB")
+
+
+def put_contexts(out: bytearray, ctxs: list[BlockContext]) -> None:
+    out += U64.pack(len(ctxs))
+    for h, enc in ctxs:
+        if enc is None:
+            out += _QB.pack(h, 0)
+        else:
+            out += _QB.pack(h, 1)
+            out += enc.nonce
+            out += enc.tag
+
+
+def get_contexts(r: Reader) -> list[BlockContext]:
+    n = r.length(9)
+    start = r.pos
+    raw = bytes(r.buf[start : start + 9 * n])
+    if len(raw) == 9 * n and raw[8::9].count(0) == n:
+        # Fast path: no encryption contexts, a fixed 9 bytes each.
+        r.pos = start + 9 * n
+        return [BlockContext(h) for h, _ in _QB.iter_unpack(raw)]
+    out = []
+    for _ in range(n):
+        h = r.u64()
+        enc = _get_enc(r) if r.option_tag() else None
+        out.append(BlockContext(h, enc))
+    return out
+
+
+def _get_enc(r: Reader) -> EncryptionContext:
+    return EncryptionContext(bytes(r.take(12)), bytes(r.take(16)))
+
+
+def _put_enc(out: bytearray, enc: EncryptionContext) -> None:
+    if len(enc.nonce) != 12 or len(enc.tag) != 16:
+        raise ValueError("encryption context needs a 12-byte nonce and a 16-byte tag")
+    out += enc.nonce
+    out += enc.tag
+
+
+def put_read_block_context(out: bytearray, c: ReadBlockContext) -> None:
+    if c is None:
+        out += U32.pack(0)
+    elif isinstance(c, EncryptionContext):
+        out += U32.pack(1)
+        _put_enc(out, c)
+    else:
+        out += U32.pack(2)
+        out += U64.pack(c)
+
+
+def get_read_block_context(r: Reader) -> ReadBlockContext:
+    tag = r.u32()
+    if tag == 0:
+        return None
+    if tag == 1:
+        return _get_enc(r)
+    if tag == 2:
+        return r.u64()
+    raise DecodeError(f"invalid ReadBlockContext variant {tag}")
+
+
+def put_read_blocks(out: bytearray, v: list[ReadBlockContext] | CrucibleError) -> None:
+    if isinstance(v, CrucibleError):
+        out += U32.pack(1)
+        encode_error(out, v)
+        return
+    out += U32.pack(0)
+    out += U64.pack(len(v))
+    for c in v:
+        put_read_block_context(out, c)
+
+
+def get_read_blocks(r: Reader) -> list[ReadBlockContext] | CrucibleError:
+    tag = r.u32()
+    if tag == 1:
+        return decode_error(r)
+    if tag != 0:
+        raise DecodeError(f"invalid Result variant {tag}")
+    n = r.length(4)
+    return [get_read_block_context(r) for _ in range(n)]
+
+
+def put_unit_result(out: bytearray, v: CrucibleError | None) -> None:
+    if v is None:
+        out += U32.pack(0)
+    else:
+        out += U32.pack(1)
+        encode_error(out, v)
+
+
+def get_unit_result(r: Reader) -> CrucibleError | None:
+    tag = r.u32()
+    if tag == 0:
+        return None
+    if tag == 1:
+        return decode_error(r)
+    raise DecodeError(f"invalid Result variant {tag}")
+
+
+def put_close_result(out: bytearray, v: tuple[int, int, bool] | CrucibleError) -> None:
+    if isinstance(v, CrucibleError):
+        out += U32.pack(1)
+        encode_error(out, v)
+    else:
+        out += U32.pack(0)
+        out += U64.pack(v[0])
+        out += U64.pack(v[1])
+        wire.put_bool(out, v[2])
+
+
+def get_close_result(r: Reader) -> tuple[int, int, bool] | CrucibleError:
+    tag = r.u32()
+    if tag == 0:
+        return (r.u64(), r.u64(), r.boolean())
+    if tag == 1:
+        return decode_error(r)
+    raise DecodeError(f"invalid Result variant {tag}")
+
+
+def put_region_def(out: bytearray, d: RegionDefinition) -> None:
+    wire.put_u64(out, d.block_size)
+    wire.put_u64(out, d.extent_size)
+    wire.put_u32(out, d.shift)
+    wire.put_u32(out, d.extent_count)
+    wire.put_uuid(out, d.uuid)
+    wire.put_bool(out, d.encrypted)
+    wire.put_u64(out, d.database_read_version)
+    wire.put_u64(out, d.database_write_version)
+
+
+def get_region_def(r: Reader) -> RegionDefinition:
+    block_size = r.u64()
+    extent_size = r.u64()
+    r.u32()  # shift: derived from block_size
+    return RegionDefinition(
+        block_size=block_size,
+        extent_size=extent_size,
+        extent_count=r.u32(),
+        uuid=r.uuid(),
+        encrypted=r.boolean(),
+        database_read_version=r.u64(),
+        database_write_version=r.u64(),
+    )
+
+
+def _put_option(put: Put) -> Put:
+    def put_opt(out: bytearray, v: Any) -> None:
+        if v is None:
+            out.append(0)
+        else:
+            out.append(1)
+            put(out, v)
+
+    return put_opt
+
+
+def _get_option(get: Get) -> Get:
+    def get_opt(r: Reader) -> Any:
+        return get(r) if r.option_tag() else None
+
+    return get_opt
+
+
+# Annotation name in messages.py -> (encoder, decoder).
+FIELD_CODECS: dict[str, tuple[Put, Get]] = {
+    "u8": (wire.put_u8, Reader.u8),
+    "ClientId": (wire.put_u8, Reader.u8),
+    "u32": (wire.put_u32, Reader.u32),
+    "ExtentId": (wire.put_u32, Reader.u32),
+    "u64": (wire.put_u64, Reader.u64),
+    "JobId": (wire.put_u64, Reader.u64),
+    "RepairId": (wire.put_u64, Reader.u64),
+    "bool": (wire.put_bool, Reader.boolean),
+    "Uuid": (wire.put_uuid, Reader.uuid),
+    "SocketAddr": (wire.put_socket_addr, Reader.socket_addr),
+    "Deps": (wire.put_u64_vec, Reader.u64_vec),
+    "U64Vec": (wire.put_u64_vec, Reader.u64_vec),
+    "U32Vec": (wire.put_u32_vec, Reader.u32_vec),
+    "U8Vec": (wire.put_u8_vec, Reader.u8_vec),
+    "BoolVec": (wire.put_bool_vec, Reader.bool_vec),
+    "OptJobId": (_put_option(wire.put_u64), _get_option(Reader.u64)),
+    "OptU32": (_put_option(wire.put_u32), _get_option(Reader.u32)),
+    "OptSnapshot": (_put_option(wire.put_string), _get_option(Reader.string)),
+    "CrucibleError": (encode_error, decode_error),
+    "UnitResult": (put_unit_result, get_unit_result),
+    "CloseResult": (put_close_result, get_close_result),
+    "RegionDefinition": (put_region_def, get_region_def),
+    "Contexts": (put_contexts, get_contexts),
+    "ReadBlocks": (put_read_blocks, get_read_blocks),
+}
+
+_TAG_OF: dict[type, int] = {cls: i for i, cls in enumerate(MESSAGE_TYPES)}
+# Per message type: the codecs of its fields in order; "Data" (bulk bytes) is
+# handled apart because it is always the last field.
+_SCHEMA: list[tuple[type, list[tuple[str, Put, Get]], bool]] = []
+for _cls in MESSAGE_TYPES:
+    _specs: list[tuple[str, Put, Get]] = []
+    _bulk = False
+    for _f in fields(_cls):
+        if _f.type == "Data":
+            _bulk = True
+            continue
+        _put, _get = FIELD_CODECS[str(_f.type)]
+        _specs.append((_f.name, _put, _get))
+    _SCHEMA.append((_cls, _specs, _bulk))
+
+
+def encode_parts(msg: Message) -> list[bytes | bytearray | memoryview]:
+    """The frame as buffers to write in order: the header, then any bulk data."""
+    tag = _TAG_OF[type(msg)]
+    cls, specs, bulk = _SCHEMA[tag]
+    out = bytearray(4)
+    out += U32.pack(tag)
+    for name, put, _ in specs:
+        put(out, getattr(msg, name))
+    if not bulk:
+        if len(out) > MAX_FRAME_LEN:
+            raise ProtocolError(f"{cls.__name__} frame of {len(out)} bytes is too large")
+        U32.pack_into(out, 0, len(out))
+        return [out]
+    data = msg.data  # type: ignore[union-attr]
+    out += U64.pack(len(data))
+    total = len(out) + len(data)
+    if total > MAX_FRAME_LEN:
+        raise ProtocolError(f"{cls.__name__} frame of {total} bytes is too large")
+    U32.pack_into(out, 0, total)
+    return [out, data]
+
+
+def encode(msg: Message) -> bytes:
+    return b"".join(encode_parts(msg))
+
+
+def decode_body(body: memoryview) -> Message:
+    """Decode one frame without its length prefix. Raises ProtocolError."""
+    r = Reader(body)
+    try:
+        tag = r.u32()
+        if tag >= len(_SCHEMA):
+            raise DecodeError(f"unknown message variant {tag}")
+        cls, specs, bulk = _SCHEMA[tag]
+        values = [get(r) for _, _, get in specs]
+        if bulk:
+            values.append(r.byte_string())
+        if r.remaining():
+            raise DecodeError(f"{r.remaining()} trailing bytes after {cls.__name__}")
+        msg: Message = cls(*values)
+        return msg
+    except (DecodeError, ValueError) as e:
+        raise ProtocolError(f"malformed frame: {e}") from None
+
+
+class FrameDecoder:
+    """Sans-IO receive side: feed bytes in, take whole messages out.
+
+    Bytes are appended to one buffer and consumed from a moving offset; the
+    consumed prefix is dropped only when it outgrows what is left, so a stream
+    of frames costs amortised O(bytes). Each frame is copied out once, and bulk
+    data in the message is a view into that copy.
+    """
+
+    def __init__(self, max_frame: int = MAX_FRAME_LEN) -> None:
+        self._buf = bytearray()
+        self._pos = 0
+        self._max = max_frame
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        if self._pos and self._pos >= len(self._buf) - self._pos:
+            del self._buf[: self._pos]
+            self._pos = 0
+        self._buf += data
+
+    def buffered(self) -> int:
+        return len(self._buf) - self._pos
+
+    def next_message(self) -> Message | None:
+        avail = len(self._buf) - self._pos
+        if avail < 4:
+            return None
+        (n,) = U32.unpack_from(self._buf, self._pos)
+        if n < 8:
+            raise ProtocolError(f"frame length {n} is shorter than a header")
+        if n > self._max:
+            raise ProtocolError(f"frame length {n} exceeds the {self._max}-byte limit")
+        if avail < n:
+            return None
+        frame = bytes(self._buf[self._pos + 4 : self._pos + n])
+        self._pos += n
+        return decode_body(memoryview(frame))

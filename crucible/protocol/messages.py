@@ -1,0 +1,458 @@
+"""Every message of Crucible's wire protocol, version 13.
+
+Each dataclass lists its fields in wire order; the annotation names (u8, u32,
+u64, JobId, Deps, ...) tell the codec how each one is encoded, so this file is
+the single description of the format. The tag of each message is its position
+in MESSAGE_TYPES (bincode numbers enum variants in declaration order).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from crucible.protocol.errors import CrucibleError
+from crucible.protocol.wire import SocketAddr
+from crucible.region.definition import RegionDefinition
+
+CRUCIBLE_MESSAGE_VERSION = 13
+MAX_FRAME_LEN = 100 * 1024 * 1024
+
+# Wire-type names used in annotations below; all are plain Python types.
+u8 = int
+u32 = int
+u64 = int
+JobId = int
+ExtentId = int
+ClientId = int
+RepairId = int
+Uuid = uuid.UUID
+Deps = list[int]
+U32Vec = list[int]
+U64Vec = list[int]
+U8Vec = list[int]
+BoolVec = list[bool]
+OptJobId = int | None
+OptU32 = int | None
+OptSnapshot = str | None
+Data = bytes | bytearray | memoryview
+UnitResult = CrucibleError | None  # Result<(), CrucibleError>: None is Ok
+CloseResult = tuple[int, int, bool] | CrucibleError  # Ok((gen, flush, dirty))
+
+
+class EncryptionContext(NamedTuple):
+    nonce: bytes  # 12 bytes
+    tag: bytes  # 16 bytes
+
+
+class BlockContext(NamedTuple):
+    hash: int
+    encryption: EncryptionContext | None = None
+
+
+# A read block's context: None = Empty (never written), int = Unencrypted{hash},
+# EncryptionContext = Encrypted.
+ReadBlockContext = EncryptionContext | int | None
+Contexts = list[BlockContext]
+ReadBlocks = list[ReadBlockContext] | CrucibleError
+
+
+@dataclass(slots=True)
+class HereIAm:
+    version: u32
+    upstairs_id: Uuid
+    session_id: Uuid
+    gen: u64
+    read_only: bool
+    encrypted: bool
+    alternate_versions: U32Vec
+
+
+@dataclass(slots=True)
+class YesItsMe:
+    version: u32
+    repair_addr: SocketAddr
+
+
+@dataclass(slots=True)
+class VersionMismatch:
+    version: u32
+
+
+@dataclass(slots=True)
+class ReadOnlyMismatch:
+    expected: bool
+
+
+@dataclass(slots=True)
+class EncryptedMismatch:
+    expected: bool
+
+
+@dataclass(slots=True)
+class PromoteToActive:
+    upstairs_id: Uuid
+    session_id: Uuid
+    gen: u64
+
+
+@dataclass(slots=True)
+class YouAreNowActive:
+    upstairs_id: Uuid
+    session_id: Uuid
+    gen: u64
+
+
+@dataclass(slots=True)
+class YouAreNoLongerActive:
+    new_upstairs_id: Uuid
+    new_session_id: Uuid
+    new_gen: u64
+
+
+@dataclass(slots=True)
+class UuidMismatch:
+    expected_id: Uuid
+
+
+@dataclass(slots=True)
+class Ruok:
+    pass
+
+
+@dataclass(slots=True)
+class Imok:
+    pass
+
+
+@dataclass(slots=True)
+class ExtentClose:
+    repair_id: RepairId
+    extent_id: ExtentId
+
+
+@dataclass(slots=True)
+class ExtentReopen:
+    repair_id: RepairId
+    extent_id: ExtentId
+
+
+@dataclass(slots=True)
+class ExtentFlush:
+    repair_id: RepairId
+    extent_id: ExtentId
+    client_id: ClientId
+    flush_number: u64
+    gen_number: u64
+
+
+@dataclass(slots=True)
+class ExtentRepair:
+    repair_id: RepairId
+    extent_id: ExtentId
+    source_client_id: ClientId
+    source_repair_address: SocketAddr
+    dest_clients: U8Vec
+
+
+@dataclass(slots=True)
+class RepairAckId:
+    repair_id: RepairId
+
+
+@dataclass(slots=True)
+class ExtentError:
+    repair_id: RepairId
+    extent_id: ExtentId
+    error: CrucibleError
+
+
+@dataclass(slots=True)
+class ExtentLiveClose:
+    upstairs_id: Uuid
+    session_id: Uuid
+    job_id: JobId
+    dependencies: Deps
+    extent_id: ExtentId
+
+
+@dataclass(slots=True)
+class ExtentLiveFlushClose:
+    upstairs_id: Uuid
+    session_id: Uuid
+    job_id: JobId
+    dependencies: Deps
+    extent_id: ExtentId
+    flush_number: u64
+    gen_number: u64
+
+
+@dataclass(slots=True)
+class ExtentLiveRepair:
+    upstairs_id: Uuid
+    session_id: Uuid
+    job_id: JobId
+    dependencies: Deps
+    extent_id: ExtentId
+    source_client_id: ClientId
+    source_repair_address: SocketAddr
+
+
+@dataclass(slots=True)
+class ExtentLiveReopen:
+    upstairs_id: Uuid
+    session_id: Uuid
+    job_id: JobId
+    dependencies: Deps
+    extent_id: ExtentId
+
+
+@dataclass(slots=True)
+class ExtentLiveNoOp:
+    upstairs_id: Uuid
+    session_id: Uuid
+    job_id: JobId
+    dependencies: Deps
+
+
+@dataclass(slots=True)
+class ExtentLiveCloseAck:
+    upstairs_id: Uuid
+    session_id: Uuid
+    job_id: JobId
+    result: CloseResult
+
+
+@dataclass(slots=True)
+class ExtentLiveRepairAckId:
+    upstairs_id: Uuid
+    session_id: Uuid
+    job_id: JobId
+    result: UnitResult
+
+
+@dataclass(slots=True)
+class ExtentLiveAckId:
+    upstairs_id: Uuid
+    session_id: Uuid
+    job_id: JobId
+    result: UnitResult
+
+
+@dataclass(slots=True)
+class RegionInfoPlease:
+    pass
+
+
+@dataclass(slots=True)
+class RegionInfo:
+    region_def: RegionDefinition
+
+
+@dataclass(slots=True)
+class ExtentVersionsPlease:
+    pass
+
+
+@dataclass(slots=True)
+class ExtentVersions:
+    gen_numbers: U64Vec
+    flush_numbers: U64Vec
+    dirty_bits: BoolVec
+
+
+@dataclass(slots=True)
+class LastFlush:
+    last_flush_number: OptJobId
+
+
+@dataclass(slots=True)
+class Write:
+    upstairs_id: Uuid
+    session_id: Uuid
+    job_id: JobId
+    dependencies: Deps
+    start: u64  # absolute block index
+    contexts: Contexts
+    data: Data
+
+
+@dataclass(slots=True)
+class WriteAck:
+    upstairs_id: Uuid
+    session_id: Uuid
+    job_id: JobId
+    result: UnitResult
+
+
+@dataclass(slots=True)
+class Flush:
+    upstairs_id: Uuid
+    session_id: Uuid
+    job_id: JobId
+    dependencies: Deps
+    flush_number: u64
+    gen_number: u64
+    snapshot_name: OptSnapshot
+    extent_limit: OptU32
+
+
+@dataclass(slots=True)
+class FlushAck:
+    upstairs_id: Uuid
+    session_id: Uuid
+    job_id: JobId
+    result: UnitResult
+
+
+@dataclass(slots=True)
+class Barrier:
+    upstairs_id: Uuid
+    session_id: Uuid
+    job_id: JobId
+    dependencies: Deps
+
+
+@dataclass(slots=True)
+class BarrierAck:
+    upstairs_id: Uuid
+    session_id: Uuid
+    job_id: JobId
+    result: UnitResult
+
+
+@dataclass(slots=True)
+class ReadRequest:
+    upstairs_id: Uuid
+    session_id: Uuid
+    job_id: JobId
+    dependencies: Deps
+    start: u64
+    count: u64
+
+
+@dataclass(slots=True)
+class ReadResponse:
+    upstairs_id: Uuid
+    session_id: Uuid
+    job_id: JobId
+    blocks: ReadBlocks
+    data: Data
+
+
+@dataclass(slots=True)
+class WriteUnwritten:
+    upstairs_id: Uuid
+    session_id: Uuid
+    job_id: JobId
+    dependencies: Deps
+    start: u64
+    contexts: Contexts
+    data: Data
+
+
+@dataclass(slots=True)
+class WriteUnwrittenAck:
+    upstairs_id: Uuid
+    session_id: Uuid
+    job_id: JobId
+    result: UnitResult
+
+
+@dataclass(slots=True)
+class ErrorReport:
+    upstairs_id: Uuid
+    session_id: Uuid
+    job_id: JobId
+    error: CrucibleError
+
+
+Message = (
+    HereIAm
+    | YesItsMe
+    | VersionMismatch
+    | ReadOnlyMismatch
+    | EncryptedMismatch
+    | PromoteToActive
+    | YouAreNowActive
+    | YouAreNoLongerActive
+    | UuidMismatch
+    | Ruok
+    | Imok
+    | ExtentClose
+    | ExtentReopen
+    | ExtentFlush
+    | ExtentRepair
+    | RepairAckId
+    | ExtentError
+    | ExtentLiveClose
+    | ExtentLiveFlushClose
+    | ExtentLiveRepair
+    | ExtentLiveReopen
+    | ExtentLiveNoOp
+    | ExtentLiveCloseAck
+    | ExtentLiveRepairAckId
+    | ExtentLiveAckId
+    | RegionInfoPlease
+    | RegionInfo
+    | ExtentVersionsPlease
+    | ExtentVersions
+    | LastFlush
+    | Write
+    | WriteAck
+    | Flush
+    | FlushAck
+    | Barrier
+    | BarrierAck
+    | ReadRequest
+    | ReadResponse
+    | WriteUnwritten
+    | WriteUnwrittenAck
+    | ErrorReport
+)
+
+# Declaration order == bincode variant tag. Never reorder.
+MESSAGE_TYPES: tuple[type, ...] = (
+    HereIAm,
+    YesItsMe,
+    VersionMismatch,
+    ReadOnlyMismatch,
+    EncryptedMismatch,
+    PromoteToActive,
+    YouAreNowActive,
+    YouAreNoLongerActive,
+    UuidMismatch,
+    Ruok,
+    Imok,
+    ExtentClose,
+    ExtentReopen,
+    ExtentFlush,
+    ExtentRepair,
+    RepairAckId,
+    ExtentError,
+    ExtentLiveClose,
+    ExtentLiveFlushClose,
+    ExtentLiveRepair,
+    ExtentLiveReopen,
+    ExtentLiveNoOp,
+    ExtentLiveCloseAck,
+    ExtentLiveRepairAckId,
+    ExtentLiveAckId,
+    RegionInfoPlease,
+    RegionInfo,
+    ExtentVersionsPlease,
+    ExtentVersions,
+    LastFlush,
+    Write,
+    WriteAck,
+    Flush,
+    FlushAck,
+    Barrier,
+    BarrierAck,
+    ReadRequest,
+    ReadResponse,
+    WriteUnwritten,
+    WriteUnwrittenAck,
+    ErrorReport,
+)

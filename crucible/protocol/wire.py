@@ -1,0 +1,180 @@
+"""Bincode 1.x primitives (legacy defaults) used by the Crucible wire format.
+
+Little-endian fixed-width integers, u64 lengths for sequences/strings/bytes,
+u8 for bool and the Option tag, u32 enum variant tags. The Reader never reads
+past its buffer: any shortfall raises DecodeError, which callers turn into a
+closed connection.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+import uuid
+
+U8 = struct.Struct("<B")
+U16 = struct.Struct("<H")
+U32 = struct.Struct("<I")
+U64 = struct.Struct("<Q")
+
+SocketAddr = tuple[str, int]
+
+
+class DecodeError(ValueError):
+    """Bytes that are not a valid encoding of the expected value."""
+
+
+class Reader:
+    """A cursor over a buffer; every getter checks bounds first."""
+
+    __slots__ = ("buf", "end", "pos")
+
+    def __init__(self, buf: memoryview, pos: int = 0, end: int | None = None) -> None:
+        self.buf = buf
+        self.pos = pos
+        self.end = len(buf) if end is None else end
+
+    def take(self, n: int) -> memoryview:
+        start = self.pos
+        stop = start + n
+        if n < 0 or stop > self.end:
+            raise DecodeError(f"need {n} bytes at offset {start}, only {self.end - start} left")
+        self.pos = stop
+        return self.buf[start:stop]
+
+    def remaining(self) -> int:
+        return self.end - self.pos
+
+    def u8(self) -> int:
+        return int(self.take(1)[0])
+
+    def u16(self) -> int:
+        v: int = U16.unpack(self.take(2))[0]
+        return v
+
+    def u32(self) -> int:
+        v: int = U32.unpack(self.take(4))[0]
+        return v
+
+    def u64(self) -> int:
+        v: int = U64.unpack(self.take(8))[0]
+        return v
+
+    def boolean(self) -> bool:
+        b = self.u8()
+        if b > 1:
+            raise DecodeError(f"invalid bool byte {b}")
+        return b == 1
+
+    def option_tag(self) -> bool:
+        t = self.u8()
+        if t > 1:
+            raise DecodeError(f"invalid Option tag {t}")
+        return t == 1
+
+    def length(self, item_size: int = 1) -> int:
+        """A u64 sequence length, refused when the items cannot fit in the buffer."""
+        n = self.u64()
+        if n * item_size > self.remaining():
+            raise DecodeError(f"sequence of {n} items does not fit in {self.remaining()} bytes")
+        return n
+
+    def byte_string(self) -> memoryview:
+        return self.take(self.length())
+
+    def string(self) -> str:
+        try:
+            return bytes(self.byte_string()).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DecodeError(f"invalid UTF-8 string: {e}") from None
+
+    def uuid(self) -> uuid.UUID:
+        n = self.u64()
+        if n != 16:
+            raise DecodeError(f"UUID length {n}, expected 16")
+        return uuid.UUID(bytes=bytes(self.take(16)))
+
+    def u64_vec(self) -> list[int]:
+        n = self.length(8)
+        return list(struct.unpack(f"<{n}Q", self.take(8 * n)))
+
+    def u32_vec(self) -> list[int]:
+        n = self.length(4)
+        return list(struct.unpack(f"<{n}I", self.take(4 * n)))
+
+    def u8_vec(self) -> list[int]:
+        return list(self.take(self.length()))
+
+    def bool_vec(self) -> list[bool]:
+        raw = self.take(self.length())
+        if any(b > 1 for b in raw):
+            raise DecodeError("invalid bool byte in sequence")
+        return [b == 1 for b in raw]
+
+    def socket_addr(self) -> SocketAddr:
+        tag = self.u32()
+        if tag == 0:
+            ip = str(ipaddress.IPv4Address(bytes(self.take(4))))
+        elif tag == 1:
+            ip = str(ipaddress.IPv6Address(bytes(self.take(16))))
+        else:
+            raise DecodeError(f"invalid SocketAddr variant {tag}")
+        return ip, self.u16()
+
+
+def put_u8(out: bytearray, v: int) -> None:
+    out += U8.pack(v)
+
+
+def put_u16(out: bytearray, v: int) -> None:
+    out += U16.pack(v)
+
+
+def put_u32(out: bytearray, v: int) -> None:
+    out += U32.pack(v)
+
+
+def put_u64(out: bytearray, v: int) -> None:
+    out += U64.pack(v)
+
+
+def put_bool(out: bytearray, v: bool) -> None:
+    out.append(1 if v else 0)
+
+
+def put_bytes(out: bytearray, v: bytes | bytearray | memoryview) -> None:
+    out += U64.pack(len(v))
+    out += v
+
+
+def put_string(out: bytearray, v: str) -> None:
+    put_bytes(out, v.encode("utf-8"))
+
+
+def put_uuid(out: bytearray, v: uuid.UUID) -> None:
+    put_bytes(out, v.bytes)
+
+
+def put_u64_vec(out: bytearray, v: list[int]) -> None:
+    out += U64.pack(len(v))
+    out += struct.pack(f"<{len(v)}Q", *v)
+
+
+def put_u32_vec(out: bytearray, v: list[int]) -> None:
+    out += U64.pack(len(v))
+    out += struct.pack(f"<{len(v)}I", *v)
+
+
+def put_u8_vec(out: bytearray, v: list[int]) -> None:
+    put_bytes(out, bytes(v))
+
+
+def put_bool_vec(out: bytearray, v: list[bool]) -> None:
+    put_bytes(out, bytes(1 if b else 0 for b in v))
+
+
+def put_socket_addr(out: bytearray, v: SocketAddr) -> None:
+    ip = ipaddress.ip_address(v[0])
+    put_u32(out, 0 if ip.version == 4 else 1)
+    out += ip.packed
+    put_u16(out, v[1])

@@ -1,0 +1,1 @@
+"""A region: region.json plus extent files, the downstairs' on-disk store."""

@@ -1,0 +1,341 @@
+"""One extent file: block data, two context slots per block, bitmap, metadata.
+
+Crash-safety argument (ext4/xfs, which may persist writes out of order):
+
+* A write puts each block's new context into the block's *inactive* slot and
+  only then writes the data; the in-memory active slot flips afterwards. The
+  slot that describes the old data is never touched by that write, so after a
+  crash a block's data matches the old context or the new one.
+* A block written twice between syncs would overwrite the slot holding the
+  last *durable* context, so before that we fdatasync ("bonus sync").
+* The first write after a flush sets the dirty byte and fdatasyncs it before
+  any data moves, so a crashed extent is always known to be dirty. On opening a
+  dirty extent the bitmap cannot be trusted and each block's active slot is
+  found again by hashing the data against both slots' on-disk hashes.
+* A flush fdatasyncs data and contexts first, then writes bitmap + metadata
+  (dirty = 0, new numbers) in one pwrite and fdatasyncs again, so a clean
+  extent's bitmap always describes durable data.
+* A block whose data matches neither slot (a torn write) is recorded as
+  damaged: reads of it fail and `verify` reports it; it is never served.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import xxhash
+
+from crucible.protocol.errors import CrucibleError, ErrorKind
+from crucible.protocol.messages import BlockContext, ReadBlockContext
+from crucible.region.context import BadSlot, SlotContext, decode_slot, encode_slot
+from crucible.region.layout import (
+    EXTENT_FORMAT_VERSION,
+    META,
+    META_SIZE,
+    SLOT_SIZE,
+    ExtentLayout,
+    encode_meta,
+    pack_bitmap,
+    unpack_bitmap,
+)
+
+_Q = struct.Struct("<Q")
+
+
+def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+def pread_exact(fd: int, size: int, offset: int) -> bytes:
+    data = os.pread(fd, size, offset)
+    if len(data) != size:
+        raise CrucibleError(
+            ErrorKind.IoError, f"short read: {len(data)} of {size} bytes at offset {offset}"
+        )
+    return data
+
+
+def io_error(e: OSError, what: str) -> CrucibleError:
+    return CrucibleError(ErrorKind.IoError, f"{what}: {e.strerror or e}")
+
+
+def runs(flags: list[bool]) -> list[tuple[int, int]]:
+    """[start, end) ranges of consecutive True values."""
+    out: list[tuple[int, int]] = []
+    start = -1
+    for i, f in enumerate(flags):
+        if f and start < 0:
+            start = i
+        elif not f and start >= 0:
+            out.append((start, i))
+            start = -1
+    if start >= 0:
+        out.append((start, len(flags)))
+    return out
+
+
+class Extent:
+    """An open extent. Not thread-safe: the downstairs runs one disk op at a time."""
+
+    def __init__(
+        self, number: int, path: Path, layout: ExtentLayout, fd: int, read_only: bool
+    ) -> None:
+        self.number = number
+        self.path = path
+        self.layout = layout
+        self.fd = fd
+        self.read_only = read_only
+        self.dirty = False
+        self.gen = 0
+        self.flush_number = 0
+        self.active = bytearray(layout.blocks)  # 0 = slot A, 1 = slot B
+        self.unsynced = bytearray(layout.blocks)  # written since the last fdatasync
+        self.damaged: set[int] = set()
+
+    # ---- lifecycle ----------------------------------------------------------
+
+    @staticmethod
+    def create(path: Path, layout: ExtentLayout) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.ftruncate(fd, layout.file_size)  # sparse: all slots None, bitmap all A
+            pwrite_all(fd, encode_meta(False, 0, 0), layout.meta_offset)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    @classmethod
+    def open(cls, number: int, path: Path, layout: ExtentLayout, read_only: bool) -> Extent:
+        try:
+            fd = os.open(path, os.O_RDONLY if read_only else os.O_RDWR)
+        except FileNotFoundError:
+            raise CrucibleError(ErrorKind.BadMetadata, f"extent file {path} is missing") from None
+        except OSError as e:
+            raise io_error(e, f"open {path}") from None
+        try:
+            size = os.fstat(fd).st_size
+            if size != layout.file_size:
+                raise CrucibleError(
+                    ErrorKind.BadMetadata,
+                    f"extent file {path} is {size} bytes, expected {layout.file_size}"
+                    + (" (truncated)" if size < layout.file_size else ""),
+                )
+            ext = cls(number, path, layout, fd, read_only)
+            ext._load()
+            return ext
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _load(self) -> None:
+        lay = self.layout
+        tail = pread_exact(self.fd, lay.bitmap_bytes + META_SIZE, lay.bitmap_offset)
+        dirty, gen, flush, version, _, _ = META.unpack_from(tail, lay.bitmap_bytes)
+        if version != EXTENT_FORMAT_VERSION:
+            raise CrucibleError(
+                ErrorKind.BadMetadata,
+                f"extent file {self.path} has format version {version}, "
+                f"expected {EXTENT_FORMAT_VERSION}",
+            )
+        if dirty > 1:
+            raise CrucibleError(ErrorKind.BadMetadata, f"extent {self.path}: dirty byte {dirty}")
+        self.dirty, self.gen, self.flush_number = bool(dirty), gen, flush
+        self.active = unpack_bitmap(tail[: lay.bitmap_bytes], lay.blocks)
+        if self.dirty:
+            self._recover_slots(0, lay.blocks)
+
+    def close(self) -> tuple[int, int, bool]:
+        os.close(self.fd)
+        self.fd = -1
+        return self.gen, self.flush_number, self.dirty
+
+    # ---- slots --------------------------------------------------------------
+
+    def _slot_arrays(self, start: int, n: int) -> tuple[bytes, bytes]:
+        lay = self.layout
+        a = pread_exact(self.fd, SLOT_SIZE * n, lay.slot_offset(0, start))
+        b = pread_exact(self.fd, SLOT_SIZE * n, lay.slot_offset(1, start))
+        return a, b
+
+    def _decode(self, raw: bytes, i: int) -> SlotContext | None:
+        try:
+            return decode_slot(raw, SLOT_SIZE * i)
+        except BadSlot as e:
+            raise CrucibleError(
+                ErrorKind.BadContextSlot, f"extent {self.number} block {i}: {e}"
+            ) from None
+
+    def _recover_slots(self, start: int, n: int) -> None:
+        """Choose each block's active slot from the data actually on disk."""
+        bs = self.layout.block_size
+        data = pread_exact(self.fd, n * bs, start * bs)
+        raw_a, raw_b = self._slot_arrays(start, n)
+        zero = bytes(bs)
+        for i in range(n):
+            block = start + i
+            chunk = data[i * bs : (i + 1) * bs]
+            h = xxhash.xxh64_intdigest(chunk)
+            slots = (self._decode(raw_a, i), self._decode(raw_b, i))
+            current = self.active[block]
+            order = (current, 1 - current)
+            chosen = next(
+                (s for s in order if (sc := slots[s]) is not None and sc.on_disk_hash == h), None
+            )
+            if chosen is None and chunk == zero:
+                chosen = next((s for s in order if slots[s] is None), None)
+            if chosen is None:
+                self.damaged.add(block)
+            else:
+                self.active[block] = chosen
+                self.damaged.discard(block)
+
+    def active_slots(self, start: int, n: int) -> list[SlotContext | None]:
+        raw_a, raw_b = self._slot_arrays(start, n)
+        act = self.active
+        return [self._decode(raw_b if act[start + i] else raw_a, i) for i in range(n)]
+
+    # ---- IO -----------------------------------------------------------------
+
+    def _check_range(self, start: int, n: int) -> None:
+        if start < 0 or n < 0 or start + n > self.layout.blocks:
+            raise CrucibleError(ErrorKind.OffsetInvalid)
+
+    def read(self, start: int, n: int) -> tuple[list[ReadBlockContext], bytes]:
+        self._check_range(start, n)
+        for b in self.damaged:
+            if start <= b < start + n:
+                raise CrucibleError(ErrorKind.MissingContextSlot, values=(b, self.number))
+        bs = self.layout.block_size
+        try:
+            data = pread_exact(self.fd, n * bs, start * bs)
+            ctxs: list[ReadBlockContext] = []
+            for sc in self.active_slots(start, n):
+                if sc is None:
+                    ctxs.append(None)
+                elif sc.context.encryption is not None:
+                    ctxs.append(sc.context.encryption)
+                else:
+                    ctxs.append(sc.context.hash)
+        except OSError as e:
+            raise io_error(e, f"read extent {self.number}") from None
+        return ctxs, data
+
+    def write(
+        self,
+        start: int,
+        data: memoryview,
+        contexts: list[BlockContext],
+        only_unwritten: bool = False,
+    ) -> None:
+        """Write blocks whose hashes the caller has already checked."""
+        if self.read_only:
+            raise CrucibleError(ErrorKind.ModifyingReadOnlyRegion)
+        n = len(contexts)
+        self._check_range(start, n)
+        if not only_unwritten:
+            self._write_run(start, data, contexts)
+            return
+        bs = self.layout.block_size
+        unwritten = [sc is None for sc in self.active_slots(start, n)]
+        for s, e in runs(unwritten):
+            self._write_run(start + s, data[s * bs : e * bs], contexts[s:e])
+
+    def _write_run(self, start: int, data: memoryview, contexts: list[BlockContext]) -> None:
+        lay = self.layout
+        bs = lay.block_size
+        n = len(contexts)
+        fd = self.fd
+        try:
+            if not self.dirty:
+                pwrite_all(fd, b"\x01", lay.meta_offset)
+                os.fdatasync(fd)
+                self.dirty = True
+            if self.unsynced.find(1, start, start + n) != -1:
+                os.fdatasync(fd)
+                self.unsynced = bytearray(lay.blocks)
+        except OSError as e:
+            raise io_error(e, f"write extent {self.number}") from None
+
+        flush_id = self.flush_number
+        target = [1 - a for a in self.active[start : start + n]]
+        i = 0
+        try:
+            while i < n:
+                slot = target[i]
+                j = i
+                parts = []
+                while j < n and target[j] == slot:
+                    ctx = contexts[j]
+                    if ctx.encryption is None:
+                        odh = ctx.hash  # plaintext on disk: the hash already covers it
+                    else:
+                        odh = xxhash.xxh64_intdigest(data[j * bs : (j + 1) * bs])
+                    parts.append(encode_slot(ctx, odh, flush_id))
+                    j += 1
+                pwrite_all(fd, b"".join(parts), lay.slot_offset(slot, start + i))
+                i = j
+            pwrite_all(fd, data, start * bs)
+        except OSError as e:
+            # Some of the range may be new: find out block by block what is on disk.
+            try:
+                self._recover_slots(start, n)
+            except (OSError, CrucibleError):
+                self.damaged.update(range(start, start + n))
+            raise io_error(e, f"write extent {self.number}") from None
+        self.active[start : start + n] = bytes(target)
+        self.unsynced[start : start + n] = b"\x01" * n
+        if self.damaged:
+            self.damaged.difference_update(range(start, start + n))
+
+    def flush(self, flush_number: int, gen_number: int) -> bool:
+        """Persist a dirty extent with new numbers; a clean one keeps its own."""
+        if not self.dirty:
+            return False
+        lay = self.layout
+        try:
+            os.fdatasync(self.fd)  # data and contexts before the metadata clearing dirty
+            pwrite_all(
+                self.fd,
+                pack_bitmap(self.active) + encode_meta(False, gen_number, flush_number),
+                lay.bitmap_offset,
+            )
+            os.fdatasync(self.fd)
+        except OSError as e:
+            raise io_error(e, f"flush extent {self.number}") from None
+        self.dirty = False
+        self.gen = gen_number
+        self.flush_number = flush_number
+        self.unsynced = bytearray(lay.blocks)
+        return True
+
+    # ---- checks -------------------------------------------------------------
+
+    def verify(self) -> list[str]:
+        """Every block against its active context; an empty slot must hold zeros."""
+        problems = [f"block {b}: data matches neither context slot" for b in sorted(self.damaged)]
+        bs = self.layout.block_size
+        step = max(1, (8 << 20) // bs)
+        zero = bytes(bs)
+        for start in range(0, self.layout.blocks, step):
+            n = min(step, self.layout.blocks - start)
+            data = pread_exact(self.fd, n * bs, start * bs)
+            for i, sc in enumerate(self.active_slots(start, n)):
+                block = start + i
+                if block in self.damaged:
+                    continue
+                chunk = data[i * bs : (i + 1) * bs]
+                if sc is None:
+                    if chunk != zero:
+                        problems.append(f"block {block}: never written but holds data")
+                elif xxhash.xxh64_intdigest(chunk) != sc.on_disk_hash:
+                    problems.append(f"block {block}: data does not match its context hash")
+                elif sc.context.encryption is None and sc.context.hash != sc.on_disk_hash:
+                    problems.append(f"block {block}: context hash differs from on-disk hash")
+        return problems
