@@ -113,9 +113,10 @@ class CrucibleError(Exception):
         self.values = values
 
     def __eq__(self, other: object) -> bool:
-        return (
-            isinstance(other, CrucibleError)
-            and (self.kind, self.detail, self.values) == (other.kind, other.detail, other.values)
+        return isinstance(other, CrucibleError) and (self.kind, self.detail, self.values) == (
+            other.kind,
+            other.detail,
+            other.values,
         )
 
     def __hash__(self) -> int:

@@ -1,0 +1,276 @@
+"""A region: its definition and its extents, with IO that spans extents."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+import xxhash
+
+from crucible.protocol.errors import CrucibleError, ErrorKind
+from crucible.protocol.messages import BlockContext, ReadBlockContext
+from crucible.region.definition import REGION_JSON, RegionDefinition, RegionError, fsync_dir
+from crucible.region.extent import Extent
+from crucible.region.layout import (
+    EXTENT_FORMAT_VERSION,
+    META,
+    META_SIZE,
+    ExtentLayout,
+    extent_path,
+    staging_dir,
+)
+
+Progress = Callable[[int], None]
+
+
+def block_hash(ctx: BlockContext, block: bytes | memoryview) -> int:
+    """The integrity hash a context must carry: xxh64(data), or
+    xxh64(nonce || tag || ciphertext) for an encrypted block."""
+    if ctx.encryption is None:
+        return xxhash.xxh64_intdigest(block)
+    h = xxhash.xxh64(ctx.encryption.nonce)
+    h.update(ctx.encryption.tag)
+    h.update(block)
+    return h.intdigest()
+
+
+def check_write(contexts: list[BlockContext], data: memoryview, block_size: int) -> None:
+    """Shape and hash of a write, checked before anything touches the disk."""
+    if len(data) % block_size:
+        raise CrucibleError(ErrorKind.DataLenUnaligned)
+    if len(data) // block_size != len(contexts):
+        raise CrucibleError(
+            ErrorKind.InvalidNumberOfBlocks,
+            f"{len(contexts)} contexts for {len(data) // block_size} blocks",
+        )
+    for i, ctx in enumerate(contexts):
+        if block_hash(ctx, data[i * block_size : (i + 1) * block_size]) != ctx.hash:
+            raise CrucibleError(ErrorKind.HashMismatch)
+
+
+class Region:
+    def __init__(self, directory: Path, definition: RegionDefinition, read_only: bool) -> None:
+        self.dir = directory
+        self.definition = definition
+        self.read_only = read_only
+        self.layout = ExtentLayout(definition.extent_size, definition.block_size)
+        self.extents: list[Extent | None] = []
+        self.dirty_extents: set[int] = set()
+
+    # ---- create / open / close ------------------------------------------------
+
+    @classmethod
+    def create(
+        cls, directory: Path, definition: RegionDefinition, progress: Progress | None = None
+    ) -> Region:
+        """Create every extent, then region.json last: a crash mid-way leaves
+        no region.json, so nothing half-made is ever opened."""
+        definition.validate()
+        if (directory / REGION_JSON).exists():
+            raise RegionError(f"a region already exists at {directory}")
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            layout = ExtentLayout(definition.extent_size, definition.block_size)
+            dirs = set()
+            for eid in range(definition.extent_count):
+                path = extent_path(directory, eid)
+                Extent.create(path, layout)
+                dirs.add(path.parent)
+                if progress:
+                    progress(1)
+            for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
+                fsync_dir(d)
+            for d in {p.parent for p in dirs}:
+                fsync_dir(d)
+            definition.save(directory)
+        except OSError as e:
+            raise RegionError(f"cannot create region at {directory}: {e.strerror or e}") from None
+        return cls.open(directory)
+
+    @classmethod
+    def open(cls, directory: Path, read_only: bool = False) -> Region:
+        definition = RegionDefinition.load(directory)
+        region = cls(directory, definition, read_only)
+        try:
+            for eid in range(definition.extent_count):
+                if not read_only:
+                    region._settle_staging(eid)
+                region.extents.append(region._open_extent(eid))
+        except CrucibleError as e:
+            region.close()
+            raise RegionError(f"cannot open region at {directory}: {e.detail or e}") from None
+        except OSError as e:
+            region.close()
+            raise RegionError(f"cannot open region at {directory}: {e}") from None
+        region.dirty_extents = {i for i, e in enumerate(region.extents) if e and e.dirty}
+        return region
+
+    def _open_extent(self, eid: int) -> Extent:
+        return Extent.open(eid, extent_path(self.dir, eid), self.layout, self.read_only)
+
+    def close(self) -> None:
+        for ext in self.extents:
+            if ext is not None:
+                ext.close()
+        self.extents = []
+
+    # ---- geometry ----------------------------------------------------------------
+
+    def extent(self, eid: int) -> Extent:
+        if not 0 <= eid < len(self.extents):
+            raise CrucibleError(ErrorKind.InvalidExtent)
+        ext = self.extents[eid]
+        if ext is None:
+            raise CrucibleError(ErrorKind.IoError, f"extent {eid} is closed")
+        return ext
+
+    def split(self, start: int, count: int) -> Iterator[tuple[int, int, int, int]]:
+        """(extent id, block in extent, n blocks, blocks before this piece) per piece."""
+        total = self.definition.total_blocks
+        if start < 0 or count < 0 or start + count > total:
+            raise CrucibleError(ErrorKind.OffsetInvalid)
+        es = self.definition.extent_size
+        done = 0
+        while done < count:
+            block = start + done
+            eid, off = divmod(block, es)
+            n = min(es - off, count - done)
+            yield eid, off, n, done
+            done += n
+
+    def extent_versions(self) -> tuple[list[int], list[int], list[bool]]:
+        exts = [self.extent(i) for i in range(len(self.extents))]
+        return [e.gen for e in exts], [e.flush_number for e in exts], [e.dirty for e in exts]
+
+    # ---- IO --------------------------------------------------------------------------
+
+    def write(
+        self,
+        start: int,
+        contexts: list[BlockContext],
+        data: bytes | bytearray | memoryview,
+        only_unwritten: bool = False,
+    ) -> None:
+        if self.read_only:
+            raise CrucibleError(ErrorKind.ModifyingReadOnlyRegion)
+        bs = self.definition.block_size
+        view = memoryview(data).cast("B")
+        check_write(contexts, view, bs)
+        pieces = list(self.split(start, len(contexts)))
+        exts = [self.extent(eid) for eid, *_ in pieces]  # all open, before any write
+        for ext, (eid, off, n, before) in zip(exts, pieces, strict=True):
+            ext.write(
+                off,
+                view[before * bs : (before + n) * bs],
+                contexts[before : before + n],
+                only_unwritten,
+            )
+            if ext.dirty:
+                self.dirty_extents.add(eid)
+
+    def read(self, start: int, count: int) -> tuple[list[ReadBlockContext], bytes]:
+        ctxs: list[ReadBlockContext] = []
+        parts = []
+        for eid, off, n, _ in self.split(start, count):
+            c, d = self.extent(eid).read(off, n)
+            ctxs.extend(c)
+            parts.append(d)
+        return ctxs, parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def flush(self, flush_number: int, gen_number: int, extent_limit: int | None = None) -> None:
+        if extent_limit is not None and extent_limit >= self.definition.extent_count:
+            raise CrucibleError(ErrorKind.InvalidExtent)
+        for eid in sorted(self.dirty_extents):
+            if extent_limit is not None and eid > extent_limit:
+                continue
+            ext = self.extents[eid]
+            if ext is None:
+                continue  # closed for repair; it is flushed through ExtentFlush
+            ext.flush(flush_number, gen_number)
+            self.dirty_extents.discard(eid)
+
+    # ---- per-extent operations for reconciliation and repair ---------------------
+
+    def flush_extent(self, eid: int, flush_number: int, gen_number: int) -> None:
+        self.extent(eid).flush(flush_number, gen_number)
+        self.dirty_extents.discard(eid)
+
+    def close_extent(self, eid: int) -> tuple[int, int, bool]:
+        ext = self.extent(eid)
+        self.extents[eid] = None
+        self.dirty_extents.discard(eid)
+        return ext.close()
+
+    def reopen_extent(self, eid: int) -> None:
+        if not 0 <= eid < len(self.extents):
+            raise CrucibleError(ErrorKind.InvalidExtent)
+        if self.extents[eid] is not None:
+            raise CrucibleError(ErrorKind.GenericError, f"extent {eid} is already open")
+        if not self.read_only:
+            self._settle_staging(eid)
+        ext = self._open_extent(eid)
+        self.extents[eid] = ext
+        if ext.dirty:
+            self.dirty_extents.add(eid)
+
+    def is_closed(self, eid: int) -> bool:
+        return 0 <= eid < len(self.extents) and self.extents[eid] is None
+
+    def replace_extent(self, eid: int, fetch: Callable[[BinaryIO], None]) -> None:
+        """Replace a closed extent's file with one written by `fetch`, crash-safely:
+        fill DIR/xxx.copy/, rename it to .replace, rename the file over the
+        extent, then .replace -> .completed -> gone. `_settle_staging` finishes
+        or undoes any of these steps after a crash."""
+        if self.read_only:
+            raise CrucibleError(ErrorKind.ModifyingReadOnlyRegion)
+        if not self.is_closed(eid):
+            raise CrucibleError(ErrorKind.GenericError, f"extent {eid} must be closed to repair")
+        path = extent_path(self.dir, eid)
+        copy = staging_dir(path, "copy")
+        shutil.rmtree(copy, ignore_errors=True)
+        copy.mkdir()
+        new_file = copy / path.name
+        with open(new_file, "wb") as f:
+            fetch(f)
+            f.flush()
+            os.fsync(f.fileno())
+        self._check_extent_file(new_file)
+        fsync_dir(copy)
+        replace = staging_dir(path, "replace")
+        shutil.rmtree(replace, ignore_errors=True)
+        os.rename(copy, replace)
+        fsync_dir(path.parent)
+        self._settle_staging(eid)
+
+    def _check_extent_file(self, path: Path) -> None:
+        size = path.stat().st_size
+        if size != self.layout.file_size:
+            raise CrucibleError(
+                ErrorKind.RepairFilesInvalid,
+                f"received extent file of {size} bytes, expected {self.layout.file_size}",
+            )
+        with open(path, "rb") as f:
+            f.seek(self.layout.meta_offset)
+            meta = f.read(META_SIZE)
+        if META.unpack_from(meta)[3] != EXTENT_FORMAT_VERSION:
+            raise CrucibleError(ErrorKind.RepairFilesInvalid, "received extent has a bad version")
+
+    def _settle_staging(self, eid: int) -> None:
+        path = extent_path(self.dir, eid)
+        for stage in ("copy", "completed"):
+            shutil.rmtree(staging_dir(path, stage), ignore_errors=True)
+        replace = staging_dir(path, "replace")
+        if not replace.is_dir():
+            return
+        staged = replace / path.name
+        if staged.exists():
+            os.rename(staged, path)
+            fsync_dir(path.parent)
+        completed = staging_dir(path, "completed")
+        os.rename(replace, completed)
+        fsync_dir(path.parent)
+        shutil.rmtree(completed)
+        fsync_dir(path.parent)
