@@ -1,0 +1,91 @@
+"""Small helpers shared by the console commands: argument types, errors, progress."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Coroutine
+from typing import Any, NoReturn
+
+from tqdm import tqdm
+
+from crucible.region.definition import RegionError, validate_block_size
+
+
+class CliError(Exception):
+    """A failure to report as one line and a non-zero exit."""
+
+
+def fail(prog: str, message: str, code: int = 1) -> NoReturn:
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def positive_int(text: str) -> int:
+    try:
+        v = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{v} must be at least 1")
+    return v
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        v = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{v} must not be negative")
+    return v
+
+
+def port_number(text: str) -> int:
+    v = non_negative_int(text)
+    if v > 65535:
+        raise argparse.ArgumentTypeError(f"port {v} is out of range 0..65535")
+    return v
+
+
+def block_size(text: str) -> int:
+    v = positive_int(text)
+    try:
+        validate_block_size(v)
+    except RegionError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return v
+
+
+def progress(total: int, unit: str, desc: str) -> tqdm:
+    """A progress bar on stderr that stays quiet when stderr is not a terminal."""
+    return tqdm(
+        total=total,
+        unit=unit,
+        unit_scale=True,
+        desc=desc,
+        disable=not sys.stderr.isatty(),
+        leave=False,
+    )
+
+
+def setup_logging(quiet_jobs: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)-5s %(message)s",
+        stream=sys.stdout,
+        force=True,
+    )
+    if quiet_jobs:
+        logging.getLogger("crucible.downstairs.jobs").setLevel(logging.WARNING)
+
+
+def run_async(coro: Coroutine[Any, Any, Any]) -> Any:
+    """asyncio.run on uvloop when it is installed."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)

@@ -1,0 +1,362 @@
+"""The downstairs protocol state machine, sans-IO.
+
+Theory of operation: the driver feeds it connection events (`connected`,
+`received`, `disconnected`) and results of work it ran (`finished`); it answers
+with actions: messages to send, connections to drop, work to run against the
+region, lines to log. It never touches sockets or disks, so every rule here
+(negotiation, one active read-write upstairs and generation takeover, the
+dependency-ordered job queue) is testable with plain method calls.
+
+Per connection:  START --HereIAm--> NEGOTIATED --PromoteToActive--> PROMOTED
+--RegionInfoPlease--> REGION_INFO --ExtentVersionsPlease | LastFlush--> RUNNING.
+Ruok is answered in every phase.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from crucible.downstairs.work import JOB_TYPES, Job, WorkQueue
+from crucible.protocol import messages as m
+from crucible.protocol.errors import CrucibleError, ErrorKind
+from crucible.protocol.wire import SocketAddr
+from crucible.region.definition import RegionDefinition
+
+NIL_UUID = uuid.UUID(int=0)
+
+
+class Phase(Enum):
+    START = "start"
+    NEGOTIATED = "negotiated"
+    PROMOTED = "promoted"
+    REGION_INFO = "region-info"
+    RUNNING = "running"
+
+
+# Work that is not a queued job but still runs in order with the disk work.
+RepairOp = m.ExtentFlush | m.ExtentClose | m.ExtentRepair | m.ExtentReopen
+Work = Job | RepairOp | m.ExtentVersionsPlease
+MUTATING = (
+    m.Write,
+    m.WriteUnwritten,
+    m.ExtentLiveClose,
+    m.ExtentLiveFlushClose,
+    m.ExtentLiveRepair,
+    m.ExtentLiveReopen,
+    m.ExtentLiveNoOp,
+    m.ExtentClose,
+    m.ExtentFlush,
+    m.ExtentRepair,
+    m.ExtentReopen,
+)
+
+
+@dataclass(slots=True)
+class Send:
+    conn: int
+    msg: m.Message
+
+
+@dataclass(slots=True)
+class Disconnect:
+    conn: int
+    reason: str
+
+
+@dataclass(slots=True)
+class Execute:
+    conn: int
+    work: Work
+
+
+@dataclass(slots=True)
+class Log:
+    text: str
+
+
+Action = Send | Disconnect | Execute | Log
+
+
+@dataclass(slots=True)
+class Conn:
+    id: int
+    peer: str
+    phase: Phase = Phase.START
+    upstairs_id: uuid.UUID = NIL_UUID
+    session_id: uuid.UUID = NIL_UUID
+    gen: int = 0
+    work: WorkQueue = field(default_factory=WorkQueue)
+
+
+class DownstairsCore:
+    def __init__(
+        self, definition: RegionDefinition, read_only: bool, repair_addr: SocketAddr
+    ) -> None:
+        self.definition = definition
+        self.read_only = read_only
+        self.repair_addr = repair_addr
+        self.conns: dict[int, Conn] = {}
+        self.active: set[int] = set()  # read-write: at most one
+
+    # ---- queries for the driver ---------------------------------------------------
+
+    def wants(self, conn_id: int) -> bool:
+        """Should work queued for this connection still run? False once it has
+        been dropped or replaced by a newer upstairs: fencing."""
+        return conn_id in self.active
+
+    def active_upstairs(self) -> list[Conn]:
+        return [self.conns[c] for c in sorted(self.active)]
+
+    # ---- events ---------------------------------------------------------------------
+
+    def connected(self, conn_id: int, peer: str) -> list[Action]:
+        self.conns[conn_id] = Conn(conn_id, peer)
+        return [Log(f"connection {conn_id} from {peer}")]
+
+    def disconnected(self, conn_id: int) -> list[Action]:
+        conn = self.conns.pop(conn_id, None)
+        self.active.discard(conn_id)
+        if conn is None:
+            return []
+        dropped = len(conn.work)
+        extra = f", {dropped} jobs dropped" if dropped else ""
+        return [Log(f"connection {conn_id} from {conn.peer} closed{extra}")]
+
+    def received(self, conn_id: int, msg: m.Message) -> list[Action]:
+        conn = self.conns.get(conn_id)
+        if conn is None:
+            return []
+        if isinstance(msg, m.Ruok):
+            return [Send(conn_id, m.Imok())]
+        if conn.phase is Phase.RUNNING:
+            return self._running(conn, msg)
+        return self._negotiate(conn, msg)
+
+    def finished(self, conn_id: int, work: Work, outcome: Any) -> list[Action]:
+        """Work ran against the region; `outcome` is its result or a CrucibleError."""
+        conn = self.conns.get(conn_id)
+        if conn is None or conn_id not in self.active:
+            return []  # fenced or gone: the reply would go nowhere
+        failed = isinstance(outcome, CrucibleError)
+        acts: list[Action] = [Send(conn_id, self._reply(conn, work, outcome))]
+        if failed:
+            acts.append(Log(f"{type(work).__name__} {_work_id(work)} failed: {outcome}"))
+        if isinstance(work, JOB_TYPES):
+            for job in conn.work.finish(work, not failed):
+                acts.append(Execute(conn_id, job))
+        return acts
+
+    # ---- negotiation ----------------------------------------------------------------
+
+    def _negotiate(self, conn: Conn, msg: m.Message) -> list[Action]:
+        cid = conn.id
+        if isinstance(msg, m.HereIAm) and conn.phase is Phase.START:
+            v = m.CRUCIBLE_MESSAGE_VERSION
+            if msg.version != v and v not in msg.alternate_versions:
+                return [
+                    Send(cid, m.VersionMismatch(v)),
+                    Disconnect(cid, f"upstairs speaks version {msg.version}, we speak {v}"),
+                ]
+            if msg.read_only != self.read_only:
+                return [
+                    Send(cid, m.ReadOnlyMismatch(self.read_only)),
+                    Disconnect(cid, f"upstairs read_only={msg.read_only}, region mode differs"),
+                ]
+            if msg.encrypted != self.definition.encrypted:
+                return [
+                    Send(cid, m.EncryptedMismatch(self.definition.encrypted)),
+                    Disconnect(cid, f"upstairs encrypted={msg.encrypted}, region differs"),
+                ]
+            conn.upstairs_id, conn.session_id, conn.gen = msg.upstairs_id, msg.session_id, msg.gen
+            conn.phase = Phase.NEGOTIATED
+            return [
+                Log(
+                    f"upstairs {msg.upstairs_id} session {msg.session_id} gen {msg.gen} "
+                    f"on connection {cid}"
+                ),
+                Send(cid, m.YesItsMe(v, self.repair_addr)),
+            ]
+        if isinstance(msg, m.PromoteToActive) and conn.phase is Phase.NEGOTIATED:
+            if (msg.upstairs_id, msg.session_id) != (conn.upstairs_id, conn.session_id):
+                return [
+                    Send(cid, m.UuidMismatch(conn.upstairs_id)),
+                    Disconnect(cid, "PromoteToActive ids differ from HereIAm"),
+                ]
+            conn.gen = msg.gen
+            acts = self._promote(conn)
+            if conn.id in self.active:
+                conn.phase = Phase.PROMOTED
+                acts.append(
+                    Send(cid, m.YouAreNowActive(conn.upstairs_id, conn.session_id, conn.gen))
+                )
+            return acts
+        if isinstance(msg, m.RegionInfoPlease) and conn.phase is Phase.PROMOTED:
+            conn.phase = Phase.REGION_INFO
+            return [Send(cid, m.RegionInfo(self.definition))]
+        if isinstance(msg, m.ExtentVersionsPlease) and conn.phase is Phase.REGION_INFO:
+            conn.phase = Phase.RUNNING
+            conn.work = WorkQueue()
+            return [Execute(cid, msg)]
+        if isinstance(msg, m.LastFlush) and conn.phase is Phase.REGION_INFO:
+            conn.phase = Phase.RUNNING
+            conn.work = WorkQueue(msg.last_flush_number)
+            return [Log(f"connection {cid} resumes after flush {msg.last_flush_number}")]
+        if isinstance(msg, _NEGOTIATION):
+            return [
+                Disconnect(cid, f"{type(msg).__name__} out of order in phase {conn.phase.value}")
+            ]
+        return [Log(f"connection {cid}: ignored {type(msg).__name__} in phase {conn.phase.value}")]
+
+    def _promote(self, conn: Conn) -> list[Action]:
+        """Activation rules: read-only serves one session per upstairs id;
+        read-write serves one upstairs, and only a higher generation takes over."""
+        acts: list[Action] = []
+        for other_id in sorted(self.active):
+            other = self.conns[other_id]
+            if self.read_only:
+                if other.upstairs_id == conn.upstairs_id:
+                    acts.append(Disconnect(other_id, "replaced by a new session of its upstairs"))
+                    self.active.discard(other_id)
+                continue
+            same = (other.upstairs_id, other.session_id, other.gen) == (
+                conn.upstairs_id,
+                conn.session_id,
+                conn.gen,
+            )
+            if conn.gen < other.gen or (conn.gen == other.gen and not same):
+                return [
+                    Disconnect(
+                        conn.id,
+                        f"generation {conn.gen} refused: upstairs "
+                        f"{other.upstairs_id} is active with gen {other.gen}",
+                    )
+                ]
+            self.active.discard(other_id)
+            acts.append(
+                Send(other_id, m.YouAreNoLongerActive(conn.upstairs_id, conn.session_id, conn.gen))
+            )
+            acts.append(
+                Disconnect(other_id, f"taken over by upstairs {conn.upstairs_id} gen {conn.gen}")
+            )
+        self.active.add(conn.id)
+        acts.append(
+            Log(f"upstairs {conn.upstairs_id} gen {conn.gen} is active on connection {conn.id}")
+        )
+        return acts
+
+    # ---- running --------------------------------------------------------------------
+
+    def _running(self, conn: Conn, msg: m.Message) -> list[Action]:
+        cid = conn.id
+        ids = getattr(msg, "upstairs_id", None), getattr(msg, "session_id", None)
+        if isinstance(msg, JOB_TYPES) and ids != (conn.upstairs_id, conn.session_id):
+            return [
+                Send(cid, m.UuidMismatch(conn.upstairs_id)),
+                Log(f"connection {cid}: job {msg.job_id} from a foreign upstairs or session"),
+            ]
+        if self.read_only and isinstance(msg, MUTATING):
+            err = CrucibleError(ErrorKind.ModifyingReadOnlyRegion)
+            return [
+                Send(cid, m.ErrorReport(conn.upstairs_id, conn.session_id, _work_id(msg), err)),
+                Disconnect(cid, f"{type(msg).__name__} on a read-only region"),
+            ]
+        if isinstance(msg, m.Write | m.WriteUnwritten):
+            bad = self._bad_write(msg)
+            if bad:
+                return [
+                    Send(cid, m.ErrorReport(conn.upstairs_id, conn.session_id, msg.job_id, bad)),
+                    Disconnect(cid, f"malformed write {msg.job_id}: {bad}"),
+                ]
+        if isinstance(msg, JOB_TYPES):
+            if conn.work.knows(msg.job_id):
+                return [Log(f"connection {cid}: duplicate job {msg.job_id} ignored")]
+            acts: list[Action] = [Log(self.describe(msg))]
+            acts.extend(Execute(cid, job) for job in conn.work.add(msg))
+            return acts
+        if isinstance(msg, m.ExtentFlush | m.ExtentClose | m.ExtentRepair | m.ExtentReopen):
+            return [
+                Log(f"{type(msg).__name__} rep_id:{msg.repair_id} eid:{msg.extent_id}"),
+                Execute(cid, msg),
+            ]
+        if isinstance(msg, _NEGOTIATION):
+            return [Disconnect(cid, f"{type(msg).__name__} after negotiation")]
+        return [Log(f"connection {cid}: ignored unexpected {type(msg).__name__}")]
+
+    def _bad_write(self, msg: m.Write | m.WriteUnwritten) -> CrucibleError | None:
+        bs = self.definition.block_size
+        if len(msg.data) % bs:
+            return CrucibleError(ErrorKind.DataLenUnaligned)
+        if len(msg.data) // bs != len(msg.contexts):
+            return CrucibleError(
+                ErrorKind.InvalidNumberOfBlocks,
+                f"{len(msg.contexts)} contexts for {len(msg.data) // bs} blocks",
+            )
+        return None
+
+    def describe(self, job: Job) -> str:
+        es = self.definition.extent_size
+        deps = f"dep:{list(job.dependencies)}"
+        if isinstance(job, m.Write | m.WriteUnwritten):
+            name = "Write" if isinstance(job, m.Write) else "WriteUnwritten"
+            eid, bo = divmod(job.start, es)
+            return f"{name} rn:{job.job_id} eid:{eid} {deps} bo:{bo} n:{len(job.contexts)}"
+        if isinstance(job, m.ReadRequest):
+            eid, bo = divmod(job.start, es)
+            return f"Read rn:{job.job_id} eid:{eid} {deps} bo:{bo} n:{job.count}"
+        if isinstance(job, m.Flush):
+            lim = "" if job.extent_limit is None else f" lim:{job.extent_limit}"
+            return f"flush rn:{job.job_id} {deps} fln:{job.flush_number} gen:{job.gen_number}{lim}"
+        if isinstance(job, m.Barrier):
+            return f"barrier rn:{job.job_id} {deps}"
+        eid_s = f" eid:{job.extent_id}" if hasattr(job, "extent_id") else ""
+        return f"{type(job).__name__} rn:{job.job_id}{eid_s} {deps}"
+
+    # ---- replies ---------------------------------------------------------------------
+
+    def _reply(self, conn: Conn, work: Work, outcome: Any) -> m.Message:
+        up, sess = conn.upstairs_id, conn.session_id
+        err = outcome if isinstance(outcome, CrucibleError) else None
+        if isinstance(work, m.ExtentVersionsPlease):
+            if err:
+                return m.ErrorReport(up, sess, 0, err)
+            return m.ExtentVersions(*outcome)
+        if isinstance(work, m.ExtentFlush | m.ExtentClose | m.ExtentRepair | m.ExtentReopen):
+            if err:
+                return m.ExtentError(work.repair_id, work.extent_id, err)
+            return m.RepairAckId(work.repair_id)
+        jid = work.job_id
+        if isinstance(work, m.ExtentLiveClose | m.ExtentLiveFlushClose):
+            return m.ExtentLiveCloseAck(up, sess, jid, outcome)
+        if isinstance(work, m.ExtentLiveRepair):
+            return m.ExtentLiveRepairAckId(up, sess, jid, err)
+        if isinstance(work, m.ExtentLiveReopen | m.ExtentLiveNoOp):
+            return m.ExtentLiveAckId(up, sess, jid, err)
+        if err:
+            return m.ErrorReport(up, sess, jid, err)
+        if isinstance(work, m.ReadRequest):
+            ctxs, data = outcome
+            return m.ReadResponse(up, sess, jid, ctxs, data)
+        if isinstance(work, m.Write):
+            return m.WriteAck(up, sess, jid, None)
+        if isinstance(work, m.WriteUnwritten):
+            return m.WriteUnwrittenAck(up, sess, jid, None)
+        if isinstance(work, m.Flush):
+            return m.FlushAck(up, sess, jid, None)
+        return m.BarrierAck(up, sess, jid, None)
+
+
+_NEGOTIATION = (
+    m.HereIAm,
+    m.PromoteToActive,
+    m.RegionInfoPlease,
+    m.ExtentVersionsPlease,
+    m.LastFlush,
+)
+
+
+def _work_id(work: Any) -> int:
+    return int(getattr(work, "job_id", getattr(work, "repair_id", 0)))

@@ -1,0 +1,94 @@
+"""The repair HTTP server (port + 4000) that peers copy extents from, and its client.
+
+Paths take integers only; an extent id is range-checked and turned into a
+path by layout.extent_path, so nothing a client sends names a file.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import urllib.error
+import urllib.request
+from typing import BinaryIO
+
+from aiohttp import web
+
+from crucible.protocol.errors import CrucibleError, ErrorKind
+from crucible.protocol.wire import SocketAddr
+from crucible.region.layout import extent_path, extent_relpath
+from crucible.region.region import Region
+
+REPAIR_PORT_OFFSET = 4000
+TIMEOUT = 15.0
+
+
+def make_app(region: Region) -> web.Application:
+    def extent_id(request: web.Request) -> int:
+        eid = int(request.match_info["eid"])
+        if eid >= region.definition.extent_count:
+            raise web.HTTPBadRequest(text=f"extent {eid} does not exist\n")
+        return eid
+
+    async def files(request: web.Request) -> web.Response:
+        path = extent_path(region.dir, extent_id(request))
+        if not path.is_file() or path.is_symlink():
+            raise web.HTTPBadRequest(text="EBADF: extent data file missing\n")
+        return web.json_response([path.name])
+
+    async def data(request: web.Request) -> web.StreamResponse:
+        path = extent_path(region.dir, extent_id(request))
+        if not path.is_file() or path.is_symlink():
+            raise web.HTTPBadRequest(text="EBADF: extent data file missing\n")
+        return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
+
+    async def repair_ready(request: web.Request) -> web.Response:
+        eid = extent_id(request)
+        return web.json_response(region.read_only or region.is_closed(eid))
+
+    async def region_info(request: web.Request) -> web.Response:
+        return web.json_response(region.definition.to_json())
+
+    async def region_mode(request: web.Request) -> web.Response:
+        return web.json_response(region.read_only)
+
+    app = web.Application(client_max_size=1024)
+    app.add_routes(
+        [
+            web.get(r"/extent/{eid:\d{1,10}}/files", files),
+            web.get(r"/newextent/{eid:\d{1,10}}/data", data),
+            web.get(r"/extent/{eid:\d{1,10}}/repair-ready", repair_ready),
+            web.get("/region-info", region_info),
+            web.get("/region-mode", region_mode),
+        ]
+    )
+    return app
+
+
+def _url(addr: SocketAddr, path: str) -> str:
+    host = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
+    return f"http://{host}:{addr[1]}{path}"
+
+
+def _get(addr: SocketAddr, path: str) -> bytes:
+    try:
+        with urllib.request.urlopen(_url(addr, path), timeout=TIMEOUT) as r:
+            body: bytes = r.read()
+            return body
+    except (urllib.error.URLError, OSError) as e:
+        raise CrucibleError(ErrorKind.RepairRequestError, f"GET {path}: {e}") from None
+
+
+def fetch_extent(addr: SocketAddr, eid: int, out: BinaryIO) -> None:
+    """Copy one extent file from a peer's repair server (blocking)."""
+    names = json.loads(_get(addr, f"/extent/{eid}/files"))
+    expected = extent_relpath(eid).name
+    if names != [expected]:
+        raise CrucibleError(ErrorKind.RepairFilesInvalid, f"source lists {names!r}")
+    try:
+        with urllib.request.urlopen(_url(addr, f"/newextent/{eid}/data"), timeout=TIMEOUT) as r:
+            shutil.copyfileobj(r, out, 1 << 20)
+    except (urllib.error.URLError, OSError) as e:
+        raise CrucibleError(ErrorKind.RepairStreamError, f"extent {eid}: {e}") from None
+    if json.loads(_get(addr, f"/extent/{eid}/repair-ready")) is not True:
+        raise CrucibleError(ErrorKind.RepairRequestError, f"source extent {eid} is not closed")

@@ -1,0 +1,247 @@
+"""The asyncio driver of the downstairs: sockets, timers and a disk worker
+around the sans-IO DownstairsCore.
+
+All disk work runs one item at a time in arrival order on one worker task;
+large items go to a single disk thread so the event loop keeps answering
+keepalives and other connections meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, cast
+
+from aiohttp import web
+
+from crucible.downstairs import ops
+from crucible.downstairs.core import (
+    Action,
+    Disconnect,
+    DownstairsCore,
+    Execute,
+    Log,
+    Send,
+    Work,
+)
+from crucible.downstairs.repair import REPAIR_PORT_OFFSET, fetch_extent, make_app
+from crucible.protocol import messages as m
+from crucible.protocol.codec import FrameDecoder, ProtocolError, encode_parts
+from crucible.region.region import Region
+
+log = logging.getLogger("crucible.downstairs")
+joblog = logging.getLogger("crucible.downstairs.jobs")
+
+INLINE_BYTES = 64 * 1024  # smaller IO runs on the loop: a thread hop costs more
+PAUSE_BYTES = 256 << 20  # stop reading sockets while this much data waits for disk
+RESUME_BYTES = 64 << 20
+IDLE_TIMEOUT = 45.0
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self, server: DownstairsServer, conn_id: int) -> None:
+        self.server = server
+        self.id = conn_id
+        self.decoder = FrameDecoder()
+        self.transport: asyncio.Transport | None = None
+        self.last_rx = time.monotonic()
+        self.closing = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = transport.get_extra_info("peername")
+        name = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.server.connection_made(self, name)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        self.last_rx = time.monotonic()
+        self.decoder.feed(data)
+        try:
+            while (msg := self.decoder.next_message()) is not None:
+                self.server.apply(self.server.core.received(self.id, msg))
+                if self.closing:
+                    return
+        except ProtocolError as e:
+            self.close(str(e))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connection_lost(self)
+
+    def send(self, msg: m.Message) -> None:
+        if self.transport is not None and not self.closing:
+            self.transport.writelines(encode_parts(msg))
+
+    def close(self, reason: str) -> None:
+        if self.closing:
+            return
+        self.closing = True
+        log.warning("closing connection %d: %s", self.id, reason)
+        if self.transport is not None:
+            self.transport.close()
+
+
+class DownstairsServer:
+    def __init__(
+        self,
+        region: Region,
+        address: str,
+        port: int,
+        idle_timeout: float = IDLE_TIMEOUT,
+        repair_port: int | None = None,
+    ) -> None:
+        self.region = region
+        self.address = address
+        self.port = port
+        self.repair_port = port + REPAIR_PORT_OFFSET if repair_port is None else repair_port
+        self.idle_timeout = idle_timeout
+        self.core = DownstairsCore(region.definition, region.read_only, (address, self.repair_port))
+        self.conns: dict[int, _Connection] = {}
+        self._next_id = 1
+        self._queue: deque[tuple[int, Work]] = deque()
+        self._queued_bytes = 0
+        self._wake = asyncio.Event()
+        self._paused = False
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="disk")
+        self._tasks: list[asyncio.Task[None]] = []
+        self._server: asyncio.Server | None = None
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: self._new_connection(), self.address, self.port, reuse_address=True
+        )
+        self._runner = web.AppRunner(make_app(self.region), access_log=None)
+        await self._runner.setup()
+        try:
+            await web.TCPSite(self._runner, self.address, self.repair_port).start()
+        except OSError:
+            await self.stop()
+            raise
+        self._tasks = [
+            asyncio.create_task(self._disk_worker()),
+            asyncio.create_task(self._idle_checker()),
+        ]
+        log.info("listening on %s:%d", self.address, self.port)
+        log.info("repair server listening on %s:%d", self.address, self.repair_port)
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        if self._server is not None:
+            self._server.close()
+        for c in list(self.conns.values()):
+            c.close("server shutting down")
+        if self._runner is not None:
+            await self._runner.cleanup()
+        self._pool.shutdown(wait=True)
+
+    def _new_connection(self) -> _Connection:
+        conn = _Connection(self, self._next_id)
+        self._next_id += 1
+        return conn
+
+    # ---- connection events -------------------------------------------------------
+
+    def connection_made(self, conn: _Connection, peer: str) -> None:
+        self.conns[conn.id] = conn
+        if self._paused and conn.transport is not None:
+            conn.transport.pause_reading()
+        self.apply(self.core.connected(conn.id, peer))
+
+    def connection_lost(self, conn: _Connection) -> None:
+        if self.conns.pop(conn.id, None) is not None:
+            self.apply(self.core.disconnected(conn.id))
+
+    def apply(self, actions: list[Action]) -> None:
+        for a in actions:
+            if isinstance(a, Send):
+                c = self.conns.get(a.conn)
+                if c is not None:
+                    c.send(a.msg)
+            elif isinstance(a, Execute):
+                self._queue.append((a.conn, a.work))
+                self._queued_bytes += _work_bytes(a.work)
+                self._wake.set()
+            elif isinstance(a, Disconnect):
+                c = self.conns.get(a.conn)
+                if c is not None:
+                    c.close(a.reason)
+            elif isinstance(a, Log):
+                (joblog if _is_job_line(a.text) else log).info("%s", a.text)
+        self._flow_control()
+
+    def _flow_control(self) -> None:
+        if not self._paused and self._queued_bytes > PAUSE_BYTES:
+            self._paused = True
+            for c in self.conns.values():
+                if c.transport is not None:
+                    c.transport.pause_reading()
+        elif self._paused and self._queued_bytes < RESUME_BYTES:
+            self._paused = False
+            for c in self.conns.values():
+                if c.transport is not None and not c.closing:
+                    c.transport.resume_reading()
+
+    # ---- background tasks -----------------------------------------------------------
+
+    async def _disk_worker(self) -> None:
+        loop = asyncio.get_running_loop()
+        bs = self.region.definition.block_size
+        while True:
+            if not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            conn_id, work = self._queue.popleft()
+            self._queued_bytes -= _work_bytes(work)
+            if not self.core.wants(conn_id):
+                continue  # its upstairs was replaced or went away: never touch the disk
+            outcome: Any
+            if _runs_inline(work, bs):
+                outcome = ops.run(self.region, work, fetch_extent)
+            else:
+                outcome = await loop.run_in_executor(
+                    self._pool, ops.run, self.region, work, fetch_extent
+                )
+            self.apply(self.core.finished(conn_id, work, outcome))
+
+    async def _idle_checker(self) -> None:
+        period = max(0.05, min(5.0, self.idle_timeout / 3))
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            for c in list(self.conns.values()):
+                if now - c.last_rx > self.idle_timeout:
+                    c.close(f"no message for {self.idle_timeout:g} s")
+
+
+def _work_bytes(work: Work) -> int:
+    if isinstance(work, m.Write | m.WriteUnwritten):
+        return len(work.data)
+    return 0
+
+
+def _runs_inline(work: Work, block_size: int) -> bool:
+    if isinstance(work, m.Write | m.WriteUnwritten):
+        return len(work.data) <= INLINE_BYTES
+    if isinstance(work, m.ReadRequest):
+        return work.count * block_size <= INLINE_BYTES
+    return isinstance(work, m.Barrier | m.ExtentLiveNoOp | m.ExtentVersionsPlease)
+
+
+def _is_job_line(text: str) -> bool:
+    return " rn:" in text

@@ -1,0 +1,107 @@
+"""The per-connection job queue: jobs run once every dependency has completed.
+
+Completed-set rule: a finished job joins the set; a finished flush or barrier
+replaces the set with itself, and every job id at or below it counts as
+complete from then on (the upstairs never depends on anything older).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from crucible.protocol.messages import (
+    Barrier,
+    ExtentLiveClose,
+    ExtentLiveFlushClose,
+    ExtentLiveNoOp,
+    ExtentLiveReopen,
+    ExtentLiveRepair,
+    Flush,
+    ReadRequest,
+    Write,
+    WriteUnwritten,
+)
+
+Job = (
+    Write
+    | WriteUnwritten
+    | ReadRequest
+    | Flush
+    | Barrier
+    | ExtentLiveClose
+    | ExtentLiveFlushClose
+    | ExtentLiveRepair
+    | ExtentLiveReopen
+    | ExtentLiveNoOp
+)
+JOB_TYPES = (
+    Write,
+    WriteUnwritten,
+    ReadRequest,
+    Flush,
+    Barrier,
+    ExtentLiveClose,
+    ExtentLiveFlushClose,
+    ExtentLiveRepair,
+    ExtentLiveReopen,
+    ExtentLiveNoOp,
+)
+
+
+@dataclass(slots=True)
+class CompletedJobs:
+    last_barrier: int | None = None
+    done: set[int] = field(default_factory=set)
+
+    def is_complete(self, job_id: int) -> bool:
+        lb = self.last_barrier
+        return (lb is not None and job_id <= lb) or job_id in self.done
+
+    def complete(self, job_id: int, resets: bool) -> None:
+        if resets:
+            # Jobs newer than the flush that already finished stay complete.
+            self.last_barrier = max(job_id, self.last_barrier or 0)
+            self.done = {j for j in self.done if j > job_id}
+        else:
+            self.done.add(job_id)
+
+
+class WorkQueue:
+    """Jobs waiting for dependencies, and which of them may start now."""
+
+    def __init__(self, last_flush: int | None = None) -> None:
+        self.completed = CompletedJobs(last_flush)
+        self.waiting: dict[int, Job] = {}
+        self.started: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.waiting) + len(self.started)
+
+    def knows(self, job_id: int) -> bool:
+        return (
+            job_id in self.waiting or job_id in self.started or self.completed.is_complete(job_id)
+        )
+
+    def _ready(self, job: Job) -> bool:
+        is_complete = self.completed.is_complete
+        return all(is_complete(d) for d in job.dependencies)
+
+    def add(self, job: Job) -> list[Job]:
+        """Queue a job; returns it if it can start at once."""
+        if self._ready(job):
+            self.started.add(job.job_id)
+            return [job]
+        self.waiting[job.job_id] = job
+        return []
+
+    def finish(self, job: Job, ok: bool) -> list[Job]:
+        """A started job ended. A failed job stays incomplete (its dependents
+        wait), except a read: it changed nothing, so ordering is still kept."""
+        self.started.discard(job.job_id)
+        if ok or isinstance(job, ReadRequest):
+            self.completed.complete(job.job_id, isinstance(job, Flush | Barrier))
+        ready = [j for j in self.waiting.values() if self._ready(j)]
+        for j in ready:
+            del self.waiting[j.job_id]
+            self.started.add(j.job_id)
+        return ready
