@@ -1,0 +1,170 @@
+"""The wire codec: Crucible's test vectors, round trips of every message, framing."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from crucible.protocol import codec
+from crucible.protocol import messages as m
+from crucible.protocol.codec import FrameDecoder, ProtocolError
+from tests.protocol.strategies import message_strategy, messages
+
+UID = uuid.UUID("01020304-0506-0708-090a-0b0c0d0e0f10")
+
+
+def body(msg: Any) -> bytes:
+    frame = codec.encode(msg)
+    assert int.from_bytes(frame[:4], "little") == len(frame)  # length counts itself
+    return frame[4:]
+
+
+def test_here_i_am_vector() -> None:
+    msg = m.HereIAm(123, UID, UID, 567, True, False, [8, 9])
+    expected = (
+        "00000000"
+        "7b000000"
+        "1000000000000000"
+        + UID.bytes.hex()
+        + "1000000000000000"
+        + UID.bytes.hex()
+        + "3702000000000000"
+        "01"
+        "00"
+        "0200000000000000"
+        "08000000"
+        "09000000"
+    )
+    assert body(msg).hex() == expected
+
+
+def test_yes_its_me_vector() -> None:
+    assert body(m.YesItsMe(123, ("127.0.0.1", 123))).hex() == "010000007b000000000000007f0000017b00"
+
+
+def test_version_mismatch_vector() -> None:
+    assert body(m.VersionMismatch(0x3456)).hex() == "0200000056340000"
+
+
+def test_encrypted_read_block_context_is_32_bytes() -> None:
+    ctx = m.EncryptionContext(bytes(range(12)), bytes(range(100, 116)))
+    out = bytearray()
+    codec.put_read_block_context(out, ctx)
+    assert len(out) == 32
+    assert out.hex() == "01000000" + bytes(range(12)).hex() + bytes(range(100, 116)).hex()
+
+
+def test_bulk_write_is_header_then_raw_data() -> None:
+    data = bytes(range(256)) * 2
+    msg = m.Write(UID, UID, 1000, [999], 7, [m.BlockContext(5)], data)
+    parts = codec.encode_parts(msg)
+    assert len(parts) == 2 and parts[1] is data
+    header = bytes(parts[0])
+    assert header[-8:] == len(data).to_bytes(8, "little")  # Bytes: u64 length, then raw
+
+
+@pytest.mark.parametrize("cls", m.MESSAGE_TYPES, ids=lambda c: c.__name__)
+@settings(max_examples=30, deadline=None)
+@given(data=st.data())
+def test_every_message_round_trips(cls: type, data: st.DataObject) -> None:
+    msg = data.draw(message_strategy(cls))
+    frame = codec.encode(msg)
+    dec = FrameDecoder()
+    dec.feed(frame)
+    out = dec.next_message()
+    assert out is not None
+    assert type(out) is cls
+    for name in cls.__dataclass_fields__:
+        a, b = getattr(out, name), getattr(msg, name)
+        if isinstance(b, bytes | bytearray | memoryview):
+            assert bytes(a) == bytes(b)
+        else:
+            assert a == b, name
+    assert codec.encode(out) == frame
+    assert dec.next_message() is None
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(messages, min_size=1, max_size=5), st.integers(1, 50))
+def test_stream_split_anywhere(msgs: list[Any], chunk: int) -> None:
+    stream = b"".join(codec.encode(x) for x in msgs)
+    dec = FrameDecoder()
+    out = []
+    for i in range(0, len(stream), chunk):
+        dec.feed(stream[i : i + chunk])
+        while (x := dec.next_message()) is not None:
+            out.append(x)
+    assert [codec.encode(x) for x in out] == [codec.encode(x) for x in msgs]
+
+
+def _decode_all(data: bytes) -> None:
+    dec = FrameDecoder()
+    dec.feed(data)
+    while dec.next_message() is not None:
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_random_bytes_never_crash_decoder(data: bytes) -> None:
+    try:
+        _decode_all(data)
+    except ProtocolError:
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(messages, st.data())
+def test_mutated_frames_never_crash_decoder(msg: Any, data: st.DataObject) -> None:
+    frame = bytearray(codec.encode(msg))
+    for _ in range(data.draw(st.integers(1, 4))):
+        i = data.draw(st.integers(0, len(frame) - 1))
+        frame[i] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(frame)))
+    try:
+        _decode_all(bytes(frame[:cut]))
+    except ProtocolError:
+        pass
+
+
+def test_oversized_frame_refused() -> None:
+    dec = FrameDecoder()
+    dec.feed((m.MAX_FRAME_LEN + 1).to_bytes(4, "little") + b"\0" * 8)
+    with pytest.raises(ProtocolError, match="exceeds"):
+        dec.next_message()
+
+
+def test_short_length_refused() -> None:
+    dec = FrameDecoder()
+    dec.feed((3).to_bytes(4, "little"))
+    with pytest.raises(ProtocolError):
+        dec.next_message()
+
+
+def test_truncated_frame_waits_for_more() -> None:
+    frame = codec.encode(m.VersionMismatch(13))
+    dec = FrameDecoder()
+    dec.feed(frame[:-1])
+    assert dec.next_message() is None
+    dec.feed(frame[-1:])
+    assert dec.next_message() == m.VersionMismatch(13)
+
+
+def test_unknown_variant_and_trailing_bytes_refused() -> None:
+    for payload in (b"\x63\0\0\0", b"\x09\0\0\0" + b"x"):  # tag 99; Ruok + junk
+        dec = FrameDecoder()
+        dec.feed((len(payload) + 4).to_bytes(4, "little") + payload)
+        with pytest.raises(ProtocolError):
+            dec.next_message()
+
+
+def test_huge_sequence_length_refused_without_allocating() -> None:
+    payload = b"\x22\0\0\0" + UID.bytes.rjust(24, b"\0")  # Barrier with nonsense lengths
+    dec = FrameDecoder()
+    dec.feed((len(payload) + 4).to_bytes(4, "little") + payload)
+    with pytest.raises(ProtocolError):
+        dec.next_message()

@@ -1,0 +1,239 @@
+"""Test helpers: a downstairs subprocess on free ports and a blocking protocol client."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import xxhash
+
+from crucible.protocol import codec
+from crucible.protocol import messages as m
+
+T = TypeVar("T")
+BIN = Path(sys.executable).parent
+DOWNSTAIRS = str(BIN / "crucible-downstairs")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    """A port that is free, and whose repair port (+4000) is free too."""
+    rng = random.Random()
+    for _ in range(200):
+        p = rng.randrange(20000, 56000)
+        if _bindable(p) and _bindable(p + 4000):
+            return p
+    raise RuntimeError("no free port pair found")
+
+
+def wait_listening(
+    port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 30.0
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"downstairs exited with {proc.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on port {port}")
+
+
+def create_region(path: Path, *args: str) -> None:
+    subprocess.run([DOWNSTAIRS, "create", "-d", str(path), *args], check=True, capture_output=True)
+
+
+class Downstairs:
+    """`crucible-downstairs run` as a subprocess."""
+
+    def __init__(self, region: Path, *extra: str) -> None:
+        self.region = region
+        self.port = free_port()
+        self.log_path = region.parent / f"{region.name}.{self.port}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [DOWNSTAIRS, "run", "-d", str(region), "-p", str(self.port), "-a", "127.0.0.1", *extra],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        wait_listening(self.port, self.proc)
+
+    def output(self) -> str:
+        return self.log_path.read_text()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+@contextlib.contextmanager
+def downstairs(region: Path, *extra: str) -> Iterator[Downstairs]:
+    ds = Downstairs(region, *extra)
+    try:
+        yield ds
+    finally:
+        ds.stop()
+
+
+class Client:
+    """A blocking upstairs-side connection, for driving a downstairs in tests."""
+
+    def __init__(
+        self, port: int, gen: int = 1, read_only: bool = False, upstairs_id: uuid.UUID | None = None
+    ) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.decoder = codec.FrameDecoder()
+        self.upstairs_id = upstairs_id or uuid.uuid4()
+        self.session_id = uuid.uuid4()
+        self.gen = gen
+        self.read_only = read_only
+        self.next_job = 1000
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def send(self, msg: m.Message) -> None:
+        self.sock.sendall(codec.encode(msg))
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def recv(self) -> m.Message | None:
+        """The next message, or None once the downstairs has closed the connection."""
+        while True:
+            msg = self.decoder.next_message()
+            if msg is not None:
+                return msg
+            try:
+                data = self.sock.recv(1 << 20)
+            except ConnectionResetError:
+                return None
+            if not data:
+                return None
+            self.decoder.feed(data)
+
+    def expect(self, kind: type[T]) -> T:
+        msg = self.recv()
+        assert isinstance(msg, kind), f"expected {kind.__name__}, got {msg!r}"
+        return msg
+
+    def closed_by_peer(self) -> bool:
+        """Drain until EOF; True when the peer closed (any messages are discarded)."""
+        while self.recv() is not None:
+            pass
+        return True
+
+    def hello(self) -> m.Message | None:
+        self.send(
+            m.HereIAm(13, self.upstairs_id, self.session_id, self.gen, self.read_only, False, [])
+        )
+        return self.recv()
+
+    def promote(self) -> m.Message | None:
+        self.send(m.PromoteToActive(self.upstairs_id, self.session_id, self.gen))
+        return self.recv()
+
+    def negotiate(self) -> m.ExtentVersions:
+        assert isinstance(self.hello(), m.YesItsMe)
+        assert isinstance(self.promote(), m.YouAreNowActive)
+        self.send(m.RegionInfoPlease())
+        self.expect(m.RegionInfo)
+        self.send(m.ExtentVersionsPlease())
+        return self.expect(m.ExtentVersions)
+
+    def job_id(self) -> int:
+        self.next_job += 1
+        return self.next_job - 1
+
+    def write_msg(
+        self,
+        start: int,
+        data: bytes,
+        deps: list[int] | None = None,
+        job_id: int | None = None,
+        block_size: int = 512,
+    ) -> m.Write:
+        return m.Write(
+            self.upstairs_id,
+            self.session_id,
+            self.job_id() if job_id is None else job_id,
+            deps or [],
+            start,
+            contexts_for(data, block_size),
+            data,
+        )
+
+    def write(self, start: int, data: bytes, block_size: int = 512) -> m.Message | None:
+        self.send(self.write_msg(start, data, block_size=block_size))
+        return self.recv()
+
+    def flush(self, flush_number: int, deps: list[int] | None = None) -> m.Message | None:
+        self.send(
+            m.Flush(
+                self.upstairs_id,
+                self.session_id,
+                self.job_id(),
+                deps or [],
+                flush_number,
+                self.gen,
+                None,
+                None,
+            )
+        )
+        return self.recv()
+
+    def read(self, start: int, count: int, deps: list[int] | None = None) -> m.Message | None:
+        self.send(
+            m.ReadRequest(
+                self.upstairs_id, self.session_id, self.job_id(), deps or [], start, count
+            )
+        )
+        return self.recv()
+
+
+def contexts_for(data: bytes, block_size: int = 512) -> list[m.BlockContext]:
+    return [
+        m.BlockContext(xxhash.xxh64_intdigest(data[i : i + block_size]))
+        for i in range(0, len(data), block_size)
+    ]
+
+
+def pattern(block: int, version: int, block_size: int = 512) -> bytes:
+    """Deterministic, distinct content for (block, version)."""
+    head = f"block {block} version {version} ".encode()
+    return (head * (block_size // len(head) + 1))[:block_size]
+
+
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    return subprocess.run(
+        [DOWNSTAIRS, *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
