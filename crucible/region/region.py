@@ -219,7 +219,7 @@ class Region:
     def is_closed(self, eid: int) -> bool:
         return 0 <= eid < len(self.extents) and self.extents[eid] is None
 
-    def replace_extent(self, eid: int, fetch: Callable[[BinaryIO], None]) -> None:
+    def replace_extent(self, eid: int, fetch: Callable[[BinaryIO], object]) -> None:
         """Replace a closed extent's file with one written by `fetch`, crash-safely:
         fill DIR/xxx.copy/, rename it to .replace, rename the file over the
         extent, then .replace -> .completed -> gone. `_settle_staging` finishes

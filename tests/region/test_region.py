@@ -1,0 +1,330 @@
+"""The extent format and region IO: contexts, flush numbers, recovery, replacement."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import pytest
+import xxhash
+
+from crucible.protocol.errors import CrucibleError, ErrorKind
+from crucible.protocol.messages import BlockContext, EncryptionContext
+from crucible.region.definition import RegionDefinition, RegionError
+from crucible.region.layout import extent_path, staging_dir
+from crucible.region.region import Region, block_hash
+from tests.region.conftest import MakeRegion
+from tests.support import contexts_for, pattern
+
+
+def blocks(start: int, n: int, version: int = 1, bs: int = 512) -> bytes:
+    return b"".join(pattern(b, version, bs) for b in range(start, start + n))
+
+
+def reopen(r: Region, read_only: bool = False) -> Region:
+    r.close()
+    return Region.open(r.dir, read_only=read_only)
+
+
+def test_layout_paths() -> None:
+    assert str(extent_path(Path("/r"), 18)) == "/r/00/000/012"
+    assert str(extent_path(Path("/r"), 0x1234567)) == "/r/01/234/567"
+
+
+def test_write_read_across_extents(make_region: MakeRegion) -> None:
+    r = make_region()
+    data = blocks(10, 20)
+    r.write(10, contexts_for(data), data)
+    ctxs, got = r.read(10, 20)
+    assert got == data
+    assert ctxs == [c.hash for c in contexts_for(data)]
+    ctxs, got = r.read(0, 10)
+    assert got == bytes(5120) and ctxs == [None] * 10  # never written: zeros, Empty
+
+
+def test_flush_numbers_only_change_on_dirty_extents(make_region: MakeRegion) -> None:
+    r = make_region()
+    data = blocks(0, 2)
+    r.write(0, contexts_for(data), data)
+    r.flush(5, 2)
+    assert r.extent_versions() == ([2, 0, 0, 0], [5, 0, 0, 0], [False] * 4)
+    r.write(20, contexts_for(data), data)
+    r = reopen(r)
+    assert r.extent_versions() == ([2, 0, 0, 0], [5, 0, 0, 0], [False, True, False, False])
+    r.flush(6, 3)
+    assert r.extent_versions() == ([2, 3, 0, 0], [5, 6, 0, 0], [False] * 4)
+    r.close()
+
+
+def test_hash_mismatch_writes_nothing(make_region: MakeRegion) -> None:
+    r = make_region()
+    data = blocks(0, 4)
+    ctxs = contexts_for(data)
+    ctxs[3] = BlockContext(ctxs[3].hash ^ 1)
+    before = [extent_path(r.dir, i).read_bytes() for i in range(4)]
+    with pytest.raises(CrucibleError) as e:
+        r.write(0, ctxs, data)
+    assert e.value.kind == ErrorKind.HashMismatch
+    assert [extent_path(r.dir, i).read_bytes() for i in range(4)] == before
+
+
+def test_bad_shapes_refused(make_region: MakeRegion) -> None:
+    r = make_region()
+    data = blocks(0, 2)
+    with pytest.raises(CrucibleError) as e:
+        r.write(0, contexts_for(data)[:1], data)
+    assert e.value.kind == ErrorKind.InvalidNumberOfBlocks
+    with pytest.raises(CrucibleError) as e:
+        r.write(0, contexts_for(data), data[:-1])
+    assert e.value.kind == ErrorKind.DataLenUnaligned
+    with pytest.raises(CrucibleError) as e:
+        r.write(63, contexts_for(data), data)  # 64 blocks in all
+    assert e.value.kind == ErrorKind.OffsetInvalid
+    with pytest.raises(CrucibleError) as e:
+        r.read(60, 5)
+    assert e.value.kind == ErrorKind.OffsetInvalid
+    with pytest.raises(CrucibleError) as e:
+        r.flush(1, 1, extent_limit=4)
+    assert e.value.kind == ErrorKind.InvalidExtent
+
+
+def test_write_unwritten_skips_written_blocks(make_region: MakeRegion) -> None:
+    r = make_region()
+    old = blocks(4, 2, version=1)
+    r.write(4, contexts_for(old), old)
+    new = blocks(2, 6, version=2)
+    r.write(2, contexts_for(new), new, only_unwritten=True)
+    _, got = r.read(2, 6)
+    assert got == blocks(2, 2, 2) + old + blocks(6, 2, 2)
+
+
+def test_encrypted_contexts_stored_and_returned(make_region: MakeRegion) -> None:
+    r = make_region(encrypted=True)
+    data = os.urandom(512)
+    enc = EncryptionContext(os.urandom(12), os.urandom(16))
+    ctx = BlockContext(block_hash(BlockContext(0, enc), data), enc)
+    r.write(3, [ctx], data)
+    r = reopen(r)
+    ctxs, got = r.read(3, 1)
+    assert got == data and ctxs == [enc]
+    assert r.extents[0] is not None and r.extents[0].verify() == []
+    r.close()
+
+
+def test_dirty_reopen_recovers_latest_slot(make_region: MakeRegion) -> None:
+    r = make_region()
+    for version in (1, 2, 3):  # three writes between flushes: both slots cycle
+        data = blocks(0, 3, version)
+        r.write(0, contexts_for(data), data)
+    r = reopen(r)
+    _, got = r.read(0, 3)
+    assert got == blocks(0, 3, 3)
+    ext = r.extent(0)
+    assert ext.dirty and ext.verify() == []
+    r.flush(1, 1)
+    r = reopen(r)
+    assert r.read(0, 3)[1] == blocks(0, 3, 3)
+    r.close()
+
+
+def _tear(r: Region, block: int, new: bytes) -> None:
+    """Simulate a write cut short on disk: the new context landed in the
+    inactive slot, half of the new data landed, dirty set; then a crash."""
+    ext = r.extent(0)
+    lay = r.layout
+    slot = 1 - ext.active[block]
+    from crucible.region.context import encode_slot
+
+    ctx = BlockContext(xxhash.xxh64_intdigest(new))
+    with open(extent_path(r.dir, 0), "r+b") as f:
+        f.seek(lay.meta_offset)
+        f.write(b"\x01")
+        f.seek(lay.slot_offset(slot, block))
+        f.write(encode_slot(ctx, ctx.hash, 0))
+        f.seek(block * lay.block_size)
+        f.write(new[: len(new) // 2])
+
+
+def test_torn_write_is_reported_never_served(make_region: MakeRegion, tmp_path: Path) -> None:
+    r = make_region()
+    data = blocks(0, 4, 1)
+    r.write(0, contexts_for(data), data)
+    r.flush(1, 1)
+    _tear(r, 2, pattern(2, 9))
+    r = reopen(r)
+    with pytest.raises(CrucibleError) as e:
+        r.read(2, 1)
+    assert e.value.kind == ErrorKind.MissingContextSlot
+    assert r.read(0, 2)[1] == blocks(0, 2, 1)  # neighbours are intact
+    problems = r.extent(0).verify()
+    assert problems and "block 2" in problems[0]
+    # Rewriting the block heals it.
+    fresh = pattern(2, 10)
+    r.write(2, contexts_for(fresh), fresh)
+    assert r.read(2, 1)[1] == fresh
+    r.close()
+
+
+def test_data_without_context_is_reported(make_region: MakeRegion) -> None:
+    r = make_region()
+    lay = r.layout
+    with open(extent_path(r.dir, 1), "r+b") as f:
+        f.seek(lay.meta_offset)
+        f.write(b"\x01")
+        f.seek(5 * lay.block_size)
+        f.write(b"stray")
+    r = reopen(r, read_only=True)
+    with pytest.raises(CrucibleError):
+        r.read(16 + 5, 1)
+    assert r.extent(1).verify()
+    r.close()
+
+
+def test_read_only_region_refuses_writes(make_region: MakeRegion) -> None:
+    r = reopen(make_region(), read_only=True)
+    data = blocks(0, 1)
+    with pytest.raises(CrucibleError) as e:
+        r.write(0, contexts_for(data), data)
+    assert e.value.kind == ErrorKind.ModifyingReadOnlyRegion
+    r.close()
+
+
+# ---- create / open errors -------------------------------------------------------------
+
+
+def test_create_refuses_existing_region(make_region: MakeRegion) -> None:
+    r = make_region()
+    with pytest.raises(RegionError, match="already exists"):
+        Region.create(r.dir, r.definition)
+
+
+def test_open_missing_region(tmp_path: Path) -> None:
+    with pytest.raises(RegionError, match="does not exist"):
+        Region.open(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "{not json",
+        '{"block_size": 512}',
+        "[]",
+        '{"block_size": 500, "extent_size": {"value": 1, "shift": 9},'
+        '"extent_count": 1, "uuid": "00000000-0000-0000-0000-000000000000",'
+        '"encrypted": false, "database_read_version": 1,'
+        '"database_write_version": 1}',
+    ],
+)
+def test_open_corrupt_region_json(make_region: MakeRegion, text: str) -> None:
+    r = make_region()
+    r.close()
+    (r.dir / "region.json").write_text(text)
+    with pytest.raises(RegionError, match=r"region\.json"):
+        Region.open(r.dir)
+
+
+def test_open_truncated_extent(make_region: MakeRegion) -> None:
+    r = make_region()
+    r.close()
+    path = extent_path(r.dir, 2)
+    os.truncate(path, path.stat().st_size - 100)
+    with pytest.raises(RegionError, match="truncated"):
+        Region.open(r.dir)
+
+
+def test_open_missing_extent(make_region: MakeRegion) -> None:
+    r = make_region()
+    r.close()
+    extent_path(r.dir, 3).unlink()
+    with pytest.raises(RegionError, match="missing"):
+        Region.open(r.dir)
+
+
+def test_definition_validation() -> None:
+    for bs in (256, 513, 65536):
+        with pytest.raises(RegionError):
+            RegionDefinition(bs, 10, 1, uuid.uuid4()).validate()
+    with pytest.raises(RegionError):
+        RegionDefinition(512, 0, 1, uuid.uuid4()).validate()
+    with pytest.raises(RegionError):
+        RegionDefinition(32768, 1 << 20, 1, uuid.uuid4()).validate()
+
+
+# ---- extent replacement ------------------------------------------------------------------
+
+
+def _source_with_data(make_region: MakeRegion) -> Region:
+    src = make_region("src")
+    data = blocks(16, 16, 7)
+    src.write(16, contexts_for(data), data)
+    src.flush(4, 3)
+    return src
+
+
+def test_replace_extent(make_region: MakeRegion) -> None:
+    src = _source_with_data(make_region)
+    dst = make_region("dst")
+    src_file = extent_path(src.dir, 1)
+    dst.close_extent(1)
+    dst.replace_extent(1, lambda f: f.write(src_file.read_bytes()))
+    dst.reopen_extent(1)
+    assert dst.read(16, 16)[1] == blocks(16, 16, 7)
+    assert dst.extent_versions()[0][1] == 3
+    assert not any(
+        p.name.endswith((".copy", ".replace", ".completed"))
+        for p in extent_path(dst.dir, 1).parent.iterdir()
+    )
+
+
+def test_replace_refuses_open_extent_and_bad_file(make_region: MakeRegion) -> None:
+    dst = make_region("dst")
+    with pytest.raises(CrucibleError):
+        dst.replace_extent(1, lambda f: None)
+    dst.close_extent(1)
+    with pytest.raises(CrucibleError) as e:
+        dst.replace_extent(1, lambda f: f.write(b"short"))
+    assert e.value.kind == ErrorKind.RepairFilesInvalid
+    dst.reopen_extent(1)
+    assert dst.read(16, 1)[1] == bytes(512)
+
+
+@pytest.mark.parametrize("stage", ["copy", "replace-full", "replace-moved", "completed"])
+def test_replace_crash_at_each_stage_is_settled_on_open(
+    make_region: MakeRegion, stage: str
+) -> None:
+    src = _source_with_data(make_region)
+    dst = make_region("dst")
+    dst.close()
+    path = extent_path(dst.dir, 1)
+    old = path.read_bytes()
+    new = extent_path(src.dir, 1).read_bytes()
+    name = stage.split("-")[0]
+    d = staging_dir(path, name)
+    d.mkdir()
+    if stage == "copy":
+        (d / path.name).write_bytes(new[:1000])  # copy cut short: undone
+    elif stage == "replace-full":
+        (d / path.name).write_bytes(new)  # complete copy staged: finished
+    elif stage == "replace-moved":
+        path.write_bytes(new)  # already renamed into place: cleaned up
+    else:
+        path.write_bytes(new)
+    dst = Region.open(dst.dir)
+    expect_new = stage != "copy"
+    assert path.read_bytes() == (new if expect_new else old)
+    assert not d.exists()
+    assert dst.read(16, 1)[1] == (pattern(16, 7) if expect_new else bytes(512))
+    dst.close()
+
+
+def test_fetch_through_file_object(make_region: MakeRegion) -> None:
+    src = _source_with_data(make_region)
+    dst = make_region("dst")
+    buf = io.BytesIO(extent_path(src.dir, 1).read_bytes())
+    dst.close_extent(1)
+    dst.replace_extent(1, lambda f: shutil.copyfileobj(buf, f))
+    dst.reopen_extent(1)
+    assert dst.read(20, 1)[1] == pattern(20, 7)
