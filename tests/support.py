@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import xxhash
 
@@ -45,7 +45,7 @@ def free_port() -> int:
 
 
 def wait_listening(
-    port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 30.0
+    port: int, proc: subprocess.Popen[Any] | None = None, timeout: float = 30.0
 ) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -75,6 +75,10 @@ class Downstairs:
             stderr=subprocess.STDOUT,
         )
         wait_listening(self.port, self.proc)
+
+    @property
+    def repair_port(self) -> int:
+        return self.port + 4000
 
     def output(self) -> str:
         return self.log_path.read_text()
