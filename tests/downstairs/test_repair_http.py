@@ -1,0 +1,69 @@
+"""The repair HTTP server (port + 4000): endpoints, and nothing else reachable."""
+
+from __future__ import annotations
+
+import io
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from crucible.downstairs.repair import fetch_extent
+from crucible.protocol import messages as m
+from crucible.protocol.errors import CrucibleError
+from crucible.region.layout import extent_path
+from tests.support import Client, Downstairs
+
+
+def get(ds: Downstairs, path: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{ds.repair_port}{path}", timeout=30) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def test_endpoints(ds: Downstairs, region: Path) -> None:
+    assert get(ds, "/extent/3/files") == (200, b'["003"]')
+    status, body = get(ds, "/newextent/3/data")
+    assert status == 200 and body == extent_path(region, 3).read_bytes()
+    assert get(ds, "/extent/3/repair-ready") == (200, b"false")
+    status, body = get(ds, "/region-info")
+    assert json.loads(body) == json.loads((region / "region.json").read_text())
+    assert get(ds, "/region-mode") == (200, b"false")
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/extent/10/files",
+        "/newextent/99999/data",
+        "/extent/-1/files",
+        "/extent/..%2F..%2Fregion.json/files",
+        "/newextent/../../region.json",
+        "/newextent/3/db",
+        "/extent/99999999999/files",
+        "/etc/passwd",
+    ],
+)
+def test_bad_paths_refused(ds: Downstairs, path: str) -> None:
+    status, _ = get(ds, path)
+    assert status in (400, 404)
+
+
+def test_fetch_when_closed(ds: Downstairs) -> None:
+    c = Client(ds.port)
+    c.negotiate()
+    c.write(250, b"\x07" * 512)
+    buf = io.BytesIO()
+    addr = ("127.0.0.1", ds.repair_port)
+    with pytest.raises(CrucibleError, match="not closed"):
+        fetch_extent(addr, 2, buf)
+    c.send(m.ExtentClose(1, 2))
+    c.expect(m.RepairAckId)
+    assert get(ds, "/extent/2/repair-ready") == (200, b"true")
+    buf = io.BytesIO()
+    fetch_extent(addr, 2, buf)
+    assert buf.getvalue()[50 * 512 : 51 * 512] == b"\x07" * 512
