@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
@@ -24,6 +25,7 @@ from crucible.region.layout import (
 )
 
 Progress = Callable[[int], None]
+FLUSH_THREADS = 8
 
 
 def block_hash(ctx: BlockContext, block: bytes | memoryview) -> int:
@@ -59,6 +61,7 @@ class Region:
         self.layout = ExtentLayout(definition.extent_size, definition.block_size)
         self.extents: list[Extent | None] = []
         self.dirty_extents: set[int] = set()
+        self._flush_pool: ThreadPoolExecutor | None = None
 
     # ---- create / open / close ------------------------------------------------
 
@@ -112,6 +115,9 @@ class Region:
         return Extent.open(eid, extent_path(self.dir, eid), self.layout, self.read_only)
 
     def close(self) -> None:
+        if self._flush_pool is not None:
+            self._flush_pool.shutdown()
+            self._flush_pool = None
         for ext in self.extents:
             if ext is not None:
                 ext.close()
@@ -183,14 +189,23 @@ class Region:
     def flush(self, flush_number: int, gen_number: int, extent_limit: int | None = None) -> None:
         if extent_limit is not None and extent_limit >= self.definition.extent_count:
             raise CrucibleError(ErrorKind.InvalidExtent)
-        for eid in sorted(self.dirty_extents):
-            if extent_limit is not None and eid > extent_limit:
-                continue
-            ext = self.extents[eid]
-            if ext is None:
-                continue  # closed for repair; it is flushed through ExtentFlush
-            ext.flush(flush_number, gen_number)
-            self.dirty_extents.discard(eid)
+        todo = [
+            ext
+            for eid in sorted(self.dirty_extents)
+            if (extent_limit is None or eid <= extent_limit)
+            # a closed extent is being repaired; it is flushed through ExtentFlush
+            and (ext := self.extents[eid]) is not None
+        ]
+        if len(todo) > 1:
+            # Extents are separate files: their fdatasyncs overlap well.
+            if self._flush_pool is None:
+                self._flush_pool = ThreadPoolExecutor(FLUSH_THREADS, "flush")
+            done = self._flush_pool.map(lambda e: e.flush(flush_number, gen_number), todo)
+            list(done)  # re-raises the first failure
+        elif todo:
+            todo[0].flush(flush_number, gen_number)
+        for ext in todo:
+            self.dirty_extents.discard(ext.number)
 
     # ---- per-extent operations for reconciliation and repair ---------------------
 
