@@ -1,0 +1,1 @@
+"""The upstairs: replicates a volume's IO to three downstairs."""
