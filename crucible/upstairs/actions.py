@@ -1,0 +1,43 @@
+"""What the sans-IO upstairs asks its driver to do."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from crucible.protocol import messages as m
+from crucible.protocol.wire import SocketAddr
+
+
+@dataclass(slots=True)
+class Connect:
+    client: int
+    target: SocketAddr
+
+
+@dataclass(slots=True)
+class Send:
+    client: int
+    msg: m.Message
+
+
+@dataclass(slots=True)
+class Drop:
+    client: int
+    reason: str
+
+
+@dataclass(slots=True)
+class Complete:
+    """A guest request is finished: `result` is its value or a CrucibleError."""
+
+    token: object
+    result: object
+
+
+@dataclass(slots=True)
+class Log:
+    text: str
+    level: str = "info"
+
+
+Action = Connect | Send | Drop | Complete | Log

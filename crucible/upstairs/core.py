@@ -1,0 +1,983 @@
+"""The upstairs state machine, sans-IO.
+
+Theory of operation. The driver feeds in guest requests (activate, read,
+write, flush, deactivate), connection events and decoded messages, each with
+the current time, and calls `tick(now)` for timers. Every call returns actions
+(actions.py): connect, send, drop, complete a guest request, log. Nothing here
+blocks or touches a socket, so the rules below can be tested under a simulated
+network.
+
+* Activation: every client connects and negotiates (HereIAm, PromoteToActive,
+  RegionInfoPlease, ExtentVersionsPlease) to WAIT_QUORUM. Read-write needs all
+  three; the generation must exceed every stored generation; extents that
+  differ are reconciled (mend.py) one step at a time; then all go ACTIVE.
+  Read-only goes active with the first downstairs and never reconciles.
+* IO: each guest request becomes a job with an id from 1000 and dependencies
+  from the blocks it touches (deps.py); it is sent to every ACTIVE client at
+  once (the downstairs enforces order), held for an OFFLINE one, skipped for
+  the rest. Writes are acked when queued; reads on the first reply that
+  verifies; flushes when two clients are done (three with a snapshot).
+* Retirement: jobs leave the table only when a flush or barrier has finished
+  on all three; until then they are kept for replay to a client that drops
+  and comes back (it resumes with LastFlush and gets every later job again).
+* Timers: a flush after `flush_timeout` idle with unflushed work; a barrier
+  when the finished-but-unretired backlog grows; Ruok every 5 s; a client
+  silent for 45 s is dropped.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import xxhash
+
+from crucible.protocol import messages as m
+from crucible.protocol.errors import CrucibleError, ErrorKind
+from crucible.protocol.wire import SocketAddr
+from crucible.region.definition import RegionDefinition
+from crucible.upstairs.actions import Action, Complete, Connect, Drop, Log, Send
+from crucible.upstairs.deps import BlockMap
+from crucible.upstairs.jobs import BarrierOp, FlushOp, IOState, Job, Op, ReadOp, WriteOp
+from crucible.upstairs.mend import (
+    ExtentVersions,
+    Repair,
+    generation_floor,
+    mend,
+    next_flush_number,
+)
+
+FIRST_JOB_ID = 1000
+MAX_IO_BLOCKS_BYTES = 1 << 20
+
+
+class UpState(Enum):
+    INIT = "initializing"
+    GO_ACTIVE = "go-active"
+    ACTIVE = "active"
+    DEACTIVATING = "deactivating"
+    DISABLED = "disabled"
+
+
+class CState(Enum):
+    IDLE = "new"
+    CONNECTING = "connecting"
+    NEGOTIATING = "negotiating"
+    WAIT_QUORUM = "wait-quorum"
+    RECONCILE = "reconcile"
+    ACTIVE = "active"
+    OFFLINE = "offline"
+    FAULTED = "faulted"
+    DISABLED = "disabled"
+
+
+ACCEPTING_IO = (CState.ACTIVE, CState.OFFLINE)
+
+
+@dataclass
+class Options:
+    read_only: bool = False
+    flush_timeout: float = 0.5
+    ping_interval: float = 5.0
+    timeout: float = 45.0
+    reconnect_delay: float = 1.0
+    max_jobs: int = 1500  # in flight per downstairs before the guest waits
+    max_bytes: int = 75 << 20
+    barrier_jobs: int = 10_000  # finished but unretired, before a barrier
+    barrier_bytes: int = 64 << 20
+
+
+@dataclass
+class Client:
+    id: int
+    target: SocketAddr
+    state: CState = CState.IDLE
+    phase: str = ""
+    resume: bool = False  # reconnecting after going offline: LastFlush + replay
+    repair_addr: SocketAddr | None = None
+    region: RegionDefinition | None = None
+    versions: ExtentVersions | None = None
+    last_rx: float = 0.0
+    last_ping: float = 0.0
+    reconnect_at: float | None = None
+    last_flush_done: int | None = None
+    inflight_jobs: int = 0
+    inflight_bytes: int = 0
+    skipped: set[int] = field(default_factory=set)
+    last_error: str = ""
+    connects: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"{self.target[0]}:{self.target[1]}"
+
+
+@dataclass
+class _Step:
+    """One reconciliation message and the clients that must ack it."""
+
+    msg: m.Message
+    clients: tuple[int, ...]
+    repair: Repair
+
+
+class UpstairsCore:
+    def __init__(
+        self,
+        targets: list[SocketAddr],
+        options: Options | None = None,
+        upstairs_id: uuid.UUID | None = None,
+    ) -> None:
+        if len(targets) != 3:
+            raise ValueError(f"an upstairs needs exactly three targets, got {len(targets)}")
+        if len(set(targets)) != 3:
+            raise ValueError("the three targets must be different")
+        self.opts = options or Options()
+        self.upstairs_id = upstairs_id or uuid.uuid4()
+        self.session_id = uuid.uuid4()
+        self.clients = [Client(i, t) for i, t in enumerate(targets)]
+        self.state = UpState.INIT
+        self.gen = 0
+        self.region: RegionDefinition | None = None
+        self.jobs: dict[int, Job] = {}
+        self.blocks = BlockMap()
+        self.next_id = FIRST_JOB_ID
+        self.next_gw = 1
+        self.next_flush = 0
+        self.need_flush = False
+        self.last_io = 0.0
+        self.activate_token: object | None = None
+        self.deactivate_token: object | None = None
+        self.disabled_error: CrucibleError | None = None
+        self.repair_steps: list[_Step] = []
+        self.repair_waiting: set[int] = set()
+        self.next_repair_id = 0
+        self.reconcile_needed = 0
+        self.reconcile_done = 0
+        self.reconcile_started = 0.0
+        self.integrity_errors = 0
+        self.retired = 0
+
+    # ---- guest requests ----------------------------------------------------------
+
+    def activate(self, token: object, gen: int, now: float) -> list[Action]:
+        if self.state is UpState.ACTIVE:
+            if gen == self.gen:
+                return [Complete(token, None)]
+            return [
+                Complete(
+                    token,
+                    CrucibleError(
+                        ErrorKind.GenerationNumberInvalid,
+                        f"already active with generation {self.gen}, not {gen}",
+                    ),
+                )
+            ]
+        if self.state is UpState.GO_ACTIVE:
+            return [Complete(token, CrucibleError(ErrorKind.UpstairsActivateInProgress))]
+        if self.state is UpState.DEACTIVATING:
+            return [Complete(token, CrucibleError(ErrorKind.UpstairsDeactivating))]
+        if gen < 1:
+            err = CrucibleError(ErrorKind.GenerationNumberInvalid, "generation 0 is not allowed")
+            return [Complete(token, err)]
+        self.state = UpState.GO_ACTIVE
+        self.gen = gen
+        self.session_id = uuid.uuid4()
+        self.disabled_error = None
+        self.activate_token = token
+        acts: list[Action] = [Log(f"upstairs {self.upstairs_id} activating with gen {gen}")]
+        for c in self.clients:
+            c.resume = False
+            c.last_flush_done = None
+            c.skipped.clear()
+            acts += self._connect(c, now)
+        return acts
+
+    def deactivate(self, token: object, now: float) -> list[Action]:
+        if self.state is not UpState.ACTIVE:
+            return [Complete(token, CrucibleError(ErrorKind.UpstairsInactive))]
+        self.state = UpState.DEACTIVATING
+        self.deactivate_token = token
+        acts: list[Action] = [Log("deactivating: final flush")]
+        if self.need_flush or self.jobs:
+            acts += self._enqueue(FlushOp(self._take_flush_number(), self.gen), None, now)
+        return acts + self._maintain(now)
+
+    def check_io(self, start: int, count: int, write: bool) -> CrucibleError | None:
+        """Why an IO cannot be accepted now, or None."""
+        if self.state is not UpState.ACTIVE:
+            if self.disabled_error is not None:
+                return self.disabled_error
+            return CrucibleError(ErrorKind.UpstairsInactive, f"upstairs is {self.state.value}")
+        assert self.region is not None
+        if write and self.opts.read_only:
+            return CrucibleError(ErrorKind.ModifyingReadOnlyRegion)
+        accepting = sum(1 for c in self.clients if c.state in ACCEPTING_IO)
+        need = 2 if write else 1
+        if accepting < need:
+            return CrucibleError(
+                ErrorKind.IoError, f"only {accepting} of 3 downstairs can take IO, need {need}"
+            )
+        if start < 0 or count < 0 or start + count > self.region.total_blocks:
+            return CrucibleError(
+                ErrorKind.OffsetInvalid,
+                f"blocks {start}..{start + count} are past the end "
+                f"({self.region.total_blocks} blocks)",
+            )
+        return None
+
+    def read(self, token: object, start: int, count: int, now: float) -> list[Action]:
+        err = self.check_io(start, count, write=False)
+        if err:
+            return [Complete(token, err)]
+        self.need_flush = True
+        return self._enqueue(ReadOp(start, count), token, now)
+
+    def write(
+        self,
+        token: object,
+        start: int,
+        data: bytes | memoryview,
+        now: float,
+        unwritten: bool = False,
+    ) -> list[Action]:
+        assert self.region is not None or self.state is not UpState.ACTIVE
+        bs = self.region.block_size if self.region else 1
+        if len(data) % bs:
+            return [Complete(token, CrucibleError(ErrorKind.DataLenUnaligned))]
+        count = len(data) // bs
+        err = self.check_io(start, count, write=True)
+        if err:
+            return [Complete(token, err)]
+        view = memoryview(data)
+        contexts = [
+            m.BlockContext(xxhash.xxh64_intdigest(view[i * bs : (i + 1) * bs]))
+            for i in range(count)
+        ]
+        self.need_flush = True
+        # Fast ack: durability is promised by the next flush, not by the write.
+        acts = self._enqueue(WriteOp(start, contexts, data, unwritten), None, now)
+        acts.append(Complete(token, None))
+        return acts
+
+    def flush(self, token: object, now: float, snapshot: str | None = None) -> list[Action]:
+        err = self.check_io(0, 0, write=False)
+        if err:
+            return [Complete(token, err)]
+        if snapshot is not None and any(c.state is not CState.ACTIVE for c in self.clients):
+            return [
+                Complete(
+                    token,
+                    CrucibleError(
+                        ErrorKind.SnapshotFailed, "a snapshot needs all three downstairs"
+                    ),
+                )
+            ]
+        if self.opts.read_only:
+            return [Complete(token, None)]
+        return self._enqueue(FlushOp(self._take_flush_number(), self.gen, snapshot), token, now)
+
+    def info(self) -> dict[str, Any]:
+        r = self.region
+        return {
+            "state": self.state.value,
+            "generation": self.gen,
+            "upstairs_id": str(self.upstairs_id),
+            "session_id": str(self.session_id),
+            "block_size": r.block_size if r else None,
+            "extent_size": r.extent_size if r else None,
+            "extent_count": r.extent_count if r else None,
+            "total_size": r.total_bytes if r else None,
+            "downstairs": [
+                {
+                    "target": c.name,
+                    "state": c.state.value,
+                    "jobs_in_flight": c.inflight_jobs,
+                    "bytes_in_flight": c.inflight_bytes,
+                    "last_error": c.last_error,
+                    "connections": c.connects,
+                }
+                for c in self.clients
+            ],
+            "jobs": len(self.jobs),
+            "guest_jobs_waiting": sum(1 for j in self.jobs.values() if not j.acked),
+            "next_job_id": self.next_id,
+            "next_flush": self.next_flush,
+            "reconcile_needed": self.reconcile_needed,
+            "reconcile_done": self.reconcile_done,
+            "integrity_errors": self.integrity_errors,
+            "retired": self.retired,
+        }
+
+    def has_room(self, nbytes: int) -> bool:
+        """Backpressure: may a guest IO of this size be queued now?"""
+        for c in self.clients:
+            if c.state not in ACCEPTING_IO:
+                continue
+            if c.inflight_jobs >= self.opts.max_jobs:
+                return False
+            if c.inflight_bytes and c.inflight_bytes + nbytes > self.opts.max_bytes:
+                return False
+        return True
+
+    # ---- connection events --------------------------------------------------------------
+
+    def _connect(self, c: Client, now: float) -> list[Action]:
+        c.state = CState.CONNECTING
+        c.phase = ""
+        c.reconnect_at = None
+        return [Log(f"[{c.id}] connecting to {c.name}"), Connect(c.id, c.target)]
+
+    def connect_failed(self, cid: int, reason: str, now: float) -> list[Action]:
+        c = self.clients[cid]
+        c.last_error = f"cannot connect to {c.name}: {reason}"
+        if c.state is not CState.CONNECTING:
+            return []
+        c.reconnect_at = now + self.opts.reconnect_delay
+        return [Log(f"[{c.id}] {c.last_error}; retrying", "warning")]
+
+    def connected(self, cid: int, now: float) -> list[Action]:
+        c = self.clients[cid]
+        if c.state is not CState.CONNECTING:
+            return [Drop(cid, "connection no longer wanted")]
+        c.state = CState.NEGOTIATING
+        c.phase = "hello"
+        c.last_rx = c.last_ping = now
+        c.connects += 1
+        return [
+            Log(f"[{c.id}] ok, connected to {c.name}"),
+            Send(
+                cid,
+                m.HereIAm(
+                    m.CRUCIBLE_MESSAGE_VERSION,
+                    self.upstairs_id,
+                    self.session_id,
+                    self.gen,
+                    self.opts.read_only,
+                    False,
+                    [],
+                ),
+            ),
+        ]
+
+    def disconnected(self, cid: int, now: float) -> list[Action]:
+        c = self.clients[cid]
+        prev = c.state
+        if prev in (CState.IDLE, CState.DISABLED, CState.FAULTED):
+            return []  # we dropped it on purpose
+        acts: list[Action] = [Log(f"[{c.id}] {c.name} disconnected ({prev.value})", "warning")]
+        if prev is CState.RECONCILE:
+            acts += self._abort_reconcile(f"downstairs {c.name} went away", now)
+            return acts + self._maintain(now)
+        if prev is CState.ACTIVE and self.state in (UpState.ACTIVE, UpState.DEACTIVATING):
+            c.state = CState.OFFLINE
+            c.resume = True
+            acts.append(Log(f"[{c.id}] {c.name} is offline; IO continues on the others", "warning"))
+        elif prev is CState.OFFLINE:
+            pass
+        elif self.state in (UpState.GO_ACTIVE, UpState.ACTIVE):
+            c.state = CState.CONNECTING
+        else:
+            c.state = CState.IDLE
+            return acts + self._maintain(now)
+        c.reconnect_at = now + self.opts.reconnect_delay
+        return acts + self._maintain(now)
+
+    def received(self, cid: int, msg: m.Message, now: float) -> list[Action]:
+        c = self.clients[cid]
+        c.last_rx = now
+        if isinstance(msg, m.Imok):
+            return []
+        if isinstance(msg, m.YouAreNoLongerActive):
+            return self._disable(
+                CrucibleError(
+                    ErrorKind.NoLongerActive,
+                    f"upstairs {msg.new_upstairs_id} took over {c.name} with generation "
+                    f"{msg.new_gen} (ours is {self.gen})",
+                ),
+                now,
+            )
+        if isinstance(msg, m.UuidMismatch):
+            return self._disable(
+                CrucibleError(
+                    ErrorKind.UuidMismatch, f"{c.name} expects upstairs {msg.expected_id}"
+                ),
+                now,
+            )
+        if c.state is CState.NEGOTIATING:
+            return self._negotiate(c, msg, now)
+        if c.state is CState.RECONCILE:
+            return self._reconcile_reply(c, msg, now)
+        if c.state is CState.ACTIVE:
+            return self._job_reply(c, msg, now) + self._maintain(now)
+        return [Log(f"[{c.id}] ignored {type(msg).__name__} in state {c.state.value}")]
+
+    # ---- negotiation --------------------------------------------------------------------
+
+    def _negotiate(self, c: Client, msg: m.Message, now: float) -> list[Action]:
+        cid = c.id
+        if isinstance(msg, m.VersionMismatch | m.ReadOnlyMismatch | m.EncryptedMismatch):
+            what = {
+                m.VersionMismatch: f"speaks protocol version {getattr(msg, 'version', '')}",
+                m.ReadOnlyMismatch: "has a different read-only mode",
+                m.EncryptedMismatch: "has a different encryption setting",
+            }[type(msg)]
+            return self._fail_activation(f"downstairs {c.name} {what}", now)
+        if c.phase == "hello" and isinstance(msg, m.YesItsMe):
+            if msg.version != m.CRUCIBLE_MESSAGE_VERSION:
+                return self._fail_activation(
+                    f"downstairs {c.name} speaks version {msg.version}", now
+                )
+            host, port = msg.repair_addr
+            if host in ("0.0.0.0", "::"):
+                host = c.target[0]  # it listens everywhere: reach it where we reached it
+            c.repair_addr = (host, port)
+            c.phase = "promote"
+            return [Send(cid, m.PromoteToActive(self.upstairs_id, self.session_id, self.gen))]
+        if c.phase == "promote" and isinstance(msg, m.YouAreNowActive):
+            if (msg.upstairs_id, msg.session_id, msg.gen) != (
+                self.upstairs_id,
+                self.session_id,
+                self.gen,
+            ):
+                return self._fail_activation(f"downstairs {c.name} promoted another session", now)
+            c.phase = "region"
+            return [Send(cid, m.RegionInfoPlease())]
+        if c.phase == "region" and isinstance(msg, m.RegionInfo):
+            return self._region_info(c, msg.region_def, now)
+        if c.phase == "versions" and isinstance(msg, m.ExtentVersions):
+            c.versions = ExtentVersions(msg.gen_numbers, msg.flush_numbers, msg.dirty_bits)
+            c.state = CState.WAIT_QUORUM
+            c.phase = ""
+            n = sum(1 for x in self.clients if x.state is CState.WAIT_QUORUM)
+            return [
+                Log(
+                    f"[{cid}] {c.name} extent versions: gen {_preview(msg.gen_numbers)} "
+                    f"flush {_preview(msg.flush_numbers)} dirty {_preview(msg.dirty_bits)}"
+                ),
+                Log(f"#### {c.name} #### CONNECTED ######## {n}/3"),
+                *self._maintain(now),
+            ]
+        return [Drop(cid, f"unexpected {type(msg).__name__} while negotiating ({c.phase})")]
+
+    def _region_info(self, c: Client, d: RegionDefinition, now: float) -> list[Action]:
+        acts: list[Action] = [
+            Log(
+                f"[{c.id}] {c.name} bs:{d.block_size} es:{d.extent_size} "
+                f"ec:{d.extent_count} uuid:{d.uuid}"
+            )
+        ]
+        if d.encrypted:
+            return acts + self._fail_activation(
+                f"downstairs {c.name} holds an encrypted region; no key was given", now
+            )
+        ref = self.region
+        if ref is not None and (ref.block_size, ref.extent_size, ref.extent_count) != (
+            d.block_size,
+            d.extent_size,
+            d.extent_count,
+        ):
+            return acts + self._fail_activation(
+                f"downstairs {c.name} has bs:{d.block_size} es:{d.extent_size} "
+                f"ec:{d.extent_count}, others have bs:{ref.block_size} es:{ref.extent_size} "
+                f"ec:{ref.extent_count}",
+                now,
+            )
+        self.region = d
+        c.region = d
+        if c.resume:
+            return acts + self._resume(c, now)
+        c.phase = "versions"
+        return [*acts, Send(c.id, m.ExtentVersionsPlease())]
+
+    def _resume(self, c: Client, now: float) -> list[Action]:
+        """Back from offline: continue after the last flush it finished, and
+        replay every job since (the downstairs' completed set starts there)."""
+        c.state = CState.ACTIVE
+        c.phase = ""
+        c.resume = False
+        acts: list[Action] = [
+            Send(c.id, m.LastFlush(c.last_flush_done)),
+            Log(f"[{c.id}] {c.name} is back: replaying jobs after flush {c.last_flush_done}"),
+        ]
+        c.inflight_jobs = 0
+        c.inflight_bytes = 0
+        for job in self.jobs.values():
+            if c.last_flush_done is not None and job.id <= c.last_flush_done:
+                continue
+            if job.state[c.id] is IOState.SKIPPED:
+                continue
+            if job.state[c.id] is IOState.DONE:
+                job.state[c.id] = IOState.IN_PROGRESS
+            job.replay = True
+            if job.state[c.id] is IOState.IN_PROGRESS:
+                c.inflight_jobs += 1
+                c.inflight_bytes += job.nbytes
+                acts.append(
+                    Send(
+                        c.id, job.message(self.upstairs_id, self.session_id, self._deps_for(c, job))
+                    )
+                )
+        return acts
+
+    def _fail_activation(self, reason: str, now: float) -> list[Action]:
+        err = CrucibleError(ErrorKind.RegionAssembleError, reason)
+        if self.state is UpState.GO_ACTIVE:
+            self.state = UpState.INIT
+            acts: list[Action] = [Log(f"activation failed: {reason}", "error")]
+            acts += self._drop_all("activation failed")
+            if self.activate_token is not None:
+                acts.append(Complete(self.activate_token, err))
+                self.activate_token = None
+            return acts
+        return self._disable(err, now)
+
+    def _disable(self, err: CrucibleError, now: float) -> list[Action]:
+        """Stop for good (until a new activation): another upstairs took over,
+        or a downstairs no longer matches. Everything pending fails."""
+        self.state = UpState.DISABLED
+        self.disabled_error = err
+        acts: list[Action] = [Log(f"upstairs disabled: {err}", "error")]
+        acts += self._drop_all(str(err))
+        for token in (self.activate_token, self.deactivate_token):
+            if token is not None:
+                acts.append(Complete(token, err))
+        self.activate_token = self.deactivate_token = None
+        for job in self.jobs.values():
+            if job.guest is not None and not job.acked:
+                job.acked = True
+                acts.append(Complete(job.guest, err))
+        self.jobs.clear()
+        self.blocks = BlockMap()
+        for c in self.clients:
+            c.state = CState.DISABLED
+            c.inflight_jobs = c.inflight_bytes = 0
+            c.skipped.clear()
+        return acts
+
+    def _drop_all(self, reason: str) -> list[Action]:
+        acts: list[Action] = []
+        for c in self.clients:
+            if c.state not in (CState.IDLE, CState.DISABLED, CState.FAULTED):
+                acts.append(Drop(c.id, reason))
+            c.state = CState.IDLE
+            c.phase = ""
+            c.reconnect_at = None
+        return acts
+
+    # ---- quorum and reconciliation ----------------------------------------------------------
+
+    def _check_quorum(self, now: float) -> list[Action]:
+        if self.state is not UpState.GO_ACTIVE:
+            return []
+        ready = [c for c in self.clients if c.state is CState.WAIT_QUORUM]
+        if len(ready) < (1 if self.opts.read_only else 3):
+            return []
+        versions = [c.versions for c in ready if c.versions is not None]
+        floor = generation_floor(versions)
+        if not self.opts.read_only and self.gen <= floor:
+            return self._fail_activation(
+                f"generation {self.gen} is not greater than {floor}, the highest generation "
+                "stored on the downstairs",
+                now,
+            )
+        self.next_flush = next_flush_number(versions)
+        if self.opts.read_only:
+            return self._go_active(now)
+        repairs = mend(versions)
+        if not repairs:
+            return self._go_active(now)
+        return self._start_reconcile(repairs, versions, now)
+
+    def _start_reconcile(
+        self, repairs: list[Repair], versions: list[ExtentVersions], now: float
+    ) -> list[Action]:
+        flush_no = next_flush_number(versions)
+        gen_no = generation_floor(versions) + 1
+        steps: list[_Step] = []
+        everyone = (0, 1, 2)
+        for r in repairs:
+            source = self.clients[r.source]
+            assert source.repair_addr is not None
+            rid = self.next_repair_id
+            self.next_repair_id += 4
+            steps += [
+                _Step(m.ExtentFlush(rid, r.extent, r.source, flush_no, gen_no), (r.source,), r),
+                _Step(m.ExtentClose(rid + 1, r.extent), everyone, r),
+                _Step(
+                    m.ExtentRepair(rid + 2, r.extent, r.source, source.repair_addr, list(r.dests)),
+                    r.dests,
+                    r,
+                ),
+                _Step(m.ExtentReopen(rid + 3, r.extent), everyone, r),
+            ]
+        self.repair_steps = steps
+        self.reconcile_needed = len(repairs)
+        self.reconcile_done = 0
+        self.reconcile_started = now
+        for c in self.clients:
+            c.state = CState.RECONCILE
+        return [Log(f"reconciliation: {len(repairs)} extents to repair"), *self._next_step(now)]
+
+    def _next_step(self, now: float) -> list[Action]:
+        acts: list[Action] = []
+        while self.repair_steps:
+            step = self.repair_steps[0]
+            if not step.clients:
+                self.repair_steps.pop(0)
+                continue
+            self.repair_waiting = set(step.clients)
+            return acts + [Send(c, step.msg) for c in step.clients]
+        took = now - self.reconcile_started
+        acts.append(Log(f"reconciliation done: {self.reconcile_done} extents in {took:.2f} s"))
+        for c in self.clients:
+            c.state = CState.WAIT_QUORUM
+        return acts + self._go_active(now)
+
+    def _reconcile_reply(self, c: Client, msg: m.Message, now: float) -> list[Action]:
+        if not self.repair_steps:
+            return []
+        step = self.repair_steps[0]
+        want = getattr(step.msg, "repair_id", None)
+        if isinstance(msg, m.ExtentError) and msg.repair_id == want:
+            return self._abort_reconcile(
+                f"{c.name} failed on extent {msg.extent_id}: {msg.error}", now
+            )
+        if not isinstance(msg, m.RepairAckId) or msg.repair_id != want:
+            return [Log(f"[{c.id}] ignored {type(msg).__name__} during reconciliation")]
+        self.repair_waiting.discard(c.id)
+        if self.repair_waiting:
+            return []
+        self.repair_steps.pop(0)
+        acts: list[Action] = []
+        if isinstance(step.msg, m.ExtentReopen):
+            self.reconcile_done += 1
+            acts.append(
+                Log(
+                    f"repaired extent {step.repair.extent} from [{step.repair.source}] "
+                    f"to {list(step.repair.dests)} ({self.reconcile_done}/"
+                    f"{self.reconcile_needed})"
+                )
+            )
+        return acts + self._next_step(now)
+
+    def _abort_reconcile(self, reason: str, now: float) -> list[Action]:
+        """Any failure: drop everyone; they reconnect and the comparison starts over
+        (extents already fixed now match, so progress is kept)."""
+        self.repair_steps = []
+        self.repair_waiting = set()
+        acts: list[Action] = [Log(f"reconciliation aborted: {reason}", "warning")]
+        for c in self.clients:
+            if c.state in (CState.RECONCILE, CState.WAIT_QUORUM, CState.NEGOTIATING):
+                acts.append(Drop(c.id, "reconciliation aborted"))
+            c.state = CState.CONNECTING
+            c.reconnect_at = now + self.opts.reconnect_delay
+        return acts
+
+    def _go_active(self, now: float) -> list[Action]:
+        self.state = UpState.ACTIVE
+        self.last_io = now
+        for c in self.clients:
+            if c.state is CState.WAIT_QUORUM:
+                c.state = CState.ACTIVE
+        acts: list[Action] = [
+            Log(
+                f"upstairs {self.upstairs_id} is active with gen {self.gen}; "
+                f"next flush {self.next_flush}"
+            )
+        ]
+        if self.activate_token is not None:
+            acts.append(Complete(self.activate_token, None))
+            self.activate_token = None
+        return acts
+
+    # ---- jobs -----------------------------------------------------------------------------
+
+    def _take_flush_number(self) -> int:
+        n = self.next_flush
+        self.next_flush += 1
+        return n
+
+    def _enqueue(self, op: Op, token: object | None, now: float) -> list[Action]:
+        jid = self.next_id
+        self.next_id += 1
+        if isinstance(op, WriteOp):
+            deps = self.blocks.add_write(jid, op.start, len(op.contexts))
+        elif isinstance(op, ReadOp):
+            deps = self.blocks.add_read(jid, op.start, op.count)
+        else:
+            deps = self.blocks.add_barrier(jid)
+            self.need_flush = False
+        gw = 0
+        if token is not None or isinstance(op, WriteOp):
+            gw = self.next_gw
+            self.next_gw += 1
+        job = Job(jid, op, deps, [IOState.SKIPPED] * 3, token, gw)
+        self.jobs[jid] = job
+        self.last_io = now
+        acts: list[Action] = []
+        for c in self.clients:
+            if c.state is CState.ACTIVE or c.state is CState.OFFLINE:
+                job.state[c.id] = IOState.IN_PROGRESS
+                c.inflight_jobs += 1
+                c.inflight_bytes += job.nbytes
+                if c.state is CState.ACTIVE:
+                    acts.append(
+                        Send(
+                            c.id,
+                            job.message(self.upstairs_id, self.session_id, self._deps_for(c, job)),
+                        )
+                    )
+            else:
+                c.skipped.add(jid)
+        acts.append(Log(f"gw_id:{gw} {job.kind} {_describe(op)} ds_id:{jid} deps:{deps}", "debug"))
+        if job.complete:
+            acts += self._finish(job, now)
+        return acts
+
+    def _deps_for(self, c: Client, job: Job) -> list[int]:
+        skipped = c.skipped
+        return [d for d in job.deps if d not in skipped] if skipped else job.deps
+
+    def _job_reply(self, c: Client, msg: m.Message, now: float) -> list[Action]:
+        jid = getattr(msg, "job_id", None)
+        job = self.jobs.get(jid) if jid is not None else None
+        if job is None or job.state[c.id] is not IOState.IN_PROGRESS:
+            return [Log(f"[{c.id}] reply for unknown or finished job {jid}", "debug")]
+        acts: list[Action] = []
+        err: CrucibleError | None = None
+        if isinstance(msg, m.ErrorReport):
+            err = msg.error
+        elif isinstance(msg, m.WriteAck | m.WriteUnwrittenAck | m.FlushAck | m.BarrierAck):
+            err = msg.result
+        elif isinstance(msg, m.ReadResponse):
+            err = self._check_read(c, job, msg)
+        else:
+            return [Drop(c.id, f"unexpected {type(msg).__name__} for job {jid}")]
+        c.inflight_jobs -= 1
+        c.inflight_bytes -= job.nbytes
+        if err is not None:
+            job.state[c.id] = IOState.ERROR
+            job.errors.append(f"{c.name}: {err}")
+            acts.append(Log(f"[{c.id}] job {jid} ({job.kind}) failed on {c.name}: {err}", "error"))
+            if not isinstance(job.op, ReadOp):
+                acts += self._fault(c, f"{job.kind} {jid} failed: {err}", now)
+        else:
+            job.state[c.id] = IOState.DONE
+            if isinstance(job.op, FlushOp):
+                c.last_flush_done = max(c.last_flush_done or 0, job.id)
+            acts += self._maybe_ack(job)
+        if job.complete:
+            acts += self._finish(job, now)
+        return acts
+
+    def _check_read(self, c: Client, job: Job, msg: m.ReadResponse) -> CrucibleError | None:
+        """Verify every block of a read reply; compare it with the first good one."""
+        assert isinstance(job.op, ReadOp) and self.region is not None
+        if isinstance(msg.blocks, CrucibleError):
+            return msg.blocks
+        bs = self.region.block_size
+        n = job.op.count
+        data = msg.data
+        if len(msg.blocks) != n or len(data) != n * bs:
+            return CrucibleError(
+                ErrorKind.InvalidNumberOfBlocks,
+                f"read reply has {len(msg.blocks)} blocks, {len(data)} bytes",
+            )
+        view = memoryview(data)
+        for i, ctx in enumerate(msg.blocks):
+            block = view[i * bs : (i + 1) * bs]
+            if ctx is None:
+                if block != bytes(bs):
+                    self.integrity_errors += 1
+                    return CrucibleError(
+                        ErrorKind.MissingBlockContext,
+                        f"block {job.op.start + i} has data but no context",
+                    )
+            elif isinstance(ctx, int):
+                if xxhash.xxh64_intdigest(block) != ctx:
+                    self.integrity_errors += 1
+                    return CrucibleError(
+                        ErrorKind.HashMismatch,
+                        f"block {job.op.start + i} from {c.name} does not "
+                        "match its hash: corrupt replica",
+                    )
+            else:
+                return CrucibleError(
+                    ErrorKind.DecryptionError, "encrypted block, and this upstairs has no key"
+                )
+        if job.read_contexts is None:
+            job.read_contexts = list(msg.blocks)
+            job.read_data = bytes(data)
+        elif job.read_contexts != msg.blocks:
+            self.integrity_errors += 1
+            bad = next(
+                i
+                for i, (a, b) in enumerate(zip(job.read_contexts, msg.blocks, strict=True))
+                if a != b
+            )
+            job.errors.append(f"{c.name} disagrees at block {job.op.start + bad}")
+        return None
+
+    def _maybe_ack(self, job: Job) -> list[Action]:
+        if job.acked:
+            return []
+        done = job.count(IOState.DONE)
+        op = job.op
+        if isinstance(op, ReadOp):
+            if job.read_data is None:
+                return []
+            job.acked = True
+            return [Complete(job.guest, job.read_data)] if job.guest is not None else []
+        if isinstance(op, FlushOp):
+            need = 3 if op.snapshot is not None or self.state is UpState.DEACTIVATING else 2
+            if done >= need:
+                job.acked = True
+                return [Complete(job.guest, None)] if job.guest is not None else []
+        return []
+
+    def _finish(self, job: Job, now: float) -> list[Action]:
+        """Every client has answered (or been skipped) for this job."""
+        acts: list[Action] = []
+        if job.errors and isinstance(job.op, ReadOp) and job.read_data is not None:
+            acts.append(Log(f"INTEGRITY: read job {job.id}: {'; '.join(job.errors)}", "error"))
+        if not job.acked:
+            job.acked = True
+            bad = job.count(IOState.SKIPPED) + job.count(IOState.ERROR)
+            result: object = None
+            if isinstance(job.op, ReadOp):
+                result = CrucibleError(
+                    ErrorKind.IoError, "read failed on every downstairs: " + "; ".join(job.errors)
+                )
+            elif bad > 1 or (isinstance(job.op, FlushOp) and job.op.snapshot and bad):
+                result = CrucibleError(
+                    ErrorKind.IoError,
+                    f"{job.kind} {job.id} reached only "
+                    f"{3 - bad} of 3 downstairs: " + "; ".join(job.errors),
+                )
+            if job.guest is not None:
+                acts.append(Complete(job.guest, result))
+        if isinstance(job.op, WriteOp):
+            job.op.data = b""  # every copy that will ever be sent has been
+        if job.is_flush_like:
+            acts += self._retire(job.id)
+        return acts
+
+    def _retire(self, upto: int) -> list[Action]:
+        gone = [jid for jid, j in self.jobs.items() if jid <= upto and j.complete and j.acked]
+        for jid in gone:
+            del self.jobs[jid]
+        for c in self.clients:
+            if c.skipped:
+                c.skipped = {j for j in c.skipped if j > upto}
+        self.retired += len(gone)
+        return [Log(f"retired {len(gone)} jobs up to {upto}", "debug")] if gone else []
+
+    def _fault(self, c: Client, reason: str, now: float) -> list[Action]:
+        """Stop using a downstairs whose copy can no longer be trusted."""
+        if c.state is CState.FAULTED:
+            return []
+        was = c.state
+        c.state = CState.FAULTED
+        c.last_error = reason
+        acts: list[Action] = [Log(f"[{c.id}] {c.name} faulted: {reason}", "error")]
+        if was is CState.ACTIVE:
+            acts.append(Drop(c.id, reason))
+        for job in self.jobs.values():
+            if job.state[c.id] is IOState.IN_PROGRESS:
+                job.state[c.id] = IOState.SKIPPED
+                c.skipped.add(job.id)
+                acts += self._maybe_ack(job)
+        c.inflight_jobs = c.inflight_bytes = 0
+        for job in list(self.jobs.values()):
+            if job.complete and job.id in self.jobs:
+                acts += self._finish_if_pending(job, now)
+        return acts
+
+    def _finish_if_pending(self, job: Job, now: float) -> list[Action]:
+        if job.acked and not job.is_flush_like:
+            return []
+        return self._finish(job, now)
+
+    # ---- timers and housekeeping ---------------------------------------------------------------
+
+    def tick(self, now: float) -> list[Action]:
+        acts: list[Action] = []
+        for c in self.clients:
+            if (
+                c.reconnect_at is not None
+                and now >= c.reconnect_at
+                and c.state in (CState.CONNECTING, CState.OFFLINE)
+            ):
+                resume = c.state is CState.OFFLINE
+                acts += self._connect(c, now)
+                if resume:
+                    c.state = CState.OFFLINE  # held jobs stay until it is back
+                    c.resume = True
+            if c.state in (CState.NEGOTIATING, CState.WAIT_QUORUM, CState.RECONCILE, CState.ACTIVE):
+                if now - c.last_rx > self.opts.timeout:
+                    acts.append(Drop(c.id, f"no message for {self.opts.timeout:g} s"))
+                elif now - c.last_ping >= self.opts.ping_interval:
+                    c.last_ping = now
+                    acts.append(Send(c.id, m.Ruok()))
+        if (
+            self.state is UpState.ACTIVE
+            and self.need_flush
+            and not self.opts.read_only
+            and now - self.last_io >= self.opts.flush_timeout
+        ):
+            acts += self._enqueue(FlushOp(self._take_flush_number(), self.gen), None, now)
+        return acts + self._maintain(now)
+
+    def _maintain(self, now: float) -> list[Action]:
+        acts = self._check_quorum(now)
+        if self.state is UpState.ACTIVE and self._needs_barrier():
+            acts += self._enqueue(BarrierOp(), None, now)
+        if self.state is UpState.DEACTIVATING and not self.jobs:
+            acts += self._finish_deactivate()
+        return acts
+
+    def _needs_barrier(self) -> bool:
+        pending_flush = any(j.is_flush_like and not j.complete for j in self.jobs.values())
+        if pending_flush or len(self.jobs) < self.opts.barrier_jobs // 10:
+            return False
+        done = [j for j in self.jobs.values() if j.complete]
+        return (
+            len(done) >= self.opts.barrier_jobs
+            or sum(len(j.op.data) for j in done if isinstance(j.op, WriteOp))
+            >= self.opts.barrier_bytes
+        )
+
+    def _finish_deactivate(self) -> list[Action]:
+        acts: list[Action] = [Log("deactivated")]
+        acts += self._drop_all("deactivated")
+        self.state = UpState.INIT
+        if self.deactivate_token is not None:
+            acts.append(Complete(self.deactivate_token, None))
+            self.deactivate_token = None
+        return acts
+
+    def next_deadline(self) -> float | None:
+        """When tick() next has something to do (for drivers that sleep)."""
+        times = [c.reconnect_at for c in self.clients if c.reconnect_at is not None]
+        if self.need_flush and self.state is UpState.ACTIVE:
+            times.append(self.last_io + self.opts.flush_timeout)
+        return min(times) if times else None
+
+
+def _describe(op: Op) -> str:
+    if isinstance(op, WriteOp):
+        return f"block:{op.start} n:{len(op.contexts)}"
+    if isinstance(op, ReadOp):
+        return f"block:{op.start} n:{op.count}"
+    if isinstance(op, FlushOp):
+        return f"fln:{op.flush_number} gen:{op.gen}"
+    return ""
+
+
+def _preview(values: list[int] | list[bool], limit: int = 8) -> str:
+    vals = [int(v) for v in values]
+    shown = ", ".join(str(v) for v in vals[:limit])
+    return f"[{shown}{', ...' if len(vals) > limit else ''}]"

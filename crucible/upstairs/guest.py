@@ -1,0 +1,270 @@
+"""The asyncio driver of the upstairs and the API a disk's user calls.
+
+One loop owns the UpstairsCore; each downstairs connection is a thin protocol
+object that turns bytes into messages for it and writes what it sends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import uuid
+from typing import Any, cast
+
+from crucible.protocol import messages as m
+from crucible.protocol.codec import FrameDecoder, ProtocolError, encode_parts
+from crucible.protocol.errors import CrucibleError, ErrorKind
+from crucible.protocol.wire import SocketAddr
+from crucible.upstairs.actions import Action, Complete, Connect, Drop, Log, Send
+from crucible.upstairs.core import Options, UpstairsCore
+
+log = logging.getLogger("crucible.upstairs")
+
+MAX_IO_BYTES = 1 << 20  # guest IO is split into jobs of at most this size
+CONNECT_TIMEOUT = 10.0
+TICK = 0.05
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self, up: Upstairs, cid: int) -> None:
+        self.up = up
+        self.cid = cid
+        self.decoder = FrameDecoder()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        self.decoder.feed(data)
+        try:
+            while (msg := self.decoder.next_message()) is not None:
+                if self.up._conns.get(self.cid) is not self:
+                    return
+                self.up._received(self.cid, msg)
+        except ProtocolError as e:
+            self.up._apply(
+                [
+                    Log(f"[{self.cid}] bad frame from downstairs: {e}", "error"),
+                    Drop(self.cid, str(e)),
+                ]
+            )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.up._lost(self)
+
+    def send(self, msg: m.Message) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(encode_parts(msg))
+
+
+class Upstairs:
+    """A volume replicated on three downstairs. All IO methods are coroutines."""
+
+    def __init__(
+        self,
+        targets: list[SocketAddr],
+        options: Options | None = None,
+        upstairs_id: uuid.UUID | None = None,
+    ) -> None:
+        self.core = UpstairsCore(targets, options, upstairs_id)
+        self._conns: dict[int, _Connection] = {}
+        self._connecting: dict[int, asyncio.Task[None]] = {}
+        self._progress = asyncio.Event()
+        self._ticker: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ---- lifecycle -----------------------------------------------------------------
+
+    def _now(self) -> float:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            self._ticker = self._loop.create_task(self._tick_loop())
+        return self._loop.time()
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(TICK)
+            self._apply(self.core.tick(self._now()))
+
+    async def close(self) -> None:
+        """Drop every connection and stop the timers (no flush: see deactivate)."""
+        if self._ticker is not None:
+            self._ticker.cancel()
+        for t in list(self._connecting.values()):
+            t.cancel()
+        for conn in list(self._conns.values()):
+            if conn.transport is not None:
+                conn.transport.close()
+        self._conns.clear()
+        await asyncio.sleep(0)
+
+    async def __aenter__(self) -> Upstairs:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ---- guest API -------------------------------------------------------------------
+
+    async def activate(self, gen: int) -> None:
+        await self._call(lambda tok, now: self.core.activate(tok, gen, now))
+
+    async def deactivate(self) -> None:
+        await self._call(self.core.deactivate)
+
+    @property
+    def block_size(self) -> int:
+        r = self.core.region
+        if r is None:
+            raise CrucibleError(ErrorKind.UpstairsInactive, "not activated yet")
+        return r.block_size
+
+    @property
+    def total_blocks(self) -> int:
+        r = self.core.region
+        if r is None:
+            raise CrucibleError(ErrorKind.UpstairsInactive, "not activated yet")
+        return r.total_blocks
+
+    def info(self) -> dict[str, Any]:
+        return self.core.info()
+
+    async def read(self, block: int, count: int) -> bytes:
+        if count < 0 or block < 0:
+            raise CrucibleError(ErrorKind.OffsetInvalid, "negative block or count")
+        err = self.core.check_io(block, count, write=False)
+        if err:
+            raise err
+        step = max(1, MAX_IO_BYTES // self.block_size)
+        parts = [
+            self._read_piece(b, min(step, block + count - b))
+            for b in range(block, block + count, step)
+        ]
+        return b"".join(await asyncio.gather(*parts))
+
+    async def _read_piece(self, block: int, count: int) -> bytes:
+        await self._wait_room(0)
+        result = await self._call(lambda tok, now: self.core.read(tok, block, count, now))
+        return cast(bytes, result)
+
+    async def write(self, block: int, data: bytes | bytearray | memoryview) -> None:
+        await self._write(block, data, unwritten=False)
+
+    async def write_unwritten(self, block: int, data: bytes | bytearray | memoryview) -> None:
+        await self._write(block, data, unwritten=True)
+
+    async def _write(
+        self, block: int, data: bytes | bytearray | memoryview, unwritten: bool
+    ) -> None:
+        bs = self.block_size
+        if len(data) % bs:
+            raise CrucibleError(
+                ErrorKind.DataLenUnaligned,
+                f"{len(data)} bytes is not a multiple of the {bs}-byte block",
+            )
+        err = self.core.check_io(block, len(data) // bs, write=True)
+        if err:
+            raise err
+        view = memoryview(data).cast("B")
+        for off in range(0, len(view), MAX_IO_BYTES):
+            piece = bytes(view[off : off + MAX_IO_BYTES])  # the job owns its copy
+            await self._wait_room(len(piece))
+            b = block + off // bs
+            await self._call(
+                lambda tok, now, b=b, piece=piece: self.core.write(tok, b, piece, now, unwritten)
+            )
+
+    async def flush(self, snapshot: str | None = None) -> None:
+        await self._call(lambda tok, now: self.core.flush(tok, now, snapshot))
+
+    # ---- plumbing --------------------------------------------------------------------
+
+    async def _wait_room(self, nbytes: int) -> None:
+        while not self.core.has_room(nbytes):
+            self._progress.clear()
+            await self._progress.wait()
+
+    async def _call(self, fn: Any) -> Any:
+        now = self._now()
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._apply(fn(fut, now))
+        return await fut
+
+    def _received(self, cid: int, msg: m.Message) -> None:
+        self._apply(self.core.received(cid, msg, self._now()))
+        self._progress.set()
+
+    def _lost(self, conn: _Connection) -> None:
+        if self._conns.get(conn.cid) is conn:
+            del self._conns[conn.cid]
+            self._apply(self.core.disconnected(conn.cid, self._now()))
+            self._progress.set()
+
+    def _apply(self, actions: list[Action]) -> None:
+        for a in actions:
+            if isinstance(a, Send):
+                conn = self._conns.get(a.client)
+                if conn is not None:
+                    conn.send(a.msg)
+            elif isinstance(a, Complete):
+                fut = cast(asyncio.Future[Any], a.token)
+                if not fut.done():
+                    if isinstance(a.result, BaseException):
+                        fut.set_exception(a.result)
+                    else:
+                        fut.set_result(a.result)
+            elif isinstance(a, Log):
+                log.log(_LEVELS.get(a.level, logging.INFO), "%s", a.text)
+            elif isinstance(a, Connect):
+                self._start_connect(a.client, a.target)
+            elif isinstance(a, Drop):
+                conn = self._conns.pop(a.client, None)
+                if conn is not None and conn.transport is not None:
+                    conn.transport.close()
+                task = self._connecting.pop(a.client, None)
+                if task is not None:
+                    task.cancel()
+                if conn is not None or task is not None:
+                    self._apply(self.core.disconnected(a.client, self._now()))
+
+    def _start_connect(self, cid: int, target: SocketAddr) -> None:
+        old = self._conns.pop(cid, None)
+        if old is not None and old.transport is not None:
+            old.transport.close()
+        loop = asyncio.get_running_loop()
+
+        async def connect() -> None:
+            conn = _Connection(self, cid)
+            try:
+                await asyncio.wait_for(
+                    loop.create_connection(lambda: conn, target[0], target[1]), CONNECT_TIMEOUT
+                )
+            except (TimeoutError, OSError) as e:
+                reason = (
+                    "timed out" if isinstance(e, asyncio.TimeoutError) else (e.strerror or str(e))
+                )
+                if self._connecting.get(cid) is task:
+                    del self._connecting[cid]
+                    self._apply(self.core.connect_failed(cid, reason, self._now()))
+                return
+            if self._connecting.get(cid) is not task:
+                if conn.transport is not None:
+                    conn.transport.close()
+                return
+            del self._connecting[cid]
+            self._conns[cid] = conn
+            self._apply(self.core.connected(cid, self._now()))
+
+        task = loop.create_task(connect())
+        self._connecting[cid] = task
