@@ -522,8 +522,14 @@ class UpstairsCore:
                 )
         return acts
 
-    def _fail_activation(self, reason: str, now: float) -> list[Action]:
-        err = CrucibleError(ErrorKind.RegionAssembleError, reason)
+    def _fail_activation(
+        self, reason: str, now: float, err: CrucibleError | None = None
+    ) -> list[Action]:
+        """Activation cannot succeed: say why to the caller of activate().
+        `err.values` may carry details for programs; the detail text is for people."""
+        err = CrucibleError(
+            err.kind if err else ErrorKind.RegionAssembleError, reason, err.values if err else ()
+        )
         if self.state is UpState.GO_ACTIVE:
             self.state = UpState.INIT
             acts: list[Action] = [Log(f"activation failed: {reason}", "error")]
@@ -582,6 +588,7 @@ class UpstairsCore:
                 f"generation {self.gen} is not greater than {floor}, the highest generation "
                 "stored on the downstairs",
                 now,
+                CrucibleError(ErrorKind.GenerationNumberInvalid, values=(self.gen, floor)),
             )
         self.next_flush = next_flush_number(versions)
         if self.opts.read_only:

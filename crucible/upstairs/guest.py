@@ -147,16 +147,13 @@ class Upstairs:
         if err:
             raise err
         step = max(1, MAX_IO_BYTES // self.block_size)
-        parts = [
-            self._read_piece(b, min(step, block + count - b))
-            for b in range(block, block + count, step)
-        ]
-        return b"".join(await asyncio.gather(*parts))
-
-    async def _read_piece(self, block: int, count: int) -> bytes:
-        await self._wait_room(0)
-        result = await self._call(lambda tok, now: self.core.read(tok, block, count, now))
-        return cast(bytes, result)
+        # Queue every piece before waiting on any: IO is ordered as it is called.
+        futs = []
+        for b in range(block, block + count, step):
+            n = min(step, block + count - b)
+            await self._wait_room(0)
+            futs.append(self._submit(lambda tok, now, b=b, n=n: self.core.read(tok, b, n, now)))
+        return b"".join([cast(bytes, await f) for f in futs])
 
     async def write(self, block: int, data: bytes | bytearray | memoryview) -> None:
         await self._write(block, data, unwritten=False)
@@ -195,11 +192,15 @@ class Upstairs:
             self._progress.clear()
             await self._progress.wait()
 
-    async def _call(self, fn: Any) -> Any:
+    def _submit(self, fn: Any) -> asyncio.Future[Any]:
+        """Hand a request to the core now; the future completes with its result."""
         now = self._now()
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._apply(fn(fut, now))
-        return await fut
+        return fut
+
+    async def _call(self, fn: Any) -> Any:
+        return await self._submit(fn)
 
     def _received(self, cid: int, msg: m.Message) -> None:
         self._apply(self.core.received(cid, msg, self._now()))

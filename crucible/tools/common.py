@@ -1,0 +1,89 @@
+"""Pieces the upstairs tools share: targets on the command line, activation."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+from crucible.protocol.errors import CrucibleError, ErrorKind
+from crucible.protocol.wire import SocketAddr
+from crucible.upstairs.guest import Upstairs
+
+log = logging.getLogger("crucible.tools")
+
+
+def target(text: str) -> SocketAddr:
+    """HOST:PORT (IPv6 as [ADDR]:PORT)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
+    host = host.strip("[]")
+    try:
+        p = int(port)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: port {port!r} is not a number") from None
+    if not 0 < p < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r}: port {p} is out of range")
+    return host, p
+
+
+def add_target_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-t",
+        "--target",
+        type=target,
+        action="append",
+        required=True,
+        metavar="HOST:PORT",
+        help="a downstairs; give exactly three",
+    )
+    p.add_argument(
+        "-g",
+        "--gen",
+        type=int,
+        default=None,
+        help="generation to activate with (default: one above the highest stored)",
+    )
+    p.add_argument(
+        "--activate-timeout",
+        type=float,
+        default=30.0,
+        help="seconds to wait for all downstairs (default 30)",
+    )
+
+
+def check_targets(p: argparse.ArgumentParser, targets: list[SocketAddr]) -> None:
+    if len(targets) != 3:
+        p.error(f"give exactly three targets with -t (got {len(targets)})")
+    if len(set(targets)) != 3:
+        p.error("the three targets must be different")
+
+
+async def activate(up: Upstairs, gen: int | None, timeout: float) -> int:
+    """Activate, and return the generation used. Without an explicit gen, start
+    at 1 and, if the downstairs hold a higher one, go one above it."""
+    want = 1 if gen is None else gen
+    for _ in range(2):
+        try:
+            await asyncio.wait_for(up.activate(want), timeout)
+            return want
+        except CrucibleError as e:
+            if gen is None and e.kind == ErrorKind.GenerationNumberInvalid and e.values:
+                floor = int(e.values[1])
+                log.info("downstairs hold generation %d; activating with %d", floor, floor + 1)
+                want = floor + 1
+                continue
+            raise
+        except TimeoutError:
+            problems = [
+                f"{d['target']} is {d['state']}"
+                + (f" ({d['last_error']})" if d["last_error"] else "")
+                for d in up.info()["downstairs"]
+                if d["state"] != "wait-quorum"
+            ]
+            raise CrucibleError(
+                ErrorKind.UpstairsInactive,
+                f"not active after {timeout:g} s: " + "; ".join(problems),
+            ) from None
+    raise CrucibleError(ErrorKind.GenerationNumberInvalid, "could not settle on a generation")
