@@ -241,3 +241,50 @@ def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str
     return subprocess.run(
         [DOWNSTAIRS, *args], capture_output=True, text=True, timeout=timeout, env=env
     )
+
+
+class Cluster:
+    """Three regions and three downstairs processes serving them."""
+
+    def __init__(self, base: Path, *create_args: str) -> None:
+        self.regions = [base / f"ds{i}" for i in range(3)]
+        for r in self.regions:
+            if not (r / "region.json").exists():
+                create_region(r, *create_args)
+        self.ds: list[Downstairs | None] = [None, None, None]
+        self.start()
+
+    def start(self, i: int | None = None) -> None:
+        for j in range(3) if i is None else [i]:
+            if self.ds[j] is None:
+                self.ds[j] = Downstairs(self.regions[j], "--quiet")
+
+    def stop(self, i: int | None = None, sig: int = signal.SIGTERM) -> None:
+        for j in range(3) if i is None else [i]:
+            d = self.ds[j]
+            if d is not None:
+                d.stop(sig)
+                self.ds[j] = None
+
+    @property
+    def targets(self) -> list[tuple[str, int]]:
+        return [("127.0.0.1", d.port) for d in self.ds if d is not None]
+
+    def target_args(self) -> list[str]:
+        return [a for t in self.targets for a in ("-t", f"{t[0]}:{t[1]}")]
+
+    def dump(self) -> subprocess.CompletedProcess[str]:
+        return run_cli("dump", *[a for r in self.regions for a in ("-d", str(r))])
+
+
+@contextlib.contextmanager
+def cluster(base: Path, *create_args: str) -> Iterator[Cluster]:
+    c = Cluster(base, *create_args)
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def run_tool(name: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(BIN / name), *args], capture_output=True, text=True, timeout=timeout)
