@@ -34,14 +34,14 @@ def _bindable(port: int) -> bool:
     return True
 
 
-def free_port() -> int:
-    """A port that is free, and whose repair port (+4000) is free too."""
+def free_port(run: int = 1) -> int:
+    """The first of `run` consecutive free ports whose repair ports (+4000) are free too."""
     rng = random.Random()
     for _ in range(200):
         p = rng.randrange(20000, 56000)
-        if _bindable(p) and _bindable(p + 4000):
+        if all(_bindable(q) and _bindable(q + 4000) for q in range(p, p + run)):
             return p
-    raise RuntimeError("no free port pair found")
+    raise RuntimeError("no free ports found")
 
 
 def wait_listening(

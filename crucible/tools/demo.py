@@ -1,5 +1,6 @@
 """The main job: create three regions under a folder (once), run three
-downstairs on them, check each one answers, and keep them serving until Ctrl-C."""
+downstairs on them, do the seed's replicated write/flush/read through the
+upstairs, and keep the downstairs serving until Ctrl-C."""
 
 from __future__ import annotations
 
@@ -57,9 +58,16 @@ def main() -> None:
         targets = " ".join(f"-t 127.0.0.1:{port}" for port in ports)
         print(f"three downstairs are serving {args.dir} on ports {ports[0]}-{ports[-1]}")
         print(f"logs: {args.dir}/<port>.log")
+        print(f"running the seed's write/flush/read: crucible {targets}")
+        seed = subprocess.run([BIN / "crucible", "-q", *targets.split()], check=False)
+        if seed.returncode != 0:
+            fail(PROG, "the replicated write/flush/read failed")
         print("next:")
+        print(f"  .venv/bin/crucible {targets}")
+        print(f"  .venv/bin/crutest generic {targets} --verify-out {args.dir}/verify.json")
+        print(f"  .venv/bin/crutest verify {targets} --verify-in {args.dir}/verify.json")
+        print(f"  .venv/bin/crutest perf {targets} --io-size 4096 --io-depth 32")
         print(f"  .venv/bin/crucible-downstairs dump {' '.join(f'-d {r}' for r in regions)}")
-        print(f"  (when the upstairs client exists) .venv/bin/crucible {targets}")
         if args.once:
             return
         print("Ctrl-C stops them.")
