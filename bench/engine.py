@@ -76,8 +76,10 @@ def timed(
         i += 1
         if i % flush_every == 0:
             flush()
-            if time.perf_counter() - start >= seconds:
-                break
+        if time.perf_counter() - start >= seconds:
+            break
+    if i % flush_every:
+        flush()
     return i, time.perf_counter() - start
 
 

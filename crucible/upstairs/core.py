@@ -159,6 +159,10 @@ class UpstairsCore:
         self.reconcile_started = 0.0
         self.integrity_errors = 0
         self.retired = 0
+        # Kept as counts so that no event has to walk the job table.
+        self.flushes_pending = 0
+        self.done_jobs = 0
+        self.done_bytes = 0
 
     # ---- guest requests ----------------------------------------------------------
 
@@ -556,6 +560,7 @@ class UpstairsCore:
                 job.acked = True
                 acts.append(Complete(job.guest, err))
         self.jobs.clear()
+        self.flushes_pending = self.done_jobs = self.done_bytes = 0
         self.blocks = BlockMap()
         for c in self.clients:
             c.state = CState.DISABLED
@@ -723,6 +728,8 @@ class UpstairsCore:
             self.next_gw += 1
         job = Job(jid, op, deps, [IOState.SKIPPED] * 3, token, gw)
         self.jobs[jid] = job
+        if job.is_flush_like:
+            self.flushes_pending += 1
         self.last_io = now
         acts: list[Action] = []
         for c in self.clients:
@@ -866,8 +873,10 @@ class UpstairsCore:
                 )
             if job.guest is not None:
                 acts.append(Complete(job.guest, result))
-        if isinstance(job.op, WriteOp):
-            job.op.data = b""  # every copy that will ever be sent has been
+        self.done_jobs += 1
+        self.done_bytes += job.nbytes
+        if job.is_flush_like:
+            self.flushes_pending -= 1
         if job.is_flush_like:
             acts += self._retire(job.id)
         return acts
@@ -875,7 +884,9 @@ class UpstairsCore:
     def _retire(self, upto: int) -> list[Action]:
         gone = [jid for jid, j in self.jobs.items() if jid <= upto and j.complete and j.acked]
         for jid in gone:
-            del self.jobs[jid]
+            job = self.jobs.pop(jid)
+            self.done_jobs -= 1
+            self.done_bytes -= job.nbytes
         for c in self.clients:
             if c.skipped:
                 c.skipped = {j for j in c.skipped if j > upto}
@@ -892,21 +903,18 @@ class UpstairsCore:
         acts: list[Action] = [Log(f"[{c.id}] {c.name} faulted: {reason}", "error")]
         if was is CState.ACTIVE:
             acts.append(Drop(c.id, reason))
+        finished = []
         for job in self.jobs.values():
             if job.state[c.id] is IOState.IN_PROGRESS:
                 job.state[c.id] = IOState.SKIPPED
                 c.skipped.add(job.id)
                 acts += self._maybe_ack(job)
+                if job.complete:
+                    finished.append(job)
         c.inflight_jobs = c.inflight_bytes = 0
-        for job in list(self.jobs.values()):
-            if job.complete and job.id in self.jobs:
-                acts += self._finish_if_pending(job, now)
+        for job in finished:
+            acts += self._finish(job, now)
         return acts
-
-    def _finish_if_pending(self, job: Job, now: float) -> list[Action]:
-        if job.acked and not job.is_flush_like:
-            return []
-        return self._finish(job, now)
 
     # ---- timers and housekeeping ---------------------------------------------------------------
 
@@ -947,14 +955,11 @@ class UpstairsCore:
         return acts
 
     def _needs_barrier(self) -> bool:
-        pending_flush = any(j.is_flush_like and not j.complete for j in self.jobs.values())
-        if pending_flush or len(self.jobs) < self.opts.barrier_jobs // 10:
+        """Finished work piles up (no flush lately): a barrier lets it retire."""
+        if self.flushes_pending:
             return False
-        done = [j for j in self.jobs.values() if j.complete]
         return (
-            len(done) >= self.opts.barrier_jobs
-            or sum(len(j.op.data) for j in done if isinstance(j.op, WriteOp))
-            >= self.opts.barrier_bytes
+            self.done_jobs >= self.opts.barrier_jobs or self.done_bytes >= self.opts.barrier_bytes
         )
 
     def _finish_deactivate(self) -> list[Action]:
