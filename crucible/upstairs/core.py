@@ -73,9 +73,6 @@ class CState(Enum):
     DISABLED = "disabled"
 
 
-ACCEPTING_IO = (CState.ACTIVE, CState.OFFLINE)
-
-
 @dataclass
 class Options:
     read_only: bool = False
@@ -112,6 +109,17 @@ class Client:
     @property
     def name(self) -> str:
         return f"{self.target[0]}:{self.target[1]}"
+
+    @property
+    def holds_jobs(self) -> bool:
+        """Offline (or reconnecting to resume): jobs wait here for its return."""
+        return self.state is CState.OFFLINE or (
+            self.resume and self.state in (CState.CONNECTING, CState.NEGOTIATING)
+        )
+
+    @property
+    def accepts_io(self) -> bool:
+        return self.state is CState.ACTIVE or self.holds_jobs
 
 
 @dataclass
@@ -218,7 +226,7 @@ class UpstairsCore:
         assert self.region is not None
         if write and self.opts.read_only:
             return CrucibleError(ErrorKind.ModifyingReadOnlyRegion)
-        accepting = sum(1 for c in self.clients if c.state in ACCEPTING_IO)
+        accepting = sum(1 for c in self.clients if c.accepts_io)
         need = 2 if write else 1
         if accepting < need:
             return CrucibleError(
@@ -318,7 +326,7 @@ class UpstairsCore:
     def has_room(self, nbytes: int) -> bool:
         """Backpressure: may a guest IO of this size be queued now?"""
         for c in self.clients:
-            if c.state not in ACCEPTING_IO:
+            if not c.accepts_io:
                 continue
             if c.inflight_jobs >= self.opts.max_jobs:
                 return False
@@ -381,6 +389,18 @@ class UpstairsCore:
             acts.append(Log(f"[{c.id}] {c.name} is offline; IO continues on the others", "warning"))
         elif prev is CState.OFFLINE:
             pass
+        elif (
+            prev is CState.NEGOTIATING
+            and c.phase == "promote"
+            and not c.resume
+            and self.state is UpState.GO_ACTIVE
+        ):
+            # The downstairs closes on a PromoteToActive it refuses.
+            return acts + self._fail_activation(
+                f"downstairs {c.name} refused generation {self.gen}: an upstairs with an "
+                "equal or higher generation is active there",
+                now,
+            )
         elif self.state in (UpState.GO_ACTIVE, UpState.ACTIVE):
             c.state = CState.CONNECTING
         else:
@@ -515,6 +535,12 @@ class UpstairsCore:
                 continue
             if job.state[c.id] is IOState.DONE:
                 job.state[c.id] = IOState.IN_PROGRESS
+                if job.finished:  # it will finish again when the replay is done
+                    job.finished = False
+                    self.done_jobs -= 1
+                    self.done_bytes -= job.nbytes
+                    if job.is_flush_like:
+                        self.flushes_pending += 1
             job.replay = True
             if job.state[c.id] is IOState.IN_PROGRESS:
                 c.inflight_jobs += 1
@@ -733,7 +759,7 @@ class UpstairsCore:
         self.last_io = now
         acts: list[Action] = []
         for c in self.clients:
-            if c.state is CState.ACTIVE or c.state is CState.OFFLINE:
+            if c.state is CState.ACTIVE or c.holds_jobs:
                 job.state[c.id] = IOState.IN_PROGRESS
                 c.inflight_jobs += 1
                 c.inflight_bytes += job.nbytes
@@ -873,11 +899,11 @@ class UpstairsCore:
                 )
             if job.guest is not None:
                 acts.append(Complete(job.guest, result))
+        job.finished = True
         self.done_jobs += 1
         self.done_bytes += job.nbytes
         if job.is_flush_like:
             self.flushes_pending -= 1
-        if job.is_flush_like:
             acts += self._retire(job.id)
         return acts
 
@@ -926,11 +952,7 @@ class UpstairsCore:
                 and now >= c.reconnect_at
                 and c.state in (CState.CONNECTING, CState.OFFLINE)
             ):
-                resume = c.state is CState.OFFLINE
                 acts += self._connect(c, now)
-                if resume:
-                    c.state = CState.OFFLINE  # held jobs stay until it is back
-                    c.resume = True
             if c.state in (CState.NEGOTIATING, CState.WAIT_QUORUM, CState.RECONCILE, CState.ACTIVE):
                 if now - c.last_rx > self.opts.timeout:
                     acts.append(Drop(c.id, f"no message for {self.opts.timeout:g} s"))

@@ -54,6 +54,7 @@ class Job:
     guest: object | None = None  # token of the guest request waiting on this job
     gw_id: int = 0
     acked: bool = False
+    finished: bool = False  # complete on all three and counted as such
     replay: bool = False
     read_contexts: list[m.ReadBlockContext] | None = None
     read_data: bytes | None = None
