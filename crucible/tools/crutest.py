@@ -17,6 +17,7 @@ from crucible.cli_util import fail, positive_int, progress, run_async
 from crucible.protocol.errors import CrucibleError
 from crucible.tools.common import activate, add_target_options, check_targets
 from crucible.tools.verify_log import VerifyLog
+from crucible.upstairs.core import Options
 from crucible.upstairs.guest import MAX_IO_BYTES, Upstairs
 
 PROG = "crutest"
@@ -34,6 +35,7 @@ class Run:
     rng: random.Random
     count: int
     args: argparse.Namespace
+    gen: int = 1
     writes: int = 0
     reads: int = 0
     flushes: int = 0
@@ -211,6 +213,22 @@ async def generic(run: Run) -> None:
             bar.update(1)
 
 
+async def deactivate(run: Run) -> None:
+    """Activate, do IO, deactivate, bump the generation, repeat; data survives."""
+    with progress(run.count, "round", "deactivate") as bar:
+        for _ in range(run.count):
+            touched = [run.random_range(16) for _ in range(8)]
+            for start, n in touched:
+                await run.write(start, n)
+            await run.up.deactivate()  # flushes first
+            run.vlog.commit()
+            run.gen += 1
+            await run.up.activate(run.gen)
+            for start, n in touched:
+                await run.read(start, n)
+            bar.update(1)
+
+
 async def verify(run: Run) -> None:
     if run.args.verify_in is None:
         raise VerifyError("the verify workload needs --verify-in FILE")
@@ -277,6 +295,7 @@ WORKLOADS: dict[str, Workload] = {
     "generic": generic,
     "verify": verify,
     "perf": perf,
+    "deactivate": deactivate,
 }
 
 
@@ -303,6 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--io-depth", type=positive_int, default=32, help="perf: IOs in flight")
     p.add_argument("--time", type=float, default=5.0, help="perf: seconds per phase")
     p.add_argument(
+        "--read-only",
+        action="store_true",
+        help="open the volume read-only (downstairs run with --mode ro)",
+    )
+    p.add_argument(
         "--no-deactivate",
         action="store_true",
         help="end without the final flush and deactivation (leaves work unflushed)",
@@ -310,7 +334,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-DEFAULT_COUNTS = {"rand": 200, "burst": 10, "dep": 20, "generic": 500, "perf": 1 << 62}
+DEFAULT_COUNTS = {
+    "rand": 200,
+    "burst": 10,
+    "dep": 20,
+    "generic": 500,
+    "perf": 1 << 62,
+    "deactivate": 5,
+}
 
 
 def main() -> None:
@@ -339,7 +370,7 @@ def main() -> None:
 
 async def _main(args: argparse.Namespace) -> int:
     seed = args.seed if args.seed is not None else random.randrange(1 << 32)
-    async with Upstairs(args.target) as up:
+    async with Upstairs(args.target, Options(read_only=args.read_only)) as up:
         gen = await activate(up, args.gen, args.activate_timeout)
         info = up.info()
         if args.verify_in is not None:
@@ -353,7 +384,9 @@ async def _main(args: argparse.Namespace) -> int:
         else:
             vlog = VerifyLog(up.block_size, up.total_blocks)
         count = args.count or DEFAULT_COUNTS.get(args.workload, 1)
-        run = Run(up, vlog, random.Random(seed), count, args)
+        run = Run(up, vlog, random.Random(seed), count, args, gen)
+        if args.verify_out is not None:
+            vlog.journal_to(args.verify_out)  # survives a kill: every write is logged first
         print(
             f"crutest {args.workload}: gen {gen}, seed {seed}, {up.total_blocks} blocks of "
             f"{up.block_size} bytes ({info['extent_count']} extents of "
@@ -364,7 +397,7 @@ async def _main(args: argparse.Namespace) -> int:
             await run.verify_all(allow_range=True)
             print(f"volume matches verify log {args.verify_in}")
         await WORKLOADS[args.workload](run)
-        if not args.no_deactivate:
+        if not args.no_deactivate and not args.read_only:
             await run.flush()
         if args.verify_out is not None:
             vlog.save(args.verify_out)

@@ -12,6 +12,7 @@ not have landed), and nothing else.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -36,14 +37,34 @@ def counter_of(data: bytes | memoryview, block: int, block_size: int) -> int | N
 
 
 class VerifyLog:
+    """Saved as JSON lines: a snapshot, then (while a run is journalling) one
+    event per write before it is issued and per flush after it is acknowledged,
+    so a log whose writer was killed still bounds what the volume may hold."""
+
     def __init__(self, block_size: int, total_blocks: int) -> None:
         self.block_size = block_size
         self.total_blocks = total_blocks
         self.current = [0] * total_blocks
         self.committed = [0] * total_blocks
+        self._journal: int | None = None
+
+    def _event(self, obj: object) -> None:
+        if self._journal is not None:
+            os.write(self._journal, (json.dumps(obj) + "\n").encode())
+
+    def journal_to(self, path: Path) -> None:
+        """Save a snapshot at `path` and append every later event to it."""
+        self.save(path)
+        self._journal = os.open(path, os.O_WRONLY | os.O_APPEND)
+
+    def close(self) -> None:
+        if self._journal is not None:
+            os.close(self._journal)
+            self._journal = None
 
     def next_data(self, start: int, count: int) -> bytes:
         """Bump the counters of a range and return the bytes to write there."""
+        self._event({"w": [start, count]})
         bs = self.block_size
         out = []
         for b in range(start, start + count):
@@ -54,6 +75,7 @@ class VerifyLog:
     def commit(self) -> None:
         """A flush was acknowledged: everything written so far is durable."""
         self.committed = list(self.current)
+        self._event({"f": 1})
 
     def check(self, start: int, data: bytes, allow_range: bool = False) -> list[str]:
         """Problems with blocks read at `start`. With allow_range (after a crash),
@@ -82,7 +104,10 @@ class VerifyLog:
         return problems
 
     def save(self, path: Path) -> None:
-        path.write_text(
+        """Write a snapshot atomically (and end any journal)."""
+        self.close()
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(
             json.dumps(
                 {
                     "block_size": self.block_size,
@@ -93,16 +118,26 @@ class VerifyLog:
             )
             + "\n"
         )
+        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: Path) -> VerifyLog:
         try:
-            obj = json.loads(path.read_text())
+            lines = path.read_text().splitlines()
+            obj = json.loads(lines[0])
             log = cls(int(obj["block_size"]), int(obj["total_blocks"]))
             log.current = [int(x) for x in obj["current"]]
             log.committed = [int(x) for x in obj["committed"]]
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            if len(log.current) != log.total_blocks or len(log.committed) != log.total_blocks:
+                raise ValueError("block counts do not match")
+            for line in lines[1:]:
+                ev = json.loads(line)
+                if "w" in ev:
+                    start, count = (int(x) for x in ev["w"])
+                    for b in range(start, start + count):
+                        log.current[b] += 1
+                elif "f" in ev:
+                    log.committed = list(log.current)
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
             raise ValueError(f"cannot load verify log {path}: {e}") from None
-        if len(log.current) != log.total_blocks or len(log.committed) != log.total_blocks:
-            raise ValueError(f"verify log {path} is inconsistent")
         return log

@@ -197,6 +197,8 @@ class UpstairsCore:
         self.state = UpState.GO_ACTIVE
         self.gen = gen
         self.session_id = uuid.uuid4()
+        # A fresh session: the downstairs know none of our earlier job ids.
+        self.blocks = BlockMap()
         self.disabled_error = None
         self.activate_token = token
         acts: list[Action] = [Log(f"upstairs {self.upstairs_id} activating with gen {gen}")]
@@ -383,7 +385,11 @@ class UpstairsCore:
         if prev is CState.RECONCILE:
             acts += self._abort_reconcile(f"downstairs {c.name} went away", now)
             return acts + self._maintain(now)
-        if prev is CState.ACTIVE and self.state in (UpState.ACTIVE, UpState.DEACTIVATING):
+        if (
+            prev is CState.ACTIVE
+            and self.state in (UpState.ACTIVE, UpState.DEACTIVATING)
+            and not self.opts.read_only
+        ):
             c.state = CState.OFFLINE
             c.resume = True
             acts.append(Log(f"[{c.id}] {c.name} is offline; IO continues on the others", "warning"))
@@ -475,6 +481,8 @@ class UpstairsCore:
             c.versions = ExtentVersions(msg.gen_numbers, msg.flush_numbers, msg.dirty_bits)
             c.state = CState.WAIT_QUORUM
             c.phase = ""
+            if self.opts.read_only and self.state is UpState.ACTIVE:
+                c.state = CState.ACTIVE  # read-only: nothing to reconcile, it joins at once
             n = sum(1 for x in self.clients if x.state is CState.WAIT_QUORUM)
             return [
                 Log(
@@ -962,7 +970,6 @@ class UpstairsCore:
         if (
             self.state is UpState.ACTIVE
             and self.need_flush
-            and not self.opts.read_only
             and now - self.last_io >= self.opts.flush_timeout
         ):
             acts += self._enqueue(FlushOp(self._take_flush_number(), self.gen), None, now)
