@@ -64,9 +64,9 @@ def create_region(path: Path, *args: str) -> None:
 class Downstairs:
     """`crucible-downstairs run` as a subprocess."""
 
-    def __init__(self, region: Path, *extra: str) -> None:
+    def __init__(self, region: Path, *extra: str, port: int | None = None) -> None:
         self.region = region
-        self.port = free_port()
+        self.port = port or free_port()
         self.log_path = region.parent / f"{region.name}.{self.port}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
@@ -252,12 +252,15 @@ class Cluster:
             if not (r / "region.json").exists():
                 create_region(r, *create_args)
         self.ds: list[Downstairs | None] = [None, None, None]
+        self.ports: list[int | None] = [None, None, None]
         self.start()
 
-    def start(self, i: int | None = None) -> None:
+    def start(self, i: int | None = None, *extra: str) -> None:
+        """Start downstairs i (or all); a restarted one keeps its port."""
         for j in range(3) if i is None else [i]:
             if self.ds[j] is None:
-                self.ds[j] = Downstairs(self.regions[j], "--quiet")
+                self.ds[j] = Downstairs(self.regions[j], "--quiet", *extra, port=self.ports[j])
+                self.ports[j] = self.ds[j].port  # type: ignore[union-attr]
 
     def stop(self, i: int | None = None, sig: int = signal.SIGTERM) -> None:
         for j in range(3) if i is None else [i]:
@@ -268,7 +271,7 @@ class Cluster:
 
     @property
     def targets(self) -> list[tuple[str, int]]:
-        return [("127.0.0.1", d.port) for d in self.ds if d is not None]
+        return [("127.0.0.1", p) for p in self.ports if p is not None]
 
     def target_args(self) -> list[str]:
         return [a for t in self.targets for a in ("-t", f"{t[0]}:{t[1]}")]

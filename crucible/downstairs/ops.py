@@ -43,6 +43,8 @@ def _run(region: Region, work: Work, fetch: FetchExtent) -> Any:
     if isinstance(work, m.Barrier | m.ExtentLiveNoOp):
         return None
     if isinstance(work, m.ExtentVersionsPlease):
+        # A new session starts from whole extents, even after a repair cut short.
+        region.reopen_closed()
         return region.extent_versions()
     if isinstance(work, m.ExtentLiveClose | m.ExtentClose):
         return region.close_extent(work.extent_id)

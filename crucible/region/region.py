@@ -231,6 +231,13 @@ class Region:
         if ext.dirty:
             self.dirty_extents.add(eid)
 
+    def reopen_closed(self) -> list[int]:
+        """Reopen extents an interrupted repair left closed; returns their ids."""
+        closed = [eid for eid, ext in enumerate(self.extents) if ext is None]
+        for eid in closed:
+            self.reopen_extent(eid)
+        return closed
+
     def is_closed(self, eid: int) -> bool:
         return 0 <= eid < len(self.extents) and self.extents[eid] is None
 
