@@ -246,8 +246,8 @@ def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str
 class Cluster:
     """Three regions and three downstairs processes serving them."""
 
-    def __init__(self, base: Path, *create_args: str) -> None:
-        self.regions = [base / f"ds{i}" for i in range(3)]
+    def __init__(self, base: Path, *create_args: str, regions: list[Path] | None = None) -> None:
+        self.regions = regions or [base / f"ds{i}" for i in range(3)]
         for r in self.regions:
             if not (r / "region.json").exists():
                 create_region(r, *create_args)
