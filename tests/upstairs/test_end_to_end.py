@@ -59,7 +59,7 @@ def test_crutest_verify_across_restart(tmp_path: Path) -> None:
         r = run_tool("crutest", "verify", *c.target_args(), "-q", "--verify-in", str(log))
         assert r.returncode == 0, r.stdout + r.stderr
         # Other workloads keep the log valid.
-        for workload in ("fill", "span", "burst", "dep", "rand", "big", "one"):
+        for workload in ("fill", "span", "burst", "dep", "rand", "big", "one", "deactivate"):
             r = run_tool(
                 "crutest",
                 workload,
