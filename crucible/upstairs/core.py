@@ -878,7 +878,8 @@ class UpstairsCore:
             if job.read_data is None:
                 return []
             job.acked = True
-            return [Complete(job.guest, job.read_data)] if job.guest is not None else []
+            result = (job.read_data, job.read_contexts)
+            return [Complete(job.guest, result)] if job.guest is not None else []
         if isinstance(op, FlushOp):
             need = 3 if op.snapshot is not None or self.state is UpState.DEACTIVATING else 2
             if done >= need:

@@ -141,6 +141,12 @@ class Upstairs:
         return self.core.info()
 
     async def read(self, block: int, count: int) -> bytes:
+        data, _ = await self.read_with_status(block, count)
+        return data
+
+    async def read_with_status(self, block: int, count: int) -> tuple[bytes, list[bool]]:
+        """The blocks, and for each whether it was ever written (False: a hole
+        that reads as zeros)."""
         if count < 0 or block < 0:
             raise CrucibleError(ErrorKind.OffsetInvalid, "negative block or count")
         err = self.core.check_io(block, count, write=False)
@@ -153,7 +159,10 @@ class Upstairs:
             n = min(step, block + count - b)
             await self._wait_room(0)
             futs.append(self._submit(lambda tok, now, b=b, n=n: self.core.read(tok, b, n, now)))
-        return b"".join([cast(bytes, await f) for f in futs])
+        parts = [await f for f in futs]
+        data = b"".join(p[0] for p in parts)
+        written = [c is not None for p in parts for c in p[1]]
+        return data, written
 
     async def write(self, block: int, data: bytes | bytearray | memoryview) -> None:
         await self._write(block, data, unwritten=False)

@@ -104,7 +104,8 @@ def _check(
         if t in sim.completed:
             result = sim.completed[t]
             assert not isinstance(result, CrucibleError), result
-            assert result == t.expect, "a read saw other writes than those queued before it"
+            assert isinstance(result, tuple)
+            assert result[0] == t.expect, "a read saw other writes than those queued before it"
             reads.remove(t)
     for t, jid in list(flushes.items()):
         if t in sim.completed:
