@@ -81,6 +81,8 @@ class Options:
     timeout: float = 45.0
     reconnect_delay: float = 1.0
     max_jobs: int = 1500  # in flight per downstairs before the guest waits
+    offline_max_jobs: int = 1000  # held for an offline downstairs before it is faulted
+    offline_max_bytes: int = 50 << 20
     max_bytes: int = 75 << 20
     barrier_jobs: int = 10_000  # finished but unretired, before a barrier
     barrier_bytes: int = 64 << 20
@@ -935,8 +937,10 @@ class UpstairsCore:
         was = c.state
         c.state = CState.FAULTED
         c.last_error = reason
+        c.reconnect_at = None
+        c.resume = False
         acts: list[Action] = [Log(f"[{c.id}] {c.name} faulted: {reason}", "error")]
-        if was is CState.ACTIVE:
+        if was in (CState.ACTIVE, CState.CONNECTING, CState.NEGOTIATING):
             acts.append(Drop(c.id, reason))
         finished = []
         for job in self.jobs.values():
@@ -978,6 +982,16 @@ class UpstairsCore:
 
     def _maintain(self, now: float) -> list[Action]:
         acts = self._check_quorum(now)
+        for c in self.clients:
+            if c.holds_jobs and (
+                c.inflight_jobs > self.opts.offline_max_jobs
+                or c.inflight_bytes > self.opts.offline_max_bytes
+            ):
+                acts += self._fault(
+                    c,
+                    f"offline with {c.inflight_jobs} jobs ({c.inflight_bytes} bytes) outstanding",
+                    now,
+                )
         if self.state is UpState.ACTIVE and self._needs_barrier():
             acts += self._enqueue(BarrierOp(), None, now)
         if self.state is UpState.DEACTIVATING and not self.jobs:

@@ -1,0 +1,1 @@
+"""NBD export of a volume: protocol constants and a server over the upstairs."""

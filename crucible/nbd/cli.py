@@ -1,0 +1,87 @@
+"""crucible-nbd: export a volume of three downstairs over NBD."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import errno
+import logging
+import signal
+import sys
+
+from crucible.cli_util import fail, port_number, run_async, setup_logging
+from crucible.nbd.server import Export, NbdServer
+from crucible.protocol.errors import CrucibleError
+from crucible.tools.common import activate, add_target_options, check_targets
+from crucible.upstairs.core import Options
+from crucible.upstairs.guest import Upstairs
+
+PROG = "crucible-nbd"
+log = logging.getLogger("crucible.nbd")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__)
+    add_target_options(p)
+    p.add_argument("-b", "--bind", default="127.0.0.1", help="address to serve on")
+    p.add_argument("-p", "--port", type=port_number, default=10809, help="NBD port (10809)")
+    p.add_argument("--export-name", default="", help="export name (the default export is '')")
+    p.add_argument(
+        "--read-only",
+        action="store_true",
+        help="read-only export (the downstairs run with --mode ro)",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="log only warnings")
+    return p
+
+
+def main() -> None:
+    p = build_parser()
+    args = p.parse_args()
+    check_targets(p, args.target)
+    setup_logging()
+    logging.getLogger().setLevel(logging.WARNING if args.quiet else logging.INFO)
+    try:
+        sys.exit(run_async(serve(args)))
+    except CrucibleError as e:
+        fail(PROG, str(e.detail or e))
+    except ValueError as e:
+        fail(PROG, str(e))
+
+
+async def serve(args: argparse.Namespace) -> int:
+    up = Upstairs(args.target, Options(read_only=args.read_only))
+    try:
+        gen = await activate(up, args.gen, args.activate_timeout)
+        export = Export(up, args.export_name, args.read_only)
+        server = NbdServer(export, args.bind, args.port)
+        try:
+            await server.start()
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise ValueError(f"port {args.port} on {args.bind} is already in use") from None
+            raise ValueError(f"cannot listen on {args.bind}:{args.port}: {e.strerror}") from None
+        host = f"[{args.bind}]" if ":" in args.bind else args.bind
+        uri = f"nbd://{host}:{server.port}/{args.export_name}"
+        print(
+            f"serving {export.size} bytes ({up.total_blocks} blocks of {up.block_size}) "
+            f"with generation {gen}{' read-only' if args.read_only else ''} at {uri}",
+            flush=True,
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("stopping: closing clients, flushing")
+        await server.stop()
+        if up.info()["state"] == "active":
+            await up.deactivate()
+        print("stopped", flush=True)
+        return 0
+    finally:
+        await up.close()
+
+
+if __name__ == "__main__":
+    main()
