@@ -217,6 +217,9 @@ class UpstairsCore:
         self.state = UpState.DEACTIVATING
         self.deactivate_token = token
         acts: list[Action] = [Log("deactivating: final flush")]
+        for c in self.clients:
+            if c.holds_jobs:  # it cannot finish the final flush; it is repaired later
+                acts += self._fault(c, "offline at deactivation", now)
         if self.need_flush or self.jobs:
             acts += self._enqueue(FlushOp(self._take_flush_number(), self.gen), None, now)
         return acts + self._maintain(now)

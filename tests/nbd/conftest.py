@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import BIN, Cluster, free_port, wait_listening
+
+NBD_TOOLS = ("qemu-img", "qemu-io", "nbdinfo", "nbdcopy", "nbdsh", "fio")
+
+
+def require_tools() -> None:
+    missing = [t for t in NBD_TOOLS if shutil.which(t) is None]
+    if missing:
+        pytest.fail(f"missing NBD client tools {missing}: run scripts/setup")
+
+
+class Nbd:
+    def __init__(self, base: Path, read_only: bool = False) -> None:
+        require_tools()
+        self.cluster = Cluster(base, "--extent-size", "4096", "--extent-count", "32")
+        extra = []
+        if read_only:
+            self.cluster.stop()
+            self.cluster.start(None, "--mode", "ro")
+            extra.append("--read-only")
+        self.port = free_port()
+        self.log = base / "nbd.log"
+        self._log = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [str(BIN / "crucible-nbd"), *self.cluster.target_args(), "-p", str(self.port), *extra],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        wait_listening(self.port, self.proc, timeout=60)
+        self.uri = f"nbd://127.0.0.1:{self.port}/"
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        self.cluster.stop()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def nbd(tmp_path: Path) -> Iterator[Nbd]:
+    n = Nbd(tmp_path)
+    yield n
+    assert n.stop() == 0, n.output()

@@ -1,0 +1,161 @@
+"""Bad NBD input gets the protocol's error replies or a clean disconnect, and
+the server keeps serving every other client."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from crucible.nbd import protocol as p
+from tests.nbd.conftest import Nbd
+
+pytestmark = pytest.mark.timeout(300)
+
+
+class Raw:
+    def __init__(self, port: int) -> None:
+        self.s = socket.create_connection(("127.0.0.1", port), timeout=30)
+        magic, opt, flags = struct.unpack(">QQH", self.recv(18))
+        assert (magic, opt) == (p.NBDMAGIC, p.IHAVEOPT)
+        assert flags & p.FLAG_FIXED_NEWSTYLE
+
+    def recv(self, n: int) -> bytes:
+        out = b""
+        while len(out) < n:
+            chunk = self.s.recv(n - len(out))
+            if not chunk:
+                raise EOFError(f"closed after {len(out)} of {n} bytes")
+            out += chunk
+        return out
+
+    def closed(self) -> bool:
+        try:
+            return self.s.recv(1) == b""
+        except ConnectionResetError:
+            return True
+
+    def option(self, opt: int, data: bytes = b"") -> tuple[int, bytes]:
+        self.s.sendall(p.OPTION_HEADER.pack(p.IHAVEOPT, opt, len(data)) + data)
+        magic, ropt, rep, length = struct.unpack(">QIII", self.recv(20))
+        assert magic == p.REPLY_MAGIC and ropt == opt
+        return rep, self.recv(length)
+
+    def go(self) -> None:
+        self.s.sendall(struct.pack(">I", p.FLAG_FIXED_NEWSTYLE | p.FLAG_NO_ZEROES))
+        rep, _ = self.option(p.Opt.GO, struct.pack(">IH", 0, 0))
+        while rep == p.Rep.INFO:
+            _, _, rep, length = struct.unpack(">QIII", self.recv(20))
+            self.recv(length)
+        assert rep == p.Rep.ACK
+
+    def request(
+        self, cmd: int, offset: int, length: int, flags: int = 0, data: bytes = b"", cookie: int = 7
+    ) -> int:
+        self.s.sendall(p.REQUEST.pack(p.REQUEST_MAGIC, flags, cmd, cookie, offset, length) + data)
+        magic, error, got = struct.unpack(">IIQ", self.recv(16))
+        assert magic == p.SIMPLE_REPLY_MAGIC and got == cookie
+        if cmd == p.Cmd.READ and not error:
+            self.recv(length)
+        return int(error)
+
+
+def still_serves(nbd: Nbd) -> None:
+    r = subprocess.run(
+        ["qemu-io", "-f", "raw", "-c", "write -P 0x7 0 4k", "-c", "read -P 0x7 0 4k", nbd.uri],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0 and "verification failed" not in r.stdout, r.stdout + r.stderr
+
+
+def test_bad_handshakes(nbd: Nbd) -> None:
+    c = Raw(nbd.port)
+    c.s.sendall(b"\xff\xff\xff\xff")  # unknown client flags
+    assert c.closed()
+    c = Raw(nbd.port)
+    c.s.sendall(struct.pack(">I", p.FLAG_FIXED_NEWSTYLE) + b"NOTMAGIC" + bytes(8))
+    assert c.closed()
+    c = Raw(nbd.port)
+    c.s.sendall(
+        struct.pack(">I", p.FLAG_FIXED_NEWSTYLE) + p.OPTION_HEADER.pack(p.IHAVEOPT, 99, 1 << 30)
+    )  # absurd option length
+    assert c.closed()
+    c = Raw(nbd.port)
+    c.s.sendall(struct.pack(">I", p.FLAG_FIXED_NEWSTYLE) + b"\x01\x02")  # truncated
+    c.s.shutdown(socket.SHUT_WR)
+    assert c.closed()
+    still_serves(nbd)
+
+
+def test_option_errors(nbd: Nbd) -> None:
+    c = Raw(nbd.port)
+    c.s.sendall(struct.pack(">I", p.FLAG_FIXED_NEWSTYLE))
+    assert c.option(99)[0] == p.Rep.ERR_UNSUP
+    assert c.option(p.Opt.STARTTLS)[0] == p.Rep.ERR_POLICY
+    assert c.option(p.Opt.LIST, b"junk")[0] == p.Rep.ERR_INVALID
+    assert c.option(p.Opt.GO, b"\x00\x00\x00\xff")[0] == p.Rep.ERR_INVALID
+    assert c.option(p.Opt.INFO, struct.pack(">I", 4) + b"nope" + b"\x00\x00")[0] == (
+        p.Rep.ERR_UNKNOWN
+    )
+    meta = struct.pack(">I", 0) + struct.pack(">I", 1) + struct.pack(">I", 15) + b"base:allocation"
+    assert c.option(p.Opt.SET_META_CONTEXT, meta)[0] == p.Rep.ERR_INVALID  # needs structured
+    rep, _ = c.option(p.Opt.LIST)
+    assert rep == p.Rep.SERVER
+    assert c.recv(20)[12:16] == struct.pack(">I", p.Rep.ACK)
+    assert c.option(p.Opt.ABORT)[0] == p.Rep.ACK
+    still_serves(nbd)
+
+
+def test_transmission_errors(nbd: Nbd) -> None:
+    c = Raw(nbd.port)
+    c.go()
+    size = 32 * 4096 * 512
+    assert c.request(p.Cmd.READ, size - 10, 20) == p.EINVAL
+    assert c.request(p.Cmd.WRITE, size - 10, 20, data=bytes(20)) == p.ENOSPC
+    assert c.request(p.Cmd.TRIM, size, 512) == p.EINVAL
+    assert c.request(99, 0, 512) == p.EINVAL  # unknown command
+    assert c.request(p.Cmd.READ, 0, 512, flags=p.CMD_FLAG_NO_HOLE) == p.EINVAL
+    assert c.request(p.Cmd.BLOCK_STATUS, 0, 512) == p.EINVAL  # no context negotiated
+    assert c.request(p.Cmd.WRITE_ZEROES, 0, 4096, flags=p.CMD_FLAG_FAST_ZERO) == p.ENOTSUP
+    assert c.request(p.Cmd.READ, 0, 512) == 0
+    # A write payload over the maximum cannot be skipped safely: disconnect.
+    c.s.sendall(p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.Cmd.WRITE, 1, 0, (32 << 20) + 1))
+    assert c.closed()
+    c = Raw(nbd.port)
+    c.go()
+    c.s.sendall(b"\x00" * 28)  # bad request magic
+    assert c.closed()
+    still_serves(nbd)
+
+
+def test_read_only_export_refuses_writes(tmp_path: Path) -> None:
+    n = Nbd(tmp_path, read_only=True)
+    try:
+        r = subprocess.run(
+            ["qemu-io", "-f", "raw", "-c", "write -P 0x7 0 4k", n.uri],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert r.returncode != 0 and "Permission denied" in r.stderr  # qemu sees READ_ONLY
+        r = subprocess.run(
+            ["qemu-io", "-r", "-f", "raw", "-c", "read -P 0 0 4k", n.uri],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert r.returncode == 0 and "verification failed" not in r.stdout
+        info = subprocess.run(["nbdinfo", n.uri], capture_output=True, text=True, timeout=60)
+        assert "is_read_only: true" in info.stdout
+        c = Raw(n.port)
+        c.go()
+        assert c.request(p.Cmd.WRITE, 0, 512, data=bytes(512)) == p.EPERM
+        assert c.request(p.Cmd.TRIM, 0, 512) == p.EPERM
+        assert c.request(p.Cmd.READ, 0, 512) == 0
+    finally:
+        assert n.stop() == 0, n.output()

@@ -1,0 +1,170 @@
+"""Real NBD clients against crucible-nbd: qemu-img, qemu-io, nbdinfo, nbdcopy,
+python libnbd (through Debian's interpreter) and fio."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.nbd.conftest import Nbd
+
+pytestmark = pytest.mark.timeout(600)
+SIZE = 32 * 4096 * 512  # the fixture's volume: 64 MiB
+
+
+def run(*cmd: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"{cmd}: {r.stdout}{r.stderr}"
+    return r
+
+
+def libnbd(uri: str, code: str) -> str:
+    """Run Python code with a connected libnbd handle `h` (Debian's python3-libnbd)."""
+    script = "import nbd\nh = nbd.NBD()\nh.add_meta_context('base:allocation')\n"
+    script += f"h.connect_uri({uri!r})\n" + code
+    return run("/usr/bin/python3", "-c", script).stdout
+
+
+def test_qemu_img_round_trip(nbd: Nbd, tmp_path: Path) -> None:
+    image = tmp_path / "in.raw"
+    image.write_bytes(os.urandom(24 << 20) + bytes(1 << 20) + os.urandom(3 << 20))
+    run("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(image), nbd.uri)
+    out = tmp_path / "out.raw"
+    run("qemu-img", "convert", "-f", "raw", "-O", "raw", nbd.uri, str(out))
+    assert out.stat().st_size == SIZE
+    run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(image), nbd.uri)
+    data = out.read_bytes()
+    assert data[: image.stat().st_size] == image.read_bytes()
+    assert nbd.cluster.dump().returncode == 0
+
+
+def test_qemu_io_patterns_unaligned(nbd: Nbd) -> None:
+    cmds = [
+        "write -P 0x11 0 64k",
+        "write -P 0x22 1000 3000",
+        "write -P 0x33 65535 2",
+        "write -P 0x44 130000 1",
+        "flush",
+        "read -P 0x11 0 1000",
+        "read -P 0x22 1000 3000",
+        "read -P 0x11 4000 61535",
+        "read -P 0x33 65535 2",
+        "read -P 0 65537 64463",
+        "read -P 0x44 130000 1",
+        "read -P 0 130001 1000",
+    ]
+    args = [a for c in cmds for a in ("-c", c)]
+    r = run("qemu-io", "-f", "raw", *args, nbd.uri)
+    assert "Pattern verification failed" not in r.stdout + r.stderr
+
+
+def test_nbdinfo_and_map(nbd: Nbd) -> None:
+    info = json.loads(run("nbdinfo", "--json", nbd.uri).stdout)
+    export = info["exports"][0]
+    assert export["export-size"] == SIZE
+    assert export["block_size_minimum"] == 1 and export["block_size_maximum"] == 32 << 20
+    for flag in ("can_flush", "can_fua", "can_multi_conn", "can_trim", "can_zero"):
+        assert export[flag] is True, flag
+    assert export["is_read_only"] is False
+    assert "base:allocation" in export["contexts"]
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x5 1M 1M", nbd.uri)
+    mapped = json.loads(run("nbdinfo", "--map", "--json", nbd.uri).stdout)
+    data = [(e["offset"], e["length"]) for e in mapped if e["type"] == 0]
+    assert data == [(1 << 20, 1 << 20)]
+    assert sum(e["length"] for e in mapped) == SIZE
+
+
+def test_nbdcopy_both_ways_multi_conn(nbd: Nbd, tmp_path: Path) -> None:
+    src = tmp_path / "src.raw"
+    src.write_bytes(os.urandom(SIZE))
+    run("nbdcopy", "--connections=4", "--requests=16", str(src), nbd.uri)
+    back = tmp_path / "back.raw"
+    run("nbdcopy", "--connections=4", nbd.uri, str(back))
+    assert back.read_bytes() == src.read_bytes()
+
+
+def test_libnbd_semantics(nbd: Nbd) -> None:
+    out = libnbd(
+        nbd.uri,
+        """
+bs = 4096
+h.pwrite(b'\\xaa' * 3 * bs, 0, nbd.CMD_FLAG_FUA)
+assert h.pread(3 * bs, 0) == b'\\xaa' * 3 * bs
+h.pwrite(b'\\x01' * 100, 10)           # unaligned
+assert h.pread(120, 0) == b'\\xaa' * 10 + b'\\x01' * 100 + b'\\xaa' * 10
+h.flush()
+h.trim(2 * bs, 0)                        # whole blocks: zeros afterwards
+assert h.pread(2 * bs, 0) == bytes(2 * bs)
+assert h.pread(bs, 2 * bs) == b'\\xaa' * bs
+h.zero(1000, 5 * bs + 7)                 # unaligned zero
+assert h.pread(1000, 5 * bs + 7) == bytes(1000)
+h.zero(bs, 4 * bs, nbd.CMD_FLAG_NO_HOLE)
+assert h.pread(bs, 4 * bs) == bytes(bs)
+seen = []
+def cb(meta, offset, entries, err):
+    seen.append((meta, offset, list(entries)))
+    return 0
+h.block_status(8 * bs, 0, cb)
+meta, offset, entries = seen[0]
+assert meta == 'base:allocation'
+total = sum(entries[0::2])
+assert total >= 8 * bs, entries
+first_len, first_flags = entries[0], entries[1]
+assert first_flags == 0, entries       # written (even if now zero)
+seen.clear()
+h.block_status(64 * bs, 1 << 25, cb)     # never written: a hole reading as zeros
+assert seen[0][2][1] == 3, seen
+try:
+    h.pread(10, h.get_size() - 5)
+    raise SystemExit('read past the end did not fail')
+except nbd.Error as e:
+    assert e.errnum == 22, e                # EINVAL
+try:
+    h.pwrite(b'x' * 10, h.get_size() - 5)
+    raise SystemExit('write past the end did not fail')
+except nbd.Error as e:
+    assert e.errnum == 28, e                # ENOSPC
+print('ok', h.can_multi_conn(), h.can_fua(), h.can_trim(), h.can_zero())
+""",
+    )
+    assert out.strip() == "ok True True True True"
+
+
+def test_fio_verify(nbd: Nbd, tmp_path: Path) -> None:
+    job = tmp_path / "verify.fio"
+    job.write_text(f"""
+[global]
+ioengine=nbd
+uri={nbd.uri}
+size=32M
+bs=4k
+iodepth=16
+verify=crc32c
+do_verify=1
+verify_fatal=1
+
+[randwrite]
+rw=randwrite
+""")
+    r = run("fio", str(job), "--output-format=json")
+    result = json.loads(r.stdout[r.stdout.index("{") :])
+    assert result["jobs"][0]["error"] == 0
+
+
+def test_downstairs_killed_while_qemu_img_writes(nbd: Nbd, tmp_path: Path) -> None:
+    image = tmp_path / "in.raw"
+    image.write_bytes(os.urandom(SIZE))
+    killer = threading.Timer(0.5, lambda: nbd.cluster.stop(1, signal.SIGKILL))
+    killer.start()
+    t0 = time.monotonic()
+    run("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(image), nbd.uri)
+    killer.join()
+    assert time.monotonic() - t0 > 0.5, "the copy finished before the kill"
+    run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(image), nbd.uri)
