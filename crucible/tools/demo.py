@@ -1,17 +1,20 @@
-"""The main job: create three regions under a folder (once), run three
-downstairs on them, do the seed's replicated write/flush/read through the
-upstairs, and keep the downstairs serving until Ctrl-C."""
+"""The main job: three local regions (created sparse the first time, reused
+afterwards), three downstairs serving them, and the volume exported over NBD
+by crucible-nbd. Prints the nbd:// URI and commands to try; Ctrl-C stops
+everything cleanly. Each run activates with the next generation."""
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO
 
-from crucible.cli_util import fail
+from crucible.cli_util import fail, port_number, positive_int
 
 PROG = "scripts/demo"
 BIN = Path(sys.executable).parent
@@ -20,23 +23,49 @@ BIN = Path(sys.executable).parent
 def main() -> None:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__)
     p.add_argument("--dir", type=Path, default=Path("var/demo"), help="where the regions live")
-    p.add_argument("--port", type=int, default=3801, help="first downstairs port (3 in a row)")
-    p.add_argument("--once", action="store_true", help="stop after the check instead of serving")
+    p.add_argument(
+        "--port",
+        type=port_number,
+        default=3801,
+        help="first downstairs port (three in a row; repair ports +4000)",
+    )
+    p.add_argument("--nbd-port", type=port_number, default=10809, help="NBD port")
+    p.add_argument("--size-gib", type=positive_int, default=2, help="volume size for new regions")
+    p.add_argument(
+        "--once",
+        action="store_true",
+        help="check the export with nbdinfo and a write/read, then stop",
+    )
     args = p.parse_args()
 
     ports = [args.port + i for i in range(3)]
     regions = [args.dir / str(port) for port in ports]
+    block_size, extent_size = 4096, 8192  # 32 MiB extents
+    extents = max(1, (args.size_gib << 30) // (block_size * extent_size))
     for region in regions:
         if not (region / "region.json").exists():
-            subprocess.run([BIN / "crucible-downstairs", "create", "-d", str(region)], check=True)
-    procs = []
-    logs = []
+            subprocess.run(
+                [
+                    BIN / "crucible-downstairs",
+                    "create",
+                    "-d",
+                    str(region),
+                    "--block-size",
+                    str(block_size),
+                    "--extent-size",
+                    str(extent_size),
+                    "--extent-count",
+                    str(extents),
+                ],
+                check=True,
+            )
+    procs: list[subprocess.Popen[bytes]] = []
+    logs: list[IO[bytes]] = []
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         for region, port in zip(regions, ports, strict=True):
-            log = open(region.parent / f"{port}.log", "ab")  # noqa: SIM115 - kept while serving
-            logs.append(log)
             procs.append(
-                subprocess.Popen(
+                _spawn(
                     [
                         BIN / "crucible-downstairs",
                         "run",
@@ -46,44 +75,98 @@ def main() -> None:
                         str(port),
                         "-a",
                         "127.0.0.1",
+                        "-q",
                     ],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
+                    args.dir / f"{port}.log",
+                    logs,
                 )
             )
-        time.sleep(1.0)
-        for proc, port in zip(procs, ports, strict=True):
-            if proc.poll() is not None:
-                fail(PROG, f"downstairs on port {port} exited; see {args.dir}/{port}.log")
-        targets = " ".join(f"-t 127.0.0.1:{port}" for port in ports)
-        print(f"three downstairs are serving {args.dir} on ports {ports[0]}-{ports[-1]}")
-        print(f"logs: {args.dir}/<port>.log")
-        print(f"running the seed's write/flush/read: crucible {targets}")
-        seed = subprocess.run([BIN / "crucible", "-q", *targets.split()], check=False)
-        if seed.returncode != 0:
-            fail(PROG, "the replicated write/flush/read failed")
-        print("next:")
-        print(f"  .venv/bin/crucible {targets}")
-        print(f"  .venv/bin/crutest generic {targets} --verify-out {args.dir}/verify.json")
-        print(f"  .venv/bin/crutest verify {targets} --verify-in {args.dir}/verify.json")
-        print(f"  .venv/bin/crutest perf {targets} --io-size 4096 --io-depth 32")
+        targets = [a for port in ports for a in ("-t", f"127.0.0.1:{port}")]
+        nbd_log = args.dir / "nbd.log"
+        procs.append(
+            _spawn([BIN / "crucible-nbd", *targets, "-p", str(args.nbd_port)], nbd_log, logs)
+        )
+        uri = _wait_serving(nbd_log, procs, args)
+        print(
+            f"three downstairs serve {args.dir} on ports {ports[0]}-{ports[-1]}; "
+            f"logs in {args.dir}/*.log"
+        )
+        print(f"the volume is exported at {uri}")
+        print("try:")
+        print(f"  nbdinfo {uri}")
+        print(f"  nbdinfo --map {uri}")
+        print(f"  qemu-img convert -n -f raw -O raw disk.raw {uri}")
+        print(f"  qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' {uri}")
+        print(f"  nbdcopy --connections=4 {uri} copy.raw")
         print(f"  .venv/bin/crucible-downstairs dump {' '.join(f'-d {r}' for r in regions)}")
         if args.once:
+            _check(uri)
             return
-        print("Ctrl-C stops them.")
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
-        while True:
-            signal.pause()
+        print("Ctrl-C stops everything.", flush=True)
+        while all(p.poll() is None for p in procs):
+            time.sleep(0.5)
+        fail(PROG, "a server exited; see the logs in " + str(args.dir))
     except KeyboardInterrupt:
         pass
     finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            proc.wait(30)
+        # crucible-nbd first: it flushes and deactivates while the downstairs still run.
+        for proc in reversed(procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
         for log in logs:
             log.close()
         print("stopped")
+
+
+def _spawn(cmd: list[object], log_path: Path, logs: list[IO[bytes]]) -> subprocess.Popen[bytes]:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(log_path, "ab")  # noqa: SIM115 - kept open while the server runs
+    logs.append(log)
+    return subprocess.Popen([str(c) for c in cmd], stdout=log, stderr=subprocess.STDOUT)
+
+
+def _wait_serving(
+    nbd_log: Path, procs: list[subprocess.Popen[bytes]], args: argparse.Namespace
+) -> str:
+    start = nbd_log.stat().st_size if nbd_log.exists() else 0
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        for proc in procs:
+            if proc.poll() is not None:
+                fail(PROG, f"a server exited at start; see the logs in {args.dir}")
+        text = nbd_log.read_text()[start:] if nbd_log.exists() else ""
+        for line in text.splitlines():
+            if line.startswith("serving ") and " at nbd://" in line:
+                print(line)
+                return line.rsplit(" at ", 1)[1]
+        time.sleep(0.2)
+    fail(PROG, f"crucible-nbd did not start; see {nbd_log}")
+
+
+def _check(uri: str) -> None:
+    if shutil.which("qemu-io") is None:
+        return
+    r = subprocess.run(
+        [
+            "qemu-io",
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x5a 1000 70000",
+            "-c",
+            "read -P 0x5a 1000 70000",
+            uri,
+        ],
+        capture_output=True,
+        text=True,
+    )
+    if r.returncode != 0 or "verification failed" in r.stdout:
+        fail(PROG, f"write/read through NBD failed: {r.stdout}{r.stderr}")
+    print("checked: a write and read back through NBD match")
 
 
 if __name__ == "__main__":

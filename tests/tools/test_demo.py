@@ -12,12 +12,26 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_demo_once(tmp_path: Path) -> None:
     port = free_port(run=3)
-    for _ in range(2):  # the second run reuses the regions with a higher generation
+    nbd_port = free_port()
+    for gen in (1, 2):  # the second run reuses the regions with the next generation
         r = subprocess.run(
-            [str(ROOT / "scripts" / "demo"), "--once", "--dir", str(tmp_path), "--port", str(port)],
+            [
+                str(ROOT / "scripts" / "demo"),
+                "--once",
+                "--dir",
+                str(tmp_path),
+                "--port",
+                str(port),
+                "--nbd-port",
+                str(nbd_port),
+                "--size-gib",
+                "1",
+            ],
             capture_output=True,
             text=True,
             timeout=300,
         )
         assert r.returncode == 0, r.stdout + r.stderr
-        assert "all Tests done" in r.stdout and "next:" in r.stdout and "stopped" in r.stdout
+        assert f"with generation {gen} at nbd://127.0.0.1:{nbd_port}/" in r.stdout
+        assert "checked: a write and read back through NBD match" in r.stdout
+        assert "stopped" in r.stdout
