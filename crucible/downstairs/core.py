@@ -77,7 +77,14 @@ class Log:
     text: str
 
 
-Action = Send | Disconnect | Execute | Log
+@dataclass(slots=True)
+class JobLog:
+    """A job arrived: one console line (`describe`), built only if it is shown."""
+
+    job: Job
+
+
+Action = Send | Disconnect | Execute | Log | JobLog
 
 
 @dataclass(slots=True)
@@ -100,6 +107,7 @@ class DownstairsCore:
         self.repair_addr = repair_addr
         self.conns: dict[int, Conn] = {}
         self.active: set[int] = set()  # read-write: at most one
+        self.log_jobs = True
 
     # ---- queries for the driver ---------------------------------------------------
 
@@ -274,7 +282,7 @@ class DownstairsCore:
         if isinstance(msg, JOB_TYPES):
             if conn.work.knows(msg.job_id):
                 return [Log(f"connection {cid}: duplicate job {msg.job_id} ignored")]
-            acts: list[Action] = [Log(self.describe(msg))]
+            acts: list[Action] = [JobLog(msg)] if self.log_jobs else []
             acts.extend(Execute(cid, job) for job in conn.work.add(msg))
             return acts
         if isinstance(msg, m.ExtentFlush | m.ExtentClose | m.ExtentRepair | m.ExtentReopen):

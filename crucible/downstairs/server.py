@@ -25,11 +25,13 @@ from crucible.downstairs.core import (
     Disconnect,
     DownstairsCore,
     Execute,
+    JobLog,
     Log,
     Send,
     Work,
 )
 from crucible.downstairs.repair import REPAIR_PORT_OFFSET, fetch_extent, make_app
+from crucible.netio import OutputBatcher
 from crucible.protocol import messages as m
 from crucible.protocol.codec import FrameDecoder, ProtocolError, encode_parts
 from crucible.region.region import Region
@@ -49,11 +51,13 @@ class _Connection(asyncio.Protocol):
         self.id = conn_id
         self.decoder = FrameDecoder()
         self.transport: asyncio.Transport | None = None
+        self.out: OutputBatcher | None = None
         self.last_rx = time.monotonic()
         self.closing = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.out = OutputBatcher(self.transport)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -78,14 +82,16 @@ class _Connection(asyncio.Protocol):
         self.server.connection_lost(self)
 
     def send(self, msg: m.Message) -> None:
-        if self.transport is not None and not self.closing:
-            self.transport.writelines(encode_parts(msg))
+        if self.out is not None and not self.closing:
+            self.out.write(*encode_parts(msg))
 
     def close(self, reason: str) -> None:
         if self.closing:
             return
         self.closing = True
         log.warning("closing connection %d: %s", self.id, reason)
+        if self.out is not None:
+            self.out.flush()  # what was said before closing still goes out
         if self.transport is not None:
             self.transport.close()
 
@@ -105,6 +111,7 @@ class DownstairsServer:
         self.repair_port = port + REPAIR_PORT_OFFSET if repair_port is None else repair_port
         self.idle_timeout = idle_timeout
         self.core = DownstairsCore(region.definition, region.read_only, (address, self.repair_port))
+        self.core.log_jobs = joblog.isEnabledFor(logging.INFO)
         self.conns: dict[int, _Connection] = {}
         self._next_id = 1
         self._queue: deque[tuple[int, Work]] = deque()
@@ -180,8 +187,10 @@ class DownstairsServer:
                 c = self.conns.get(a.conn)
                 if c is not None:
                     c.close(a.reason)
+            elif isinstance(a, JobLog):
+                joblog.info("%s", self.core.describe(a.job))
             elif isinstance(a, Log):
-                (joblog if _is_job_line(a.text) else log).info("%s", a.text)
+                log.info("%s", a.text)
         self._flow_control()
 
     def _flow_control(self) -> None:
@@ -241,7 +250,3 @@ def _runs_inline(work: Work, block_size: int) -> bool:
     if isinstance(work, m.ReadRequest):
         return work.count * block_size <= INLINE_BYTES
     return isinstance(work, m.Barrier | m.ExtentLiveNoOp | m.ExtentVersionsPlease)
-
-
-def _is_job_line(text: str) -> bool:
-    return " rn:" in text

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from crucible.nbd import protocol as p
+from crucible.netio import OutputBatcher
 from crucible.protocol.errors import CrucibleError, ErrorKind
 from crucible.upstairs.guest import Upstairs
 
@@ -24,6 +25,7 @@ log = logging.getLogger("crucible.nbd")
 MAX_OPTION = 64 * 1024  # option payloads are small; more is abuse
 MAX_PAYLOAD = 32 << 20
 MAX_STATUS_BYTES = 64 << 20  # one BLOCK_STATUS answers at most this much
+REPLY_BACKLOG = 8 << 20  # unsent reply bytes before a handler waits for the client
 
 
 class _Closed(Exception):
@@ -158,7 +160,7 @@ class _Connection:
         self.allocation_context = False
         self.no_zeroes = False
         self.inflight: set[asyncio.Task[None]] = set()
-        self.wlock = asyncio.Lock()
+        self.out = OutputBatcher(writer.transport)
 
     # ---- handshake ------------------------------------------------------------------
 
@@ -280,6 +282,7 @@ class _Connection:
                 if self.inflight:
                     await asyncio.gather(*self.inflight, return_exceptions=True)
                 log.info("nbd client %d disconnects", self.cid)
+                self.out.flush()
                 return
             task = asyncio.ensure_future(self.handle(flags, cmd, cookie, offset, length, data))
             self.inflight.add(task)
@@ -331,16 +334,11 @@ class _Connection:
         data = await self.up.read(first, last - first)
         skip = offset - first * bs
         view = memoryview(data)[skip : skip + length]
-        async with self.wlock:
-            if self.structured:
-                self.writer.write(
-                    p.chunk(cookie, p.Reply.OFFSET_DATA, 8 + length, True)
-                    + struct.pack(">Q", offset)
-                )
-            else:
-                self.writer.write(p.simple_reply(cookie))
-            self.writer.write(view)
-            await self.writer.drain()
+        if self.structured:
+            head = p.chunk(cookie, p.Reply.OFFSET_DATA, 8 + length, True)
+            await self.send(head + struct.pack(">Q", offset), view)
+        else:
+            await self.send(p.simple_reply(cookie), view)
 
     async def cmd_write(
         self, flags: int, cookie: int, offset: int, length: int, data: bytes
@@ -406,9 +404,7 @@ class _Connection:
             i = j
             if flags & p.CMD_FLAG_REQ_ONE:
                 break
-        async with self.wlock:
-            self.writer.write(p.block_status_chunk(cookie, p.ALLOCATION_CONTEXT_ID, extents))
-            await self.writer.drain()
+        await self.send(p.block_status_chunk(cookie, p.ALLOCATION_CONTEXT_ID, extents))
 
     HANDLERS: dict[int, Callable[..., Awaitable[None]]] = {
         p.Cmd.READ: cmd_read,
@@ -463,21 +459,24 @@ class _Connection:
             await self.up.flush()
         await self.send_ok(cookie)
 
-    async def send_ok(self, cookie: int) -> None:
-        async with self.wlock:
-            if self.structured:
-                self.writer.write(p.chunk(cookie, p.Reply.NONE, 0, True))
-            else:
-                self.writer.write(p.simple_reply(cookie))
+    async def send(self, *parts: bytes | memoryview) -> None:
+        """Queue one whole reply (its parts go out together, never interleaved
+        with another reply); wait only when the client reads too slowly."""
+        self.out.write(*parts)
+        if self.out.backlog() > REPLY_BACKLOG:
             await self.writer.drain()
 
+    async def send_ok(self, cookie: int) -> None:
+        if self.structured:
+            await self.send(p.chunk(cookie, p.Reply.NONE, 0, True))
+        else:
+            await self.send(p.simple_reply(cookie))
+
     async def send_error(self, cookie: int, error: int, message: str) -> None:
-        async with self.wlock:
-            if self.structured:
-                self.writer.write(p.error_chunk(cookie, error, message))
-            else:
-                self.writer.write(p.simple_reply(cookie, error))
-            await self.writer.drain()
+        if self.structured:
+            await self.send(p.error_chunk(cookie, error, message))
+        else:
+            await self.send(p.simple_reply(cookie, error))
 
 
 def _errno(e: CrucibleError) -> int:

@@ -20,6 +20,9 @@ U64 = struct.Struct("<Q")
 SocketAddr = tuple[str, int]
 
 
+_UUIDS: dict[bytes, uuid.UUID] = {}
+
+
 class DecodeError(ValueError):
     """Bytes that are not a valid encoding of the expected value."""
 
@@ -92,7 +95,14 @@ class Reader:
         n = self.u64()
         if n != 16:
             raise DecodeError(f"UUID length {n}, expected 16")
-        return uuid.UUID(bytes=bytes(self.take(16)))
+        raw = bytes(self.take(16))
+        # Every message carries the same two or three ids: build each once.
+        found = _UUIDS.get(raw)
+        if found is None:
+            if len(_UUIDS) > 1024:
+                _UUIDS.clear()
+            found = _UUIDS[raw] = uuid.UUID(bytes=raw)
+        return found
 
     def u64_vec(self) -> list[int]:
         n = self.length(8)

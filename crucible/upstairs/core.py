@@ -771,18 +771,20 @@ class UpstairsCore:
             self.flushes_pending += 1
         self.last_io = now
         acts: list[Action] = []
+        shared: m.Message | None = None  # one message object when deps agree: encoded once
         for c in self.clients:
             if c.state is CState.ACTIVE or c.holds_jobs:
                 job.state[c.id] = IOState.IN_PROGRESS
                 c.inflight_jobs += 1
                 c.inflight_bytes += job.nbytes
                 if c.state is CState.ACTIVE:
-                    acts.append(
-                        Send(
-                            c.id,
-                            job.message(self.upstairs_id, self.session_id, self._deps_for(c, job)),
-                        )
-                    )
+                    if c.skipped:
+                        msg = job.message(self.upstairs_id, self.session_id, self._deps_for(c, job))
+                    else:
+                        if shared is None:
+                            shared = job.message(self.upstairs_id, self.session_id, job.deps)
+                        msg = shared
+                    acts.append(Send(c.id, msg))
             else:
                 c.skipped.add(jid)
         acts.append(Log(f"gw_id:{gw} {job.kind} {_describe(op)} ds_id:{jid} deps:{deps}", "debug"))

@@ -12,6 +12,7 @@ import socket
 import uuid
 from typing import Any, cast
 
+from crucible.netio import OutputBatcher
 from crucible.protocol import messages as m
 from crucible.protocol.codec import FrameDecoder, ProtocolError, encode_parts
 from crucible.protocol.errors import CrucibleError, ErrorKind
@@ -38,9 +39,11 @@ class _Connection(asyncio.Protocol):
         self.cid = cid
         self.decoder = FrameDecoder()
         self.transport: asyncio.Transport | None = None
+        self.out: OutputBatcher | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        self.out = OutputBatcher(self.transport)
         sock = self.transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -62,10 +65,6 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.up._lost(self)
-
-    def send(self, msg: m.Message) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.writelines(encode_parts(msg))
 
 
 class Upstairs:
@@ -222,11 +221,15 @@ class Upstairs:
             self._progress.set()
 
     def _apply(self, actions: list[Action]) -> None:
+        last: m.Message | None = None
+        parts: list[bytes | bytearray | memoryview] = []
         for a in actions:
             if isinstance(a, Send):
                 conn = self._conns.get(a.client)
-                if conn is not None:
-                    conn.send(a.msg)
+                if conn is not None and conn.out is not None:
+                    if a.msg is not last:  # the same job to three downstairs: encode once
+                        last, parts = a.msg, encode_parts(a.msg)
+                    conn.out.write(*parts)
             elif isinstance(a, Complete):
                 fut = cast(asyncio.Future[Any], a.token)
                 if not fut.done():
