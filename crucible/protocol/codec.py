@@ -18,10 +18,14 @@ from crucible.protocol.errors import CrucibleError, decode_error, encode_error
 from crucible.protocol.messages import (
     MAX_FRAME_LEN,
     MESSAGE_TYPES,
+    BarrierAck,
     BlockContext,
     EncryptionContext,
+    FlushAck,
     Message,
     ReadBlockContext,
+    WriteAck,
+    WriteUnwrittenAck,
 )
 from crucible.protocol.wire import U32, U64, DecodeError, Reader
 from crucible.region.definition import RegionDefinition
@@ -271,8 +275,20 @@ def encode(msg: Message) -> bytes:
     return b"".join(encode_parts(msg))
 
 
+# The commonest replies, acks with an Ok result, have one fixed layout:
+# tag, upstairs_id, session_id, job_id, Ok. Decoded in one unpack.
+_ACK = struct.Struct("<IQ16sQ16sQI")
+_ACK_TYPES = {_TAG_OF[c]: c for c in (WriteAck, WriteUnwrittenAck, FlushAck, BarrierAck)}
+
+
 def decode_body(body: memoryview) -> Message:
     """Decode one frame without its length prefix. Raises ProtocolError."""
+    if len(body) == _ACK.size:
+        tag, n1, up, n2, sess, job, ok = _ACK.unpack(body)
+        ack_cls = _ACK_TYPES.get(tag)
+        if ack_cls is not None and n1 == 16 and n2 == 16 and ok == 0:
+            msg: Message = ack_cls(wire.cached_uuid(up), wire.cached_uuid(sess), job, None)
+            return msg
     r = Reader(body)
     try:
         tag = r.u32()
@@ -284,8 +300,8 @@ def decode_body(body: memoryview) -> Message:
             values.append(r.byte_string())
         if r.remaining():
             raise DecodeError(f"{r.remaining()} trailing bytes after {cls.__name__}")
-        msg: Message = cls(*values)
-        return msg
+        out: Message = cls(*values)
+        return out
     except (DecodeError, ValueError) as e:
         raise ProtocolError(f"malformed frame: {e}") from None
 
@@ -324,6 +340,7 @@ class FrameDecoder:
             raise ProtocolError(f"frame length {n} exceeds the {self._max}-byte limit")
         if avail < n:
             return None
-        frame = bytes(self._buf[self._pos + 4 : self._pos + n])
+        with memoryview(self._buf) as mv:  # one copy, not a slice and then a copy
+            frame = bytes(mv[self._pos + 4 : self._pos + n])
         self._pos += n
         return decode_body(memoryview(frame))

@@ -23,6 +23,16 @@ SocketAddr = tuple[str, int]
 _UUIDS: dict[bytes, uuid.UUID] = {}
 
 
+def cached_uuid(raw: bytes) -> uuid.UUID:
+    """Every message carries the same two or three ids: build each once."""
+    found = _UUIDS.get(raw)
+    if found is None:
+        if len(_UUIDS) > 1024:
+            _UUIDS.clear()
+        found = _UUIDS[raw] = uuid.UUID(bytes=raw)
+    return found
+
+
 class DecodeError(ValueError):
     """Bytes that are not a valid encoding of the expected value."""
 
@@ -95,14 +105,7 @@ class Reader:
         n = self.u64()
         if n != 16:
             raise DecodeError(f"UUID length {n}, expected 16")
-        raw = bytes(self.take(16))
-        # Every message carries the same two or three ids: build each once.
-        found = _UUIDS.get(raw)
-        if found is None:
-            if len(_UUIDS) > 1024:
-                _UUIDS.clear()
-            found = _UUIDS[raw] = uuid.UUID(bytes=raw)
-        return found
+        return cached_uuid(bytes(self.take(16)))
 
     def u64_vec(self) -> list[int]:
         n = self.length(8)

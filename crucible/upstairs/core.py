@@ -766,6 +766,7 @@ class UpstairsCore:
             gw = self.next_gw
             self.next_gw += 1
         job = Job(jid, op, deps, [IOState.SKIPPED] * 3, token, gw)
+        job.nbytes = len(op.data) if isinstance(op, WriteOp) else 0
         self.jobs[jid] = job
         if job.is_flush_like:
             self.flushes_pending += 1

@@ -183,7 +183,10 @@ class Upstairs:
             raise err
         view = memoryview(data).cast("B")
         for off in range(0, len(view), MAX_IO_BYTES):
-            piece = bytes(view[off : off + MAX_IO_BYTES])  # the job owns its copy
+            if isinstance(data, bytes) and len(data) <= MAX_IO_BYTES:
+                piece = data  # immutable already: the job can keep it
+            else:
+                piece = bytes(view[off : off + MAX_IO_BYTES])  # the job owns its copy
             await self._wait_room(len(piece))
             b = block + off // bs
             await self._call(

@@ -59,10 +59,7 @@ class Job:
     read_contexts: list[m.ReadBlockContext] | None = None
     read_data: bytes | None = None
     errors: list[str] = field(default_factory=list)
-
-    @property
-    def nbytes(self) -> int:
-        return len(self.op.data) if isinstance(self.op, WriteOp) else 0
+    nbytes: int = 0  # write payload: what backpressure and barriers count
 
     def count(self, s: IOState) -> int:
         return sum(1 for x in self.state if x is s)
