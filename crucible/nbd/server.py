@@ -284,6 +284,17 @@ class _Connection:
                 log.info("nbd client %d disconnects", self.cid)
                 self.out.flush()
                 return
+            bs = self.up.block_size
+            if (
+                cmd == p.Cmd.WRITE
+                and not flags
+                and offset % bs == 0
+                and length % bs == 0
+                and self.up.core.has_room(length)
+            ):
+                # Acked as soon as queued: no need for a task of its own.
+                await self.handle(flags, cmd, cookie, offset, length, data)
+                continue
             task = asyncio.ensure_future(self.handle(flags, cmd, cookie, offset, length, data))
             self.inflight.add(task)
             task.add_done_callback(self.inflight.discard)
