@@ -42,6 +42,7 @@ Work = Job | RepairOp | m.ExtentVersionsPlease
 MUTATING = (
     m.Write,
     m.WriteUnwritten,
+    m.Trim,
     m.ExtentLiveClose,
     m.ExtentLiveFlushClose,
     m.ExtentLiveRepair,
@@ -312,9 +313,10 @@ class DownstairsCore:
             name = "Write" if isinstance(job, m.Write) else "WriteUnwritten"
             eid, bo = divmod(job.start, es)
             return f"{name} rn:{job.job_id} eid:{eid} {deps} bo:{bo} n:{len(job.contexts)}"
-        if isinstance(job, m.ReadRequest):
+        if isinstance(job, m.ReadRequest | m.Trim):
+            name = "Read" if isinstance(job, m.ReadRequest) else "Trim"
             eid, bo = divmod(job.start, es)
-            return f"Read rn:{job.job_id} eid:{eid} {deps} bo:{bo} n:{job.count}"
+            return f"{name} rn:{job.job_id} eid:{eid} {deps} bo:{bo} n:{job.count}"
         if isinstance(job, m.Flush):
             lim = "" if job.extent_limit is None else f" lim:{job.extent_limit}"
             return f"flush rn:{job.job_id} {deps} fln:{job.flush_number} gen:{job.gen_number}{lim}"
@@ -352,6 +354,8 @@ class DownstairsCore:
             return m.WriteAck(up, sess, jid, None)
         if isinstance(work, m.WriteUnwritten):
             return m.WriteUnwrittenAck(up, sess, jid, None)
+        if isinstance(work, m.Trim):
+            return m.TrimAck(up, sess, jid, None)
         if isinstance(work, m.Flush):
             return m.FlushAck(up, sess, jid, None)
         return m.BarrierAck(up, sess, jid, None)

@@ -35,6 +35,8 @@ def _run(region: Region, work: Work, fetch: FetchExtent) -> Any:
         return region.write(work.start, work.contexts, work.data, only_unwritten=True)
     if isinstance(work, m.ReadRequest):
         return region.read(work.start, work.count)
+    if isinstance(work, m.Trim):
+        return region.trim(work.start, work.count)
     if isinstance(work, m.Flush):
         region.flush(work.flush_number, work.gen_number, work.extent_limit)
         if work.snapshot_name is not None:

@@ -18,6 +18,7 @@ from crucible.protocol.messages import (
     ExtentLiveRepair,
     Flush,
     ReadRequest,
+    Trim,
     Write,
     WriteUnwritten,
 )
@@ -25,6 +26,7 @@ from crucible.protocol.messages import (
 Job = (
     Write
     | WriteUnwritten
+    | Trim
     | ReadRequest
     | Flush
     | Barrier
@@ -37,6 +39,7 @@ Job = (
 JOB_TYPES = (
     Write,
     WriteUnwritten,
+    Trim,
     ReadRequest,
     Flush,
     Barrier,

@@ -363,27 +363,34 @@ class _Connection:
         await self.send_ok(cookie)
 
     async def cmd_trim(self, flags: int, cookie: int, offset: int, length: int, _: bytes) -> None:
-        """Whole blocks in the range become zeros; partial edge blocks are left
-        alone (TRIM is advisory)."""
+        """Whole blocks in the range are discarded (zeros, space freed); partial
+        edge blocks are left alone (TRIM is advisory)."""
         bs = self.up.block_size
         first = -(-offset // bs)
         last = (offset + length) // bs
         if last > first:
-            await self.zero_blocks(first, last)
+            await self.server.locks.wait_clear(first, last)
+            await self.up.trim(first, last - first)
         await self.finish_write(flags, cookie)
 
     async def cmd_write_zeroes(
         self, flags: int, cookie: int, offset: int, length: int, _: bytes
     ) -> None:
-        if flags & p.CMD_FLAG_FAST_ZERO:
-            # Zeroes are written as data here, which is not faster than a write.
-            await self.send_error(cookie, p.ENOTSUP, "zeroing is not faster than writing")
+        """Whole blocks are discarded (fast, and they read as zeros) unless the
+        client asks for no holes; partial edge blocks are written with zeros."""
+        no_hole = bool(flags & p.CMD_FLAG_NO_HOLE)
+        if flags & p.CMD_FLAG_FAST_ZERO and no_hole:
+            await self.send_error(cookie, p.ENOTSUP, "allocated zeroes are written as data")
             return
         bs = self.up.block_size
         first = -(-offset // bs)
         last = (offset + length) // bs
         if last > first:
-            await self.zero_blocks(first, last)
+            await self.server.locks.wait_clear(first, last)
+            if no_hole:
+                await self.zero_blocks(first, last)
+            else:
+                await self.up.trim(first, last - first)
             if offset < first * bs:
                 await self.write_bytes(offset, bytes(first * bs - offset))
             if offset + length > last * bs:

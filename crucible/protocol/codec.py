@@ -24,6 +24,7 @@ from crucible.protocol.messages import (
     FlushAck,
     Message,
     ReadBlockContext,
+    TrimAck,
     WriteAck,
     WriteUnwrittenAck,
 )
@@ -278,7 +279,7 @@ def encode(msg: Message) -> bytes:
 # The commonest replies, acks with an Ok result, have one fixed layout:
 # tag, upstairs_id, session_id, job_id, Ok. Decoded in one unpack.
 _ACK = struct.Struct("<IQ16sQ16sQI")
-_ACK_TYPES = {_TAG_OF[c]: c for c in (WriteAck, WriteUnwrittenAck, FlushAck, BarrierAck)}
+_ACK_TYPES = {_TAG_OF[c]: c for c in (WriteAck, WriteUnwrittenAck, FlushAck, BarrierAck, TrimAck)}
 
 
 def decode_body(body: memoryview) -> Message:

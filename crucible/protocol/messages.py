@@ -368,6 +368,36 @@ class ErrorReport:
     error: CrucibleError
 
 
+@dataclass(slots=True)
+class Unknown:
+    """Variant 41: Crucible reserves it and never sends it."""
+
+    value: u32
+    data: Data
+
+
+@dataclass(slots=True)
+class Trim:
+    """Variant 42, an extension (Crucible has no discard): the blocks become
+    never-written, reading as zeros, and their space goes back to the
+    filesystem. Ordered by dependencies like a write."""
+
+    upstairs_id: Uuid
+    session_id: Uuid
+    job_id: JobId
+    dependencies: Deps
+    start: u64
+    count: u64
+
+
+@dataclass(slots=True)
+class TrimAck:
+    upstairs_id: Uuid
+    session_id: Uuid
+    job_id: JobId
+    result: UnitResult
+
+
 Message = (
     HereIAm
     | YesItsMe
@@ -410,6 +440,9 @@ Message = (
     | WriteUnwritten
     | WriteUnwrittenAck
     | ErrorReport
+    | Unknown
+    | Trim
+    | TrimAck
 )
 
 # Declaration order == bincode variant tag. Never reorder.
@@ -455,4 +488,7 @@ MESSAGE_TYPES: tuple[type, ...] = (
     WriteUnwritten,
     WriteUnwrittenAck,
     ErrorReport,
+    Unknown,
+    Trim,
+    TrimAck,
 )

@@ -21,15 +21,19 @@ Crash-safety argument (ext4/xfs, which may persist writes out of order):
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import xxhash
 
 from crucible.protocol.errors import CrucibleError, ErrorKind
 from crucible.protocol.messages import BlockContext, ReadBlockContext
-from crucible.region.context import BadSlot, SlotContext, decode_slot, encode_slot
+from crucible.region.context import EMPTY_SLOT, BadSlot, SlotContext, decode_slot, encode_slot
 from crucible.region.layout import (
     EXTENT_FORMAT_VERSION,
     META,
@@ -63,6 +67,23 @@ def pread_exact(fd: int, size: int, offset: int) -> bytes:
 
 def io_error(e: OSError, what: str) -> CrucibleError:
     return CrucibleError(ErrorKind.IoError, f"{what}: {e.strerror or e}")
+
+
+_FALLOC_FL_KEEP_SIZE = 1
+_FALLOC_FL_PUNCH_HOLE = 2
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Deallocate a byte range (it reads back as zeros); where the filesystem
+    cannot, write zeros instead."""
+    mode = _FALLOC_FL_KEEP_SIZE | _FALLOC_FL_PUNCH_HOLE
+    if _libc.fallocate(fd, mode, ctypes.c_long(offset), ctypes.c_long(length)) == 0:
+        return
+    err = ctypes.get_errno()
+    if err not in (errno.EOPNOTSUPP, errno.ENOSYS):
+        raise OSError(err, os.strerror(err))
+    pwrite_all(fd, bytes(length), offset)
 
 
 def runs(flags: list[bool]) -> list[tuple[int, int]]:
@@ -248,9 +269,35 @@ class Extent:
             self._write_run(start + s, data[s * bs : e * bs], contexts[s:e])
 
     def _write_run(self, start: int, data: memoryview, contexts: list[BlockContext]) -> None:
+        bs = self.layout.block_size
+        flush_id = self.flush_number
+        slots = []
+        for j, ctx in enumerate(contexts):
+            if ctx.encryption is None:
+                odh = ctx.hash  # plaintext on disk: the hash already covers it
+            else:
+                odh = xxhash.xxh64_intdigest(data[j * bs : (j + 1) * bs])
+            slots.append(encode_slot(ctx, odh, flush_id))
+        self._replace_blocks(start, slots, lambda: pwrite_all(self.fd, data, start * bs))
+
+    def trim(self, start: int, n: int) -> None:
+        """Make blocks never-written: empty contexts, then the data's space is
+        punched out of the file (reading back as zeros). A crash leaves each
+        block either as it was or empty, as with a write."""
+        if self.read_only:
+            raise CrucibleError(ErrorKind.ModifyingReadOnlyRegion)
+        self._check_range(start, n)
+        bs = self.layout.block_size
+        self._replace_blocks(
+            start, [EMPTY_SLOT] * n, lambda: punch_hole(self.fd, start * bs, n * bs)
+        )
+
+    def _replace_blocks(self, start: int, slots: list[bytes], put_data: Callable[[], None]) -> None:
+        """The write protocol: dirty mark (synced) once per flush, a sync before
+        reusing a slot not yet durable, new contexts into the inactive slots,
+        then the data, then the in-memory flip."""
         lay = self.layout
-        bs = lay.block_size
-        n = len(contexts)
+        n = len(slots)
         fd = self.fd
         try:
             if not self.dirty:
@@ -262,26 +309,17 @@ class Extent:
                 self.unsynced = bytearray(lay.blocks)
         except OSError as e:
             raise io_error(e, f"write extent {self.number}") from None
-
-        flush_id = self.flush_number
         target = [1 - a for a in self.active[start : start + n]]
         i = 0
         try:
             while i < n:
                 slot = target[i]
                 j = i
-                parts = []
                 while j < n and target[j] == slot:
-                    ctx = contexts[j]
-                    if ctx.encryption is None:
-                        odh = ctx.hash  # plaintext on disk: the hash already covers it
-                    else:
-                        odh = xxhash.xxh64_intdigest(data[j * bs : (j + 1) * bs])
-                    parts.append(encode_slot(ctx, odh, flush_id))
                     j += 1
-                pwrite_all(fd, b"".join(parts), lay.slot_offset(slot, start + i))
+                pwrite_all(fd, b"".join(slots[i:j]), lay.slot_offset(slot, start + i))
                 i = j
-            pwrite_all(fd, data, start * bs)
+            put_data()
         except OSError as e:
             # Some of the range may be new: find out block by block what is on disk.
             try:

@@ -177,6 +177,15 @@ class Region:
             if ext.dirty:
                 self.dirty_extents.add(eid)
 
+    def trim(self, start: int, count: int) -> None:
+        if self.read_only:
+            raise CrucibleError(ErrorKind.ModifyingReadOnlyRegion)
+        pieces = list(self.split(start, count))
+        exts = [self.extent(eid) for eid, *_ in pieces]
+        for ext, (eid, off, n, _) in zip(exts, pieces, strict=True):
+            ext.trim(off, n)
+            self.dirty_extents.add(eid)
+
     def read(self, start: int, count: int) -> tuple[list[ReadBlockContext], bytes]:
         ctxs: list[ReadBlockContext] = []
         parts = []

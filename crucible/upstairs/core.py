@@ -40,7 +40,7 @@ from crucible.protocol.wire import SocketAddr
 from crucible.region.definition import RegionDefinition
 from crucible.upstairs.actions import Action, Complete, Connect, Drop, Log, Send
 from crucible.upstairs.deps import BlockMap
-from crucible.upstairs.jobs import BarrierOp, FlushOp, IOState, Job, Op, ReadOp, WriteOp
+from crucible.upstairs.jobs import BarrierOp, FlushOp, IOState, Job, Op, ReadOp, TrimOp, WriteOp
 from crucible.upstairs.mend import (
     ExtentVersions,
     Repair,
@@ -278,6 +278,16 @@ class UpstairsCore:
         self.need_flush = True
         # Fast ack: durability is promised by the next flush, not by the write.
         acts = self._enqueue(WriteOp(start, contexts, data, unwritten), None, now)
+        acts.append(Complete(token, None))
+        return acts
+
+    def trim(self, token: object, start: int, count: int, now: float) -> list[Action]:
+        """Blocks become never-written (zeros, holes); acked when queued, like a write."""
+        err = self.check_io(start, count, write=True)
+        if err:
+            return [Complete(token, err)]
+        self.need_flush = True
+        acts = self._enqueue(TrimOp(start, count), None, now)
         acts.append(Complete(token, None))
         return acts
 
@@ -756,13 +766,15 @@ class UpstairsCore:
         self.next_id += 1
         if isinstance(op, WriteOp):
             deps = self.blocks.add_write(jid, op.start, len(op.contexts))
+        elif isinstance(op, TrimOp):
+            deps = self.blocks.add_write(jid, op.start, op.count)
         elif isinstance(op, ReadOp):
             deps = self.blocks.add_read(jid, op.start, op.count)
         else:
             deps = self.blocks.add_barrier(jid)
             self.need_flush = False
         gw = 0
-        if token is not None or isinstance(op, WriteOp):
+        if token is not None or isinstance(op, WriteOp | TrimOp):
             gw = self.next_gw
             self.next_gw += 1
         job = Job(jid, op, deps, [IOState.SKIPPED] * 3, token, gw)
@@ -806,7 +818,9 @@ class UpstairsCore:
         err: CrucibleError | None = None
         if isinstance(msg, m.ErrorReport):
             err = msg.error
-        elif isinstance(msg, m.WriteAck | m.WriteUnwrittenAck | m.FlushAck | m.BarrierAck):
+        elif isinstance(
+            msg, m.WriteAck | m.WriteUnwrittenAck | m.FlushAck | m.BarrierAck | m.TrimAck
+        ):
             err = msg.result
         elif isinstance(msg, m.ReadResponse):
             err = self._check_read(c, job, msg)
@@ -1032,7 +1046,7 @@ class UpstairsCore:
 def _describe(op: Op) -> str:
     if isinstance(op, WriteOp):
         return f"block:{op.start} n:{len(op.contexts)}"
-    if isinstance(op, ReadOp):
+    if isinstance(op, ReadOp | TrimOp):
         return f"block:{op.start} n:{op.count}"
     if isinstance(op, FlushOp):
         return f"fln:{op.flush_number} gen:{op.gen}"

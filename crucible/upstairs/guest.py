@@ -193,6 +193,11 @@ class Upstairs:
                 lambda tok, now, b=b, piece=piece: self.core.write(tok, b, piece, now, unwritten)
             )
 
+    async def trim(self, block: int, count: int) -> None:
+        """Discard blocks: they read back as zeros and their space is freed."""
+        await self._wait_room(0)
+        await self._call(lambda tok, now: self.core.trim(tok, block, count, now))
+
     async def flush(self, snapshot: str | None = None) -> None:
         await self._call(lambda tok, now: self.core.flush(tok, now, snapshot))
 

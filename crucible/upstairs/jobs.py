@@ -31,6 +31,12 @@ class ReadOp:
 
 
 @dataclass(slots=True)
+class TrimOp:
+    start: int
+    count: int
+
+
+@dataclass(slots=True)
 class FlushOp:
     flush_number: int
     gen: int
@@ -42,7 +48,7 @@ class BarrierOp:
     pass
 
 
-Op = WriteOp | ReadOp | FlushOp | BarrierOp
+Op = WriteOp | ReadOp | TrimOp | FlushOp | BarrierOp
 
 
 @dataclass(slots=True)
@@ -79,6 +85,8 @@ class Job:
             return "write_unwritten" if op.unwritten else "write"
         if isinstance(op, ReadOp):
             return "read"
+        if isinstance(op, TrimOp):
+            return "trim"
         return "flush" if isinstance(op, FlushOp) else "barrier"
 
     def message(self, up: uuid.UUID, sess: uuid.UUID, deps: list[int]) -> m.Message:
@@ -88,6 +96,8 @@ class Job:
             return cls(up, sess, self.id, deps, op.start, op.contexts, op.data)
         if isinstance(op, ReadOp):
             return m.ReadRequest(up, sess, self.id, deps, op.start, op.count)
+        if isinstance(op, TrimOp):
+            return m.Trim(up, sess, self.id, deps, op.start, op.count)
         if isinstance(op, FlushOp):
             return m.Flush(up, sess, self.id, deps, op.flush_number, op.gen, op.snapshot, None)
         return m.Barrier(up, sess, self.id, deps)
