@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 from collections.abc import Coroutine
 from typing import Any, NoReturn
@@ -23,24 +24,22 @@ def fail(prog: str, message: str, code: int = 1) -> NoReturn:
     sys.exit(code)
 
 
-def positive_int(text: str) -> int:
+def _int_at_least(text: str, minimum: int, what: str) -> int:
     try:
         v = int(text, 0)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{v} must be at least 1")
+    if v < minimum:
+        raise argparse.ArgumentTypeError(f"{v} {what}")
     return v
+
+
+def positive_int(text: str) -> int:
+    return _int_at_least(text, 1, "must be at least 1")
 
 
 def non_negative_int(text: str) -> int:
-    try:
-        v = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{v} must not be negative")
-    return v
+    return _int_at_least(text, 0, "must not be negative")
 
 
 def port_number(text: str) -> int:
@@ -80,6 +79,15 @@ def setup_logging(quiet_jobs: bool = False) -> None:
     )
     if quiet_jobs:
         logging.getLogger("crucible.downstairs.jobs").setLevel(logging.WARNING)
+
+
+async def wait_for_stop_signal() -> None:
+    """Return on SIGINT or SIGTERM (a server's orderly shutdown)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
 
 
 def run_async(coro: Coroutine[Any, Any, Any]) -> Any:

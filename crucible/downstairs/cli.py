@@ -8,11 +8,9 @@ then runs it.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import errno
 import logging
 import math
-import signal
 import sys
 import uuid
 from collections.abc import Sequence
@@ -27,6 +25,7 @@ from crucible.cli_util import (
     progress,
     run_async,
     setup_logging,
+    wait_for_stop_signal,
 )
 from crucible.downstairs.server import IDLE_TIMEOUT, DownstairsServer
 from crucible.protocol.errors import CrucibleError
@@ -234,11 +233,7 @@ async def _serve(region: Region, args: argparse.Namespace) -> int:
                 f"port {args.port} or {server.repair_port} on {args.address} is already in use"
             ) from None
         raise ValueError(f"cannot listen on {args.address}:{args.port}: {e.strerror}") from None
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await wait_for_stop_signal()
     log.info("shutting down")
     await server.stop()
     return 0

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import errno
 import logging
-import signal
 import sys
 
-from crucible.cli_util import fail, port_number, run_async, setup_logging
+from crucible.cli_util import fail, port_number, run_async, setup_logging, wait_for_stop_signal
 from crucible.nbd.server import Export, NbdServer
 from crucible.protocol.errors import CrucibleError
 from crucible.tools.common import activate, add_target_options, check_targets
@@ -68,11 +66,7 @@ async def serve(args: argparse.Namespace) -> int:
             f"with generation {gen}{' read-only' if args.read_only else ''} at {uri}",
             flush=True,
         )
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        await wait_for_stop_signal()
         log.info("stopping: closing clients, flushing")
         await server.stop()
         if up.info()["state"] == "active":

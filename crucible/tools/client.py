@@ -40,7 +40,7 @@ async def _run(args: argparse.Namespace) -> None:
         bs = up.block_size
         # The last block of extent 0 and the first of extent 1: with the seed's
         # geometry (bs 512, es 100) that is byte offset 50688, 1024 bytes.
-        block = up.core.region.extent_size - 1 if up.core.region else 0
+        block = up.region.extent_size - 1
         offset, length = block * bs, 2 * bs
         data = bytes((i * 7 + 1) & 0xFF for i in range(length))
         print(f"active with generation {gen}: writing {length} bytes at offset {offset}")

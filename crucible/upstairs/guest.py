@@ -17,6 +17,7 @@ from crucible.protocol import messages as m
 from crucible.protocol.codec import FrameDecoder, ProtocolError, encode_parts
 from crucible.protocol.errors import CrucibleError, ErrorKind
 from crucible.protocol.wire import SocketAddr
+from crucible.region.definition import RegionDefinition
 from crucible.upstairs.actions import Action, Complete, Connect, Drop, Log, Send
 from crucible.upstairs.core import Options, UpstairsCore
 
@@ -123,18 +124,20 @@ class Upstairs:
         await self._call(self.core.deactivate)
 
     @property
-    def block_size(self) -> int:
+    def region(self) -> RegionDefinition:
+        """The volume's geometry, known once a downstairs has described it."""
         r = self.core.region
         if r is None:
             raise CrucibleError(ErrorKind.UpstairsInactive, "not activated yet")
-        return r.block_size
+        return r
+
+    @property
+    def block_size(self) -> int:
+        return self.region.block_size
 
     @property
     def total_blocks(self) -> int:
-        r = self.core.region
-        if r is None:
-            raise CrucibleError(ErrorKind.UpstairsInactive, "not activated yet")
-        return r.total_blocks
+        return self.region.total_blocks
 
     def info(self) -> dict[str, Any]:
         return self.core.info()
