@@ -24,6 +24,7 @@ from crucible.protocol.messages import (
     FlushAck,
     Message,
     ReadBlockContext,
+    ReadResponse,
     TrimAck,
     WriteAck,
     WriteUnwrittenAck,
@@ -42,6 +43,7 @@ class ProtocolError(Exception):
 # ---- composite field codecs -------------------------------------------------
 
 _QB = struct.Struct("<QB")
+_IQ = struct.Struct("<IQ")
 
 
 def put_contexts(out: bytearray, ctxs: list[BlockContext]) -> None:
@@ -111,6 +113,9 @@ def put_read_blocks(out: bytearray, v: list[ReadBlockContext] | CrucibleError) -
         return
     out += U32.pack(0)
     out += U64.pack(len(v))
+    if all(type(c) is int for c in v):  # plain hashes: all one shape
+        out += b"".join([_IQ.pack(2, c) for c in v])
+        return
     for c in v:
         put_read_block_context(out, c)
 
@@ -282,8 +287,39 @@ _ACK = struct.Struct("<IQ16sQ16sQI")
 _ACK_TYPES = {_TAG_OF[c]: c for c in (WriteAck, WriteUnwrittenAck, FlushAck, BarrierAck, TrimAck)}
 
 
+_READ_HEAD = struct.Struct("<IQ16sQ16sQIQ")  # tag, ids, job, Ok, context count
+_READ_TAG = _TAG_OF[ReadResponse]
+
+
+def _fast_read_response(body: memoryview) -> Message | None:
+    """A ReadResponse whose blocks all carry plain hashes (the common case),
+    decoded without walking it field by field; None when it is anything else."""
+    if len(body) < _READ_HEAD.size + 8:
+        return None
+    tag, n1, up, n2, sess, job, ok, count = _READ_HEAD.unpack_from(body)
+    if tag != _READ_TAG or n1 != 16 or n2 != 16 or ok != 0:
+        return None
+    ctx_end = _READ_HEAD.size + 12 * count
+    if ctx_end + 8 > len(body):
+        return None
+    raw = bytes(body[_READ_HEAD.size : ctx_end])
+    pairs = list(_IQ.iter_unpack(raw)) if count else []
+    if any(t != 2 for t, _ in pairs):
+        return None
+    (data_len,) = U64.unpack_from(body, ctx_end)
+    if ctx_end + 8 + data_len != len(body):
+        return None
+    hashes: list[ReadBlockContext] = [h for _, h in pairs]
+    return ReadResponse(
+        wire.cached_uuid(up), wire.cached_uuid(sess), job, hashes, body[ctx_end + 8 :]
+    )
+
+
 def decode_body(body: memoryview) -> Message:
     """Decode one frame without its length prefix. Raises ProtocolError."""
+    fast = _fast_read_response(body)
+    if fast is not None:
+        return fast
     if len(body) == _ACK.size:
         tag, n1, up, n2, sess, job, ok = _ACK.unpack(body)
         ack_cls = _ACK_TYPES.get(tag)
