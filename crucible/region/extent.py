@@ -218,8 +218,13 @@ class Extent:
                 self.damaged.discard(block)
 
     def active_slots(self, start: int, n: int) -> list[SlotContext | None]:
-        raw_a, raw_b = self._slot_arrays(start, n)
         act = self.active
+        if act.find(1, start, start + n) == -1 or act.find(0, start, start + n) == -1:
+            # All in one slot array (the usual case): one read, not two.
+            slot = act[start] if n else 0
+            raw = pread_exact(self.fd, SLOT_SIZE * n, self.layout.slot_offset(slot, start))
+            return [self._decode(raw, i) for i in range(n)]
+        raw_a, raw_b = self._slot_arrays(start, n)
         return [self._decode(raw_b if act[start + i] else raw_a, i) for i in range(n)]
 
     # ---- IO -----------------------------------------------------------------
