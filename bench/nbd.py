@@ -134,8 +134,24 @@ def main() -> None:
         raw = base / "raw.img"
         subprocess.run(["truncate", "-s", str(ec * es * 4096), str(raw)], check=True)
         qport = free_port()
+        # Its log takes the readiness probe's connection as a failed client.
+        qemu_log = open(base / "qemu-nbd.log", "wb")  # noqa: SIM115 - closed below
         qemu = subprocess.Popen(
-            ["qemu-nbd", "-f", "raw", "-t", "-b", "127.0.0.1", "-p", str(qport), "-x", "", str(raw)]
+            [
+                "qemu-nbd",
+                "-f",
+                "raw",
+                "-t",
+                "-b",
+                "127.0.0.1",
+                "-p",
+                str(qport),
+                "-x",
+                "",
+                str(raw),
+            ],
+            stdout=qemu_log,
+            stderr=subprocess.STDOUT,
         )
         try:
             wait_listening(qport, qemu, timeout=30)
@@ -144,6 +160,7 @@ def main() -> None:
         finally:
             qemu.terminate()
             qemu.wait(30)
+            qemu_log.close()
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
