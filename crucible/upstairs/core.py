@@ -86,6 +86,7 @@ class Options:
     max_bytes: int = 75 << 20
     barrier_jobs: int = 10_000  # finished but unretired, before a barrier
     barrier_bytes: int = 64 << 20
+    log_jobs: bool = True  # a debug line per job (the seed's console output)
 
 
 @dataclass
@@ -800,7 +801,10 @@ class UpstairsCore:
                     acts.append(Send(c.id, msg))
             else:
                 c.skipped.add(jid)
-        acts.append(Log(f"gw_id:{gw} {job.kind} {_describe(op)} ds_id:{jid} deps:{deps}", "debug"))
+        if self.opts.log_jobs:
+            acts.append(
+                Log(f"gw_id:{gw} {job.kind} {_describe(op)} ds_id:{jid} deps:{deps}", "debug")
+            )
         if job.complete:
             acts += self._finish(job, now)
         return acts
@@ -948,7 +952,9 @@ class UpstairsCore:
             if c.skipped:
                 c.skipped = {j for j in c.skipped if j > upto}
         self.retired += len(gone)
-        return [Log(f"retired {len(gone)} jobs up to {upto}", "debug")] if gone else []
+        if not gone or not self.opts.log_jobs:
+            return []
+        return [Log(f"retired {len(gone)} jobs up to {upto}", "debug")]
 
     def _fault(self, c: Client, reason: str, now: float) -> list[Action]:
         """Stop using a downstairs whose copy can no longer be trusted."""

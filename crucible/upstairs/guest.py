@@ -7,6 +7,7 @@ object that turns bytes into messages for it and writes what it sends.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import socket
 import uuid
@@ -77,6 +78,10 @@ class Upstairs:
         options: Options | None = None,
         upstairs_id: uuid.UUID | None = None,
     ) -> None:
+        # Per-job log lines cost a string format each: only when they are shown.
+        options = dataclasses.replace(
+            options or Options(), log_jobs=log.isEnabledFor(logging.DEBUG)
+        )
         self.core = UpstairsCore(targets, options, upstairs_id)
         self._conns: dict[int, _Connection] = {}
         self._connecting: dict[int, asyncio.Task[None]] = {}
