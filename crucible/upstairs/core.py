@@ -48,6 +48,7 @@ from crucible.upstairs.mend import (
     mend,
     next_flush_number,
 )
+from crucible.upstairs.reconcile import Outcome, Reconciliation
 
 FIRST_JOB_ID = 1000
 MAX_IO_BLOCKS_BYTES = 1 << 20
@@ -125,15 +126,6 @@ class Client:
         return self.state is CState.ACTIVE or self.holds_jobs
 
 
-@dataclass
-class _Step:
-    """One reconciliation message and the clients that must ack it."""
-
-    msg: m.Message
-    clients: tuple[int, ...]
-    repair: Repair
-
-
 class UpstairsCore:
     def __init__(
         self,
@@ -162,18 +154,22 @@ class UpstairsCore:
         self.activate_token: object | None = None
         self.deactivate_token: object | None = None
         self.disabled_error: CrucibleError | None = None
-        self.repair_steps: list[_Step] = []
-        self.repair_waiting: set[int] = set()
+        self.reconcile: Reconciliation | None = None  # the latest pass, for progress
         self.next_repair_id = 0
-        self.reconcile_needed = 0
-        self.reconcile_done = 0
-        self.reconcile_started = 0.0
         self.integrity_errors = 0
         self.retired = 0
         # Kept as counts so that no event has to walk the job table.
         self.flushes_pending = 0
         self.done_jobs = 0
         self.done_bytes = 0
+
+    @property
+    def reconcile_needed(self) -> int:
+        return self.reconcile.needed if self.reconcile else 0
+
+    @property
+    def reconcile_done(self) -> int:
+        return self.reconcile.done if self.reconcile else 0
 
     # ---- guest requests ----------------------------------------------------------
 
@@ -656,80 +652,44 @@ class UpstairsCore:
     def _start_reconcile(
         self, repairs: list[Repair], versions: list[ExtentVersions], now: float
     ) -> list[Action]:
-        flush_no = next_flush_number(versions)
-        gen_no = generation_floor(versions) + 1
-        steps: list[_Step] = []
-        everyone = (0, 1, 2)
-        for r in repairs:
-            source = self.clients[r.source]
-            assert source.repair_addr is not None
-            rid = self.next_repair_id
-            self.next_repair_id += 4
-            steps += [
-                _Step(m.ExtentFlush(rid, r.extent, r.source, flush_no, gen_no), (r.source,), r),
-                _Step(m.ExtentClose(rid + 1, r.extent), everyone, r),
-                _Step(
-                    m.ExtentRepair(rid + 2, r.extent, r.source, source.repair_addr, list(r.dests)),
-                    r.dests,
-                    r,
-                ),
-                _Step(m.ExtentReopen(rid + 3, r.extent), everyone, r),
-            ]
-        self.repair_steps = steps
-        self.reconcile_needed = len(repairs)
-        self.reconcile_done = 0
-        self.reconcile_started = now
+        addrs = [c.repair_addr for c in self.clients]
+        self.reconcile = Reconciliation(repairs, versions, addrs, self.next_repair_id, now)
+        self.next_repair_id = self.reconcile.next_id
         for c in self.clients:
             c.state = CState.RECONCILE
         return [Log(f"reconciliation: {len(repairs)} extents to repair"), *self._next_step(now)]
 
     def _next_step(self, now: float) -> list[Action]:
-        acts: list[Action] = []
-        while self.repair_steps:
-            step = self.repair_steps[0]
-            if not step.clients:
-                self.repair_steps.pop(0)
-                continue
-            self.repair_waiting = set(step.clients)
-            return acts + [Send(c, step.msg) for c in step.clients]
-        took = now - self.reconcile_started
-        acts.append(Log(f"reconciliation done: {self.reconcile_done} extents in {took:.2f} s"))
+        rec = self.reconcile
+        assert rec is not None
+        sends = rec.advance()
+        if sends:
+            return [Send(c, msg) for c, msg in sends]
         for c in self.clients:
             c.state = CState.WAIT_QUORUM
-        return acts + self._go_active(now)
+        took = now - rec.started
+        return [
+            Log(f"reconciliation done: {rec.done} extents in {took:.2f} s"),
+            *self._go_active(now),
+        ]
 
     def _reconcile_reply(self, c: Client, msg: m.Message, now: float) -> list[Action]:
-        if not self.repair_steps:
+        if self.reconcile is None:
             return []
-        step = self.repair_steps[0]
-        want = getattr(step.msg, "repair_id", None)
-        if isinstance(msg, m.ExtentError) and msg.repair_id == want:
-            return self._abort_reconcile(
-                f"{c.name} failed on extent {msg.extent_id}: {msg.error}", now
-            )
-        if not isinstance(msg, m.RepairAckId) or msg.repair_id != want:
+        outcome, text = self.reconcile.reply(c.id, msg)
+        if outcome is Outcome.FAILED:
+            return self._abort_reconcile(f"{c.name} failed on {text}", now)
+        if outcome is Outcome.IGNORED:
             return [Log(f"[{c.id}] ignored {type(msg).__name__} during reconciliation")]
-        self.repair_waiting.discard(c.id)
-        if self.repair_waiting:
+        if outcome is Outcome.WAITING:
             return []
-        self.repair_steps.pop(0)
-        acts: list[Action] = []
-        if isinstance(step.msg, m.ExtentReopen):
-            self.reconcile_done += 1
-            acts.append(
-                Log(
-                    f"repaired extent {step.repair.extent} from [{step.repair.source}] "
-                    f"to {list(step.repair.dests)} ({self.reconcile_done}/"
-                    f"{self.reconcile_needed})"
-                )
-            )
-        return acts + self._next_step(now)
+        return ([Log(text)] if text else []) + self._next_step(now)
 
     def _abort_reconcile(self, reason: str, now: float) -> list[Action]:
         """Any failure: drop everyone; they reconnect and the comparison starts over
         (extents already fixed now match, so progress is kept)."""
-        self.repair_steps = []
-        self.repair_waiting = set()
+        if self.reconcile is not None:
+            self.reconcile.steps.clear()
         acts: list[Action] = [Log(f"reconciliation aborted: {reason}", "warning")]
         for c in self.clients:
             if c.state in (CState.RECONCILE, CState.WAIT_QUORUM, CState.NEGOTIATING):
