@@ -117,9 +117,6 @@ class DownstairsCore:
         been dropped or replaced by a newer upstairs: fencing."""
         return conn_id in self.active
 
-    def active_upstairs(self) -> list[Conn]:
-        return [self.conns[c] for c in sorted(self.active)]
-
     # ---- events ---------------------------------------------------------------------
 
     def connected(self, conn_id: int, peer: str) -> list[Action]:

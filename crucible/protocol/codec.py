@@ -363,9 +363,6 @@ class FrameDecoder:
             self._pos = 0
         self._buf += data
 
-    def buffered(self) -> int:
-        return len(self._buf) - self._pos
-
     def next_message(self) -> Message | None:
         avail = len(self._buf) - self._pos
         if avail < 4:

@@ -1001,13 +1001,6 @@ class UpstairsCore:
             self.deactivate_token = None
         return acts
 
-    def next_deadline(self) -> float | None:
-        """When tick() next has something to do (for drivers that sleep)."""
-        times = [c.reconnect_at for c in self.clients if c.reconnect_at is not None]
-        if self.need_flush and self.state is UpState.ACTIVE:
-            times.append(self.last_io + self.opts.flush_timeout)
-        return min(times) if times else None
-
 
 def _describe(op: Op) -> str:
     if isinstance(op, WriteOp):
