@@ -76,14 +76,13 @@ CMD_FLAG_DF = 1 << 2
 CMD_FLAG_REQ_ONE = 1 << 3
 CMD_FLAG_FAST_ZERO = 1 << 4
 
-# Flags each command accepts; anything else is EINVAL.
-ALLOWED_FLAGS = {
+# Flags each served command accepts; anything else (and CACHE, which is not
+# advertised) is EINVAL. DISC is handled before any of this.
+ALLOWED_FLAGS: dict[int, int] = {
     Cmd.READ: CMD_FLAG_FUA,
     Cmd.WRITE: CMD_FLAG_FUA,
-    Cmd.DISC: 0,
     Cmd.FLUSH: CMD_FLAG_FUA,
     Cmd.TRIM: CMD_FLAG_FUA,
-    Cmd.CACHE: CMD_FLAG_FUA,
     Cmd.WRITE_ZEROES: CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
     Cmd.BLOCK_STATUS: CMD_FLAG_FUA | CMD_FLAG_REQ_ONE,
 }

@@ -318,8 +318,8 @@ class _Connection:
             await self.send_error(cookie, p.EIO, str(e))
 
     def check(self, flags: int, cmd: int, offset: int, length: int) -> int:
-        allowed = p.ALLOWED_FLAGS.get(cmd)  # type: ignore[call-overload]
-        if allowed is None or cmd == p.Cmd.CACHE:
+        allowed = p.ALLOWED_FLAGS.get(cmd)
+        if allowed is None:
             return p.EINVAL
         if flags & ~allowed:
             return p.EINVAL
@@ -332,7 +332,7 @@ class _Connection:
             offset + length > self.export.size or (length == 0 and cmd != p.Cmd.WRITE)
         ):
             return p.ENOSPC if cmd in (p.Cmd.WRITE, p.Cmd.WRITE_ZEROES) else p.EINVAL
-        if cmd in (p.Cmd.READ,) and length > MAX_PAYLOAD:
+        if cmd == p.Cmd.READ and length > MAX_PAYLOAD:
             return p.EINVAL
         return 0
 
