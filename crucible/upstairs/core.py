@@ -49,6 +49,7 @@ from crucible.upstairs.mend import (
     next_flush_number,
 )
 from crucible.upstairs.reconcile import Outcome, Reconciliation
+from crucible.upstairs.verify import check_read_reply, first_difference
 
 FIRST_JOB_ID = 1000
 MAX_IO_BLOCKS_BYTES = 1 << 20
@@ -808,50 +809,24 @@ class UpstairsCore:
         return acts
 
     def _check_read(self, c: Client, job: Job, msg: m.ReadResponse) -> CrucibleError | None:
-        """Verify every block of a read reply; compare it with the first good one."""
+        """Verify a read reply; keep the first good one, compare later ones with it."""
         assert isinstance(job.op, ReadOp) and self.region is not None
         if isinstance(msg.blocks, CrucibleError):
             return msg.blocks
-        bs = self.region.block_size
-        n = job.op.count
-        data = msg.data
-        if len(msg.blocks) != n or len(data) != n * bs:
-            return CrucibleError(
-                ErrorKind.InvalidNumberOfBlocks,
-                f"read reply has {len(msg.blocks)} blocks, {len(data)} bytes",
-            )
-        view = memoryview(data)
-        for i, ctx in enumerate(msg.blocks):
-            block = view[i * bs : (i + 1) * bs]
-            if ctx is None:
-                if block != bytes(bs):
-                    self.integrity_errors += 1
-                    return CrucibleError(
-                        ErrorKind.MissingBlockContext,
-                        f"block {job.op.start + i} has data but no context",
-                    )
-            elif isinstance(ctx, int):
-                if xxhash.xxh64_intdigest(block) != ctx:
-                    self.integrity_errors += 1
-                    return CrucibleError(
-                        ErrorKind.HashMismatch,
-                        f"block {job.op.start + i} from {c.name} does not "
-                        "match its hash: corrupt replica",
-                    )
-            else:
-                return CrucibleError(
-                    ErrorKind.DecryptionError, "encrypted block, and this upstairs has no key"
-                )
+        err = check_read_reply(
+            job.op.start, job.op.count, self.region.block_size, c.name, msg.blocks, msg.data
+        )
+        if err is not None:
+            if err.kind is not ErrorKind.InvalidNumberOfBlocks:
+                self.integrity_errors += 1
+            return err
         if job.read_contexts is None:
             job.read_contexts = list(msg.blocks)
-            job.read_data = bytes(data)
-        elif job.read_contexts != msg.blocks:
+            job.read_data = bytes(msg.data)
+            return None
+        bad = first_difference(job.read_contexts, msg.blocks)
+        if bad is not None:
             self.integrity_errors += 1
-            bad = next(
-                i
-                for i, (a, b) in enumerate(zip(job.read_contexts, msg.blocks, strict=True))
-                if a != b
-            )
             job.errors.append(f"{c.name} disagrees at block {job.op.start + bad}")
         return None
 

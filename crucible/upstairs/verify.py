@@ -1,0 +1,60 @@
+"""Checking what a downstairs returns for a read, before anything reaches the guest.
+
+Every block is verified on its own: a plain block against its xxh64 hash, a
+never-written (Empty) block must be all zeros; encrypted blocks need the key,
+which this upstairs does not hold. Any failure is an integrity error: that
+reply is not used.
+"""
+
+from __future__ import annotations
+
+import xxhash
+
+from crucible.protocol import messages as m
+from crucible.protocol.errors import CrucibleError, ErrorKind
+
+
+def check_read_reply(
+    start: int,
+    count: int,
+    block_size: int,
+    source: str,
+    blocks: list[m.ReadBlockContext],
+    data: m.Data,
+) -> CrucibleError | None:
+    """Why this reply for blocks [start, start+count) cannot be used, or None."""
+    bs = block_size
+    if len(blocks) != count or len(data) != count * bs:
+        return CrucibleError(
+            ErrorKind.InvalidNumberOfBlocks,
+            f"read reply has {len(blocks)} blocks, {len(data)} bytes",
+        )
+    view = memoryview(data)
+    zero = bytes(bs)
+    for i, ctx in enumerate(blocks):
+        block = view[i * bs : (i + 1) * bs]
+        if ctx is None:
+            if block != zero:
+                return CrucibleError(
+                    ErrorKind.MissingBlockContext,
+                    f"block {start + i} from {source} has data but no context",
+                )
+        elif isinstance(ctx, int):
+            if xxhash.xxh64_intdigest(block) != ctx:
+                return CrucibleError(
+                    ErrorKind.HashMismatch,
+                    f"block {start + i} from {source} does not match its hash: corrupt replica",
+                )
+        else:
+            return CrucibleError(
+                ErrorKind.DecryptionError,
+                f"block {start + i} is encrypted, and this upstairs has no key",
+            )
+    return None
+
+
+def first_difference(a: list[m.ReadBlockContext], b: list[m.ReadBlockContext]) -> int | None:
+    """The first block where two replies' contexts disagree, if any."""
+    if a == b:
+        return None
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), 0)

@@ -1,0 +1,35 @@
+"""Read replies are checked block by block before anything reaches the guest."""
+
+from __future__ import annotations
+
+import xxhash
+
+from crucible.protocol import messages as m
+from crucible.protocol.errors import ErrorKind
+from crucible.upstairs.verify import check_read_reply, first_difference
+
+BS = 512
+
+
+def test_good_replies_pass() -> None:
+    data = b"a" * BS + bytes(BS)
+    assert check_read_reply(0, 2, BS, "ds", [xxhash.xxh64_intdigest(b"a" * BS), None], data) is None
+
+
+def test_every_kind_of_bad_block_is_refused() -> None:
+    good = xxhash.xxh64_intdigest(b"a" * BS)
+    cases = [
+        ([good ^ 1], b"a" * BS, ErrorKind.HashMismatch),
+        ([None], b"a" * BS, ErrorKind.MissingBlockContext),
+        ([m.EncryptionContext(bytes(12), bytes(16))], b"a" * BS, ErrorKind.DecryptionError),
+        ([good], b"a" * (BS - 1), ErrorKind.InvalidNumberOfBlocks),
+        ([good, good], b"a" * BS, ErrorKind.InvalidNumberOfBlocks),
+    ]
+    for blocks, data, kind in cases:
+        err = check_read_reply(7, 1, BS, "ds", blocks, data)
+        assert err is not None and err.kind == kind, (blocks, kind)
+
+
+def test_first_difference() -> None:
+    assert first_difference([1, None, 3], [1, None, 3]) is None
+    assert first_difference([1, None, 3], [1, 2, 3]) == 1
