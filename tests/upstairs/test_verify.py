@@ -18,7 +18,7 @@ def test_good_replies_pass() -> None:
 
 def test_every_kind_of_bad_block_is_refused() -> None:
     good = xxhash.xxh64_intdigest(b"a" * BS)
-    cases = [
+    cases: list[tuple[list[m.ReadBlockContext], bytes, ErrorKind]] = [
         ([good ^ 1], b"a" * BS, ErrorKind.HashMismatch),
         ([None], b"a" * BS, ErrorKind.MissingBlockContext),
         ([m.EncryptionContext(bytes(12), bytes(16))], b"a" * BS, ErrorKind.DecryptionError),
