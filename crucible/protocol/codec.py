@@ -26,7 +26,9 @@ from crucible.protocol.messages import (
     ReadBlockContext,
     ReadResponse,
     TrimAck,
+    Write,
     WriteAck,
+    WriteUnwritten,
     WriteUnwrittenAck,
 )
 from crucible.protocol.wire import U32, U64, DecodeError, Reader
@@ -258,6 +260,9 @@ for _cls in MESSAGE_TYPES:
 def encode_parts(msg: Message) -> list[bytes | bytearray | memoryview]:
     """The frame as buffers to write in order: the header, then any bulk data."""
     tag = _TAG_OF[type(msg)]
+    if isinstance(msg, _ACK_CLASSES) and msg.result is None:  # the commonest reply: one pack
+        up, sess = msg.upstairs_id.bytes, msg.session_id.bytes
+        return [_ACK_FRAME.pack(4 + _ACK.size, tag, 16, up, 16, sess, msg.job_id, 0)]
     cls, specs, bulk = _SCHEMA[tag]
     out = bytearray(4)
     out += U32.pack(tag)
@@ -284,7 +289,9 @@ def encode(msg: Message) -> bytes:
 # The commonest replies, acks with an Ok result, have one fixed layout:
 # tag, upstairs_id, session_id, job_id, Ok. Decoded in one unpack.
 _ACK = struct.Struct("<IQ16sQ16sQI")
-_ACK_TYPES = {_TAG_OF[c]: c for c in (WriteAck, WriteUnwrittenAck, FlushAck, BarrierAck, TrimAck)}
+_ACK_FRAME = struct.Struct("<IIQ16sQ16sQI")  # the same, behind the frame length
+_ACK_CLASSES = (WriteAck, WriteUnwrittenAck, FlushAck, BarrierAck, TrimAck)
+_ACK_TYPES = {_TAG_OF[c]: c for c in _ACK_CLASSES}
 
 
 _READ_HEAD = struct.Struct("<IQ16sQ16sQIQ")  # tag, ids, job, Ok, context count
@@ -315,9 +322,55 @@ def _fast_read_response(body: memoryview) -> Message | None:
     )
 
 
+_WRITE_HEAD = struct.Struct("<IQ16sQ16sQQ")  # tag, ids, job, dependency count
+_WRITE_TYPES: dict[int, type[Write] | type[WriteUnwritten]] = {
+    _TAG_OF[Write]: Write,
+    _TAG_OF[WriteUnwritten]: WriteUnwritten,
+}
+
+
+def _fast_write(body: memoryview) -> Message | None:
+    """Write / WriteUnwritten with plain contexts, the bulk of all traffic,
+    decoded with a few unpacks; None for anything else (the general path
+    then decodes it, or says what is wrong with it)."""
+    if len(body) < _WRITE_HEAD.size:
+        return None
+    tag, n1, up, n2, sess, job, ndeps = _WRITE_HEAD.unpack_from(body)
+    cls = _WRITE_TYPES.get(tag)
+    if cls is None or n1 != 16 or n2 != 16:
+        return None
+    pos = _WRITE_HEAD.size
+    if pos + 8 * ndeps + 16 > len(body):
+        return None
+    deps = list(struct.unpack_from(f"<{ndeps}Q", body, pos))
+    pos += 8 * ndeps
+    start, nctx = struct.unpack_from("<QQ", body, pos)
+    pos += 16
+    end_ctx = pos + 9 * nctx
+    if end_ctx + 8 > len(body):
+        return None
+    raw = bytes(body[pos:end_ctx])
+    if raw[8::9].count(0) != nctx:
+        return None
+    (data_len,) = U64.unpack_from(body, end_ctx)
+    if end_ctx + 8 + data_len != len(body):
+        return None
+    contexts = [BlockContext(h) for h, _ in _QB.iter_unpack(raw)]
+    msg: Message = cls(
+        wire.cached_uuid(up),
+        wire.cached_uuid(sess),
+        job,
+        deps,
+        start,
+        contexts,
+        body[end_ctx + 8 :],
+    )
+    return msg
+
+
 def decode_body(body: memoryview) -> Message:
     """Decode one frame without its length prefix. Raises ProtocolError."""
-    fast = _fast_read_response(body)
+    fast = _fast_write(body) or _fast_read_response(body)
     if fast is not None:
         return fast
     if len(body) == _ACK.size:

@@ -168,3 +168,19 @@ def test_huge_sequence_length_refused_without_allocating() -> None:
     dec.feed((len(payload) + 4).to_bytes(4, "little") + payload)
     with pytest.raises(ProtocolError):
         dec.next_message()
+
+
+def test_ack_layout_byte_for_byte() -> None:
+    """Acks take a packed shortcut; their bytes must be plain bincode all the same."""
+    import struct
+
+    for cls in (m.WriteAck, m.FlushAck, m.BarrierAck, m.WriteUnwrittenAck, m.TrimAck):
+        tag = m.MESSAGE_TYPES.index(cls)
+        body = (
+            struct.pack("<IQ", tag, 16)
+            + UID.bytes
+            + struct.pack("<Q", 16)
+            + UID.bytes
+            + struct.pack("<QI", 1234, 0)
+        )
+        assert codec.encode(cls(UID, UID, 1234, None)) == struct.pack("<I", 4 + len(body)) + body
