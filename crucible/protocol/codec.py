@@ -24,6 +24,7 @@ from crucible.protocol.messages import (
     FlushAck,
     Message,
     ReadBlockContext,
+    ReadRequest,
     ReadResponse,
     TrimAck,
     Write,
@@ -263,6 +264,23 @@ def encode_parts(msg: Message) -> list[bytes | bytearray | memoryview]:
     if isinstance(msg, _ACK_CLASSES) and msg.result is None:  # the commonest reply: one pack
         up, sess = msg.upstairs_id.bytes, msg.session_id.bytes
         return [_ACK_FRAME.pack(4 + _ACK.size, tag, 16, up, 16, sess, msg.job_id, 0)]
+    if (
+        isinstance(msg, ReadResponse)
+        and isinstance(msg.blocks, list)
+        and all(type(c) is int for c in msg.blocks)
+    ):  # plain-hash read replies: header and contexts in a few packs
+        blocks = msg.blocks
+        out = bytearray(4)
+        out += _READ_HEAD.pack(
+            tag, 16, msg.upstairs_id.bytes, 16, msg.session_id.bytes, msg.job_id, 0, len(blocks)
+        )
+        out += b"".join([_IQ.pack(2, c) for c in blocks])
+        out += U64.pack(len(msg.data))
+        total = len(out) + len(msg.data)
+        if total > MAX_FRAME_LEN:
+            raise ProtocolError(f"ReadResponse frame of {total} bytes is too large")
+        U32.pack_into(out, 0, total)
+        return [out, msg.data]
     cls, specs, bulk = _SCHEMA[tag]
     out = bytearray(4)
     out += U32.pack(tag)
@@ -368,9 +386,35 @@ def _fast_write(body: memoryview) -> Message | None:
     return msg
 
 
+_READ_REQ_TAG = _TAG_OF[ReadRequest]
+
+
+def _fast_read_request(body: memoryview) -> Message | None:
+    if len(body) < _WRITE_HEAD.size:
+        return None
+    tag, n1, up, n2, sess, job, ndeps = _WRITE_HEAD.unpack_from(body)
+    if tag != _READ_REQ_TAG or n1 != 16 or n2 != 16:
+        return None
+    pos = _WRITE_HEAD.size
+    if pos + 8 * ndeps + 16 != len(body):
+        return None
+    deps = list(struct.unpack_from(f"<{ndeps}Q", body, pos))
+    start, count = struct.unpack_from("<QQ", body, pos + 8 * ndeps)
+    return ReadRequest(wire.cached_uuid(up), wire.cached_uuid(sess), job, deps, start, count)
+
+
+_FAST_DECODERS = {
+    _TAG_OF[Write]: _fast_write,
+    _TAG_OF[WriteUnwritten]: _fast_write,
+    _TAG_OF[ReadResponse]: _fast_read_response,
+    _READ_REQ_TAG: _fast_read_request,
+}
+
+
 def decode_body(body: memoryview) -> Message:
     """Decode one frame without its length prefix. Raises ProtocolError."""
-    fast = _fast_write(body) or _fast_read_response(body)
+    fast_decoder = _FAST_DECODERS.get(U32.unpack_from(body)[0]) if len(body) >= 4 else None
+    fast = fast_decoder(body) if fast_decoder is not None else None
     if fast is not None:
         return fast
     if len(body) == _ACK.size:

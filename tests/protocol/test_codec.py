@@ -184,3 +184,27 @@ def test_ack_layout_byte_for_byte() -> None:
             + struct.pack("<QI", 1234, 0)
         )
         assert codec.encode(cls(UID, UID, 1234, None)) == struct.pack("<I", 4 + len(body)) + body
+
+
+def test_plain_read_response_layout_byte_for_byte() -> None:
+    import struct
+
+    tag = m.MESSAGE_TYPES.index(m.ReadResponse)
+    data = b"xy" * 8
+    body = (
+        struct.pack("<IQ", tag, 16)
+        + UID.bytes
+        + struct.pack("<Q", 16)
+        + UID.bytes
+        + struct.pack("<QIQ", 9, 0, 2)  # job, Ok, two contexts
+        + struct.pack("<IQ", 2, 77)
+        + struct.pack("<IQ", 2, 88)  # Unencrypted{hash}
+        + struct.pack("<Q", len(data))
+        + data
+    )
+    frame = struct.pack("<I", 4 + len(body)) + body
+    assert codec.encode(m.ReadResponse(UID, UID, 9, [77, 88], data)) == frame
+    dec = FrameDecoder()
+    dec.feed(frame)
+    out = dec.next_message()
+    assert isinstance(out, m.ReadResponse) and out.blocks == [77, 88] and bytes(out.data) == data
