@@ -34,12 +34,12 @@ def _bindable(port: int) -> bool:
     return True
 
 
-def free_port(run: int = 1) -> int:
-    """The first of `run` consecutive free ports whose repair ports (+4000) are free too."""
+def free_port(run: int = 1, step: int = 1) -> int:
+    """The first of `run` free ports `step` apart whose repair ports (+4000) are free too."""
     rng = random.Random()
     for _ in range(200):
-        p = rng.randrange(20000, 56000)
-        if all(_bindable(q) and _bindable(q + 4000) for q in range(p, p + run)):
+        p = rng.randrange(20000, 50000)
+        if all(_bindable(q) and _bindable(q + 4000) for q in range(p, p + run * step, step)):
             return p
     raise RuntimeError("no free ports found")
 
