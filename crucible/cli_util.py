@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import signal
+import subprocess
 import sys
 from collections.abc import Coroutine
 from typing import Any, NoReturn
@@ -79,6 +80,20 @@ def setup_logging(quiet_jobs: bool = False) -> None:
     )
     if quiet_jobs:
         logging.getLogger("crucible.downstairs.jobs").setLevel(logging.WARNING)
+
+
+def stop_process(
+    proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 30.0
+) -> int:
+    """Signal a child and wait for it; SIGKILL it if it outlives the timeout."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
 
 
 async def wait_for_stop_signal() -> None:

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import xxhash
 
+from crucible.cli_util import stop_process
 from crucible.protocol import codec
 from crucible.protocol import messages as m
 
@@ -87,15 +88,9 @@ class Downstairs:
         return self.proc.poll() is None
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        code = stop_process(self.proc, sig)
         self._log.close()
-        return self.proc.returncode
+        return code
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import IO
 
-from crucible.cli_util import fail, port_number, positive_int
+from crucible.cli_util import fail, port_number, positive_int, stop_process
 
 PROG = "scripts/demo"
 BIN = Path(sys.executable).parent
@@ -111,12 +111,7 @@ def main() -> None:
     finally:
         # crucible-nbd first: it flushes and deactivates while the downstairs still run.
         for proc in reversed(procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            stop_process(proc, timeout=60)
         for log in logs:
             log.close()
         print("stopped")

@@ -32,6 +32,7 @@ from crucible.cli_util import (
     port_number,
     positive_int,
     run_async,
+    stop_process,
     wait_for_stop_signal,
 )
 from crucible.tools.common import target
@@ -83,13 +84,8 @@ class Downstairs:
             )
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc, sig)
 
     def describe(self) -> dict[str, Any]:
         pid = self.proc.pid if self.proc is not None and self.state == "running" else None

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from crucible.cli_util import stop_process
 from tests.support import BIN, Cluster, free_port, wait_listening
 
 NBD_TOOLS = ("qemu-img", "qemu-io", "nbdinfo", "nbdcopy", "nbdsh", "fio")
@@ -42,16 +43,10 @@ class Nbd:
         return self.log.read_text()
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        code = stop_process(self.proc, timeout=60)
         self._log.close()
         self.cluster.stop()
-        return self.proc.returncode
+        return code
 
 
 @pytest.fixture
