@@ -365,12 +365,9 @@ class _Connection:
     async def cmd_trim(self, flags: int, cookie: int, offset: int, length: int, _: bytes) -> None:
         """Whole blocks in the range are discarded (zeros, space freed); partial
         edge blocks are left alone (TRIM is advisory)."""
-        bs = self.up.block_size
-        first = -(-offset // bs)
-        last = (offset + length) // bs
+        first, last = self.inner_blocks(offset, length)
         if last > first:
-            await self.server.locks.wait_clear(first, last)
-            await self.up.trim(first, last - first)
+            await self.discard_blocks(first, last)
         await self.finish_write(flags, cookie)
 
     async def cmd_write_zeroes(
@@ -383,14 +380,12 @@ class _Connection:
             await self.send_error(cookie, p.ENOTSUP, "allocated zeroes are written as data")
             return
         bs = self.up.block_size
-        first = -(-offset // bs)
-        last = (offset + length) // bs
+        first, last = self.inner_blocks(offset, length)
         if last > first:
-            await self.server.locks.wait_clear(first, last)
             if no_hole:
                 await self.zero_blocks(first, last)
             else:
-                await self.up.trim(first, last - first)
+                await self.discard_blocks(first, last)
             if offset < first * bs:
                 await self.write_bytes(offset, bytes(first * bs - offset))
             if offset + length > last * bs:
@@ -462,6 +457,15 @@ class _Connection:
             await self.up.write(first, bytes(buf))
         finally:
             locks.release(token)
+
+    def inner_blocks(self, offset: int, length: int) -> tuple[int, int]:
+        """The whole blocks [first, last) inside a byte range (first >= last: none)."""
+        bs = self.up.block_size
+        return -(-offset // bs), (offset + length) // bs
+
+    async def discard_blocks(self, first: int, last: int) -> None:
+        await self.server.locks.wait_clear(first, last)
+        await self.up.trim(first, last - first)
 
     async def zero_blocks(self, first: int, last: int) -> None:
         bs = self.up.block_size

@@ -260,8 +260,7 @@ class UpstairsCore:
         now: float,
         unwritten: bool = False,
     ) -> list[Action]:
-        assert self.region is not None or self.state is not UpState.ACTIVE
-        bs = self.region.block_size if self.region else 1
+        bs = self.region.block_size if self.region else 1  # no region: check_io refuses
         if len(data) % bs:
             return [Complete(token, CrucibleError(ErrorKind.DataLenUnaligned))]
         count = len(data) // bs
