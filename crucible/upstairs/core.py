@@ -28,7 +28,7 @@ network.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
@@ -39,8 +39,24 @@ from crucible.protocol.errors import CrucibleError, ErrorKind
 from crucible.protocol.wire import SocketAddr
 from crucible.region.definition import RegionDefinition
 from crucible.upstairs.actions import Action, Complete, Connect, Drop, Log, Send
+from crucible.upstairs.clients import Client, CState, Mode
 from crucible.upstairs.deps import BlockMap
-from crucible.upstairs.jobs import BarrierOp, FlushOp, IOState, Job, Op, ReadOp, TrimOp, WriteOp
+from crucible.upstairs.jobs import (
+    LIVE_OPS,
+    BarrierOp,
+    FlushOp,
+    IOState,
+    Job,
+    LiveCloseOp,
+    LiveNoOp,
+    LiveReopenOp,
+    LiveRepairOp,
+    Op,
+    ReadOp,
+    TrimOp,
+    WriteOp,
+)
+from crucible.upstairs.live_repair import ExtentJobs, LiveRepair
 from crucible.upstairs.mend import (
     ExtentVersions,
     Repair,
@@ -53,6 +69,15 @@ from crucible.upstairs.verify import check_read_reply, first_difference
 
 FIRST_JOB_ID = 1000
 MAX_IO_BLOCKS_BYTES = 1 << 20
+# Connected states: pinged, and dropped when silent too long.
+LIVE_STATES = (
+    CState.NEGOTIATING,
+    CState.WAIT_QUORUM,
+    CState.RECONCILE,
+    CState.ACTIVE,
+    CState.REPAIR_READY,
+    CState.LIVE_REPAIR,
+)
 
 
 class UpState(Enum):
@@ -60,18 +85,6 @@ class UpState(Enum):
     GO_ACTIVE = "go-active"
     ACTIVE = "active"
     DEACTIVATING = "deactivating"
-    DISABLED = "disabled"
-
-
-class CState(Enum):
-    IDLE = "new"
-    CONNECTING = "connecting"
-    NEGOTIATING = "negotiating"
-    WAIT_QUORUM = "wait-quorum"
-    RECONCILE = "reconcile"
-    ACTIVE = "active"
-    OFFLINE = "offline"
-    FAULTED = "faulted"
     DISABLED = "disabled"
 
 
@@ -88,43 +101,10 @@ class Options:
     max_bytes: int = 75 << 20
     barrier_jobs: int = 10_000  # finished but unretired, before a barrier
     barrier_bytes: int = 64 << 20
+    # With fewer than two downstairs active, how long one that went offline may
+    # hold jobs before it is faulted (and flushes fail instead of waiting).
+    degraded_timeout: float = 30.0
     log_jobs: bool = True  # a debug line per job (the seed's console output)
-
-
-@dataclass
-class Client:
-    id: int
-    target: SocketAddr
-    state: CState = CState.IDLE
-    phase: str = ""
-    resume: bool = False  # reconnecting after going offline: LastFlush + replay
-    repair_addr: SocketAddr | None = None
-    region: RegionDefinition | None = None
-    versions: ExtentVersions | None = None
-    last_rx: float = 0.0
-    last_ping: float = 0.0
-    reconnect_at: float | None = None
-    last_flush_done: int | None = None
-    inflight_jobs: int = 0
-    inflight_bytes: int = 0
-    skipped: set[int] = field(default_factory=set)
-    last_error: str = ""
-    connects: int = 0
-
-    @property
-    def name(self) -> str:
-        return f"{self.target[0]}:{self.target[1]}"
-
-    @property
-    def holds_jobs(self) -> bool:
-        """Offline (or reconnecting to resume): jobs wait here for its return."""
-        return self.state is CState.OFFLINE or (
-            self.resume and self.state in (CState.CONNECTING, CState.NEGOTIATING)
-        )
-
-    @property
-    def accepts_io(self) -> bool:
-        return self.state is CState.ACTIVE or self.holds_jobs
 
 
 class UpstairsCore:
@@ -157,6 +137,10 @@ class UpstairsCore:
         self.disabled_error: CrucibleError | None = None
         self.reconcile: Reconciliation | None = None  # the latest pass, for progress
         self.next_repair_id = 0
+        self.repair: LiveRepair | None = None
+        self.repair_waiters: list[object] = []  # guest flushes durable once the repair ends
+        self.live_repairs = 0
+        self.live_repairs_aborted = 0
         self.integrity_errors = 0
         self.retired = 0
         # Kept as counts so that no event has to walk the job table.
@@ -203,8 +187,9 @@ class UpstairsCore:
         self.activate_token = token
         acts: list[Action] = [Log(f"upstairs {self.upstairs_id} activating with gen {gen}")]
         for c in self.clients:
-            c.resume = False
+            c.mode = Mode.NEW
             c.last_flush_done = None
+            c.first_job = 0
             c.skipped.clear()
             acts += self._connect(c, now)
         return acts
@@ -222,8 +207,9 @@ class UpstairsCore:
             acts += self._enqueue(FlushOp(self._take_flush_number(), self.gen), None, now)
         return acts + self._maintain(now)
 
-    def check_io(self, start: int, count: int, write: bool) -> CrucibleError | None:
-        """Why an IO cannot be accepted now, or None."""
+    def check_io(self, start: int, count: int, write: bool, need: int = 0) -> CrucibleError | None:
+        """Why an IO cannot be accepted now, or None. `need`: downstairs that must
+        take it (default: two for a write, one for a read)."""
         if self.state is not UpState.ACTIVE:
             if self.disabled_error is not None:
                 return self.disabled_error
@@ -232,7 +218,7 @@ class UpstairsCore:
         if write and self.opts.read_only:
             return CrucibleError(ErrorKind.ModifyingReadOnlyRegion)
         accepting = sum(1 for c in self.clients if c.accepts_io)
-        need = 2 if write else 1
+        need = need or (2 if write else 1)
         if accepting < need:
             return CrucibleError(
                 ErrorKind.IoError, f"only {accepting} of 3 downstairs can take IO, need {need}"
@@ -289,7 +275,7 @@ class UpstairsCore:
         return acts
 
     def flush(self, token: object, now: float, snapshot: str | None = None) -> list[Action]:
-        err = self.check_io(0, 0, write=False)
+        err = self.check_io(0, 0, write=False, need=1 if self.opts.read_only else 2)
         if err:
             return [Complete(token, err)]
         if snapshot is not None and any(c.state is not CState.ACTIVE for c in self.clients):
@@ -327,6 +313,9 @@ class UpstairsCore:
                 }
                 for c in self.clients
             ],
+            "live_repair": self.repair.progress() if self.repair else None,
+            "live_repairs": self.live_repairs,
+            "live_repairs_aborted": self.live_repairs_aborted,
             "jobs": len(self.jobs),
             "guest_jobs_waiting": sum(1 for j in self.jobs.values() if not j.acked),
             "next_job_id": self.next_id,
@@ -336,6 +325,38 @@ class UpstairsCore:
             "integrity_errors": self.integrity_errors,
             "retired": self.retired,
         }
+
+    def replace(self, token: object, old: SocketAddr, new: SocketAddr, now: float) -> list[Action]:
+        """Swap the downstairs at `old` for a new region at `new`; live repair fills it."""
+
+        def refuse(why: str) -> list[Action]:
+            return [Complete(token, CrucibleError(ErrorKind.ReplaceRequestInvalid, why))]
+
+        if self.state is not UpState.ACTIVE:
+            return [Complete(token, CrucibleError(ErrorKind.UpstairsInactive))]
+        if self.opts.read_only:
+            return refuse("a read-only upstairs does not replace downstairs")
+        by_target = {c.target: c for c in self.clients}
+        if new in by_target:
+            if old in by_target:
+                return refuse(f"{_addr(new)} is already a downstairs here, as is {_addr(old)}")
+            return [Complete(token, None)]  # asked again: already under way or done
+        c = by_target.get(old)
+        if c is None:
+            return refuse(f"{_addr(old)} is not one of this upstairs' downstairs")
+        busy = [x for x in self.clients if x is not c and x.state is not CState.ACTIVE]
+        if busy or self.repair is not None:
+            who = busy[0] if busy else c
+            return refuse(
+                f"downstairs {who.name} is {who.state.value}: only one may be out at a time"
+            )
+        acts = self._fault(c, f"replaced by {_addr(new)}", now)
+        c.target = new
+        c.mode = Mode.REPLACED
+        c.region_uuid = None
+        c.reconnect_at = now  # no reason to wait
+        acts.append(Log(f"[{c.id}] replacing {_addr(old)} with {_addr(new)}", "warning"))
+        return [*acts, Complete(token, None)]
 
     def has_room(self, nbytes: int) -> bool:
         """Backpressure: may a guest IO of this size be queued now?"""
@@ -397,20 +418,27 @@ class UpstairsCore:
         if prev is CState.RECONCILE:
             acts += self._abort_reconcile(f"downstairs {c.name} went away", now)
             return acts + self._maintain(now)
+        if prev in (CState.REPAIR_READY, CState.LIVE_REPAIR):
+            acts += self._fault(c, "disconnected during live repair", now)
+            return acts + self._maintain(now)
         if (
             prev is CState.ACTIVE
             and self.state in (UpState.ACTIVE, UpState.DEACTIVATING)
             and not self.opts.read_only
         ):
+            if self._replay_impossible():
+                acts += self._fault(c, "disconnected while live repair jobs are queued", now)
+                return acts + self._maintain(now)
             c.state = CState.OFFLINE
-            c.resume = True
+            c.mode = Mode.OFFLINE
+            c.offline_since = now
             acts.append(Log(f"[{c.id}] {c.name} is offline; IO continues on the others", "warning"))
         elif prev is CState.OFFLINE:
             pass
         elif (
             prev is CState.NEGOTIATING
             and c.phase == "promote"
-            and not c.resume
+            and c.mode is not Mode.OFFLINE
             and self.state is UpState.GO_ACTIVE
         ):
             # The downstairs closes on a PromoteToActive it refuses.
@@ -452,7 +480,7 @@ class UpstairsCore:
             return self._negotiate(c, msg, now)
         if c.state is CState.RECONCILE:
             return self._reconcile_reply(c, msg, now)
-        if c.state is CState.ACTIVE:
+        if c.state in (CState.ACTIVE, CState.LIVE_REPAIR):
             return self._job_reply(c, msg, now) + self._maintain(now)
         return [Log(f"[{c.id}] ignored {type(msg).__name__} in state {c.state.value}")]
 
@@ -493,8 +521,15 @@ class UpstairsCore:
             c.versions = ExtentVersions(msg.gen_numbers, msg.flush_numbers, msg.dirty_bits)
             c.state = CState.WAIT_QUORUM
             c.phase = ""
-            if self.opts.read_only and self.state is UpState.ACTIVE:
-                c.state = CState.ACTIVE  # read-only: nothing to reconcile, it joins at once
+            if self.state is UpState.ACTIVE:
+                if self.opts.read_only:
+                    c.state = CState.ACTIVE  # read-only: nothing to reconcile, it joins at once
+                else:
+                    c.state = CState.REPAIR_READY  # it missed writes: live repair
+                    return [
+                        Log(f"[{cid}] {c.name} is ready for live repair ({c.mode.value})"),
+                        *self._maintain(now),
+                    ]
             n = sum(1 for x in self.clients if x.state is CState.WAIT_QUORUM)
             return [
                 Log(
@@ -529,9 +564,18 @@ class UpstairsCore:
                 f"ec:{ref.extent_count}",
                 now,
             )
+        if (
+            self.state in (UpState.ACTIVE, UpState.DEACTIVATING)
+            and c.mode is not Mode.REPLACED
+            and c.region_uuid not in (None, d.uuid)
+        ):
+            # Another region answers at this address: only replace() may do that.
+            c.last_error = f"{c.name} now holds region {d.uuid}, not {c.region_uuid}"
+            return [*acts, Log(f"[{c.id}] {c.last_error}", "error"), Drop(c.id, c.last_error)]
         self.region = d
         c.region = d
-        if c.resume:
+        c.region_uuid = d.uuid
+        if c.mode is Mode.OFFLINE:
             return acts + self._resume(c, now)
         c.phase = "versions"
         return [*acts, Send(c.id, m.ExtentVersionsPlease())]
@@ -541,7 +585,8 @@ class UpstairsCore:
         replay every job since (the downstairs' completed set starts there)."""
         c.state = CState.ACTIVE
         c.phase = ""
-        c.resume = False
+        c.mode = Mode.NEW
+        c.offline_since = None
         acts: list[Action] = [
             Send(c.id, m.LastFlush(c.last_flush_done)),
             Log(f"[{c.id}] {c.name} is back: replaying jobs after flush {c.last_flush_done}"),
@@ -740,38 +785,72 @@ class UpstairsCore:
             self.next_gw += 1
         job = Job(jid, op, deps, [IOState.SKIPPED] * 3, token, gw)
         job.nbytes = len(op.data) if isinstance(op, WriteOp) else 0
-        self.jobs[jid] = job
-        if job.is_flush_like:
-            self.flushes_pending += 1
         self.last_io = now
-        acts: list[Action] = []
-        shared: m.Message | None = None  # one message object when deps agree: encoded once
-        for c in self.clients:
-            if c.state is CState.ACTIVE or c.holds_jobs:
-                job.state[c.id] = IOState.IN_PROGRESS
-                c.inflight_jobs += 1
-                c.inflight_bytes += job.nbytes
-                if c.state is CState.ACTIVE:
-                    if c.skipped:
-                        msg = job.message(self.upstairs_id, self.session_id, self._deps_for(c, job))
-                    else:
-                        if shared is None:
-                            shared = job.message(self.upstairs_id, self.session_id, job.deps)
-                        msg = shared
-                    acts.append(Send(c.id, msg))
-            else:
-                c.skipped.add(jid)
+        acts = self._add_job(job, now)
         if self.opts.log_jobs:
             acts.append(
                 Log(f"gw_id:{gw} {job.kind} {_describe(op)} ds_id:{jid} deps:{deps}", "debug")
             )
+        return acts
+
+    def _add_job(self, job: Job, now: float) -> list[Action]:
+        """Put a job in the table and send it to every client that takes it."""
+        self.jobs[job.id] = job
+        if job.is_flush_like:
+            self.flushes_pending += 1
+        rep = self.repair
+        acts: list[Action] = []
+        shared: m.Message | None = None  # one message object when deps agree: encoded once
+        for c in self.clients:
+            if c.state is CState.ACTIVE or (
+                c.state is CState.LIVE_REPAIR and rep is not None and rep.sends_to_target(job.op)
+            ):
+                job.state[c.id] = IOState.IN_PROGRESS
+                c.inflight_jobs += 1
+                c.inflight_bytes += job.nbytes
+                if c.state is CState.LIVE_REPAIR or c.skipped or isinstance(job.op, LIVE_OPS):
+                    limit = rep.flush_limit(job.op) if rep and c.id in rep.targets else None
+                    deps = self._deps_for(c, job)
+                    msg = job.message(self.upstairs_id, self.session_id, deps, c.id, limit)
+                else:
+                    if shared is None:
+                        shared = job.message(self.upstairs_id, self.session_id, job.deps)
+                    msg = shared
+                acts.append(Send(c.id, msg))
+            elif c.holds_jobs:
+                job.state[c.id] = IOState.IN_PROGRESS
+                c.inflight_jobs += 1
+                c.inflight_bytes += job.nbytes
+            else:
+                c.skipped.add(job.id)
+        if rep is not None and isinstance(job.op, FlushOp):
+            job.partial = tuple(rep.targets)
         if job.complete:
             acts += self._finish(job, now)
         return acts
 
     def _deps_for(self, c: Client, job: Job) -> list[int]:
-        skipped = c.skipped
-        return [d for d in job.deps if d not in skipped] if skipped else job.deps
+        """A job's dependencies as this client sees them: a job it skipped stands
+        for that job's own dependencies (so order through it is kept), and jobs
+        from before its session began are gone."""
+        skipped, floor = c.skipped, c.first_job
+        if not skipped and not floor:
+            return job.deps
+        out: set[int] = set()
+        seen: set[int] = set()
+        todo = list(job.deps)
+        while todo:
+            d = todo.pop()
+            if d < floor or d in seen:
+                continue
+            seen.add(d)
+            if d in skipped:
+                dj = self.jobs.get(d)
+                if dj is not None:
+                    todo.extend(dj.deps)
+            else:
+                out.add(d)
+        return sorted(out)
 
     def _job_reply(self, c: Client, msg: m.Message, now: float) -> list[Action]:
         jid = getattr(msg, "job_id", None)
@@ -783,11 +862,23 @@ class UpstairsCore:
         if isinstance(msg, m.ErrorReport):
             err = msg.error
         elif isinstance(
-            msg, m.WriteAck | m.WriteUnwrittenAck | m.FlushAck | m.BarrierAck | m.TrimAck
+            msg,
+            m.WriteAck
+            | m.WriteUnwrittenAck
+            | m.FlushAck
+            | m.BarrierAck
+            | m.TrimAck
+            | m.ExtentLiveRepairAckId
+            | m.ExtentLiveAckId,
         ):
             err = msg.result
         elif isinstance(msg, m.ReadResponse):
             err = self._check_read(c, job, msg)
+        elif isinstance(msg, m.ExtentLiveCloseAck):
+            if isinstance(msg.result, CrucibleError):
+                err = msg.result
+            else:
+                job.closed[c.id] = msg.result
         else:
             return [Drop(c.id, f"unexpected {type(msg).__name__} for job {jid}")]
         c.inflight_jobs -= 1
@@ -803,7 +894,7 @@ class UpstairsCore:
             if isinstance(job.op, FlushOp):
                 c.last_flush_done = max(c.last_flush_done or 0, job.id)
             acts += self._maybe_ack(job)
-        if job.complete:
+        if job.complete and not job.finished:
             acts += self._finish(job, now)
         return acts
 
@@ -829,10 +920,16 @@ class UpstairsCore:
             job.errors.append(f"{c.name} disagrees at block {job.op.start + bad}")
         return None
 
+    def _flush_need(self, op: FlushOp) -> int:
+        return 3 if op.snapshot is not None or self.state is UpState.DEACTIVATING else 2
+
+    def _durable_on(self, job: Job) -> int:
+        """Clients done with this flush that hold every block (not mid-repair)."""
+        return sum(1 for i, s in enumerate(job.state) if s is IOState.DONE and i not in job.partial)
+
     def _maybe_ack(self, job: Job) -> list[Action]:
         if job.acked:
             return []
-        done = job.count(IOState.DONE)
         op = job.op
         if isinstance(op, ReadOp):
             if job.read_data is None:
@@ -840,11 +937,9 @@ class UpstairsCore:
             job.acked = True
             result = (job.read_data, job.read_contexts)
             return [Complete(job.guest, result)] if job.guest is not None else []
-        if isinstance(op, FlushOp):
-            need = 3 if op.snapshot is not None or self.state is UpState.DEACTIVATING else 2
-            if done >= need:
-                job.acked = True
-                return [Complete(job.guest, None)] if job.guest is not None else []
+        if isinstance(op, FlushOp) and self._durable_on(job) >= self._flush_need(op):
+            job.acked = True
+            return [Complete(job.guest, None)] if job.guest is not None else []
         return []
 
     def _finish(self, job: Job, now: float) -> list[Action]:
@@ -856,15 +951,22 @@ class UpstairsCore:
             job.acked = True
             bad = job.count(IOState.SKIPPED) + job.count(IOState.ERROR)
             result: object = None
-            if isinstance(job.op, ReadOp):
+            op = job.op
+            if isinstance(op, ReadOp):
                 result = CrucibleError(
                     ErrorKind.IoError, "read failed on every downstairs: " + "; ".join(job.errors)
                 )
-            elif bad > 1 or (isinstance(job.op, FlushOp) and job.op.snapshot and bad):
+            elif isinstance(op, FlushOp) and job.guest is not None and self._park_flush(job):
+                job.guest = None  # completed when the repair finishes
+            elif (
+                self._durable_on(job) < 2 or (op.snapshot and bad)
+                if isinstance(op, FlushOp)
+                else bad > 1
+            ):
                 result = CrucibleError(
                     ErrorKind.IoError,
-                    f"{job.kind} {job.id} reached only "
-                    f"{3 - bad} of 3 downstairs: " + "; ".join(job.errors),
+                    f"{job.kind} {job.id} reached only {self._durable_on(job)} of 3 downstairs "
+                    "holding all data: " + ("; ".join(job.errors) or "the others are out"),
                 )
             if job.guest is not None:
                 acts.append(Complete(job.guest, result))
@@ -874,7 +976,22 @@ class UpstairsCore:
         if job.is_flush_like:
             self.flushes_pending -= 1
             acts += self._retire(job.id)
+        if isinstance(job.op, LIVE_OPS) or (self.repair and job.id == self.repair.final_flush):
+            acts += self._repair_step(job, now)
         return acts
+
+    def _park_flush(self, job: Job) -> bool:
+        """A flush done on only one full copy but also on clients being repaired:
+        it is durable on two once their repair is done, so it is acked then."""
+        rep = self.repair
+        if rep is None or rep.aborting:
+            return False
+        full = self._durable_on(job)
+        partial = sum(1 for i in job.partial if job.state[i] is IOState.DONE)
+        if full < 1 or full + partial < 2:
+            return False
+        self.repair_waiters.append(job.guest)
+        return True
 
     def _retire(self, upto: int) -> list[Action]:
         gone = [jid for jid, j in self.jobs.items() if jid <= upto and j.complete and j.acked]
@@ -891,47 +1008,199 @@ class UpstairsCore:
         return [Log(f"retired {len(gone)} jobs up to {upto}", "debug")]
 
     def _fault(self, c: Client, reason: str, now: float) -> list[Action]:
-        """Stop using a downstairs whose copy can no longer be trusted."""
+        """Stop using a downstairs whose copy can no longer be trusted; it is
+        reconnected and live-repaired."""
         if c.state is CState.FAULTED:
             return []
         was = c.state
         c.state = CState.FAULTED
         c.last_error = reason
-        c.reconnect_at = None
-        c.resume = False
+        c.mode = Mode.FAULTED
+        c.offline_since = None
+        c.reconnect_at = now + self.opts.reconnect_delay if self.state is UpState.ACTIVE else None
         acts: list[Action] = [Log(f"[{c.id}] {c.name} faulted: {reason}", "error")]
-        if was in (CState.ACTIVE, CState.CONNECTING, CState.NEGOTIATING):
+        if was not in (CState.IDLE, CState.DISABLED, CState.OFFLINE):
             acts.append(Drop(c.id, reason))
+        rep = self.repair
+        if rep is not None and not rep.aborting and (c.id == rep.source or c.id in rep.targets):
+            acts += self._abort_repair(f"{c.name} faulted: {reason}", now)
         finished = []
         for job in self.jobs.values():
             if job.state[c.id] is IOState.IN_PROGRESS:
                 job.state[c.id] = IOState.SKIPPED
                 c.skipped.add(job.id)
                 acts += self._maybe_ack(job)
-                if job.complete:
+                if job.complete and not job.finished:
                     finished.append(job)
         c.inflight_jobs = c.inflight_bytes = 0
         for job in finished:
-            acts += self._finish(job, now)
+            if not job.finished:
+                acts += self._finish(job, now)
+        return acts
+
+    def _replay_impossible(self) -> bool:
+        """Live-repair jobs were queued out of id order: a replay cannot be trusted."""
+        return self.repair is not None or any(
+            isinstance(j.op, LIVE_OPS) for j in self.jobs.values()
+        )
+
+    # ---- live repair (live_repair.py) --------------------------------------------------
+
+    def _start_live_repair(self, now: float) -> list[Action]:
+        if self.state is not UpState.ACTIVE or self.repair is not None or self.opts.read_only:
+            return []
+        ready = [c for c in self.clients if c.state is CState.REPAIR_READY]
+        healthy = [c for c in self.clients if c.state is CState.ACTIVE]
+        if not ready or not healthy or self.region is None:
+            return []
+        acts: list[Action] = []
+        for c in self.clients:
+            if c.holds_jobs:  # its replay would interleave with the repair's jobs
+                acts += self._fault(c, "offline when live repair started", now)
+        source = healthy[-1]
+        r = self.region
+        self.repair = LiveRepair(
+            source.id, [c.id for c in ready], r.extent_count, r.extent_size, now
+        )
+        for c in ready:
+            c.state = CState.LIVE_REPAIR
+            c.first_job = self.next_id
+            c.skipped.clear()
+            c.inflight_jobs = c.inflight_bytes = 0
+        names = ", ".join(c.name for c in ready)
+        acts.append(
+            Log(f"live repair of {names} from {source.name}: {r.extent_count} extents", "warning")
+        )
+        return acts + self._repair_next_extent(now)
+
+    def _repair_next_extent(self, now: float) -> list[Action]:
+        rep = self.repair
+        assert rep is not None and self.region is not None
+        rep.extent += 1
+        if rep.aborting:
+            return self._end_repair(now)
+        if rep.extent >= rep.extent_count:
+            acts = self._enqueue(FlushOp(self._take_flush_number(), self.gen), None, now)
+            rep.final_flush = self.next_id - 1
+            return acts
+        ids = ExtentJobs(self.next_id)
+        self.next_id += 4
+        rep.jobs = ids
+        es = rep.extent_size
+        # The reopen becomes the extent's last writer: IO to it waits for the repair.
+        deps = self.blocks.add_write(ids.reopen, rep.extent * es, es)
+        close = LiveCloseOp(rep.extent, self._take_flush_number(), self.gen, tuple(rep.targets))
+        acts = self._add_job(Job(ids.close, close, deps, [IOState.SKIPPED] * 3), now)
+        reopen = Job(ids.reopen, LiveReopenOp(rep.extent), [ids.noop], [IOState.SKIPPED] * 3)
+        return acts + self._add_job(reopen, now)
+
+    def _repair_step(self, job: Job, now: float) -> list[Action]:
+        rep = self.repair
+        if rep is None:
+            return []
+        op = job.op
+        if isinstance(op, LiveCloseOp) and rep.jobs and job.id == rep.jobs.close:
+            ids = rep.jobs
+            copy: tuple[int, ...] = ()
+            if not rep.aborting:
+                copy = rep.needs_copy(job.closed)
+                if copy:
+                    rep.repaired += 1
+                else:
+                    rep.confirmed += 1
+            src = self.clients[rep.source].repair_addr
+            assert src is not None
+            acts = self._add_job(
+                Job(
+                    ids.repair,
+                    LiveRepairOp(op.extent, rep.source, src, copy),
+                    [ids.close],
+                    [IOState.SKIPPED] * 3,
+                ),
+                now,
+            )
+            return acts + self._add_job(
+                Job(ids.noop, LiveNoOp(), [ids.repair], [IOState.SKIPPED] * 3), now
+            )
+        if isinstance(op, LiveReopenOp) and rep.jobs and job.id == rep.jobs.reopen:
+            out: list[Action] = []
+            n = op.extent + 1
+            if n == rep.extent_count or n % max(1, rep.extent_count // 10) == 0:
+                out.append(
+                    Log(
+                        f"live repair: extent {n} of {rep.extent_count} "
+                        f"({rep.repaired} copied, {rep.confirmed} matched)"
+                    )
+                )
+            return out + self._repair_next_extent(now)
+        if job.id == rep.final_flush:
+            return self._end_repair(now)
+        return []
+
+    def _end_repair(self, now: float) -> list[Action]:
+        rep = self.repair
+        assert rep is not None
+        self.repair = None
+        waiters, self.repair_waiters = self.repair_waiters, []
+        took = now - rep.started
+        if rep.aborting:
+            self.live_repairs_aborted += 1
+            err = CrucibleError(ErrorKind.IoError, f"live repair aborted: {rep.abort_reason}")
+            return [Complete(w, err) for w in waiters]
+        acts: list[Action] = []
+        for t in rep.targets:
+            c = self.clients[t]
+            if c.state is CState.LIVE_REPAIR:
+                c.state = CState.ACTIVE
+                c.mode = Mode.NEW
+                c.last_error = ""
+        self.live_repairs += 1
+        acts.append(
+            Log(
+                f"live repair done in {took:.2f} s: {rep.repaired} extents copied, "
+                f"{rep.confirmed} matched",
+                "warning",
+            )
+        )
+        return acts + [Complete(w, None) for w in waiters]
+
+    def _abort_repair(self, reason: str, now: float) -> list[Action]:
+        rep = self.repair
+        assert rep is not None
+        rep.abort_reason = reason
+        acts: list[Action] = [Log(f"live repair aborted: {reason}", "error")]
+        for t in rep.targets:
+            acts += self._fault(self.clients[t], "live repair aborted", now)
         return acts
 
     # ---- timers and housekeeping ---------------------------------------------------------------
 
     def tick(self, now: float) -> list[Action]:
         acts: list[Action] = []
+        degraded = (
+            sum(1 for c in self.clients if c.state in (CState.ACTIVE, CState.LIVE_REPAIR)) < 2
+        )
         for c in self.clients:
             if (
                 c.reconnect_at is not None
                 and now >= c.reconnect_at
-                and c.state in (CState.CONNECTING, CState.OFFLINE)
+                and c.state in (CState.CONNECTING, CState.OFFLINE, CState.FAULTED)
             ):
                 acts += self._connect(c, now)
-            if c.state in (CState.NEGOTIATING, CState.WAIT_QUORUM, CState.RECONCILE, CState.ACTIVE):
+            if c.state in LIVE_STATES:
                 if now - c.last_rx > self.opts.timeout:
                     acts.append(Drop(c.id, f"no message for {self.opts.timeout:g} s"))
                 elif now - c.last_ping >= self.opts.ping_interval:
                     c.last_ping = now
                     acts.append(Send(c.id, m.Ruok()))
+            if (
+                degraded
+                and c.holds_jobs
+                and c.offline_since is not None
+                and now - c.offline_since >= self.opts.degraded_timeout
+            ):
+                why = f"offline {self.opts.degraded_timeout:g} s, fewer than two active"
+                acts += self._fault(c, why, now)
         if (
             self.state is UpState.ACTIVE
             and self.need_flush
@@ -952,8 +1221,11 @@ class UpstairsCore:
                     f"offline with {c.inflight_jobs} jobs ({c.inflight_bytes} bytes) outstanding",
                     now,
                 )
-        if self.state is UpState.ACTIVE and self._needs_barrier():
-            acts += self._enqueue(BarrierOp(), None, now)
+        if self.state is UpState.ACTIVE:
+            if self.repair is None:
+                acts += self._start_live_repair(now)
+            if self._needs_barrier():
+                acts += self._enqueue(BarrierOp(), None, now)
         if self.state is UpState.DEACTIVATING and not self.jobs:
             acts += self._finish_deactivate()
         return acts
@@ -974,6 +1246,10 @@ class UpstairsCore:
             acts.append(Complete(self.deactivate_token, None))
             self.deactivate_token = None
         return acts
+
+
+def _addr(a: SocketAddr) -> str:
+    return f"{a[0]}:{a[1]}"
 
 
 def _describe(op: Op) -> str:
