@@ -1110,18 +1110,12 @@ class UpstairsCore:
                     rep.confirmed += 1
             src = self.clients[rep.source].repair_addr
             assert src is not None
-            acts = self._add_job(
-                Job(
-                    ids.repair,
-                    LiveRepairOp(op.extent, rep.source, src, copy),
-                    [ids.close],
-                    [IOState.SKIPPED] * 3,
-                ),
-                now,
-            )
-            return acts + self._add_job(
-                Job(ids.noop, LiveNoOp(), [ids.repair], [IOState.SKIPPED] * 3), now
-            )
+            repair = LiveRepairOp(op.extent, rep.source, src, copy)
+            return self._add_job(Job(ids.repair, repair, [ids.close], [IOState.SKIPPED] * 3), now)
+        if isinstance(op, LiveRepairOp) and rep.jobs and job.id == rep.jobs.repair:
+            # Only now may the source reopen (and change) the extent: every copy is done.
+            noop = Job(rep.jobs.noop, LiveNoOp(), [job.id], [IOState.SKIPPED] * 3)
+            return self._add_job(noop, now)
         if isinstance(op, LiveReopenOp) and rep.jobs and job.id == rep.jobs.reopen:
             out: list[Action] = []
             n = op.extent + 1

@@ -9,8 +9,10 @@ are reserved, and the jobs run in that order on every client:
   repair  queued once every close is in: targets that differ from the source
           (or are dirty) copy the closed extent from its repair server; others,
           and all when nothing differs, do nothing.
-  noop    lets the reopen depend on the repair.
-  reopen  every client reopens the extent.
+  noop    queued once every repair is in; the reopen depends on it, so the
+          source cannot reopen (and change) the extent while it is copied.
+  reopen  queued with the close, so IO to the extent is ordered after it;
+          every client reopens the extent.
 
 The reopen is the extent's last writer in the dependency map, so guest IO to
 the extent waits for the repair. While a repair runs, a target gets writes

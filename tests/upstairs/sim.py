@@ -4,7 +4,9 @@ Three real DownstairsCore + Region pairs (small regions in a temp dir) and one
 UpstairsCore exchange messages over per-direction FIFO links (as TCP keeps
 order on one connection); a chooser decides which link delivers next, which
 downstairs runs its next disk work, and when guest IO arrives, so replies
-from different downstairs are delayed and reordered in every way.
+from different downstairs are delayed and reordered in every way. A
+connection can be cut (what was in flight is lost) and made again; live
+repair copies extent files between the regions directly.
 """
 
 from __future__ import annotations
@@ -13,18 +15,18 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import BinaryIO
 
 from crucible.downstairs import core as dcore
 from crucible.downstairs import ops
 from crucible.protocol import codec
 from crucible.protocol import messages as m
+from crucible.protocol.wire import SocketAddr
 from crucible.region.definition import RegionDefinition
+from crucible.region.layout import extent_path
 from crucible.region.region import Region
 from crucible.upstairs import actions as ua
 from crucible.upstairs.core import Options, UpstairsCore
-
-CONN = 1
 
 
 def _wire(msg: m.Message) -> m.Message:
@@ -37,12 +39,23 @@ def _wire(msg: m.Message) -> m.Message:
 
 
 class SimDownstairs:
-    def __init__(self, path: Path, definition: RegionDefinition) -> None:
+    def __init__(self, path: Path, definition: RegionDefinition, repair_port: int) -> None:
         self.region = Region.create(path, definition)
-        self.core = dcore.DownstairsCore(definition, False, ("127.0.0.1", 1))
+        self.repair_addr: SocketAddr = ("127.0.0.1", repair_port)
+        self.core = dcore.DownstairsCore(definition, False, self.repair_addr)
+        self.conn = 1
         self.inbox: deque[m.Message] = deque()  # upstairs -> downstairs
         self.outbox: deque[m.Message] = deque()  # downstairs -> upstairs
         self.work: deque[dcore.Execute] = deque()
+        self.fetch = _no_fetch
+        self.down = False
+
+    def cut(self) -> None:
+        """The connection breaks: whatever was on the wire is lost."""
+        self.inbox.clear()
+        self.outbox.clear()
+        self.apply(self.core.disconnected(self.conn))
+        self.conn += 1
 
     def apply(self, actions: list[dcore.Action]) -> None:
         for a in actions:
@@ -54,7 +67,7 @@ class SimDownstairs:
                 raise AssertionError(f"downstairs dropped the upstairs: {a.reason}")
 
     def deliver(self) -> None:
-        self.apply(self.core.received(CONN, self.inbox.popleft()))
+        self.apply(self.core.received(self.conn, self.inbox.popleft()))
 
     def run_work(self, pick: int = 0) -> None:
         """Run one queued piece of disk work; any of them may go first (the
@@ -62,11 +75,11 @@ class SimDownstairs:
         ex = self.work[pick % len(self.work)]
         del self.work[pick % len(self.work)]
         if self.core.wants(ex.conn):
-            outcome = ops.run(self.region, ex.work, _no_fetch)
+            outcome = ops.run(self.region, ex.work, self.fetch)
             self.apply(self.core.finished(ex.conn, ex.work, outcome))
 
 
-def _no_fetch(*_: Any) -> None:
+def _no_fetch(addr: SocketAddr, eid: int, out: BinaryIO) -> None:
     raise AssertionError("no repair in this simulation")
 
 
@@ -75,11 +88,32 @@ class Sim:
         self, base: Path, es: int = 8, ec: int = 4, options: Options | None = None
     ) -> None:
         d = RegionDefinition(512, es, ec, uuid.uuid4())
-        self.ds = [SimDownstairs(base / f"ds{i}", d) for i in range(3)]
+        self.ds = [SimDownstairs(base / f"ds{i}", d, 4000 + i) for i in range(3)]
+        for x in self.ds:
+            x.fetch = self._fetch
         self.up = UpstairsCore([("10.0.0.1", 1), ("10.0.0.2", 1), ("10.0.0.3", 1)], options)
         self.now = 0.0
         self.completed: dict[object, object] = {}
         self.on_deliver: Callable[[int, m.Message], None] | None = None
+        self.allow_drops = False
+
+    def _fetch(self, addr: SocketAddr, eid: int, out: BinaryIO) -> None:
+        src = next(d for d in self.ds if d.repair_addr == addr)
+        assert src.region.is_closed(eid), "live repair copies only a closed extent"
+        out.write(extent_path(src.region.dir, eid).read_bytes())
+
+    def kill(self, i: int) -> None:
+        """Downstairs i goes away (until `revive`): its connection is cut."""
+        self.ds[i].down = True
+        self.ds[i].cut()
+        self.apply(self.up.disconnected(i, self.now))
+
+    def revive(self, i: int) -> None:
+        self.ds[i].down = False
+
+    def tick(self, dt: float) -> None:
+        self.now += dt
+        self.apply(self.up.tick(self.now))
 
     def apply(self, actions: list[ua.Action]) -> None:
         for a in actions:
@@ -87,13 +121,19 @@ class Sim:
                 self.ds[a.client].inbox.append(_wire(a.msg))
             elif isinstance(a, ua.Connect):
                 d = self.ds[a.client]
-                d.apply(d.core.connected(CONN, "sim"))
+                if d.down:
+                    self.apply(self.up.connect_failed(a.client, "refused", self.now))
+                    continue
+                d.apply(d.core.connected(d.conn, "sim"))
                 self.apply(self.up.connected(a.client, self.now))
             elif isinstance(a, ua.Complete):
                 assert a.token not in self.completed, "a request completed twice"
                 self.completed[a.token] = a.result
             elif isinstance(a, ua.Drop):
-                raise AssertionError(f"upstairs dropped downstairs {a.client}: {a.reason}")
+                if not self.allow_drops:
+                    raise AssertionError(f"upstairs dropped downstairs {a.client}: {a.reason}")
+                self.ds[a.client].cut()
+                self.apply(self.up.disconnected(a.client, self.now))
 
     def events(self) -> list[tuple[str, int]]:
         """Everything that could happen next."""

@@ -1,0 +1,174 @@
+"""Live repair under the simulated network: a downstairs is faulted, comes
+back and is repaired extent by extent while guest IO goes on in any
+interleaving; sometimes the target or the source dies mid-repair. Reads
+always see the writes queued before them, acked flushes reached two full
+copies, and at the end the three regions hold exactly the guest's data."""
+
+from __future__ import annotations
+
+import random
+import tempfile
+from pathlib import Path
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from crucible.protocol import messages as m
+from crucible.protocol.errors import CrucibleError
+from crucible.upstairs.clients import CState, Mode
+from crucible.upstairs.core import Options
+from tests.upstairs.sim import Sim
+from tests.upstairs.test_simulation import Token, _check
+
+BS = 512
+ES = 4
+EC = 8
+TOTAL = ES * EC
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 1 << 32),
+    victim=st.integers(0, 2),
+    trouble=st.sampled_from(["none", "target", "source"]),
+    steps=st.integers(50, 400),
+)
+def test_live_repair_under_io(seed: int, victim: int, trouble: str, steps: int) -> None:
+    """`trouble`: nothing else goes wrong, or the target, or the source, dies mid-repair."""
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = Options(offline_max_jobs=3, reconnect_delay=1.0, log_jobs=False)
+        sim = Sim(Path(tmp), es=ES, ec=EC, options=opts)
+        sim.allow_drops = True
+        try:
+            _run(sim, random.Random(seed), victim, trouble, steps)
+        finally:
+            sim.close()
+
+
+def _states(sim: Sim) -> list[CState]:
+    return [c.state for c in sim.up.clients]
+
+
+def _run(sim: Sim, rnd: random.Random, victim: int, trouble: str, steps: int) -> None:
+    model = bytearray(TOTAL * BS)
+    flush_acks: dict[int, set[int]] = {}
+    copies: list[int] = []
+
+    def watch(client: int, msg: m.Message) -> None:
+        if isinstance(msg, m.FlushAck | m.BarrierAck):
+            flush_acks.setdefault(msg.job_id, set()).add(client)
+        if isinstance(msg, m.ExtentLiveRepairAckId):
+            copies.append(client)
+
+    sim.on_deliver = watch
+    tok = Token("activate")
+    sim.apply(sim.up.activate(tok, 1, 0.0))
+    sim.settle()
+    assert sim.completed[tok] is None
+
+    reads: list[Token] = []
+    flushes: dict[Token, int] = {}
+    seen: set[int] = set()
+
+    def write() -> None:
+        start = rnd.randrange(TOTAL)
+        n = rnd.randint(1, min(2 * ES, TOTAL - start))
+        payload = rnd.randbytes(1) * (n * BS)
+        t = Token("write")
+        sim.apply(sim.up.write(t, start, payload, sim.now))
+        if sim.completed[t] is None:  # refused writes change nothing
+            model[start * BS : (start + n) * BS] = payload
+
+    def step(kinds: list[str]) -> None:
+        what = rnd.choice(kinds)
+        if what == "net":
+            ev = sim.events()
+            if ev:
+                sim.step(rnd.choice(ev), rnd.randrange(64))
+        elif what == "tick":
+            sim.tick(0.4)
+        elif what == "write":
+            write()
+        elif what == "read":
+            start = rnd.randrange(TOTAL)
+            n = rnd.randint(1, min(2 * ES, TOTAL - start))
+            t = Token("read", bytes(model[start * BS : (start + n) * BS]))
+            sim.apply(sim.up.read(t, start, n, sim.now))
+            reads.append(t)
+        elif what == "flush":
+            t = Token("flush")
+            jid = sim.up.next_id
+            sim.apply(sim.up.flush(t, sim.now))
+            flushes[t] = jid
+        seen.update(sim.up.jobs)
+        _check_rules(sim, reads, flushes, flush_acks, seen)
+
+    for _ in range(6):
+        write()
+    sim.settle()
+    sim.kill(victim)
+    for _ in range(20):
+        write()  # held for it until there are too many
+        sim.tick(0.1)
+    assert sim.up.clients[victim].mode is Mode.FAULTED
+    sim.revive(victim)
+    for _ in range(10_000):  # it reconnects and the repair begins
+        if sim.up.repair is not None:
+            break
+        ev = sim.events()
+        if ev:
+            sim.step(ev[0])
+        else:
+            sim.tick(0.4)
+    assert sim.up.repair is not None and sim.up.repair.targets == [victim]
+
+    mix = ["write", "read", "flush", "tick"] + ["net"] * 8
+    trouble_at = rnd.randrange(EC // 2)
+    for _ in range(steps):
+        step(mix)
+        rep = sim.up.repair
+        if trouble != "none" and rep is not None and rep.extent >= trouble_at:
+            who = rep.targets[0] if trouble == "target" else rep.source
+            sim.kill(who)
+            trouble = "none"
+            sim.revive(who)  # it reconnects, is faulted and repaired like the first
+            seen.update(sim.up.jobs)
+
+    # Let everything heal: bounded rounds of delivering and ticking.
+    for _ in range(400):
+        sim.settle(lambda n: rnd.randrange(n))
+        if _states(sim) == [CState.ACTIVE] * 3 and sim.up.repair is None:
+            break
+        sim.tick(0.4)
+    assert _states(sim) == [CState.ACTIVE] * 3, _states(sim)
+    assert sim.up.live_repairs >= 1
+    assert copies, "the faulted downstairs missed writes: some extent must have been copied"
+    _check_rules(sim, reads, flushes, flush_acks, seen)
+    assert not reads
+
+    t = Token("flush")
+    sim.apply(sim.up.flush(t, sim.now))
+    sim.settle()
+    assert sim.completed[t] is None
+    assert not sim.up.jobs
+    for d in sim.ds:
+        assert d.region.read(0, TOTAL)[1] == bytes(model), "a replica differs from the guest data"
+        assert not any(d.region.is_closed(e) for e in range(EC))
+    versions = [d.region.extent_versions() for d in sim.ds]
+    assert versions[0] == versions[1] == versions[2]
+
+
+def _check_rules(
+    sim: Sim,
+    reads: list[Token],
+    flushes: dict[Token, int],
+    flush_acks: dict[int, set[int]],
+    seen: set[int],
+) -> None:
+    del seen
+    # A flush may fail while two downstairs are out; the rest is the common
+    # check, but for retirement: here jobs also retire past a faulted client.
+    for t in list(flushes):
+        if isinstance(sim.completed.get(t), CrucibleError):
+            del flushes[t]
+    _check(sim, reads, flushes, flush_acks, set())
