@@ -15,7 +15,8 @@ from pathlib import Path
 
 from crucible.cli_util import fail, positive_int, progress, run_async
 from crucible.protocol.errors import CrucibleError
-from crucible.tools.common import activate, add_target_options, check_targets
+from crucible.tools import dsc
+from crucible.tools.common import activate, add_target_options, check_targets, target
 from crucible.tools.verify_log import VerifyLog
 from crucible.upstairs.core import Options
 from crucible.upstairs.guest import MAX_IO_BYTES, Upstairs
@@ -198,19 +199,130 @@ async def dep(run: Run) -> None:
     await run.flush()
 
 
+async def random_op(run: Run, max_blocks: int = 10) -> None:
+    """A write, read or flush of up to `max_blocks` blocks, chosen at random."""
+    p = run.rng.random()
+    start, n = run.random_range(max_blocks)
+    if p < 0.45:
+        await run.write(start, n)
+    elif p < 0.9:
+        await run.read(start, n)
+    else:
+        await run.flush()
+
+
 async def generic(run: Run) -> None:
     """Random writes, reads and flushes, one at a time, up to 10 blocks each."""
     with progress(run.count, "op", "generic") as bar:
         for _ in range(run.count):
-            p = run.rng.random()
-            start, n = run.random_range(10)
-            if p < 0.45:
-                await run.write(start, n)
-            elif p < 0.9:
-                await run.read(start, n)
-            else:
-                await run.flush()
+            await random_op(run)
             bar.update(1)
+
+
+FAULT_WAIT = 180.0  # seconds a downstairs may take to go away or come back
+
+
+async def io_until(run: Run, done: Callable[[], bool], what: str, max_blocks: int = 10) -> None:
+    """Keep random IO going until `done()`; fail after FAULT_WAIT seconds."""
+    deadline = time.monotonic() + FAULT_WAIT
+    while not done():
+        if time.monotonic() > deadline:
+            states = ", ".join(f"{d['target']} {d['state']}" for d in run.up.info()["downstairs"])
+            raise VerifyError(f"{what} did not happen within {FAULT_WAIT:g} s ({states})")
+        await random_op(run, max_blocks)
+        await asyncio.sleep(0)
+
+
+def _states(run: Run) -> list[str]:
+    return [d["state"] for d in run.up.info()["downstairs"]]
+
+
+def _all_active(run: Run) -> bool:
+    return _states(run) == ["active"] * 3 and run.up.info()["live_repair"] is None
+
+
+async def _dsc(run: Run, method: str, path: str) -> object:
+    if run.args.dsc is None:
+        raise VerifyError(f"the {run.args.workload} workload needs --dsc HOST:PORT")
+    try:
+        return await asyncio.to_thread(dsc.request, run.args.dsc, method, path)
+    except dsc.DscError as e:
+        raise VerifyError(f"dsc: {e}") from None
+
+
+async def _dsc_client(run: Run) -> tuple[int, int]:
+    """A random downstairs: its dsc id and our client index (matched by port)."""
+    fleet = await _dsc(run, "GET", "/list")
+    assert isinstance(fleet, list)
+    ports = [t[1] for t in run.args.target]
+    pairs = [(d["cid"], ports.index(d["port"])) for d in fleet if d["port"] in ports]
+    if not pairs:
+        raise VerifyError("dsc runs none of the targets given with -t")
+    return run.rng.choice(pairs)
+
+
+def _repaired_since(run: Run, before: int) -> Callable[[], bool]:
+    return lambda: _all_active(run) and run.up.info()["live_repairs"] > before
+
+
+async def replay(run: Run) -> None:
+    """Stop a downstairs through dsc while IO runs, start it again (it is
+    replayed, or live-repaired if it missed too much); --count cycles."""
+    with progress(run.count, "cycle", "replay") as bar:
+        for _ in range(run.count):
+            await _replay_cycle(run)
+            bar.update(1)
+    await run.verify_all()
+
+
+async def _replay_cycle(run: Run) -> None:
+    cid, i = await _dsc_client(run)
+    await _dsc(run, "POST", f"/{'kill' if run.args.kill else 'stop'}/cid/{cid}")
+    await io_until(run, lambda: _states(run)[i] != "active", f"downstairs {cid} going away")
+    for _ in range(run.rng.randrange(50)):
+        await random_op(run)
+    await _dsc(run, "POST", f"/start/cid/{cid}")
+    await io_until(run, lambda: _all_active(run), f"downstairs {cid} coming back")
+
+
+async def repair(run: Run) -> None:
+    """Stop a downstairs, write until it is faulted, start it, and verify while
+    live repair brings it back under IO; --count cycles."""
+    with progress(run.count, "cycle", "repair") as bar:
+        for _ in range(run.count):
+            await _repair_cycle(run)
+            bar.update(1)
+    await run.verify_all()
+    run.notes.append(f"live repairs: {run.up.info()['live_repairs']}")
+
+
+async def _repair_cycle(run: Run) -> None:
+    cid, i = await _dsc_client(run)
+    before = run.up.info()["live_repairs"]
+    await _dsc(run, "POST", f"/stop/cid/{cid}")
+
+    def faulted() -> bool:
+        return bool(run.up.info()["downstairs"][i]["mode"] == "faulted")
+
+    await io_until(run, faulted, f"downstairs {cid} being faulted", run.max_blocks)
+    await _dsc(run, "POST", f"/start/cid/{cid}")
+    await io_until(run, _repaired_since(run, before), f"live repair of downstairs {cid}")
+
+
+async def replace(run: Run) -> None:
+    """Replace the last -t downstairs with the empty one at --replacement while
+    IO runs; live repair fills it, then everything is verified."""
+    new = run.args.replacement
+    if new is None:
+        raise VerifyError("the replace workload needs --replacement HOST:PORT")
+    old = run.args.target[-1]
+    for _ in range(run.count):
+        await random_op(run)
+    before = run.up.info()["live_repairs"]
+    await run.up.replace(old, new)
+    await io_until(run, _repaired_since(run, before), f"live repair of {new[0]}:{new[1]}")
+    await run.verify_all()
+    run.notes.append(f"replaced {old[0]}:{old[1]} with {new[0]}:{new[1]}")
 
 
 async def deactivate(run: Run) -> None:
@@ -296,6 +408,9 @@ WORKLOADS: dict[str, Workload] = {
     "verify": verify,
     "perf": perf,
     "deactivate": deactivate,
+    "replay": replay,
+    "repair": repair,
+    "replace": replace,
 }
 
 
@@ -327,6 +442,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="open the volume read-only (downstairs run with --mode ro)",
     )
     p.add_argument(
+        "--dsc",
+        type=target,
+        metavar="HOST:PORT",
+        help="replay, repair: the control API of the dsc running the downstairs",
+    )
+    p.add_argument(
+        "--kill", action="store_true", help="replay: SIGKILL the downstairs instead of a stop"
+    )
+    p.add_argument(
+        "--replacement",
+        type=target,
+        metavar="HOST:PORT",
+        help="replace: a downstairs with an empty region to take the last target's place",
+    )
+    p.add_argument(
         "--no-deactivate",
         action="store_true",
         help="end without the final flush and deactivation (leaves work unflushed)",
@@ -341,6 +471,9 @@ DEFAULT_COUNTS = {
     "generic": 500,
     "perf": 1 << 62,
     "deactivate": 5,
+    "replay": 5,
+    "repair": 1,
+    "replace": 200,
 }
 
 

@@ -268,8 +268,24 @@ async def _start(args: argparse.Namespace) -> int:
     return 0
 
 
+class DscError(Exception):
+    pass
+
+
+def request(control: tuple[str, int], method: str, path: str) -> Any:
+    """One call to a running dsc's control API; its JSON answer."""
+    host, port = control
+    req = urllib.request.Request(f"http://{host}:{port}{path}", method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        raise DscError(e.read().decode().strip() or str(e.reason)) from None
+    except (urllib.error.URLError, OSError) as e:
+        raise DscError(f"no dsc answers at {host}:{port}: {getattr(e, 'reason', e)}") from None
+
+
 def _cmd(args: argparse.Namespace) -> int:
-    host, port = args.control
     paths = {
         "list": ("GET", "/list"),
         "state": ("GET", f"/state/cid/{args.cid}"),
@@ -282,15 +298,11 @@ def _cmd(args: argparse.Namespace) -> int:
         "shutdown": ("POST", "/shutdown"),
     }
     method, path = paths[args.action]
-    req = urllib.request.Request(f"http://{host}:{port}{path}", method=method)
     try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            print(json.dumps(json.loads(r.read()), indent=2))
-            return 0
-    except urllib.error.HTTPError as e:
-        fail(PROG, f"{args.action}: {e.read().decode().strip() or e.reason}")
-    except (urllib.error.URLError, OSError) as e:
-        fail(PROG, f"no dsc answers at {host}:{port}: {getattr(e, 'reason', e)}")
+        print(json.dumps(request(args.control, method, path), indent=2))
+    except DscError as e:
+        fail(PROG, f"{args.action}: {e}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -306,6 +306,7 @@ class UpstairsCore:
                 {
                     "target": c.name,
                     "state": c.state.value,
+                    "mode": c.mode.value,
                     "jobs_in_flight": c.inflight_jobs,
                     "bytes_in_flight": c.inflight_bytes,
                     "last_error": c.last_error,

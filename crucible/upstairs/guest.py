@@ -209,6 +209,11 @@ class Upstairs:
     async def flush(self, snapshot: str | None = None) -> None:
         await self._call(lambda tok, now: self.core.flush(tok, now, snapshot))
 
+    async def replace(self, old: SocketAddr, new: SocketAddr) -> None:
+        """Swap the downstairs at `old` for an empty region at `new`. Returns once
+        the swap has begun; live repair then fills the new one (see `info()`)."""
+        await self._call(lambda tok, now: self.core.replace(tok, old, new, now))
+
     # ---- plumbing --------------------------------------------------------------------
 
     async def _wait_room(self, nbytes: int) -> None:
