@@ -11,6 +11,7 @@ import argparse
 import errno
 import logging
 import math
+import os
 import sys
 import uuid
 from collections.abc import Sequence
@@ -136,6 +137,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         fail(PROG, str(e))
     except KeyboardInterrupt:
         code = 130
+    except BrokenPipeError:
+        # Output piped into something that stopped reading (`| head`): not an error.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 0
     sys.exit(code)
 
 

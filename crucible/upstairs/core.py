@@ -549,30 +549,29 @@ class UpstairsCore:
                 f"ec:{d.extent_count} uuid:{d.uuid}"
             )
         ]
-        if d.encrypted:
-            return acts + self._fail_activation(
-                f"downstairs {c.name} holds an encrypted region; no key was given", now
-            )
+        problem = None
         ref = self.region
-        if ref is not None and (ref.block_size, ref.extent_size, ref.extent_count) != (
+        if d.encrypted:
+            problem = f"downstairs {c.name} holds an encrypted region; no key was given"
+        elif ref is not None and (ref.block_size, ref.extent_size, ref.extent_count) != (
             d.block_size,
             d.extent_size,
             d.extent_count,
         ):
-            return acts + self._fail_activation(
+            problem = (
                 f"downstairs {c.name} has bs:{d.block_size} es:{d.extent_size} "
                 f"ec:{d.extent_count}, others have bs:{ref.block_size} es:{ref.extent_size} "
-                f"ec:{ref.extent_count}",
-                now,
+                f"ec:{ref.extent_count}"
             )
-        if (
-            self.state in (UpState.ACTIVE, UpState.DEACTIVATING)
-            and c.mode is not Mode.REPLACED
-            and c.region_uuid not in (None, d.uuid)
-        ):
+        elif c.mode is not Mode.REPLACED and c.region_uuid not in (None, d.uuid):
             # Another region answers at this address: only replace() may do that.
-            c.last_error = f"{c.name} now holds region {d.uuid}, not {c.region_uuid}"
-            return [*acts, Log(f"[{c.id}] {c.last_error}", "error"), Drop(c.id, c.last_error)]
+            problem = f"{c.name} now holds region {d.uuid}, not {c.region_uuid}"
+        if problem and self.state not in (UpState.ACTIVE, UpState.DEACTIVATING):
+            return acts + self._fail_activation(problem, now)
+        if problem:
+            # The volume is serving: refuse this one downstairs (it is retried), not the volume.
+            c.last_error = problem
+            return [*acts, Log(f"[{c.id}] {problem}", "error"), Drop(c.id, problem)]
         self.region = d
         c.region = d
         c.region_uuid = d.uuid
@@ -1184,7 +1183,8 @@ class UpstairsCore:
                 acts += self._connect(c, now)
             if c.state in LIVE_STATES:
                 if now - c.last_rx > self.opts.timeout:
-                    acts.append(Drop(c.id, f"no message for {self.opts.timeout:g} s"))
+                    c.last_error = f"no message for {self.opts.timeout:g} s"
+                    acts.append(Drop(c.id, c.last_error))
                 elif now - c.last_ping >= self.opts.ping_interval:
                     c.last_ping = now
                     acts.append(Send(c.id, m.Ruok()))

@@ -1,0 +1,263 @@
+"""Faults with real downstairs processes: the repair target or the repair
+source killed mid live-repair, two of three downstairs gone, and a peer that
+goes silent without closing its connection."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from crucible.protocol.errors import CrucibleError
+from crucible.upstairs.core import Options
+from crucible.upstairs.guest import Upstairs
+from tests.support import Cluster, Downstairs, cluster, create_region
+
+pytestmark = pytest.mark.timeout(300)
+
+GEOMETRY = ("--block-size", "4096", "--extent-size", "256", "--extent-count", "48")
+WAIT = 120.0  # a guard against hanging, not a speed limit
+
+
+async def until(ok: Callable[[], bool], what: str, poll: float = 0.01) -> None:
+    for _ in range(int(WAIT / poll)):
+        if ok():
+            return
+        await asyncio.sleep(poll)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def states(up: Upstairs) -> list[str]:
+    return [d["state"] for d in up.info()["downstairs"]]
+
+
+class Guest:
+    """Writes random blocks, remembers what each holds, and checks it back."""
+
+    def __init__(self, up: Upstairs) -> None:
+        self.up = up
+        self.expect: dict[int, bytes] = {}
+        self.refused = 0
+
+    async def write(self, n: int = 8) -> None:
+        await self.write_at(int.from_bytes(os.urandom(4), "little") % (self.up.total_blocks - n), n)
+
+    async def write_at(self, block: int, n: int) -> None:
+        bs = self.up.block_size
+        data = os.urandom(n * bs)
+        try:
+            await self.up.write(block, data)
+        except CrucibleError:
+            self.refused += 1  # refused before anything was queued: nothing changed
+            return
+        for i in range(n):
+            self.expect[block + i] = data[i * bs : (i + 1) * bs]
+
+    async def busy(self, stop: asyncio.Event) -> None:
+        """IO until told to stop: writes, reads of written blocks, flushes."""
+        k = 0
+        while not stop.is_set():
+            await self.write()
+            k += 1
+            if k % 16 == 0:
+                try:
+                    await self.up.flush()
+                except CrucibleError:
+                    pass  # while two are out a flush cannot be durable: it says so
+            if k % 4 == 0 and self.expect:
+                block = next(iter(self.expect))
+                assert await self.up.read(block, 1) == self.expect[block]
+
+    async def verify(self) -> None:
+        for block, data in self.expect.items():
+            assert await self.up.read(block, 1) == data, f"block {block} differs"
+
+
+async def _kill_mid_repair(c: Cluster, who: str) -> None:
+    async with Upstairs(c.targets, Options(offline_max_jobs=50)) as up:
+        await up.activate(1)
+        g = Guest(up)
+        es = up.region.extent_size
+        c.stop(2, signal.SIGKILL)
+        await until(lambda: states(up)[2] != "active", "downstairs 2 to drop")
+        while up.info()["downstairs"][2]["mode"] != "faulted":
+            await g.write()
+        for e in range(up.region.extent_count):  # every extent now needs a copy
+            await g.write_at(e * es, 1)
+        await up.flush()
+        c.start(2)
+
+        stop = asyncio.Event()
+        io = asyncio.create_task(g.busy(stop))
+
+        def mid_repair() -> bool:
+            rep = up.info()["live_repair"]
+            return rep is not None and rep["extent"] >= 3
+
+        await until(mid_repair, "live repair to be under way", poll=0.002)
+        rep = up.info()["live_repair"]
+        victim = rep["targets"][0] if who == "target" else rep["source"]
+        c.stop(victim, signal.SIGKILL)
+        c.start(victim)
+        await until(lambda: up.info()["live_repairs_aborted"] >= 1, "the repair to abort")
+        await until(
+            lambda: states(up) == ["active"] * 3 and up.info()["live_repair"] is None,
+            "all three active again",
+        )
+        stop.set()
+        await io
+        await up.flush()
+        await g.verify()
+        assert up.info()["live_repairs"] >= 1
+        await up.deactivate()
+
+
+@pytest.mark.parametrize("who", ["target", "source"])
+def test_downstairs_killed_during_live_repair(tmp_path: Path, who: str) -> None:
+    with cluster(tmp_path, *GEOMETRY) as c:
+        asyncio.run(_kill_mid_repair(c, who))
+        dump = c.dump()
+        assert dump.returncode == 0 and "all match" in dump.stdout, dump.stdout
+
+
+async def _two_gone(c: Cluster) -> None:
+    async with Upstairs(c.targets, Options(degraded_timeout=1.0)) as up:
+        await up.activate(1)
+        g = Guest(up)
+        for _ in range(20):
+            await g.write()
+        await up.flush()
+        c.stop(1, signal.SIGKILL)
+        c.stop(2, signal.SIGKILL)
+        await until(lambda: states(up).count("active") == 1, "two downstairs to drop")
+        await g.write()  # held for the two while they may come back
+        with pytest.raises(CrucibleError, match="reached only 1 of 3"):
+            await asyncio.wait_for(up.flush(), WAIT)
+        with pytest.raises(CrucibleError, match="only 1 of 3 downstairs can take IO, need 2"):
+            await up.write(0, bytes(up.block_size))
+        with pytest.raises(CrucibleError, match="only 1 of 3"):
+            await up.flush()
+        await g.verify()  # reads still work from the one left
+
+        c.start(1)
+        c.start(2)
+        await until(
+            lambda: states(up) == ["active"] * 3 and up.info()["live_repair"] is None,
+            "both to come back through live repair",
+        )
+        for _ in range(20):
+            await g.write()
+        await up.flush()
+        await g.verify()
+        await up.deactivate()
+
+
+def test_two_of_three_gone_fails_clearly(tmp_path: Path) -> None:
+    with cluster(tmp_path, *GEOMETRY) as c:
+        asyncio.run(_two_gone(c))
+        dump = c.dump()
+        assert dump.returncode == 0 and "all match" in dump.stdout, dump.stdout
+
+
+class Proxy:
+    """A TCP relay on loopback that can stop forwarding without closing
+    anything, like a cut network link."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.flowing = asyncio.Event()
+        self.flowing.set()
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            ur, uw = await asyncio.open_connection(*self.target)
+        except OSError:
+            w.close()
+            return
+        await asyncio.gather(self._pump(r, uw), self._pump(ur, w), return_exceptions=True)
+        for x in (w, uw):
+            x.close()
+
+    async def _pump(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while data := await r.read(1 << 16):
+            await self.flowing.wait()  # a cut link: nothing passes, nothing closes
+            w.write(data)
+            await w.drain()
+        w.close()
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+async def _silent_peer(c: Cluster) -> None:
+    proxy = Proxy(c.targets[0])
+    await proxy.start()
+    targets = [("127.0.0.1", proxy.port), *c.targets[1:]]
+    opts = Options(ping_interval=0.2, timeout=1.5)
+    async with Upstairs(targets, opts) as up:
+        await up.activate(1)
+        g = Guest(up)
+        for _ in range(10):
+            await g.write()
+        proxy.flowing.clear()
+        await until(lambda: states(up)[0] != "active", "the silent downstairs to be dropped")
+        assert "no message for 1.5 s" in up.info()["downstairs"][0]["last_error"]
+        for _ in range(10):
+            await g.write()  # IO goes on with the other two
+        await up.flush()
+        proxy.flowing.set()
+        await until(lambda: states(up) == ["active"] * 3, "the downstairs to come back")
+        await g.verify()
+        await up.flush()
+        await up.deactivate()
+    await proxy.close()
+
+
+def test_silent_peer_is_dropped_by_keepalive(tmp_path: Path) -> None:
+    with cluster(tmp_path, *GEOMETRY) as c:
+        asyncio.run(_silent_peer(c))
+        dump = c.dump()
+        assert dump.returncode == 0 and "all match" in dump.stdout, dump.stdout
+
+
+async def _replace_refusals(c: Cluster, odd: Downstairs) -> None:
+    async with Upstairs(c.targets) as up:
+        await up.activate(1)
+        g = Guest(up)
+        t0, t1, t2 = c.targets
+        nowhere = ("127.0.0.1", 1)
+        with pytest.raises(CrucibleError, match="not one of this upstairs' downstairs"):
+            await up.replace(nowhere, ("127.0.0.1", odd.port))
+        with pytest.raises(CrucibleError, match="already a downstairs here"):
+            await up.replace(t2, t1)
+        # A region of another shape: that one downstairs is refused, the volume goes on.
+        await up.replace(t2, ("127.0.0.1", odd.port))
+        await until(lambda: "has bs:" in up.info()["downstairs"][2]["last_error"], "a refusal")
+        for _ in range(10):
+            await g.write()
+        await up.flush()
+        await g.verify()
+        with pytest.raises(CrucibleError, match="only one may be out at a time"):
+            await up.replace(t0, nowhere)
+        assert up.info()["state"] == "active"
+
+
+def test_replace_refusals(tmp_path: Path) -> None:
+    create_region(tmp_path / "odd", "--block-size", "4096", "--extent-size", "64")
+    odd = Downstairs(tmp_path / "odd")
+    try:
+        with cluster(tmp_path, *GEOMETRY) as c:
+            asyncio.run(_replace_refusals(c, odd))
+    finally:
+        odd.stop()
