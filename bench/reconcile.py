@@ -30,9 +30,10 @@ BS = 4096
 ES = (32 << 20) // BS  # 32 MiB extents
 
 
-def make_regions(base: Path, size: int) -> list[Path]:
-    """Three regions with the same full data, then one different dirty block
-    in every extent of every region (no flush): all of them must be repaired."""
+def make_regions(base: Path, size: int, diverge: bool = True) -> list[Path]:
+    """Three regions with the same full data, then (`diverge`) one different
+    dirty block in every extent of every region (no flush): all of them must
+    be repaired."""
     ec = size // (BS * ES)
     image = os.urandom(1 << 20) * (BS * ES // (1 << 20))
     paths = []
@@ -46,7 +47,7 @@ def make_regions(base: Path, size: int) -> list[Path]:
             ]
             region.write(eid * ES, ctxs, image)
         region.flush(1, 1)
-        for eid in range(ec):
+        for eid in range(ec if diverge else 0):
             block = bytes([i + 1]) * BS
             region.write(eid * ES + i, [BlockContext(xxhash.xxh64_intdigest(block))], block)
         region.close()

@@ -98,7 +98,8 @@ class Options:
     max_jobs: int = 1500  # in flight per downstairs before the guest waits
     offline_max_jobs: int = 1000  # held for an offline downstairs before it is faulted
     offline_max_bytes: int = 50 << 20
-    max_bytes: int = 75 << 20
+    # Each downstairs connection may buffer its own copy of what is in flight.
+    max_bytes: int = 32 << 20
     barrier_jobs: int = 10_000  # finished but unretired, before a barrier
     barrier_bytes: int = 64 << 20
     # With fewer than two downstairs active, how long one that went offline may
@@ -200,6 +201,8 @@ class UpstairsCore:
         self.state = UpState.DEACTIVATING
         self.deactivate_token = token
         acts: list[Action] = [Log("deactivating: final flush")]
+        if self.repair is not None and not self.repair.aborting:
+            acts += self._abort_repair("the upstairs is deactivating", now)
         for c in self.clients:
             if c.holds_jobs:  # it cannot finish the final flush; it is repaired later
                 acts += self._fault(c, "offline at deactivation", now)
@@ -360,9 +363,10 @@ class UpstairsCore:
         return [*acts, Complete(token, None)]
 
     def has_room(self, nbytes: int) -> bool:
-        """Backpressure: may a guest IO of this size be queued now?"""
+        """Backpressure: may a guest IO of this size be queued now? (What is held
+        for an offline downstairs is bounded by its fault thresholds instead.)"""
         for c in self.clients:
-            if not c.accepts_io:
+            if c.state not in (CState.ACTIVE, CState.LIVE_REPAIR):
                 continue
             if c.inflight_jobs >= self.opts.max_jobs:
                 return False
@@ -801,6 +805,7 @@ class UpstairsCore:
         rep = self.repair
         acts: list[Action] = []
         shared: m.Message | None = None  # one message object when deps agree: encoded once
+        over: list[Client] = []  # offline ones holding too much: faulted once the job is placed
         for c in self.clients:
             if c.state is CState.ACTIVE or (
                 c.state is CState.LIVE_REPAIR and rep is not None and rep.sends_to_target(job.op)
@@ -821,11 +826,15 @@ class UpstairsCore:
                 job.state[c.id] = IOState.IN_PROGRESS
                 c.inflight_jobs += 1
                 c.inflight_bytes += job.nbytes
+                if self._held_too_much(c):
+                    over.append(c)
             else:
                 c.skipped.add(job.id)
         if rep is not None and isinstance(job.op, FlushOp):
             job.partial = tuple(rep.targets)
-        if job.complete:
+        for c in over:
+            acts += self._fault_held(c, now)
+        if job.complete and not job.finished:
             acts += self._finish(job, now)
         return acts
 
@@ -1207,15 +1216,8 @@ class UpstairsCore:
     def _maintain(self, now: float) -> list[Action]:
         acts = self._check_quorum(now)
         for c in self.clients:
-            if c.holds_jobs and (
-                c.inflight_jobs > self.opts.offline_max_jobs
-                or c.inflight_bytes > self.opts.offline_max_bytes
-            ):
-                acts += self._fault(
-                    c,
-                    f"offline with {c.inflight_jobs} jobs ({c.inflight_bytes} bytes) outstanding",
-                    now,
-                )
+            if c.holds_jobs and self._held_too_much(c):
+                acts += self._fault_held(c, now)
         if self.state is UpState.ACTIVE:
             if self.repair is None:
                 acts += self._start_live_repair(now)
@@ -1224,6 +1226,16 @@ class UpstairsCore:
         if self.state is UpState.DEACTIVATING and not self.jobs:
             acts += self._finish_deactivate()
         return acts
+
+    def _held_too_much(self, c: Client) -> bool:
+        return (
+            c.inflight_jobs > self.opts.offline_max_jobs
+            or c.inflight_bytes > self.opts.offline_max_bytes
+        )
+
+    def _fault_held(self, c: Client, now: float) -> list[Action]:
+        why = f"offline with {c.inflight_jobs} jobs ({c.inflight_bytes} bytes) outstanding"
+        return self._fault(c, why, now)
 
     def _needs_barrier(self) -> bool:
         """Finished work piles up (no flush lately): a barrier lets it retire."""
