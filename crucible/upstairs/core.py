@@ -20,6 +20,10 @@ network.
 * Retirement: jobs leave the table only when a flush or barrier has finished
   on all three; until then they are kept for replay to a client that drops
   and comes back (it resumes with LastFlush and gets every later job again).
+* Faults: a client that holds too much while offline, fails a write or
+  flush, or is replaced, is FAULTED: its jobs are skipped. It reconnects, and
+  live repair (live_repair.py) copies what it missed extent by extent while
+  guest IO goes on; then it is ACTIVE again.
 * Timers: a flush after `flush_timeout` idle with unflushed work; a barrier
   when the finished-but-unretired backlog grows; Ruok every 5 s; a client
   silent for 45 s is dropped.
@@ -384,11 +388,13 @@ class UpstairsCore:
 
     def connect_failed(self, cid: int, reason: str, now: float) -> list[Action]:
         c = self.clients[cid]
-        c.last_error = f"cannot connect to {c.name}: {reason}"
+        err = f"cannot connect to {c.name}: {reason}"
+        repeat = err == c.last_error  # said once; a downstairs may stay down for long
+        c.last_error = err
         if c.state is not CState.CONNECTING:
             return []
         c.reconnect_at = now + self.opts.reconnect_delay
-        return [Log(f"[{c.id}] {c.last_error}; retrying", "warning")]
+        return [Log(f"[{c.id}] {err}; retrying", "debug" if repeat else "warning")]
 
     def connected(self, cid: int, now: float) -> list[Action]:
         c = self.clients[cid]
