@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any
 
 import xxhash
@@ -42,8 +41,8 @@ from crucible.protocol import messages as m
 from crucible.protocol.errors import CrucibleError, ErrorKind
 from crucible.protocol.wire import SocketAddr
 from crucible.region.definition import RegionDefinition
+from crucible.upstairs import live_repair, negotiation
 from crucible.upstairs.actions import Action, Complete, Connect, Drop, Log, Send
-from crucible.upstairs.clients import Client, CState, Mode
 from crucible.upstairs.deps import BlockMap
 from crucible.upstairs.jobs import (
     LIVE_OPS,
@@ -51,16 +50,12 @@ from crucible.upstairs.jobs import (
     FlushOp,
     IOState,
     Job,
-    LiveCloseOp,
-    LiveNoOp,
-    LiveReopenOp,
-    LiveRepairOp,
     Op,
     ReadOp,
     TrimOp,
     WriteOp,
 )
-from crucible.upstairs.live_repair import ExtentJobs, LiveRepair
+from crucible.upstairs.live_repair import LiveRepair
 from crucible.upstairs.mend import (
     ExtentVersions,
     Repair,
@@ -69,6 +64,7 @@ from crucible.upstairs.mend import (
     next_flush_number,
 )
 from crucible.upstairs.reconcile import Outcome, Reconciliation
+from crucible.upstairs.state import Client, CState, Mode, UpState
 from crucible.upstairs.verify import check_read_reply, first_difference
 
 FIRST_JOB_ID = 1000
@@ -82,14 +78,6 @@ LIVE_STATES = (
     CState.REPAIR_READY,
     CState.LIVE_REPAIR,
 )
-
-
-class UpState(Enum):
-    INIT = "initializing"
-    GO_ACTIVE = "go-active"
-    ACTIVE = "active"
-    DEACTIVATING = "deactivating"
-    DISABLED = "disabled"
 
 
 @dataclass
@@ -206,7 +194,7 @@ class UpstairsCore:
         self.deactivate_token = token
         acts: list[Action] = [Log("deactivating: final flush")]
         if self.repair is not None and not self.repair.aborting:
-            acts += self._abort_repair("the upstairs is deactivating", now)
+            acts += live_repair.abort(self, "the upstairs is deactivating", now)
         for c in self.clients:
             if c.holds_jobs:  # it cannot finish the final flush; it is repaired later
                 acts += self._fault(c, "offline at deactivation", now)
@@ -488,144 +476,12 @@ class UpstairsCore:
                 now,
             )
         if c.state is CState.NEGOTIATING:
-            return self._negotiate(c, msg, now)
+            return negotiation.negotiate(self, c, msg, now)
         if c.state is CState.RECONCILE:
             return self._reconcile_reply(c, msg, now)
         if c.state in (CState.ACTIVE, CState.LIVE_REPAIR):
             return self._job_reply(c, msg, now) + self._maintain(now)
         return [Log(f"[{c.id}] ignored {type(msg).__name__} in state {c.state.value}")]
-
-    # ---- negotiation --------------------------------------------------------------------
-
-    def _negotiate(self, c: Client, msg: m.Message, now: float) -> list[Action]:
-        cid = c.id
-        if isinstance(msg, m.VersionMismatch | m.ReadOnlyMismatch | m.EncryptedMismatch):
-            what = {
-                m.VersionMismatch: f"speaks protocol version {getattr(msg, 'version', '')}",
-                m.ReadOnlyMismatch: "has a different read-only mode",
-                m.EncryptedMismatch: "has a different encryption setting",
-            }[type(msg)]
-            return self._fail_activation(f"downstairs {c.name} {what}", now)
-        if c.phase == "hello" and isinstance(msg, m.YesItsMe):
-            if msg.version != m.CRUCIBLE_MESSAGE_VERSION:
-                return self._fail_activation(
-                    f"downstairs {c.name} speaks version {msg.version}", now
-                )
-            host, port = msg.repair_addr
-            if host in ("0.0.0.0", "::"):
-                host = c.target[0]  # it listens everywhere: reach it where we reached it
-            c.repair_addr = (host, port)
-            c.phase = "promote"
-            return [Send(cid, m.PromoteToActive(self.upstairs_id, self.session_id, self.gen))]
-        if c.phase == "promote" and isinstance(msg, m.YouAreNowActive):
-            if (msg.upstairs_id, msg.session_id, msg.gen) != (
-                self.upstairs_id,
-                self.session_id,
-                self.gen,
-            ):
-                return self._fail_activation(f"downstairs {c.name} promoted another session", now)
-            c.phase = "region"
-            return [Send(cid, m.RegionInfoPlease())]
-        if c.phase == "region" and isinstance(msg, m.RegionInfo):
-            return self._region_info(c, msg.region_def, now)
-        if c.phase == "versions" and isinstance(msg, m.ExtentVersions):
-            c.versions = ExtentVersions(msg.gen_numbers, msg.flush_numbers, msg.dirty_bits)
-            c.state = CState.WAIT_QUORUM
-            c.phase = ""
-            if self.state is UpState.ACTIVE:
-                if self.opts.read_only:
-                    c.state = CState.ACTIVE  # read-only: nothing to reconcile, it joins at once
-                else:
-                    c.state = CState.REPAIR_READY  # it missed writes: live repair
-                    return [
-                        Log(f"[{cid}] {c.name} is ready for live repair ({c.mode.value})"),
-                        *self._maintain(now),
-                    ]
-            n = sum(1 for x in self.clients if x.state is CState.WAIT_QUORUM)
-            return [
-                Log(
-                    f"[{cid}] {c.name} extent versions: gen {_preview(msg.gen_numbers)} "
-                    f"flush {_preview(msg.flush_numbers)} dirty {_preview(msg.dirty_bits)}"
-                ),
-                Log(f"#### {c.name} #### CONNECTED ######## {n}/3"),
-                *self._maintain(now),
-            ]
-        return [Drop(cid, f"unexpected {type(msg).__name__} while negotiating ({c.phase})")]
-
-    def _region_info(self, c: Client, d: RegionDefinition, now: float) -> list[Action]:
-        acts: list[Action] = [
-            Log(
-                f"[{c.id}] {c.name} bs:{d.block_size} es:{d.extent_size} "
-                f"ec:{d.extent_count} uuid:{d.uuid}"
-            )
-        ]
-        problem = None
-        ref = self.region
-        if d.encrypted:
-            problem = f"downstairs {c.name} holds an encrypted region; no key was given"
-        elif ref is not None and (ref.block_size, ref.extent_size, ref.extent_count) != (
-            d.block_size,
-            d.extent_size,
-            d.extent_count,
-        ):
-            problem = (
-                f"downstairs {c.name} has bs:{d.block_size} es:{d.extent_size} "
-                f"ec:{d.extent_count}, others have bs:{ref.block_size} es:{ref.extent_size} "
-                f"ec:{ref.extent_count}"
-            )
-        elif c.mode is not Mode.REPLACED and c.region_uuid not in (None, d.uuid):
-            # Another region answers at this address: only replace() may do that.
-            problem = f"{c.name} now holds region {d.uuid}, not {c.region_uuid}"
-        if problem and self.state not in (UpState.ACTIVE, UpState.DEACTIVATING):
-            return acts + self._fail_activation(problem, now)
-        if problem:
-            # The volume is serving: refuse this one downstairs (it is retried), not the volume.
-            c.last_error = problem
-            return [*acts, Log(f"[{c.id}] {problem}", "error"), Drop(c.id, problem)]
-        self.region = d
-        c.region = d
-        c.region_uuid = d.uuid
-        if c.mode is Mode.OFFLINE:
-            return acts + self._resume(c, now)
-        c.phase = "versions"
-        return [*acts, Send(c.id, m.ExtentVersionsPlease())]
-
-    def _resume(self, c: Client, now: float) -> list[Action]:
-        """Back from offline: continue after the last flush it finished, and
-        replay every job since (the downstairs' completed set starts there)."""
-        c.state = CState.ACTIVE
-        c.phase = ""
-        c.mode = Mode.NEW
-        c.offline_since = None
-        acts: list[Action] = [
-            Send(c.id, m.LastFlush(c.last_flush_done)),
-            Log(f"[{c.id}] {c.name} is back: replaying jobs after flush {c.last_flush_done}"),
-        ]
-        c.inflight_jobs = 0
-        c.inflight_bytes = 0
-        for job in self.jobs.values():
-            if c.last_flush_done is not None and job.id <= c.last_flush_done:
-                continue
-            if job.state[c.id] is IOState.SKIPPED:
-                continue
-            if job.state[c.id] is IOState.DONE:
-                job.state[c.id] = IOState.IN_PROGRESS
-                if job.finished:  # it will finish again when the replay is done
-                    job.finished = False
-                    self.done_jobs -= 1
-                    self.done_bytes -= job.nbytes
-                    if job.is_flush_like:
-                        self.flushes_pending += 1
-            job.replay = True
-            if job.state[c.id] is IOState.IN_PROGRESS:
-                c.inflight_jobs += 1
-                c.inflight_bytes += job.nbytes
-                acts.append(
-                    Send(
-                        c.id, job.message(self.upstairs_id, self.session_id, self._deps_for(c, job))
-                    )
-                )
-        return acts
 
     def _fail_activation(
         self, reason: str, now: float, err: CrucibleError | None = None
@@ -992,7 +848,7 @@ class UpstairsCore:
             self.flushes_pending -= 1
             acts += self._retire(job.id)
         if isinstance(job.op, LIVE_OPS) or (self.repair and job.id == self.repair.final_flush):
-            acts += self._repair_step(job, now)
+            acts += live_repair.step(self, job, now)
         return acts
 
     def _park_flush(self, job: Job) -> bool:
@@ -1038,7 +894,7 @@ class UpstairsCore:
             acts.append(Drop(c.id, reason))
         rep = self.repair
         if rep is not None and not rep.aborting and (c.id == rep.source or c.id in rep.targets):
-            acts += self._abort_repair(f"{c.name} faulted: {reason}", now)
+            acts += live_repair.abort(self, f"{c.name} faulted: {reason}", now)
         finished = []
         for job in self.jobs.values():
             if job.state[c.id] is IOState.IN_PROGRESS:
@@ -1058,129 +914,6 @@ class UpstairsCore:
         return self.repair is not None or any(
             isinstance(j.op, LIVE_OPS) for j in self.jobs.values()
         )
-
-    # ---- live repair (live_repair.py) --------------------------------------------------
-
-    def _start_live_repair(self, now: float) -> list[Action]:
-        if self.state is not UpState.ACTIVE or self.repair is not None or self.opts.read_only:
-            return []
-        ready = [c for c in self.clients if c.state is CState.REPAIR_READY]
-        healthy = [c for c in self.clients if c.state is CState.ACTIVE]
-        if not ready or not healthy or self.region is None:
-            return []
-        acts: list[Action] = []
-        for c in self.clients:
-            if c.holds_jobs:  # its replay would interleave with the repair's jobs
-                acts += self._fault(c, "offline when live repair started", now)
-        source = healthy[-1]
-        r = self.region
-        self.repair = LiveRepair(
-            source.id, [c.id for c in ready], r.extent_count, r.extent_size, now
-        )
-        for c in ready:
-            c.state = CState.LIVE_REPAIR
-            c.first_job = self.next_id
-            c.skipped.clear()
-            c.inflight_jobs = c.inflight_bytes = 0
-        names = ", ".join(c.name for c in ready)
-        acts.append(
-            Log(f"live repair of {names} from {source.name}: {r.extent_count} extents", "warning")
-        )
-        return acts + self._repair_next_extent(now)
-
-    def _repair_next_extent(self, now: float) -> list[Action]:
-        rep = self.repair
-        assert rep is not None and self.region is not None
-        rep.extent += 1
-        if rep.aborting:
-            return self._end_repair(now)
-        if rep.extent >= rep.extent_count:
-            acts = self._enqueue(FlushOp(self._take_flush_number(), self.gen), None, now)
-            rep.final_flush = self.next_id - 1
-            return acts
-        ids = ExtentJobs(self.next_id)
-        self.next_id += 4
-        rep.jobs = ids
-        es = rep.extent_size
-        # The reopen becomes the extent's last writer: IO to it waits for the repair.
-        deps = self.blocks.add_write(ids.reopen, rep.extent * es, es)
-        close = LiveCloseOp(rep.extent, self._take_flush_number(), self.gen, tuple(rep.targets))
-        acts = self._add_job(Job(ids.close, close, deps, [IOState.SKIPPED] * 3), now)
-        reopen = Job(ids.reopen, LiveReopenOp(rep.extent), [ids.noop], [IOState.SKIPPED] * 3)
-        return acts + self._add_job(reopen, now)
-
-    def _repair_step(self, job: Job, now: float) -> list[Action]:
-        rep = self.repair
-        if rep is None:
-            return []
-        op = job.op
-        if isinstance(op, LiveCloseOp) and rep.jobs and job.id == rep.jobs.close:
-            ids = rep.jobs
-            copy: tuple[int, ...] = ()
-            if not rep.aborting:
-                copy = rep.needs_copy(job.closed)
-                if copy:
-                    rep.repaired += 1
-                else:
-                    rep.confirmed += 1
-            src = self.clients[rep.source].repair_addr
-            assert src is not None
-            repair = LiveRepairOp(op.extent, rep.source, src, copy)
-            return self._add_job(Job(ids.repair, repair, [ids.close], [IOState.SKIPPED] * 3), now)
-        if isinstance(op, LiveRepairOp) and rep.jobs and job.id == rep.jobs.repair:
-            # Only now may the source reopen (and change) the extent: every copy is done.
-            noop = Job(rep.jobs.noop, LiveNoOp(), [job.id], [IOState.SKIPPED] * 3)
-            return self._add_job(noop, now)
-        if isinstance(op, LiveReopenOp) and rep.jobs and job.id == rep.jobs.reopen:
-            out: list[Action] = []
-            n = op.extent + 1
-            if n == rep.extent_count or n % max(1, rep.extent_count // 10) == 0:
-                out.append(
-                    Log(
-                        f"live repair: extent {n} of {rep.extent_count} "
-                        f"({rep.repaired} copied, {rep.confirmed} matched)"
-                    )
-                )
-            return out + self._repair_next_extent(now)
-        if job.id == rep.final_flush:
-            return self._end_repair(now)
-        return []
-
-    def _end_repair(self, now: float) -> list[Action]:
-        rep = self.repair
-        assert rep is not None
-        self.repair = None
-        waiters, self.repair_waiters = self.repair_waiters, []
-        took = now - rep.started
-        if rep.aborting:
-            self.live_repairs_aborted += 1
-            err = CrucibleError(ErrorKind.IoError, f"live repair aborted: {rep.abort_reason}")
-            return [Complete(w, err) for w in waiters]
-        acts: list[Action] = []
-        for t in rep.targets:
-            c = self.clients[t]
-            if c.state is CState.LIVE_REPAIR:
-                c.state = CState.ACTIVE
-                c.mode = Mode.NEW
-                c.last_error = ""
-        self.live_repairs += 1
-        acts.append(
-            Log(
-                f"live repair done in {took:.2f} s: {rep.repaired} extents copied, "
-                f"{rep.confirmed} matched",
-                "warning",
-            )
-        )
-        return acts + [Complete(w, None) for w in waiters]
-
-    def _abort_repair(self, reason: str, now: float) -> list[Action]:
-        rep = self.repair
-        assert rep is not None
-        rep.abort_reason = reason
-        acts: list[Action] = [Log(f"live repair aborted: {reason}", "error")]
-        for t in rep.targets:
-            acts += self._fault(self.clients[t], "live repair aborted", now)
-        return acts
 
     # ---- timers and housekeeping ---------------------------------------------------------------
 
@@ -1226,7 +959,7 @@ class UpstairsCore:
                 acts += self._fault_held(c, now)
         if self.state is UpState.ACTIVE:
             if self.repair is None:
-                acts += self._start_live_repair(now)
+                acts += live_repair.start(self, now)
             if self._needs_barrier():
                 acts += self._enqueue(BarrierOp(), None, now)
         if self.state is UpState.DEACTIVATING and not self.jobs:
@@ -1273,9 +1006,3 @@ def _describe(op: Op) -> str:
     if isinstance(op, FlushOp):
         return f"fln:{op.flush_number} gen:{op.gen}"
     return ""
-
-
-def _preview(values: list[int] | list[bool], limit: int = 8) -> str:
-    vals = [int(v) for v in values]
-    shown = ", ".join(str(v) for v in vals[:limit])
-    return f"[{shown}{', ...' if len(vals) > limit else ''}]"

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 
 from crucible.protocol import messages as m
 from crucible.protocol.errors import CrucibleError
-from crucible.upstairs.clients import CState, Mode
 from crucible.upstairs.core import Options
+from crucible.upstairs.state import CState, Mode
 from tests.upstairs.sim import Sim
 from tests.upstairs.test_simulation import Token, _check
 

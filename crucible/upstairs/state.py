@@ -1,4 +1,4 @@
-"""What the upstairs knows about each of its three downstairs."""
+"""The states of the upstairs and what it knows about each of its three downstairs."""
 
 from __future__ import annotations
 
@@ -9,6 +9,14 @@ from enum import Enum
 from crucible.protocol.wire import SocketAddr
 from crucible.region.definition import RegionDefinition
 from crucible.upstairs.mend import ExtentVersions
+
+
+class UpState(Enum):
+    INIT = "initializing"
+    GO_ACTIVE = "go-active"
+    ACTIVE = "active"
+    DEACTIVATING = "deactivating"
+    DISABLED = "disabled"
 
 
 class CState(Enum):
