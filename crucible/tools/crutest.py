@@ -29,6 +29,10 @@ class VerifyError(Exception):
     pass
 
 
+class WorkloadError(Exception):
+    """The workload could not go on (a downstairs never came back, dsc is gone)."""
+
+
 @dataclass
 class Run:
     up: Upstairs
@@ -228,7 +232,7 @@ async def io_until(run: Run, done: Callable[[], bool], what: str, max_blocks: in
     while not done():
         if time.monotonic() > deadline:
             states = ", ".join(f"{d['target']} {d['state']}" for d in run.up.info()["downstairs"])
-            raise VerifyError(f"{what} did not happen within {FAULT_WAIT:g} s ({states})")
+            raise WorkloadError(f"{what} did not happen within {FAULT_WAIT:g} s ({states})")
         await random_op(run, max_blocks)
         await asyncio.sleep(0)
 
@@ -242,12 +246,10 @@ def _all_active(run: Run) -> bool:
 
 
 async def _dsc(run: Run, method: str, path: str) -> object:
-    if run.args.dsc is None:
-        raise VerifyError(f"the {run.args.workload} workload needs --dsc HOST:PORT")
     try:
         return await asyncio.to_thread(dsc.request, run.args.dsc, method, path)
     except dsc.DscError as e:
-        raise VerifyError(f"dsc: {e}") from None
+        raise WorkloadError(f"dsc: {e}") from None
 
 
 async def _dsc_client(run: Run) -> tuple[int, int]:
@@ -257,7 +259,7 @@ async def _dsc_client(run: Run) -> tuple[int, int]:
     ports = [t[1] for t in run.args.target]
     pairs = [(d["cid"], ports.index(d["port"])) for d in fleet if d["port"] in ports]
     if not pairs:
-        raise VerifyError("dsc runs none of the targets given with -t")
+        raise WorkloadError("dsc runs none of the targets given with -t")
     return run.rng.choice(pairs)
 
 
@@ -313,8 +315,6 @@ async def replace(run: Run) -> None:
     """Replace the last -t downstairs with the empty one at --replacement while
     IO runs; live repair fills it, then everything is verified."""
     new = run.args.replacement
-    if new is None:
-        raise VerifyError("the replace workload needs --replacement HOST:PORT")
     old = run.args.target[-1]
     for _ in range(run.count):
         await random_op(run)
@@ -488,12 +488,18 @@ def main() -> None:
     )
     if args.verify_out is not None and args.workload == "perf":
         p.error("perf writes data the verify log does not track; drop --verify-out")
+    if args.workload in ("replay", "repair") and args.dsc is None:
+        p.error(f"{args.workload} needs --dsc HOST:PORT, the control API of a running dsc")
+    if args.workload == "replace" and args.replacement is None:
+        p.error("replace needs --replacement HOST:PORT, a downstairs with an empty region")
     try:
         code = run_async(_main(args))
     except CrucibleError as e:
         fail(PROG, str(e.detail or e))
     except VerifyError as e:
         fail(PROG, f"verify failed: {e}")
+    except WorkloadError as e:
+        fail(PROG, str(e))
     except ValueError as e:
         fail(PROG, str(e))
     except KeyboardInterrupt:
