@@ -95,3 +95,10 @@ def test_kill_restart_repair_and_replace_under_io(tmp_path: Path) -> None:
         finally:
             new.stop()
         dump_matches(regions[0], regions[1], fresh)
+
+
+def test_fault_workloads_need_their_options() -> None:
+    targets = ["-t", "127.0.0.1:1", "-t", "127.0.0.1:2", "-t", "127.0.0.1:3"]
+    for workload, needs in (("replay", "--dsc"), ("repair", "--dsc"), ("replace", "--replacement")):
+        r = run_tool("crutest", workload, *targets)
+        assert r.returncode == 2 and f"{workload} needs {needs}" in r.stderr, r.stderr
