@@ -102,6 +102,13 @@ class Sim:
         assert src.region.is_closed(eid), "live repair copies only a closed extent"
         out.write(extent_path(src.region.dir, eid).read_bytes())
 
+    def activate(self, gen: int = 1) -> None:
+        """Activate and let negotiation finish."""
+        tok = object()
+        self.apply(self.up.activate(tok, gen, self.now))
+        self.settle()
+        assert self.completed[tok] is None
+
     def kill(self, i: int) -> None:
         """Downstairs i goes away (until `revive`): its connection is cut."""
         self.ds[i].down = True

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 
 import pytest
@@ -33,6 +33,17 @@ async def until(ok: Callable[[], bool], what: str, poll: float = 0.01) -> None:
 
 def states(up: Upstairs) -> list[str]:
     return [d["state"] for d in up.info()["downstairs"]]
+
+
+Scenario = Callable[[Cluster], Coroutine[None, None, None]]
+
+
+def run_on_cluster(tmp_path: Path, scenario: Scenario) -> None:
+    """Run a scenario against three fresh downstairs; the replicas must then match."""
+    with cluster(tmp_path, *GEOMETRY) as c:
+        asyncio.run(scenario(c))
+        dump = c.dump()
+        assert dump.returncode == 0 and "all match" in dump.stdout, dump.stdout
 
 
 class Guest:
@@ -118,10 +129,7 @@ async def _kill_mid_repair(c: Cluster, who: str) -> None:
 
 @pytest.mark.parametrize("who", ["target", "source"])
 def test_downstairs_killed_during_live_repair(tmp_path: Path, who: str) -> None:
-    with cluster(tmp_path, *GEOMETRY) as c:
-        asyncio.run(_kill_mid_repair(c, who))
-        dump = c.dump()
-        assert dump.returncode == 0 and "all match" in dump.stdout, dump.stdout
+    run_on_cluster(tmp_path, lambda c: _kill_mid_repair(c, who))
 
 
 async def _two_gone(c: Cluster) -> None:
@@ -157,10 +165,7 @@ async def _two_gone(c: Cluster) -> None:
 
 
 def test_two_of_three_gone_fails_clearly(tmp_path: Path) -> None:
-    with cluster(tmp_path, *GEOMETRY) as c:
-        asyncio.run(_two_gone(c))
-        dump = c.dump()
-        assert dump.returncode == 0 and "all match" in dump.stdout, dump.stdout
+    run_on_cluster(tmp_path, _two_gone)
 
 
 class Proxy:
@@ -225,10 +230,7 @@ async def _silent_peer(c: Cluster) -> None:
 
 
 def test_silent_peer_is_dropped_by_keepalive(tmp_path: Path) -> None:
-    with cluster(tmp_path, *GEOMETRY) as c:
-        asyncio.run(_silent_peer(c))
-        dump = c.dump()
-        assert dump.returncode == 0 and "all match" in dump.stdout, dump.stdout
+    run_on_cluster(tmp_path, _silent_peer)
 
 
 async def _replace_refusals(c: Cluster, odd: Downstairs) -> None:

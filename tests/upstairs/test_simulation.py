@@ -44,10 +44,7 @@ def _run(sim: Sim, data: st.DataObject) -> None:
             barrier_done.setdefault(msg.job_id, set()).add(client)
 
     sim.on_deliver = watch
-    tok = Token("activate")
-    sim.apply(sim.up.activate(tok, 1, 0.0))
-    sim.settle()
-    assert sim.completed[tok] is None
+    sim.activate()
 
     pending_reads: list[Token] = []
     pending_flushes: dict[Token, int] = {}
