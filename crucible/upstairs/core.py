@@ -138,6 +138,7 @@ class UpstairsCore:
         self.retired = 0
         # Kept as counts so that no event has to walk the job table.
         self.flushes_pending = 0
+        self.finished = 0  # jobs finished so far
         self.done_jobs = 0
         self.done_bytes = 0
 
@@ -480,7 +481,12 @@ class UpstairsCore:
         if c.state is CState.RECONCILE:
             return self._reconcile_reply(c, msg, now)
         if c.state in (CState.ACTIVE, CState.LIVE_REPAIR):
-            return self._job_reply(c, msg, now) + self._maintain(now)
+            finished = self.finished
+            acts = self._job_reply(c, msg, now)
+            # Housekeeping only when something it looks at may have changed.
+            if self.finished != finished or c.state not in (CState.ACTIVE, CState.LIVE_REPAIR):
+                acts += self._maintain(now)
+            return acts
         return [Log(f"[{c.id}] ignored {type(msg).__name__} in state {c.state.value}")]
 
     def _fail_activation(
@@ -842,6 +848,7 @@ class UpstairsCore:
             if job.guest is not None:
                 acts.append(Complete(job.guest, result))
         job.finished = True
+        self.finished += 1
         self.done_jobs += 1
         self.done_bytes += job.nbytes
         if job.is_flush_like:
