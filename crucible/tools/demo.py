@@ -1,7 +1,8 @@
 """The main job: three local regions (created sparse the first time, reused
-afterwards), three downstairs serving them, and the volume exported over NBD
-by crucible-nbd. Prints the nbd:// URI and commands to try; Ctrl-C stops
-everything cleanly. Each run activates with the next generation."""
+afterwards), three downstairs serving them under dsc, and the volume exported
+over NBD by crucible-nbd. Prints the nbd:// URI and commands to try (among
+them stopping a downstairs through dsc while the volume stays in use); Ctrl-C
+stops everything cleanly. Each run activates with the next generation."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import IO
 
 from crucible.cli_util import fail, port_number, positive_int, stop_process
+from crucible.tools.dsc import region_ports
 
 PROG = "scripts/demo"
 BIN = Path(sys.executable).parent
@@ -27,8 +29,9 @@ def main() -> None:
         "--port",
         type=port_number,
         default=3801,
-        help="first downstairs port (three in a row; repair ports +4000)",
+        help="first downstairs port (then +10 and +20; repair ports +4000)",
     )
+    p.add_argument("--control-port", type=port_number, default=9998, help="dsc's control API")
     p.add_argument("--nbd-port", type=port_number, default=10809, help="NBD port")
     p.add_argument("--size-gib", type=positive_int, default=2, help="volume size for new regions")
     p.add_argument(
@@ -38,49 +41,32 @@ def main() -> None:
     )
     args = p.parse_args()
 
-    ports = [args.port + i for i in range(3)]
+    ports = region_ports(args.port, 3)
     regions = [args.dir / str(port) for port in ports]
     block_size, extent_size = 4096, 8192  # 32 MiB extents
     extents = max(1, (args.size_gib << 30) // (block_size * extent_size))
-    for region in regions:
-        if not (region / "region.json").exists():
-            subprocess.run(
-                [
-                    BIN / "crucible-downstairs",
-                    "create",
-                    "-d",
-                    str(region),
-                    "--block-size",
-                    str(block_size),
-                    "--extent-size",
-                    str(extent_size),
-                    "--extent-count",
-                    str(extents),
-                ],
-                check=True,
-            )
+    present = [(r / "region.json").exists() for r in regions]
+    if not any(present):
+        _run_dsc(
+            "create", "--region-count", "3", "--output-dir", args.dir, "--port-base", args.port,
+            "--block-size", block_size, "--extent-size", extent_size, "--extent-count", extents,
+        )  # fmt: skip
+    elif not all(present):
+        missing = ", ".join(str(r) for r, ok in zip(regions, present, strict=True) if not ok)
+        fail(PROG, f"{args.dir} holds only some of the regions (missing {missing})")
+    control = f"127.0.0.1:{args.control_port}"
     procs: list[subprocess.Popen[bytes]] = []
     logs: list[IO[bytes]] = []
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        for region, port in zip(regions, ports, strict=True):
-            procs.append(
-                _spawn(
-                    [
-                        BIN / "crucible-downstairs",
-                        "run",
-                        "-d",
-                        str(region),
-                        "-p",
-                        str(port),
-                        "-a",
-                        "127.0.0.1",
-                        "-q",
-                    ],
-                    args.dir / f"{port}.log",
-                    logs,
-                )
+        procs.append(
+            _spawn(
+                [BIN / "dsc", "start", "--output-dir", args.dir, "--port-base", args.port,
+                 "--control", control],
+                args.dir / "dsc.log",
+                logs,
             )
+        )  # fmt: skip
         targets = [a for port in ports for a in ("-t", f"127.0.0.1:{port}")]
         nbd_log = args.dir / "nbd.log"
         procs.append(
@@ -88,8 +74,8 @@ def main() -> None:
         )
         uri = _wait_serving(nbd_log, procs, args)
         print(
-            f"three downstairs serve {args.dir} on ports {ports[0]}-{ports[-1]}; "
-            f"logs in {args.dir}/*.log"
+            f"three downstairs serve {args.dir} on ports {', '.join(map(str, ports))} "
+            f"under dsc (control API http://{control}/); logs in {args.dir}/*.log"
         )
         print(f"the volume is exported at {uri}")
         print("try:")
@@ -99,6 +85,10 @@ def main() -> None:
         print(f"  qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' {uri}")
         print(f"  nbdcopy --connections=4 {uri} copy.raw")
         print(f"  .venv/bin/crucible-downstairs dump {' '.join(f'-d {r}' for r in regions)}")
+        print(
+            f"  .venv/bin/dsc cmd --control {control} stop 1   "
+            "# the volume keeps working; `start 1` brings it back (replayed or live-repaired)"
+        )
         if args.once:
             _check(uri)
             return
@@ -109,12 +99,19 @@ def main() -> None:
     except KeyboardInterrupt:
         pass
     finally:
-        # crucible-nbd first: it flushes and deactivates while the downstairs still run.
+        # crucible-nbd first: it flushes and deactivates while the downstairs still run;
+        # then dsc, which stops them.
         for proc in reversed(procs):
             stop_process(proc, timeout=60)
         for log in logs:
             log.close()
         print("stopped")
+
+
+def _run_dsc(*args: object) -> None:
+    r = subprocess.run([str(BIN / "dsc"), *map(str, args)], capture_output=True, text=True)
+    if r.returncode != 0:
+        fail(PROG, r.stderr.strip() or "dsc failed")
 
 
 def _spawn(cmd: list[object], log_path: Path, logs: list[IO[bytes]]) -> subprocess.Popen[bytes]:

@@ -11,8 +11,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_demo_once(tmp_path: Path) -> None:
-    port = free_port(run=3)
+    port = free_port(run=3, step=10)
     nbd_port = free_port()
+    control_port = free_port()
     for gen in (1, 2):  # the second run reuses the regions with the next generation
         r = subprocess.run(
             [
@@ -24,6 +25,8 @@ def test_demo_once(tmp_path: Path) -> None:
                 str(port),
                 "--nbd-port",
                 str(nbd_port),
+                "--control-port",
+                str(control_port),
                 "--size-gib",
                 "1",
             ],
