@@ -46,6 +46,9 @@ def make_app(region: Region) -> web.Application:
         eid = extent_id(request)
         return web.json_response(region.read_only or region.is_closed(eid))
 
+    async def closed(request: web.Request) -> web.Response:
+        return web.json_response(region.closed_since(extent_id(request)))
+
     async def region_info(request: web.Request) -> web.Response:
         return web.json_response(region.definition.to_json())
 
@@ -58,6 +61,7 @@ def make_app(region: Region) -> web.Application:
             web.get(r"/extent/{eid:\d{1,10}}/files", files),
             web.get(r"/newextent/{eid:\d{1,10}}/data", data),
             web.get(r"/extent/{eid:\d{1,10}}/repair-ready", repair_ready),
+            web.get(r"/extent/{eid:\d{1,10}}/closed", closed),
             web.get("/region-info", region_info),
             web.get("/region-mode", region_mode),
         ]
@@ -80,15 +84,22 @@ def _get(addr: SocketAddr, path: str) -> bytes:
 
 
 def fetch_extent(addr: SocketAddr, eid: int, out: BinaryIO) -> None:
-    """Copy one extent file from a peer's repair server (blocking)."""
+    """Copy one extent file from a peer's repair server (blocking). The source
+    must keep the extent closed for the whole copy: a copy that overlapped a
+    reopen (new writes mid-file, new metadata at the end) is refused."""
     names = json.loads(_get(addr, f"/extent/{eid}/files"))
     expected = extent_relpath(eid).name
     if names != [expected]:
         raise CrucibleError(ErrorKind.RepairFilesInvalid, f"source lists {names!r}")
+    before = json.loads(_get(addr, f"/extent/{eid}/closed"))
+    if before is None:
+        raise CrucibleError(ErrorKind.RepairRequestError, f"source extent {eid} is not closed")
     try:
         with urllib.request.urlopen(_url(addr, f"/newextent/{eid}/data"), timeout=TIMEOUT) as r:
             shutil.copyfileobj(r, out, 1 << 20)
     except (urllib.error.URLError, OSError) as e:
         raise CrucibleError(ErrorKind.RepairStreamError, f"extent {eid}: {e}") from None
-    if json.loads(_get(addr, f"/extent/{eid}/repair-ready")) is not True:
-        raise CrucibleError(ErrorKind.RepairRequestError, f"source extent {eid} is not closed")
+    if json.loads(_get(addr, f"/extent/{eid}/closed")) != before:
+        raise CrucibleError(
+            ErrorKind.RepairRequestError, f"source extent {eid} was reopened during the copy"
+        )

@@ -61,6 +61,9 @@ class Region:
         self.layout = ExtentLayout(definition.extent_size, definition.block_size)
         self.extents: list[Extent | None] = []
         self.dirty_extents: set[int] = set()
+        # Times each extent was closed: a copy taken while it stayed closed
+        # sees the same count before and after (repair.py checks).
+        self.close_counts: dict[int, int] = {}
         self._flush_pool: ThreadPoolExecutor | None = None
 
     # ---- create / open / close ------------------------------------------------
@@ -226,6 +229,7 @@ class Region:
         ext = self.extent(eid)
         self.extents[eid] = None
         self.dirty_extents.discard(eid)
+        self.close_counts[eid] = self.close_counts.get(eid, 0) + 1
         return ext.close()
 
     def reopen_extent(self, eid: int) -> None:
@@ -249,6 +253,11 @@ class Region:
 
     def is_closed(self, eid: int) -> bool:
         return 0 <= eid < len(self.extents) and self.extents[eid] is None
+
+    def closed_since(self, eid: int) -> int | None:
+        """While extent `eid` is closed, a number that changes if it is reopened
+        and closed again; None while it is open."""
+        return self.close_counts.get(eid, 0) if self.is_closed(eid) else None
 
     def replace_extent(self, eid: int, fetch: Callable[[BinaryIO], object]) -> None:
         """Replace a closed extent's file with one written by `fetch`, crash-safely:

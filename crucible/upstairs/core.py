@@ -177,6 +177,7 @@ class UpstairsCore:
         self.session_id = uuid.uuid4()
         # A fresh session: the downstairs know none of our earlier job ids.
         self.blocks = BlockMap()
+        self.repair = None
         self.disabled_error = None
         self.activate_token = token
         acts: list[Action] = [Log(f"upstairs {self.upstairs_id} activating with gen {gen}")]
@@ -522,6 +523,9 @@ class UpstairsCore:
             if job.guest is not None and not job.acked:
                 job.acked = True
                 acts.append(Complete(job.guest, err))
+        acts += [Complete(w, err) for w in self.repair_waiters]  # flushes parked for a repair
+        self.repair_waiters = []
+        self.repair = None
         self.jobs.clear()
         self.flushes_pending = self.done_jobs = self.done_bytes = 0
         self.blocks = BlockMap()

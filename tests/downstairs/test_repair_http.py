@@ -67,3 +67,28 @@ def test_fetch_when_closed(ds: Downstairs) -> None:
     buf = io.BytesIO()
     fetch_extent(addr, 2, buf)
     assert buf.getvalue()[50 * 512 : 51 * 512] == b"\x07" * 512
+
+
+def test_fetch_refuses_a_copy_that_overlapped_a_reopen(ds: Downstairs) -> None:
+    """If the source reopens (and may write) the extent mid-copy and closes it
+    again, the bytes are a mix of two states: the copy must not be used."""
+    c = Client(ds.port)
+    c.negotiate()
+    c.send(m.ExtentClose(1, 2))
+    c.expect(m.RepairAckId)
+
+    class Meddler(io.BytesIO):
+        meddled = False
+
+        def write(self, b: bytes) -> int:  # type: ignore[override]
+            if not self.meddled:
+                self.meddled = True
+                c.send(m.ExtentReopen(2, 2))
+                c.expect(m.RepairAckId)
+                c.send(m.ExtentClose(3, 2))
+                c.expect(m.RepairAckId)
+            return super().write(b)
+
+    with pytest.raises(CrucibleError, match="reopened during the copy"):
+        fetch_extent(("127.0.0.1", ds.repair_port), 2, Meddler())
+    fetch_extent(("127.0.0.1", ds.repair_port), 2, io.BytesIO())  # closed throughout: fine

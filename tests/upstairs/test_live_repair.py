@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import tempfile
+import uuid
 from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
@@ -164,3 +165,39 @@ def _check_rules(
         if isinstance(sim.completed.get(t), CrucibleError):
             del flushes[t]
     _check(sim, reads, flushes, flush_acks, set())
+
+
+def test_takeover_during_repair_answers_parked_flushes(tmp_path: Path) -> None:
+    """Two downstairs out, one being repaired: a guest flush waits for the
+    repair. If another upstairs takes over meanwhile, the flush fails (it does
+    not hang), and a later activation starts from a clean slate."""
+    sim = Sim(tmp_path, es=ES, ec=EC, options=Options(offline_max_jobs=3, log_jobs=False))
+    sim.allow_drops = True
+    try:
+        sim.activate()
+        sim.kill(2)
+        for i in range(6):
+            sim.apply(sim.up.write(Token("write"), i, b"a" * BS, sim.now))
+            sim.settle()
+        sim.revive(2)
+        sim.tick(2.0)
+        for _ in range(10_000):  # until the repair has begun
+            if sim.up.repair is not None:
+                break
+            sim.step(sim.events()[0])
+        sim.kill(0)  # now only client 1 holds all data
+        flush = Token("flush")
+        sim.apply(sim.up.write(Token("write"), 20, b"b" * BS, sim.now))
+        sim.apply(sim.up.flush(flush, sim.now))
+        for _ in range(10_000):
+            if sim.up.repair_waiters or not sim.events():
+                break
+            sim.step(sim.events()[0])
+        assert sim.up.repair_waiters, "the flush waits for the repair"
+        other = m.YouAreNoLongerActive(uuid.uuid4(), uuid.uuid4(), 5)
+        sim.apply(sim.up.received(1, other, sim.now))
+        result = sim.completed.get(flush)
+        assert isinstance(result, CrucibleError) and "took over" in str(result)
+        assert sim.up.repair is None and not sim.up.repair_waiters
+    finally:
+        sim.close()
