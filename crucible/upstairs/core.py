@@ -57,7 +57,6 @@ from crucible.upstairs.jobs import (
 )
 from crucible.upstairs.live_repair import LiveRepair
 from crucible.upstairs.mend import (
-    ExtentVersions,
     Repair,
     generation_floor,
     mend,
@@ -178,6 +177,7 @@ class UpstairsCore:
         # A fresh session: the downstairs know none of our earlier job ids.
         self.blocks = BlockMap()
         self.repair = None
+        self.reconcile = None
         self.disabled_error = None
         self.activate_token = token
         acts: list[Action] = [Log(f"upstairs {self.upstairs_id} activating with gen {gen}")]
@@ -555,7 +555,10 @@ class UpstairsCore:
             return []
         versions = [c.versions for c in ready if c.versions is not None]
         floor = generation_floor(versions)
-        if not self.opts.read_only and self.gen <= floor:
+        # A reconciliation of this activation that was cut short stamped some
+        # extents with our own generation: only that may equal it.
+        ours = self.reconcile is not None and self.gen == floor
+        if not self.opts.read_only and self.gen <= floor and not ours:
             return self._fail_activation(
                 f"generation {self.gen} is not greater than {floor}, the highest generation "
                 "stored on the downstairs",
@@ -568,13 +571,15 @@ class UpstairsCore:
         repairs = mend(versions)
         if not repairs:
             return self._go_active(now)
-        return self._start_reconcile(repairs, versions, now)
+        return self._start_reconcile(repairs, now)
 
-    def _start_reconcile(
-        self, repairs: list[Repair], versions: list[ExtentVersions], now: float
-    ) -> list[Action]:
+    def _start_reconcile(self, repairs: list[Repair], now: float) -> list[Action]:
         addrs = [c.repair_addr for c in self.clients]
-        self.reconcile = Reconciliation(repairs, versions, addrs, self.next_repair_id, now)
+        # The repaired extents get the generation of this upstairs and a flush
+        # number of their own, so later flushes cannot make them look alike.
+        self.reconcile = Reconciliation(
+            repairs, addrs, self.next_repair_id, self._take_flush_number(), self.gen, now
+        )
         self.next_repair_id = self.reconcile.next_id
         for c in self.clients:
             c.state = CState.RECONCILE
@@ -618,6 +623,36 @@ class UpstairsCore:
             c.state = CState.CONNECTING
             c.reconnect_at = now + self.opts.reconnect_delay
         return acts
+
+    def _reconcile_all(self, now: float) -> list[Action]:
+        """All three were faulted, so none can be a live-repair source: compare
+        their extents and reconcile, as at activation (the generation is ours
+        already). What an acked flush covered is on two of them, so the newest
+        copy of each extent holds it."""
+        err = CrucibleError(ErrorKind.IoError, "every downstairs was faulted")
+        acts: list[Action] = [
+            Log("all three downstairs need repair and none is healthy: reconciling", "warning")
+        ]
+        for job in self.jobs.values():  # skipped everywhere: finished, and forgotten here
+            if job.guest is not None and not job.acked:
+                acts.append(Complete(job.guest, err))
+        self.jobs.clear()
+        self.blocks = BlockMap()
+        self.flushes_pending = self.done_jobs = self.done_bytes = 0
+        versions = []
+        for c in self.clients:
+            assert c.versions is not None
+            versions.append(c.versions)
+            c.state = CState.WAIT_QUORUM
+            c.mode = Mode.NEW
+            c.skipped.clear()
+            c.first_job = self.next_id  # new sessions everywhere
+            c.inflight_jobs = c.inflight_bytes = 0
+        self.next_flush = max(self.next_flush, next_flush_number(versions))
+        repairs = mend(versions)
+        if not repairs:
+            return acts + self._go_active(now)
+        return acts + self._start_reconcile(repairs, now)
 
     def _go_active(self, now: float) -> list[Action]:
         self.state = UpState.ACTIVE
@@ -971,6 +1006,8 @@ class UpstairsCore:
         if self.state is UpState.ACTIVE:
             if self.repair is None:
                 acts += live_repair.start(self, now)
+            if all(c.state is CState.REPAIR_READY for c in self.clients):
+                acts += self._reconcile_all(now)
             if self._needs_barrier():
                 acts += self._enqueue(BarrierOp(), None, now)
         if self.state is UpState.DEACTIVATING and not self.jobs:

@@ -13,7 +13,7 @@ from enum import Enum
 
 from crucible.protocol import messages as m
 from crucible.protocol.wire import SocketAddr
-from crucible.upstairs.mend import ExtentVersions, Repair, generation_floor, next_flush_number
+from crucible.upstairs.mend import Repair
 
 EVERYONE = (0, 1, 2)
 
@@ -36,13 +36,14 @@ class Reconciliation:
     def __init__(
         self,
         repairs: list[Repair],
-        versions: list[ExtentVersions],
         repair_addrs: list[SocketAddr | None],
         first_id: int,
+        flush_no: int,
+        gen_no: int,
         now: float,
     ) -> None:
-        flush_no = next_flush_number(versions)
-        gen_no = generation_floor(versions) + 1
+        """`flush_no` must be one no guest flush will use: the repaired extents
+        get it, and (gen, flush) is how replicas are later told apart."""
         self.steps: list[Step] = []
         rid = first_id
         for r in repairs:
