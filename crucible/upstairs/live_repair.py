@@ -163,9 +163,8 @@ def next_extent(up: UpstairsCore, now: float) -> list[Action]:
     if rep.aborting:
         return end(up, now)
     if rep.extent >= rep.extent_count:
-        acts = up._enqueue(FlushOp(up._take_flush_number(), up.gen), None, now)
-        rep.final_flush = up.next_id - 1
-        return acts
+        rep.final_flush = up.next_id  # the id _enqueue is about to give it
+        return up._enqueue(FlushOp(up._take_flush_number(), up.gen), None, now)
     ids = ExtentJobs(up.next_id)
     up.next_id += 4
     rep.jobs = ids
