@@ -125,13 +125,15 @@ class DownstairsServer:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: self._new_connection(), self.address, self.port, reuse_address=True
-        )
+        # The repair server first: an upstairs may fetch from it as soon as it
+        # has been told its address, right after connecting.
         self._runner = web.AppRunner(make_app(self.region), access_log=None)
         await self._runner.setup()
         try:
             await web.TCPSite(self._runner, self.address, self.repair_port).start()
+            self._server = await loop.create_server(
+                lambda: self._new_connection(), self.address, self.port, reuse_address=True
+            )
         except OSError:
             await self.stop()
             raise
