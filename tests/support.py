@@ -35,11 +35,21 @@ def _bindable(port: int) -> bool:
     return True
 
 
+def _ephemeral_start() -> int:
+    """Where the kernel starts picking local ports for outgoing connections."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port(run: int = 1, step: int = 1) -> int:
-    """The first of `run` free ports `step` apart whose repair ports (+4000) are free too."""
+    """The first of `run` free ports `step` apart whose repair ports (+4000) are free
+    too, all below the ephemeral range, so no outgoing connection takes one later."""
     rng = random.Random()
+    top = min(_ephemeral_start(), 65536) - 4000 - run * step
     for _ in range(200):
-        p = rng.randrange(20000, 50000)
+        p = rng.randrange(10000, max(top, 10001))
         if all(_bindable(q) and _bindable(q + 4000) for q in range(p, p + run * step, step)):
             return p
     raise RuntimeError("no free ports found")
@@ -53,6 +63,8 @@ def wait_listening(
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"downstairs exited with {proc.returncode}")
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            if proc is not None and proc.poll() is not None:  # someone else answered
+                raise RuntimeError(f"downstairs exited with {proc.returncode}")
             return
         time.sleep(0.05)
     raise TimeoutError(f"nothing listening on port {port}")
