@@ -20,6 +20,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from crucible.cli_util import stop_process
 from tests.support import BIN, Cluster, free_port, wait_listening
 
 TESTS = [
@@ -128,8 +129,7 @@ def main() -> None:
             print("crucible-nbd over three downstairs:")
             results += run_all(f"nbd://127.0.0.1:{port}/", "crucible", args.size_mib, args.runtime)
         finally:
-            nbd.terminate()
-            nbd.wait(60)
+            stop_process(nbd, timeout=60)
             cluster.stop()
         raw = base / "raw.img"
         subprocess.run(["truncate", "-s", str(ec * es * 4096), str(raw)], check=True)
@@ -158,8 +158,7 @@ def main() -> None:
             print("qemu-nbd on a raw file:")
             results += run_all(f"nbd://127.0.0.1:{qport}/", "qemu-nbd", args.size_mib, args.runtime)
         finally:
-            qemu.terminate()
-            qemu.wait(30)
+            stop_process(qemu)
             qemu_log.close()
     finally:
         shutil.rmtree(base, ignore_errors=True)

@@ -241,8 +241,15 @@ def _states(run: Run) -> list[str]:
     return [d["state"] for d in run.up.info()["downstairs"]]
 
 
-def _all_active(run: Run) -> bool:
-    return _states(run) == ["active"] * 3 and run.up.info()["live_repair"] is None
+def _all_active(run: Run, repairs_before: int = -1) -> bool:
+    """All three active, no repair running, and more repairs done than before."""
+    info = run.up.info()  # one snapshot: info() walks the job table
+    states = [d["state"] for d in info["downstairs"]]
+    return (
+        states == ["active"] * 3
+        and info["live_repair"] is None
+        and info["live_repairs"] > repairs_before
+    )
 
 
 async def _dsc(run: Run, method: str, path: str) -> object:
@@ -264,7 +271,7 @@ async def _dsc_client(run: Run) -> tuple[int, int]:
 
 
 def _repaired_since(run: Run, before: int) -> Callable[[], bool]:
-    return lambda: _all_active(run) and run.up.info()["live_repairs"] > before
+    return lambda: _all_active(run, before)
 
 
 async def replay(run: Run) -> None:

@@ -30,7 +30,7 @@ and cost only the close and reopen.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from crucible.protocol.errors import CrucibleError, ErrorKind
@@ -84,7 +84,6 @@ class LiveRepair:
     final_flush: int | None = None
     repaired: int = 0  # extents copied
     confirmed: int = 0  # extents that already matched
-    copied: set[int] = field(default_factory=set)
 
     @property
     def aborting(self) -> bool:
@@ -94,9 +93,7 @@ class LiveRepair:
         """Whether a guest job goes to a client under repair (see the module doc)."""
         if isinstance(op, ReadOp):
             return False
-        if isinstance(op, WriteOp):
-            return op.start // self.extent_size <= self.extent
-        if isinstance(op, TrimOp):
+        if isinstance(op, WriteOp | TrimOp):
             return op.start // self.extent_size <= self.extent
         return True  # flush, barrier and the repair's own jobs
 
