@@ -75,6 +75,10 @@ class WorkQueue:
     def __init__(self, last_flush: int | None = None) -> None:
         self.completed = CompletedJobs(last_flush)
         self.waiting: dict[int, Job] = {}
+        # How many of a waiting job's dependencies are known complete: a
+        # dependency never becomes incomplete again, so each is checked until it
+        # is done and then never again (a flush may depend on thousands of reads).
+        self._checked: dict[int, int] = {}
         self.started: set[int] = set()
 
     def __len__(self) -> int:
@@ -87,11 +91,17 @@ class WorkQueue:
 
     def _ready(self, job: Job) -> bool:
         is_complete = self.completed.is_complete
-        return all(is_complete(d) for d in job.dependencies)
+        deps = job.dependencies
+        i = self._checked.get(job.job_id, 0)
+        while i < len(deps) and is_complete(deps[i]):
+            i += 1
+        self._checked[job.job_id] = i
+        return i == len(deps)
 
     def add(self, job: Job) -> list[Job]:
         """Queue a job; returns it if it can start at once."""
         if self._ready(job):
+            del self._checked[job.job_id]
             self.started.add(job.job_id)
             return [job]
         self.waiting[job.job_id] = job
@@ -103,8 +113,11 @@ class WorkQueue:
         self.started.discard(job.job_id)
         if ok or isinstance(job, ReadRequest):
             self.completed.complete(job.job_id, isinstance(job, Flush | Barrier))
+        if not self.waiting:
+            return []
         ready = [j for j in self.waiting.values() if self._ready(j)]
         for j in ready:
             del self.waiting[j.job_id]
+            del self._checked[j.job_id]
             self.started.add(j.job_id)
         return ready

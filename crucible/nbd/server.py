@@ -10,10 +10,12 @@ block range is locked meanwhile so that no other write to it interleaves.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any, cast
 
 from crucible.nbd import protocol as p
 from crucible.netio import OutputBatcher
@@ -25,7 +27,11 @@ log = logging.getLogger("crucible.nbd")
 MAX_OPTION = 64 * 1024  # option payloads are small; more is abuse
 MAX_PAYLOAD = 32 << 20
 MAX_STATUS_BYTES = 64 << 20  # one BLOCK_STATUS answers at most this much
-REPLY_BACKLOG = 8 << 20  # unsent reply bytes before a handler waits for the client
+REPLY_BACKLOG = 8 << 20  # unsent reply bytes before the client's requests wait
+RX_BUFFER = 256 << 10  # request headers and small write payloads land here
+REQ_SIZE = p.REQUEST.size
+MAX_INFLIGHT = 512  # requests of one client in flight before reading pauses
+MAX_INFLIGHT_BYTES = 128 << 20
 
 
 class _Closed(Exception):
@@ -96,118 +102,237 @@ class NbdServer:
         self.port = port
         self.locks = _RangeLocks()
         self._server: asyncio.Server | None = None
-        self._clients: set[asyncio.Task[None]] = set()
+        self._conns: set[_Connection] = set()
         self._next_id = 1
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(
-            self._accept, self.host, self.port, limit=MAX_PAYLOAD + 64
-        )
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self._new_connection, self.host, self.port)
         sock = self._server.sockets[0].getsockname()
         self.port = sock[1]
+
+    def _new_connection(self) -> _Connection:
+        conn = _Connection(self, self._next_id)
+        self._next_id += 1
+        return conn
 
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
-        for t in list(self._clients):
-            t.cancel()
-        for t in list(self._clients):
+        tasks = [t for c in list(self._conns) for t in c.abort()]
+        for t in tasks:
             try:
                 await t
             except (asyncio.CancelledError, Exception):
                 pass
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._clients.add(task)
-        cid = self._next_id
-        self._next_id += 1
-        peer = writer.get_extra_info("peername")
-        log.info("nbd client %d connected from %s", cid, peer)
-        try:
-            conn = _Connection(self, reader, writer, cid)
-            await conn.run()
-        except _Closed as e:
-            log.warning("nbd client %d: %s; closing", cid, e)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            log.info("nbd client %d went away", cid)
-        finally:
-            self._clients.discard(task)
-            writer.close()
-            try:
-                await writer.wait_closed()
-            except (ConnectionError, asyncio.CancelledError):
-                pass
-            log.info("nbd client %d closed", cid)
 
+class _Connection(asyncio.BufferedProtocol):
+    """One client. Bytes land in a fixed receive buffer (a large write payload
+    straight into a buffer of its own); the handshake is a coroutine reading
+    from it, and in transmission each request is handled as it is parsed:
+    reads and plain aligned writes by callbacks, everything else by a task."""
 
-class _Connection:
-    def __init__(
-        self,
-        server: NbdServer,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        cid: int,
-    ) -> None:
+    def __init__(self, server: NbdServer, cid: int) -> None:
         self.server = server
         self.export = server.export
         self.up = server.export.upstairs
-        self.reader = reader
-        self.writer = writer
         self.cid = cid
         self.structured = False
         self.allocation_context = False
         self.no_zeroes = False
+        self.transport: asyncio.Transport | None = None
+        self.out: OutputBatcher | None = None
+        self._rx = bytearray(RX_BUFFER)
+        self._rxv = memoryview(self._rx)
+        self._start = self._end = 0  # unparsed bytes are _rx[_start:_end]
+        self._payload: bytearray | None = None  # a write's payload being received
+        self._got = 0
+        self._write_req: tuple[int, int, int, int] = (0, 0, 0, 0)
+        self._waiter: asyncio.Future[None] | None = None  # the handshake waits for bytes
+        self._eof = False
+        self._handshake: asyncio.Task[None] | None = None
+        self._transmitting = False
+        self._disconnecting = False
+        self._closed = False
         self.inflight: set[asyncio.Task[None]] = set()
-        self.out = OutputBatcher(writer.transport)
+        self._pending = 0  # requests whose reply is not sent yet
+        self._pending_bytes = 0
+        self._reading = True
+        self._writing_paused = False
+
+    # ---- transport events -----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=REPLY_BACKLOG)
+        self.out = OutputBatcher(self.transport)
+        self.server._conns.add(self)
+        log.info("nbd client %d connected from %s", self.cid, transport.get_extra_info("peername"))
+        self._handshake = asyncio.get_running_loop().create_task(self._run_handshake())
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._payload is not None:
+            return memoryview(self._payload)[self._got :]
+        if self._end == len(self._rx):  # move the unparsed tail to the front
+            n = self._end - self._start
+            self._rxv[:n] = self._rxv[self._start : self._end]
+            self._start, self._end = 0, n
+        return self._rxv[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._closed:
+            return
+        if self._payload is not None:
+            self._got += nbytes
+            if self._got < len(self._payload):
+                return
+            payload, self._payload = self._payload, None
+            flags, cookie, offset, length = self._write_req
+            self._dispatch(flags, p.Cmd.WRITE, cookie, offset, length, payload)
+            return
+        self._end += nbytes
+        if self._transmitting:
+            self._parse()
+        elif self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def eof_received(self) -> bool | None:
+        self._eof = True
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+        return None
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+        self._flow()
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        self._flow()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server._conns.discard(self)
+        self._eof = True
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+        if not self._closed:
+            self._closed = True
+            log.info("nbd client %d went away", self.cid)
+        log.info("nbd client %d closed", self.cid)
+
+    def close(self, reason: str = "") -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if reason:
+            log.warning("nbd client %d: %s; closing", self.cid, reason)
+        if self.out is not None:
+            self.out.flush()  # what was said before closing still goes out
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> list[asyncio.Task[None]]:
+        """Server shutdown: stop handling this client; the tasks to wait for."""
+        tasks = list(self.inflight)
+        if self._handshake is not None:
+            tasks.append(self._handshake)
+        for t in tasks:
+            t.cancel()
+        self.close()
+        return tasks
+
+    def _flow(self) -> None:
+        """Read requests only while replies drain and what is in flight is bounded."""
+        want = not (
+            self._writing_paused
+            or self._disconnecting
+            or self._pending >= MAX_INFLIGHT
+            or self._pending_bytes >= MAX_INFLIGHT_BYTES
+        )
+        if want != self._reading and self.transport is not None and not self._closed:
+            self._reading = want
+            if want:
+                self.transport.resume_reading()
+            else:
+                self.transport.pause_reading()
 
     # ---- handshake ------------------------------------------------------------------
 
-    async def run(self) -> None:
-        if await self.handshake():
-            await self.transmission()
+    async def _read(self, n: int) -> bytes:
+        while self._end - self._start < n:
+            if self._eof:
+                raise asyncio.IncompleteReadError(bytes(self._rx[self._start : self._end]), n)
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        data = bytes(self._rxv[self._start : self._start + n])
+        self._start += n
+        return data
+
+    def _send_raw(self, data: bytes) -> None:
+        assert self.out is not None
+        self.out.write(data)
+
+    async def _run_handshake(self) -> None:
+        try:
+            go = await self.handshake()
+        except _Closed as e:
+            self.close(str(e))
+            return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            if not self._closed:
+                self._closed = True
+                log.info("nbd client %d went away", self.cid)
+                if self.transport is not None:
+                    self.transport.close()
+            return
+        if not go:
+            self.close()
+            return
+        log.info(
+            "nbd client %d entered transmission (structured replies: %s)", self.cid, self.structured
+        )
+        self._transmitting = True
+        self._parse()
 
     async def handshake(self) -> bool:
         """Option haggling; True when the client enters transmission."""
-        self.writer.write(p.server_greeting())
-        (flags,) = struct.unpack(">I", await self.reader.readexactly(4))
+        self._send_raw(p.server_greeting())
+        (flags,) = struct.unpack(">I", await self._read(4))
         if not flags & p.FLAG_FIXED_NEWSTYLE:
             raise _Closed("client does not speak fixed newstyle")
         if flags & ~(p.FLAG_FIXED_NEWSTYLE | p.FLAG_NO_ZEROES):
             raise _Closed(f"unknown client flags {flags:#x}")
         self.no_zeroes = bool(flags & p.FLAG_NO_ZEROES)
         while True:
-            magic, opt, length = p.OPTION_HEADER.unpack(await self.reader.readexactly(16))
+            magic, opt, length = p.OPTION_HEADER.unpack(await self._read(16))
             if magic != p.IHAVEOPT:
                 raise _Closed(f"bad option magic {magic:#x}")
             if length > MAX_OPTION:
                 raise _Closed(f"option {opt} of {length} bytes is too long")
-            data = await self.reader.readexactly(length)
+            data = await self._read(length)
             try:
-                done = await self.option(opt, data)
+                done = self.option(opt, data)
             except p.OptionError as e:
                 self.reply(opt, p.Rep.ERR_INVALID, str(e).encode())
                 continue
-            await self.writer.drain()
             if done is not None:
                 return done
 
     def reply(self, opt: int, rep: int, data: bytes = b"") -> None:
-        self.writer.write(p.option_reply(opt, rep, data))
+        self._send_raw(p.option_reply(opt, rep, data))
 
-    async def option(self, opt: int, data: bytes) -> bool | None:
+    def option(self, opt: int, data: bytes) -> bool | None:
         """Answer one option; True/False ends the handshake (go / stop)."""
         ex = self.export
         if opt == p.Opt.EXPORT_NAME:
             name = data.decode("utf-8", "replace")
             if not ex.matches(name):
                 raise _Closed(f"unknown export {name!r}")
-            self.writer.write(p.export_name_reply(ex.size, ex.flags, self.no_zeroes))
+            self._send_raw(p.export_name_reply(ex.size, ex.flags, self.no_zeroes))
             return True
         if opt == p.Opt.ABORT:
             self.reply(opt, p.Rep.ACK)
-            await self.writer.drain()
             return False
         if opt == p.Opt.LIST:
             if data:
@@ -264,58 +389,143 @@ class _Connection:
 
     # ---- transmission ---------------------------------------------------------------
 
-    async def transmission(self) -> None:
-        log.info(
-            "nbd client %d entered transmission (structured replies: %s)", self.cid, self.structured
-        )
-        while True:
-            raw = await self.reader.readexactly(p.REQUEST.size)
-            magic, flags, cmd, cookie, offset, length = p.REQUEST.unpack(raw)
+    def _parse(self) -> None:
+        """Handle every complete request in the receive buffer."""
+        rx = self._rx
+        while not self._closed and not self._disconnecting and self._payload is None:
+            start = self._start
+            avail = self._end - start
+            if avail < REQ_SIZE:
+                break
+            magic, flags, cmd, cookie, offset, length = p.REQUEST.unpack_from(rx, start)
             if magic != p.REQUEST_MAGIC:
-                raise _Closed(f"bad request magic {magic:#x}")
-            data = b""
-            if cmd == p.Cmd.WRITE:
-                if length > MAX_PAYLOAD:
-                    raise _Closed(f"write of {length} bytes exceeds the {MAX_PAYLOAD} maximum")
-                data = await self.reader.readexactly(length)
-            if cmd == p.Cmd.DISC:
-                if self.inflight:
-                    await asyncio.gather(*self.inflight, return_exceptions=True)
-                log.info("nbd client %d disconnects", self.cid)
-                self.out.flush()
+                self.close(f"bad request magic {magic:#x}")
                 return
-            bs = self.up.block_size
-            if (
-                cmd == p.Cmd.WRITE
-                and not flags
-                and offset % bs == 0
-                and length % bs == 0
-                and self.up.core.has_room(length)
-            ):
-                # Acked as soon as queued: no need for a task of its own.
-                await self.handle(flags, cmd, cookie, offset, length, data)
+            if cmd != p.Cmd.WRITE:
+                self._start = start + REQ_SIZE
+                self._dispatch(flags, cmd, cookie, offset, length, b"")
                 continue
-            task = asyncio.ensure_future(self.handle(flags, cmd, cookie, offset, length, data))
-            self.inflight.add(task)
-            task.add_done_callback(self.inflight.discard)
+            if length > MAX_PAYLOAD:
+                self.close(f"write of {length} bytes exceeds the {MAX_PAYLOAD} maximum")
+                return
+            body = start + REQ_SIZE
+            if avail >= REQ_SIZE + length:
+                self._start = body + length
+                data = self._rxv[body : body + length].tobytes()
+                self._dispatch(flags, cmd, cookie, offset, length, data)
+                continue
+            # The rest of the payload goes straight into a buffer of its own.
+            payload = bytearray(length)
+            have = self._end - body
+            payload[:have] = self._rxv[body : self._end]
+            self._start = self._end = 0
+            self._payload, self._got = payload, have
+            self._write_req = (flags, cookie, offset, length)
+        if self._start == self._end:
+            self._start = self._end = 0
+
+    def _dispatch(
+        self, flags: int, cmd: int, cookie: int, offset: int, length: int, data: bytes | bytearray
+    ) -> None:
+        if cmd == p.Cmd.DISC:
+            log.info("nbd client %d disconnects", self.cid)
+            self._disconnecting = True
+            self._flow()
+            self._maybe_finish()
+            return
+        if not flags and cmd in (p.Cmd.READ, p.Cmd.WRITE):
+            error = self.check(flags, cmd, offset, length)
+            if error:
+                self.send_error(cookie, error, "request refused")
+                return
+            try:
+                if cmd == p.Cmd.READ and self._read_now(cookie, offset, length):
+                    return
+                if cmd == p.Cmd.WRITE and self._write_now(cookie, offset, data):
+                    return
+            except CrucibleError as e:
+                self.send_error(cookie, _errno(e), str(e))
+                return
+        task = asyncio.ensure_future(self.handle(flags, cmd, cookie, offset, length, data))
+        self.inflight.add(task)
+        self._started(length)
+        task.add_done_callback(functools.partial(self._task_done, length))
+
+    def _started(self, nbytes: int) -> None:
+        self._pending += 1
+        self._pending_bytes += nbytes
+        self._flow()
+
+    def _ended(self, nbytes: int) -> None:
+        self._pending -= 1
+        self._pending_bytes -= nbytes
+        self._flow()
+        self._maybe_finish()
+
+    def _task_done(self, nbytes: int, task: asyncio.Task[None]) -> None:
+        self.inflight.discard(task)
+        self._ended(nbytes)
+
+    def _maybe_finish(self) -> None:
+        """After DISC, close once every request in flight has been answered."""
+        if self._disconnecting and not self._pending:
+            self.close()
+
+    def _read_now(self, cookie: int, offset: int, length: int) -> bool:
+        bs = self.up.block_size
+        first = offset // bs
+        fut = self.up.read_nowait(first, -(-(offset + length) // bs) - first)
+        if fut is None:
+            return False
+        self._started(length)
+        skip = offset - first * bs
+        fut.add_done_callback(lambda f: self._read_done(f, cookie, offset, length, skip))
+        return True
+
+    def _read_done(
+        self,
+        fut: asyncio.Future[tuple[bytes, list[Any]]],
+        cookie: int,
+        offset: int,
+        length: int,
+        skip: int,
+    ) -> None:
+        self._ended(length)
+        exc = fut.exception()
+        if exc is None:
+            self.send_data(cookie, offset, memoryview(fut.result()[0])[skip : skip + length])
+        elif isinstance(exc, CrucibleError):
+            self.send_error(cookie, _errno(exc), str(exc))
+        else:
+            self.send_error(cookie, p.EIO, str(exc))
+
+    def _write_now(self, cookie: int, offset: int, data: bytes | bytearray) -> bool:
+        """A plain whole-block write, acked as soon as it is queued."""
+        bs = self.up.block_size
+        if offset % bs or len(data) % bs or not data or self.server.locks.held:
+            return False
+        if not self.up.write_nowait(offset // bs, data):
+            return False
+        self.send_ok(cookie)
+        return True
 
     async def handle(
-        self, flags: int, cmd: int, cookie: int, offset: int, length: int, data: bytes
+        self, flags: int, cmd: int, cookie: int, offset: int, length: int, data: bytes | bytearray
     ) -> None:
         try:
             error = self.check(flags, cmd, offset, length)
             if error:
-                await self.send_error(cookie, error, "request refused")
+                self.send_error(cookie, error, "request refused")
                 return
             handler = self.HANDLERS[cmd]
             await handler(self, flags, cookie, offset, length, data)
         except CrucibleError as e:
-            await self.send_error(cookie, _errno(e), str(e))
-        except (ConnectionError, asyncio.CancelledError):
+            self.send_error(cookie, _errno(e), str(e))
+        except asyncio.CancelledError:
             raise
         except Exception as e:  # one bad request must not take the server down
             log.exception("nbd client %d: request failed", self.cid)
-            await self.send_error(cookie, p.EIO, str(e))
+            self.send_error(cookie, p.EIO, str(e))
 
     def check(self, flags: int, cmd: int, offset: int, length: int) -> int:
         allowed = p.ALLOWED_FLAGS.get(cmd)
@@ -344,12 +554,7 @@ class _Connection:
         last = -(-(offset + length) // bs)
         data = await self.up.read(first, last - first)
         skip = offset - first * bs
-        view = memoryview(data)[skip : skip + length]
-        if self.structured:
-            head = p.chunk(cookie, p.Reply.OFFSET_DATA, 8 + length, True)
-            await self.send(head + struct.pack(">Q", offset), view)
-        else:
-            await self.send(p.simple_reply(cookie), view)
+        self.send_data(cookie, offset, memoryview(data)[skip : skip + length])
 
     async def cmd_write(
         self, flags: int, cookie: int, offset: int, length: int, data: bytes
@@ -360,7 +565,7 @@ class _Connection:
 
     async def cmd_flush(self, flags: int, cookie: int, offset: int, length: int, _: bytes) -> None:
         await self.up.flush()
-        await self.send_ok(cookie)
+        self.send_ok(cookie)
 
     async def cmd_trim(self, flags: int, cookie: int, offset: int, length: int, _: bytes) -> None:
         """Whole blocks in the range are discarded (zeros, space freed); partial
@@ -377,7 +582,7 @@ class _Connection:
         client asks for no holes; partial edge blocks are written with zeros."""
         no_hole = bool(flags & p.CMD_FLAG_NO_HOLE)
         if flags & p.CMD_FLAG_FAST_ZERO and no_hole:
-            await self.send_error(cookie, p.ENOTSUP, "allocated zeroes are written as data")
+            self.send_error(cookie, p.ENOTSUP, "allocated zeroes are written as data")
             return
         bs = self.up.block_size
         first, last = self.inner_blocks(offset, length)
@@ -417,7 +622,7 @@ class _Connection:
             i = j
             if flags & p.CMD_FLAG_REQ_ONE:
                 break
-        await self.send(p.block_status_chunk(cookie, p.ALLOCATION_CONTEXT_ID, extents))
+        self.send(p.block_status_chunk(cookie, p.ALLOCATION_CONTEXT_ID, extents))
 
     HANDLERS: dict[int, Callable[..., Awaitable[None]]] = {
         p.Cmd.READ: cmd_read,
@@ -479,26 +684,33 @@ class _Connection:
     async def finish_write(self, flags: int, cookie: int) -> None:
         if flags & p.CMD_FLAG_FUA:
             await self.up.flush()
-        await self.send_ok(cookie)
+        self.send_ok(cookie)
 
-    async def send(self, *parts: bytes | memoryview) -> None:
+    def send(self, *parts: bytes | memoryview) -> None:
         """Queue one whole reply (its parts go out together, never interleaved
-        with another reply); wait only when the client reads too slowly."""
-        self.out.write(*parts)
-        if self.out.backlog() > REPLY_BACKLOG:
-            await self.writer.drain()
+        with another reply). A client that reads replies too slowly is not read
+        from meanwhile (see _flow)."""
+        if self.out is not None and not self._closed:
+            self.out.write(*parts)
 
-    async def send_ok(self, cookie: int) -> None:
+    def send_data(self, cookie: int, offset: int, data: memoryview) -> None:
         if self.structured:
-            await self.send(p.chunk(cookie, p.Reply.NONE, 0, True))
+            head = p.chunk(cookie, p.Reply.OFFSET_DATA, 8 + len(data), True)
+            self.send(head + struct.pack(">Q", offset), data)
         else:
-            await self.send(p.simple_reply(cookie))
+            self.send(p.simple_reply(cookie), data)
 
-    async def send_error(self, cookie: int, error: int, message: str) -> None:
+    def send_ok(self, cookie: int) -> None:
         if self.structured:
-            await self.send(p.error_chunk(cookie, error, message))
+            self.send(p.chunk(cookie, p.Reply.NONE, 0, True))
         else:
-            await self.send(p.simple_reply(cookie, error))
+            self.send(p.simple_reply(cookie))
+
+    def send_error(self, cookie: int, error: int, message: str) -> None:
+        if self.structured:
+            self.send(p.error_chunk(cookie, error, message))
+        else:
+            self.send(p.simple_reply(cookie, error))
 
 
 def _errno(e: CrucibleError) -> int:

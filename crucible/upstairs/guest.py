@@ -201,6 +201,33 @@ class Upstairs:
                 lambda tok, now, b=b, piece=piece: self.core.write(tok, b, piece, now, unwritten)
             )
 
+    # Callers that answer from callbacks (the NBD server) queue one job without
+    # a coroutine per IO; when it would have to wait for room they get None or
+    # False and use the coroutines above instead.
+
+    def read_nowait(
+        self, block: int, count: int
+    ) -> asyncio.Future[tuple[bytes, list[m.ReadBlockContext]]] | None:
+        """Queue a read of at most MAX_IO_BYTES now; the future gets the data and
+        the blocks' contexts (None: never written)."""
+        if count * self.block_size > MAX_IO_BYTES or not self.core.has_room(0):
+            return None
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._apply(self.core.read(fut, block, count, self._now()))
+        return fut
+
+    def write_nowait(self, block: int, data: bytes | bytearray) -> bool:
+        """Queue a write of at most MAX_IO_BYTES now (acked when queued, like
+        write()); the volume keeps `data`, which the caller must not change."""
+        if len(data) > MAX_IO_BYTES or not self.core.has_room(len(data)):
+            return False
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._apply(self.core.write(fut, block, data, self._now()))
+        exc = fut.exception()  # done already: a write completes as it is queued
+        if exc is not None:
+            raise exc
+        return True
+
     async def trim(self, block: int, count: int) -> None:
         """Discard blocks: they read back as zeros and their space is freed."""
         await self._wait_room(0)

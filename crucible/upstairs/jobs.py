@@ -21,7 +21,7 @@ class IOState(Enum):
 class WriteOp:
     start: int
     contexts: list[m.BlockContext]
-    data: bytes | memoryview
+    data: bytes | bytearray | memoryview
     unwritten: bool = False
 
 
