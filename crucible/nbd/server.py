@@ -484,7 +484,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _read_done(
         self,
-        fut: asyncio.Future[tuple[bytes, list[Any]]],
+        fut: asyncio.Future[Any],
         cookie: int,
         offset: int,
         length: int,

@@ -8,6 +8,7 @@ back as a separate buffer so that it is never copied on the way out.
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Callable
 from dataclasses import fields
@@ -47,6 +48,10 @@ class ProtocolError(Exception):
 
 _QB = struct.Struct("<QB")
 _IQ = struct.Struct("<IQ")
+_QQ = struct.Struct("<QQ")
+# Frame length, tag, upstairs_id, session_id, job_id, dependency count: how
+# ReadRequest, Write and WriteUnwritten begin.
+_ID_HEAD = struct.Struct("<IIQ16sQ16sQQ")
 
 
 def put_contexts(out: bytearray, ctxs: list[BlockContext]) -> None:
@@ -281,6 +286,55 @@ def encode_parts(msg: Message) -> list[bytes | bytearray | memoryview]:
             raise ProtocolError(f"ReadResponse frame of {total} bytes is too large")
         U32.pack_into(out, 0, total)
         return [out, msg.data]
+    if type(msg) is ReadRequest:
+        deps = msg.dependencies
+        return [
+            _ID_HEAD.pack(
+                _ID_HEAD.size + 8 * len(deps) + 16,
+                tag,
+                16,
+                msg.upstairs_id.bytes,
+                16,
+                msg.session_id.bytes,
+                msg.job_id,
+                len(deps),
+            )
+            + struct.pack(f"<{len(deps)}Q", *deps)
+            + _QQ.pack(msg.start, msg.count)
+        ]
+    if type(msg) in (Write, WriteUnwritten) and all(
+        c.encryption is None
+        for c in msg.contexts  # type: ignore[union-attr]
+    ):
+        return _encode_plain_write(msg, tag)  # type: ignore[arg-type]
+    return _encode_generic(msg, tag)
+
+
+def _encode_plain_write(
+    msg: Write | WriteUnwritten, tag: int
+) -> list[bytes | bytearray | memoryview]:
+    """A write whose contexts are plain hashes: header, contexts, data length in
+    a few packs, and the data as its own buffer."""
+    deps, ctxs, data = msg.dependencies, msg.contexts, msg.data
+    n = len(ctxs)
+    head = bytearray(
+        _ID_HEAD.pack(
+            0, tag, 16, msg.upstairs_id.bytes, 16, msg.session_id.bytes, msg.job_id, len(deps)
+        )
+    )
+    head += struct.pack(f"<{len(deps)}Q", *deps)
+    head += _QQ.pack(msg.start, n)
+    head += struct.pack("<" + "QB" * n, *[v for c in ctxs for v in (c.hash, 0)])
+    head += U64.pack(len(data))
+    total = len(head) + len(data)
+    if total > MAX_FRAME_LEN:
+        raise ProtocolError(f"{type(msg).__name__} frame of {total} bytes is too large")
+    U32.pack_into(head, 0, total)
+    return [head, data]
+
+
+def _encode_generic(msg: Message, tag: int) -> list[bytes | bytearray | memoryview]:
+    """Field by field from the schema: every message can take this path."""
     cls, specs, bulk = _SCHEMA[tag]
     out = bytearray(4)
     out += U32.pack(tag)
@@ -316,6 +370,12 @@ _READ_HEAD = struct.Struct("<IQ16sQ16sQIQ")  # tag, ids, job, Ok, context count
 _READ_TAG = _TAG_OF[ReadResponse]
 
 
+@functools.lru_cache(maxsize=64)
+def _iq_run(count: int) -> struct.Struct:
+    """`count` (u32 tag, u64 value) pairs: a read reply's plain contexts."""
+    return struct.Struct("<" + "IQ" * count)
+
+
 def _fast_read_response(body: memoryview) -> Message | None:
     """A ReadResponse whose blocks all carry plain hashes (the common case),
     decoded without walking it field by field; None when it is anything else."""
@@ -327,14 +387,13 @@ def _fast_read_response(body: memoryview) -> Message | None:
     ctx_end = _READ_HEAD.size + 12 * count
     if ctx_end + 8 > len(body):
         return None
-    raw = bytes(body[_READ_HEAD.size : ctx_end])
-    pairs = list(_IQ.iter_unpack(raw)) if count else []
-    if any(t != 2 for t, _ in pairs):
+    pairs = _iq_run(count).unpack_from(body, _READ_HEAD.size)
+    if pairs[0::2].count(2) != count:  # every context Unencrypted{hash}
         return None
     (data_len,) = U64.unpack_from(body, ctx_end)
     if ctx_end + 8 + data_len != len(body):
         return None
-    hashes: list[ReadBlockContext] = [h for _, h in pairs]
+    hashes: list[ReadBlockContext] = list(pairs[1::2])
     return ReadResponse(
         wire.cached_uuid(up), wire.cached_uuid(sess), job, hashes, body[ctx_end + 8 :]
     )

@@ -828,7 +828,7 @@ class UpstairsCore:
             return err
         if job.read_contexts is None:
             job.read_contexts = list(msg.blocks)
-            job.read_data = bytes(msg.data)
+            job.read_data = msg.data  # a view into its frame, which nothing reuses
             return None
         bad = first_difference(job.read_contexts, msg.blocks)
         if bad is not None:
@@ -852,6 +852,9 @@ class UpstairsCore:
                 return []
             job.acked = True
             result = (job.read_data, job.read_contexts)
+            # The job stays until a flush retires it; its data is the guest's now
+            # (later replies are compared by their contexts).
+            job.read_data = b""
             return [Complete(job.guest, result)] if job.guest is not None else []
         if isinstance(op, FlushOp) and self._durable_on(job) >= self._flush_need(op):
             job.acked = True
@@ -999,6 +1002,10 @@ class UpstairsCore:
         return acts + self._maintain(now)
 
     def _maintain(self, now: float) -> list[Action]:
+        if self.state is UpState.ACTIVE and all(c.state is CState.ACTIVE for c in self.clients):
+            # The steady state (checked after every finished job): nothing to
+            # negotiate, fault or repair; only finished work may need a barrier.
+            return self._enqueue(BarrierOp(), None, now) if self._needs_barrier() else []
         acts = self._check_quorum(now)
         for c in self.clients:
             if c.holds_jobs and self._held_too_much(c):

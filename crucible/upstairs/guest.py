@@ -207,7 +207,7 @@ class Upstairs:
 
     def read_nowait(
         self, block: int, count: int
-    ) -> asyncio.Future[tuple[bytes, list[m.ReadBlockContext]]] | None:
+    ) -> asyncio.Future[tuple[m.Data, list[m.ReadBlockContext]]] | None:
         """Queue a read of at most MAX_IO_BYTES now; the future gets the data and
         the blocks' contexts (None: never written)."""
         if count * self.block_size > MAX_IO_BYTES or not self.core.has_room(0):

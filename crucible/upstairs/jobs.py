@@ -103,7 +103,7 @@ class Job:
     finished: bool = False  # complete on all three and counted as such
     replay: bool = False
     read_contexts: list[m.ReadBlockContext] | None = None
-    read_data: bytes | None = None
+    read_data: m.Data | None = None
     errors: list[str] = field(default_factory=list)
     nbytes: int = 0  # write payload: what backpressure and barriers count
     # A live close's (gen, flush, dirty) from each client.

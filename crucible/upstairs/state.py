@@ -67,9 +67,14 @@ class Client:
     last_error: str = ""
     connects: int = 0
 
+    _name: tuple[SocketAddr, str] | None = field(default=None, repr=False, compare=False)
+
     @property
     def name(self) -> str:
-        return f"{self.target[0]}:{self.target[1]}"
+        """host:port of the target (built once per target: it is in every reply's checks)."""
+        if self._name is None or self._name[0] is not self.target:
+            self._name = (self.target, f"{self.target[0]}:{self.target[1]}")
+        return self._name[1]
 
     @property
     def holds_jobs(self) -> bool:

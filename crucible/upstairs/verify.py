@@ -8,6 +8,8 @@ reply is not used.
 
 from __future__ import annotations
 
+import functools
+
 import xxhash
 
 from crucible.protocol import messages as m
@@ -30,7 +32,7 @@ def check_read_reply(
             f"read reply has {len(blocks)} blocks, {len(data)} bytes",
         )
     view = memoryview(data)
-    zero = bytes(bs)
+    zero = _zeros(bs)
     for i, ctx in enumerate(blocks):
         block = view[i * bs : (i + 1) * bs]
         if ctx is None:
@@ -51,6 +53,11 @@ def check_read_reply(
                 f"block {start + i} is encrypted, and this upstairs has no key",
             )
     return None
+
+
+@functools.lru_cache(maxsize=4)
+def _zeros(n: int) -> bytes:
+    return bytes(n)
 
 
 def first_difference(a: list[m.ReadBlockContext], b: list[m.ReadBlockContext]) -> int | None:
