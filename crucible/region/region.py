@@ -190,6 +190,10 @@ class Region:
             self.dirty_extents.add(eid)
 
     def read(self, start: int, count: int) -> tuple[list[ReadBlockContext], bytes]:
+        es = self.definition.extent_size
+        eid, off = divmod(start, es)
+        if start >= 0 and eid < len(self.extents) and 0 < count <= es - off:
+            return self.extent(eid).read(off, count)  # within one extent (the usual case)
         ctxs: list[ReadBlockContext] = []
         parts = []
         for eid, off, n, _ in self.split(start, count):
