@@ -214,7 +214,11 @@ class UpstairsCore:
         assert self.region is not None
         if write and self.opts.read_only:
             return CrucibleError(ErrorKind.ModifyingReadOnlyRegion)
-        accepting = sum(1 for c in self.clients if c.accepts_io)
+        clients = self.clients
+        if all(c.state is CState.ACTIVE for c in clients):
+            accepting = 3
+        else:
+            accepting = sum(1 for c in clients if c.accepts_io)
         need = need or (2 if write else 1)
         if accepting < need:
             return CrucibleError(
@@ -459,6 +463,8 @@ class UpstairsCore:
     def received(self, cid: int, msg: m.Message, now: float) -> list[Action]:
         c = self.clients[cid]
         c.last_rx = now
+        if type(msg) in _JOB_REPLIES and c.state in _TAKES_IO:
+            return self._io_reply(c, msg, now)  # the bulk of all traffic: first
         if isinstance(msg, m.Imok):
             return []
         if isinstance(msg, m.YouAreNoLongerActive):
@@ -481,14 +487,17 @@ class UpstairsCore:
             return negotiation.negotiate(self, c, msg, now)
         if c.state is CState.RECONCILE:
             return self._reconcile_reply(c, msg, now)
-        if c.state in (CState.ACTIVE, CState.LIVE_REPAIR):
-            finished = self.finished
-            acts = self._job_reply(c, msg, now)
-            # Housekeeping only when something it looks at may have changed.
-            if self.finished != finished or c.state not in (CState.ACTIVE, CState.LIVE_REPAIR):
-                acts += self._maintain(now)
-            return acts
+        if c.state in _TAKES_IO:
+            return self._io_reply(c, msg, now)
         return [Log(f"[{c.id}] ignored {type(msg).__name__} in state {c.state.value}")]
+
+    def _io_reply(self, c: Client, msg: m.Message, now: float) -> list[Action]:
+        finished = self.finished
+        acts = self._job_reply(c, msg, now)
+        # Housekeeping only when something it looks at may have changed.
+        if self.finished != finished or c.state not in _TAKES_IO:
+            acts += self._maintain(now)
+        return acts
 
     def _fail_activation(
         self, reason: str, now: float, err: CrucibleError | None = None
@@ -775,21 +784,12 @@ class UpstairsCore:
             return [Log(f"[{c.id}] reply for unknown or finished job {jid}", "debug")]
         acts: list[Action] = []
         err: CrucibleError | None = None
-        if isinstance(msg, m.ErrorReport):
-            err = msg.error
-        elif isinstance(
-            msg,
-            m.WriteAck
-            | m.WriteUnwrittenAck
-            | m.FlushAck
-            | m.BarrierAck
-            | m.TrimAck
-            | m.ExtentLiveRepairAckId
-            | m.ExtentLiveAckId,
-        ):
-            err = msg.result
-        elif isinstance(msg, m.ReadResponse):
+        if isinstance(msg, m.ReadResponse):
             err = self._check_read(c, job, msg)
+        elif isinstance(msg, _ACKS):
+            err = msg.result
+        elif isinstance(msg, m.ErrorReport):
+            err = msg.error
         elif isinstance(msg, m.ExtentLiveCloseAck):
             if isinstance(msg.result, CrucibleError):
                 err = msg.result
@@ -1047,6 +1047,19 @@ class UpstairsCore:
             acts.append(Complete(self.deactivate_token, None))
             self.deactivate_token = None
         return acts
+
+
+_TAKES_IO = (CState.ACTIVE, CState.LIVE_REPAIR)
+_ACKS = (
+    m.WriteAck,
+    m.WriteUnwrittenAck,
+    m.FlushAck,
+    m.BarrierAck,
+    m.TrimAck,
+    m.ExtentLiveRepairAckId,
+    m.ExtentLiveAckId,
+)
+_JOB_REPLIES = frozenset((m.ReadResponse, *_ACKS))
 
 
 def _addr(a: SocketAddr) -> str:
