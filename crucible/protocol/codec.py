@@ -530,7 +530,6 @@ class FrameDecoder:
             raise ProtocolError(f"frame length {n} exceeds the {self._max}-byte limit")
         if avail < n:
             return None
-        with memoryview(self._buf) as mv:  # one copy, not a slice and then a copy
-            frame = bytes(mv[self._pos + 4 : self._pos + n])
+        frame = self._buf[self._pos + 4 : self._pos + n]  # one copy, owned by this message
         self._pos += n
         return decode_body(memoryview(frame))

@@ -255,11 +255,17 @@ class Extent:
     def _read_contexts(self, start: int, n: int) -> list[ReadBlockContext]:
         act = self.active
         if n and (act.find(1, start, start + n) == -1 or act.find(0, start, start + n) == -1):
-            # One slot array, and (the usual case) every block plain: one unpack.
+            # One slot array, and (the usual case) every block plain or never
+            # written: one unpack.
             raw = pread_exact(self.fd, SLOT_SIZE * n, self.layout.slot_offset(act[start], start))
             heads = _slot_heads(n).unpack(raw)
-            if heads[0::3].count(1) == n and heads[2::3].count(0) == n:
-                return list(heads[1::3])
+            tags = heads[0::3]
+            if heads[2::3].count(0) == n:
+                written = tags.count(1)
+                if written == n:
+                    return list(heads[1::3])
+                if written + tags.count(0) == n:
+                    return [h if t else None for t, h in zip(tags, heads[1::3], strict=True)]
         ctxs: list[ReadBlockContext] = []
         for sc in self.active_slots(start, n):
             if sc is None:

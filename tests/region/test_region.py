@@ -101,6 +101,29 @@ def test_write_unwritten_skips_written_blocks(make_region: MakeRegion) -> None:
     assert got == blocks(2, 2, 2) + old + blocks(6, 2, 2)
 
 
+def test_read_contexts_for_mixed_blocks_and_slots(make_region: MakeRegion) -> None:
+    """Reads take a packed shortcut when one slot array holds plain or empty
+    contexts; blocks in both slot arrays and encrypted blocks take the general
+    path. Either way each block gets its own context."""
+    r = make_region()
+    a, b = blocks(1, 1, version=1), blocks(3, 1, version=1)
+    r.write(1, contexts_for(a), a)
+    r.write(3, contexts_for(b), b)
+    want = [None, contexts_for(a)[0].hash, None, contexts_for(b)[0].hash, None]
+    assert r.read(0, 5)[0] == want  # one slot array, mixed empty and plain
+    r.flush(1, 1)
+    b2 = blocks(3, 1, version=2)
+    r.write(3, contexts_for(b2), b2)  # block 3 now lives in the other slot array
+    want[3] = contexts_for(b2)[0].hash
+    ctxs, got = r.read(0, 5)
+    assert ctxs == want and got == bytes(512) + a + bytes(512) + b2 + bytes(512)
+    enc_region = make_region("e", encrypted=True)
+    data = os.urandom(512)
+    enc = EncryptionContext(os.urandom(12), os.urandom(16))
+    enc_region.write(2, [BlockContext(block_hash(BlockContext(0, enc), data), enc)], data)
+    assert enc_region.read(1, 3)[0] == [None, enc, None]
+
+
 def test_encrypted_contexts_stored_and_returned(make_region: MakeRegion) -> None:
     r = make_region(encrypted=True)
     data = os.urandom(512)
