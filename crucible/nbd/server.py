@@ -15,12 +15,12 @@ import logging
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import cast
 
 from crucible.nbd import protocol as p
 from crucible.netio import OutputBatcher
 from crucible.protocol.errors import CrucibleError, ErrorKind
-from crucible.upstairs.guest import Upstairs
+from crucible.upstairs.guest import ReadResult, Upstairs
 
 log = logging.getLogger("crucible.nbd")
 
@@ -474,30 +474,20 @@ class _Connection(asyncio.BufferedProtocol):
     def _read_now(self, cookie: int, offset: int, length: int) -> bool:
         bs = self.up.block_size
         first = offset // bs
-        fut = self.up.read_nowait(first, -(-(offset + length) // bs) - first)
-        if fut is None:
-            return False
-        self._started(length)
         skip = offset - first * bs
-        fut.add_done_callback(lambda f: self._read_done(f, cookie, offset, length, skip))
-        return True
 
-    def _read_done(
-        self,
-        fut: asyncio.Future[Any],
-        cookie: int,
-        offset: int,
-        length: int,
-        skip: int,
-    ) -> None:
+        def done(result: ReadResult | BaseException) -> None:
+            self._ended(length)
+            if isinstance(result, BaseException):
+                self.send_error(cookie, _errno(result), str(result))
+            else:
+                self.send_data(cookie, offset, memoryview(result[0])[skip : skip + length])
+
+        self._started(length)  # before: an error may complete it at once
+        if self.up.read_nowait(first, -(-(offset + length) // bs) - first, done):
+            return True
         self._ended(length)
-        exc = fut.exception()
-        if exc is None:
-            self.send_data(cookie, offset, memoryview(fut.result()[0])[skip : skip + length])
-        elif isinstance(exc, CrucibleError):
-            self.send_error(cookie, _errno(exc), str(exc))
-        else:
-            self.send_error(cookie, p.EIO, str(exc))
+        return False
 
     def _write_now(self, cookie: int, offset: int, data: bytes | bytearray) -> bool:
         """A plain whole-block write, acked as soon as it is queued."""
@@ -713,7 +703,9 @@ class _Connection(asyncio.BufferedProtocol):
             self.send(p.simple_reply(cookie, error))
 
 
-def _errno(e: CrucibleError) -> int:
+def _errno(e: BaseException) -> int:
+    if not isinstance(e, CrucibleError):
+        return p.EIO
     if e.kind == ErrorKind.ModifyingReadOnlyRegion:
         return p.EPERM
     if e.kind in (ErrorKind.OffsetInvalid, ErrorKind.DataLenUnaligned):

@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import socket
 import uuid
+from collections.abc import Callable
 from typing import Any, cast
 
 from crucible.netio import OutputBatcher
@@ -23,6 +24,9 @@ from crucible.upstairs.actions import Action, Complete, Connect, Drop, Log, Send
 from crucible.upstairs.core import Options, UpstairsCore
 
 log = logging.getLogger("crucible.upstairs")
+
+# What a read completes with: the data, and each block's context.
+ReadResult = tuple[m.Data, list[m.ReadBlockContext]]
 
 MAX_IO_BYTES = 1 << 20  # guest IO is split into jobs of at most this size
 CONNECT_TIMEOUT = 10.0
@@ -206,15 +210,15 @@ class Upstairs:
     # False and use the coroutines above instead.
 
     def read_nowait(
-        self, block: int, count: int
-    ) -> asyncio.Future[tuple[m.Data, list[m.ReadBlockContext]]] | None:
-        """Queue a read of at most MAX_IO_BYTES now; the future gets the data and
-        the blocks' contexts (None: never written)."""
+        self, block: int, count: int, done: Callable[[ReadResult | BaseException], None]
+    ) -> bool:
+        """Queue a read of at most MAX_IO_BYTES now; `done` is called from the
+        loop with the data and the blocks' contexts (None: never written), or
+        with the error."""
         if count * self.block_size > MAX_IO_BYTES or not self.core.has_room(0):
-            return None
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._apply(self.core.read(fut, block, count, self._now()))
-        return fut
+            return False
+        self._apply(self.core.read(done, block, count, self._now()))
+        return True
 
     def write_nowait(self, block: int, data: bytes | bytearray) -> bool:
         """Queue a write of at most MAX_IO_BYTES now (acked when queued, like
@@ -279,8 +283,10 @@ class Upstairs:
                         last, parts = a.msg, encode_parts(a.msg)
                     conn.out.write(*parts)
             elif isinstance(a, Complete):
-                fut = cast(asyncio.Future[Any], a.token)
-                if not fut.done():
+                fut = a.token
+                if not isinstance(fut, asyncio.Future):  # a read_nowait callback
+                    cast(Callable[[Any], None], fut)(a.result)
+                elif not fut.done():
                     if isinstance(a.result, BaseException):
                         fut.set_exception(a.result)
                     else:
