@@ -79,6 +79,9 @@ class WorkQueue:
         # dependency never becomes incomplete again, so each is checked until it
         # is done and then never again (a flush may depend on thousands of reads).
         self._checked: dict[int, int] = {}
+        # Waiting jobs by the dependency they wait on now: a finished job wakes
+        # only its own waiters.
+        self._blocked: dict[int, list[Job]] = {}
         self.started: set[int] = set()
 
     def __len__(self) -> int:
@@ -89,35 +92,41 @@ class WorkQueue:
             job_id in self.waiting or job_id in self.started or self.completed.is_complete(job_id)
         )
 
-    def _ready(self, job: Job) -> bool:
+    def _place(self, job: Job) -> bool:
+        """Start the job if every dependency is complete (True), or file it
+        under the first one that is not."""
         is_complete = self.completed.is_complete
         deps = job.dependencies
-        i = self._checked.get(job.job_id, 0)
+        i = self._checked.pop(job.job_id, 0)
         while i < len(deps) and is_complete(deps[i]):
             i += 1
+        if i == len(deps):
+            self.waiting.pop(job.job_id, None)
+            self.started.add(job.job_id)
+            return True
         self._checked[job.job_id] = i
-        return i == len(deps)
+        self.waiting[job.job_id] = job
+        self._blocked.setdefault(deps[i], []).append(job)
+        return False
 
     def add(self, job: Job) -> list[Job]:
         """Queue a job; returns it if it can start at once."""
-        if self._ready(job):
-            del self._checked[job.job_id]
-            self.started.add(job.job_id)
-            return [job]
-        self.waiting[job.job_id] = job
-        return []
+        return [job] if self._place(job) else []
 
     def finish(self, job: Job, ok: bool) -> list[Job]:
-        """A started job ended. A failed job stays incomplete (its dependents
-        wait), except a read: it changed nothing, so ordering is still kept."""
+        """A started job ended: the jobs that may start now, oldest first. A
+        failed job stays incomplete (its dependents wait), except a read: it
+        changed nothing, so ordering is still kept."""
         self.started.discard(job.job_id)
         if ok or isinstance(job, ReadRequest):
             self.completed.complete(job.job_id, isinstance(job, Flush | Barrier))
-        if not self.waiting:
-            return []
-        ready = [j for j in self.waiting.values() if self._ready(j)]
-        for j in ready:
-            del self.waiting[j.job_id]
-            del self._checked[j.job_id]
-            self.started.add(j.job_id)
+        if isinstance(job, Flush | Barrier):
+            # Every id at or below it now counts as complete, also ones this
+            # connection never saw: look at every waiting job again.
+            woken = list(self.waiting.values())
+            self._blocked.clear()
+        else:
+            woken = self._blocked.pop(job.job_id, [])
+        ready = [j for j in woken if self._place(j)]
+        ready.sort(key=lambda j: j.job_id)
         return ready

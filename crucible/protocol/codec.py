@@ -274,18 +274,16 @@ def encode_parts(msg: Message) -> list[bytes | bytearray | memoryview]:
         and isinstance(msg.blocks, list)
         and all(type(c) is int for c in msg.blocks)
     ):  # plain-hash read replies: header and contexts in a few packs
-        blocks = msg.blocks
-        out = bytearray(4)
-        out += _READ_HEAD.pack(
-            tag, 16, msg.upstairs_id.bytes, 16, msg.session_id.bytes, msg.job_id, 0, len(blocks)
-        )
-        out += b"".join([_IQ.pack(2, c) for c in blocks])
-        out += U64.pack(len(msg.data))
-        total = len(out) + len(msg.data)
+        blocks, data = msg.blocks, msg.data
+        n = len(blocks)
+        total = 4 + _READ_HEAD.size + 12 * n + 8 + len(data)
         if total > MAX_FRAME_LEN:
             raise ProtocolError(f"ReadResponse frame of {total} bytes is too large")
-        U32.pack_into(out, 0, total)
-        return [out, msg.data]
+        head = _READ_FRAME.pack(
+            total, tag, 16, msg.upstairs_id.bytes, 16, msg.session_id.bytes, msg.job_id, 0, n
+        )
+        ctxs = _iq_run(n).pack(*[v for c in blocks for v in (2, c)])
+        return [head + ctxs + U64.pack(len(data)), data]
     if type(msg) is ReadRequest:
         deps = msg.dependencies
         return [
@@ -367,6 +365,7 @@ _ACK_TYPES = {_TAG_OF[c]: c for c in _ACK_CLASSES}
 
 
 _READ_HEAD = struct.Struct("<IQ16sQ16sQIQ")  # tag, ids, job, Ok, context count
+_READ_FRAME = struct.Struct("<IIQ16sQ16sQIQ")  # the same, behind the frame length
 _READ_TAG = _TAG_OF[ReadResponse]
 
 

@@ -211,8 +211,9 @@ def test_plain_read_response_layout_byte_for_byte() -> None:
 
 
 def test_packed_request_encodings_match_the_schema() -> None:
-    """ReadRequest and plain-context writes are packed by hand; their frames must
-    be exactly what the field-by-field encoder makes, and decode back."""
+    """Read requests, and writes and read replies with plain contexts, are packed
+    by hand; their frames must be exactly what the field-by-field encoder makes,
+    and decode back."""
     msgs: list[m.Message] = [
         m.ReadRequest(UID, UID, 1001, [], 5, 1),
         m.ReadRequest(UID, UID, 1002, [1000, 1001, 999], 1 << 40, 256),
@@ -221,6 +222,8 @@ def test_packed_request_encodings_match_the_schema() -> None:
         ),
         m.WriteUnwritten(UID, UID, 1004, [], 0, [m.BlockContext(9)], b"z" * 8),
         m.Write(UID, UID, 1005, [], 0, [], b""),
+        m.ReadResponse(UID, UID, 1006, [], b""),
+        m.ReadResponse(UID, UID, 1007, [1, 2**64 - 1, 3], b"q" * 24),
     ]
     for msg in msgs:
         tag = m.MESSAGE_TYPES.index(type(msg))
