@@ -327,6 +327,14 @@ class DownstairsCore:
     def _reply(self, conn: Conn, work: Work, outcome: Any) -> m.Message:
         up, sess = conn.upstairs_id, conn.session_id
         err = outcome if isinstance(outcome, CrucibleError) else None
+        if err is None:  # the bulk of all replies first
+            ack = _PLAIN_ACKS.get(type(work))
+            if ack is not None:
+                reply: m.Message = ack(up, sess, work.job_id, None)  # type: ignore[union-attr]
+                return reply
+            if isinstance(work, m.ReadRequest):
+                ctxs, data = outcome
+                return m.ReadResponse(up, sess, work.job_id, ctxs, data)
         if isinstance(work, m.ExtentVersionsPlease):
             if err:
                 return m.ErrorReport(up, sess, 0, err)
@@ -342,20 +350,18 @@ class DownstairsCore:
             return m.ExtentLiveRepairAckId(up, sess, jid, err)
         if isinstance(work, m.ExtentLiveReopen | m.ExtentLiveNoOp):
             return m.ExtentLiveAckId(up, sess, jid, err)
-        if err:
-            return m.ErrorReport(up, sess, jid, err)
-        if isinstance(work, m.ReadRequest):
-            ctxs, data = outcome
-            return m.ReadResponse(up, sess, jid, ctxs, data)
-        if isinstance(work, m.Write):
-            return m.WriteAck(up, sess, jid, None)
-        if isinstance(work, m.WriteUnwritten):
-            return m.WriteUnwrittenAck(up, sess, jid, None)
-        if isinstance(work, m.Trim):
-            return m.TrimAck(up, sess, jid, None)
-        if isinstance(work, m.Flush):
-            return m.FlushAck(up, sess, jid, None)
-        return m.BarrierAck(up, sess, jid, None)
+        assert err is not None  # every other job without error was answered above
+        return m.ErrorReport(up, sess, jid, err)
+
+
+# A job done without error, and its reply.
+_PLAIN_ACKS: dict[type, Any] = {
+    m.Write: m.WriteAck,
+    m.WriteUnwritten: m.WriteUnwrittenAck,
+    m.Trim: m.TrimAck,
+    m.Flush: m.FlushAck,
+    m.Barrier: m.BarrierAck,
+}
 
 
 _NEGOTIATION = (

@@ -45,7 +45,7 @@ RESUME_BYTES = 64 << 20
 IDLE_TIMEOUT = 45.0
 
 
-class _Connection(asyncio.Protocol):
+class _Connection(asyncio.BufferedProtocol):
     def __init__(self, server: DownstairsServer, conn_id: int) -> None:
         self.server = server
         self.id = conn_id
@@ -65,11 +65,14 @@ class _Connection(asyncio.Protocol):
         name = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self.server.connection_made(self, name)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.decoder.get_buffer()  # frames are received in place
+
+    def buffer_updated(self, nbytes: int) -> None:
         if self.closing:
             return
         self.last_rx = time.monotonic()
-        self.decoder.feed(data)
+        self.decoder.advance(nbytes)
         try:
             while (msg := self.decoder.next_message()) is not None:
                 self.server.apply(self.server.core.received(self.id, msg))
@@ -114,7 +117,7 @@ class DownstairsServer:
         self.core.log_jobs = joblog.isEnabledFor(logging.INFO)
         self.conns: dict[int, _Connection] = {}
         self._next_id = 1
-        self._queue: deque[tuple[int, Work]] = deque()
+        self._queue: deque[tuple[int, Work, int]] = deque()  # connection, work, its bytes
         self._queued_bytes = 0
         self._wake = asyncio.Event()
         self._paused = False
@@ -182,8 +185,9 @@ class DownstairsServer:
                 if c is not None:
                     c.send(a.msg)
             elif isinstance(a, Execute):
-                self._queue.append((a.conn, a.work))
-                self._queued_bytes += _work_bytes(a.work)
+                nbytes = _work_bytes(a.work)
+                self._queue.append((a.conn, a.work, nbytes))
+                self._queued_bytes += nbytes
                 self._wake.set()
             elif isinstance(a, Disconnect):
                 c = self.conns.get(a.conn)
@@ -217,8 +221,8 @@ class DownstairsServer:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            conn_id, work = self._queue.popleft()
-            self._queued_bytes -= _work_bytes(work)
+            conn_id, work, nbytes = self._queue.popleft()
+            self._queued_bytes -= nbytes
             if not self.core.wants(conn_id):
                 continue  # its upstairs was replaced or went away: never touch the disk
             outcome: Any

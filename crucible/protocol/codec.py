@@ -499,36 +499,73 @@ def decode_body(body: memoryview) -> Message:
 
 
 class FrameDecoder:
-    """Sans-IO receive side: feed bytes in, take whole messages out.
+    """Sans-IO receive side: bytes in, whole messages out.
 
-    Bytes are appended to one buffer and consumed from a moving offset; the
-    consumed prefix is dropped only when it outgrows what is left, so a stream
-    of frames costs amortised O(bytes). Each frame is copied out once, and bulk
-    data in the message is a view into that copy.
+    Bytes land in one buffer, copied in (`feed`) or received straight into it
+    (`get_buffer`, then `advance`: an asyncio.BufferedProtocol). Frames are
+    taken from a moving offset; the unparsed tail moves to the front only when
+    free space runs short, and the buffer grows to hold a whole large frame.
+    Each frame is copied out once, and bulk data in the message is a view
+    into that copy.
     """
 
+    SIZE = 256 << 10
+    MIN_FREE = 64 << 10  # offered to each receive
+
     def __init__(self, max_frame: int = MAX_FRAME_LEN) -> None:
-        self._buf = bytearray()
-        self._pos = 0
+        self._buf = bytearray(self.SIZE)
+        self._start = self._end = 0  # unparsed bytes are _buf[_start:_end]
         self._max = max_frame
 
+    def get_buffer(self) -> memoryview:
+        """Free space to receive into; say how much arrived with `advance`."""
+        self._make_room(self.MIN_FREE)
+        return memoryview(self._buf)[self._end :]
+
+    def advance(self, n: int) -> None:
+        self._end += n
+
     def feed(self, data: bytes | bytearray | memoryview) -> None:
-        if self._pos and self._pos >= len(self._buf) - self._pos:
-            del self._buf[: self._pos]
-            self._pos = 0
-        self._buf += data
+        n = len(data)
+        self._make_room(n)
+        self._buf[self._end : self._end + n] = data
+        self._end += n
+
+    def _make_room(self, want: int) -> None:
+        """At least `want` free bytes after the end, and room for the rest of
+        a frame whose length is already known."""
+        buf, start, end = self._buf, self._start, self._end
+        avail = end - start
+        if avail >= 4:
+            (n,) = U32.unpack_from(buf, start)
+            if n <= self._max:  # a bad length is refused by next_message
+                want = max(want, n - avail)
+        if len(buf) - end >= want:
+            return
+        if start:
+            buf[:avail] = buf[start:end]
+            self._start, self._end = 0, avail
+        if len(buf) - avail < want:
+            grown = bytearray(max(2 * len(buf), avail + want))
+            grown[:avail] = buf[:avail]
+            self._buf = grown
 
     def next_message(self) -> Message | None:
-        avail = len(self._buf) - self._pos
+        start = self._start
+        avail = self._end - start
         if avail < 4:
+            if not avail and len(self._buf) > 4 * self.SIZE:
+                self._buf, self._start, self._end = bytearray(self.SIZE), 0, 0  # after a huge frame
             return None
-        (n,) = U32.unpack_from(self._buf, self._pos)
+        (n,) = U32.unpack_from(self._buf, start)
         if n < 8:
             raise ProtocolError(f"frame length {n} is shorter than a header")
         if n > self._max:
             raise ProtocolError(f"frame length {n} exceeds the {self._max}-byte limit")
         if avail < n:
             return None
-        frame = self._buf[self._pos + 4 : self._pos + n]  # one copy, owned by this message
-        self._pos += n
+        frame = self._buf[start + 4 : start + n]  # one copy, owned by this message
+        self._start = start + n
+        if self._start == self._end:
+            self._start = self._end = 0
         return decode_body(memoryview(frame))

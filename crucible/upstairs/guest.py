@@ -39,7 +39,7 @@ _LEVELS = {
 }
 
 
-class _Connection(asyncio.Protocol):
+class _Connection(asyncio.BufferedProtocol):
     def __init__(self, up: Upstairs, cid: int) -> None:
         self.up = up
         self.cid = cid
@@ -54,8 +54,11 @@ class _Connection(asyncio.Protocol):
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    def data_received(self, data: bytes) -> None:
-        self.decoder.feed(data)
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.decoder.get_buffer()  # frames are received in place
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.decoder.advance(nbytes)
         try:
             while (msg := self.decoder.next_message()) is not None:
                 if self.up._conns.get(self.cid) is not self:
