@@ -454,13 +454,15 @@ class _Connection(asyncio.BufferedProtocol):
     def _started(self, nbytes: int) -> None:
         self._pending += 1
         self._pending_bytes += nbytes
-        self._flow()
+        if self._pending >= MAX_INFLIGHT or self._pending_bytes >= MAX_INFLIGHT_BYTES:
+            self._flow()
 
     def _ended(self, nbytes: int) -> None:
         self._pending -= 1
         self._pending_bytes -= nbytes
-        self._flow()
-        self._maybe_finish()
+        if not self._reading or self._disconnecting:
+            self._flow()
+            self._maybe_finish()
 
     def _task_done(self, nbytes: int, task: asyncio.Task[None]) -> None:
         self.inflight.discard(task)
