@@ -1,9 +1,10 @@
 """The asyncio driver of the downstairs: sockets, timers and a disk worker
 around the sans-IO DownstairsCore.
 
-All disk work runs one item at a time in arrival order on one worker task;
-large items go to a single disk thread so the event loop keeps answering
-keepalives and other connections meanwhile.
+All disk work runs one item at a time in arrival order: small items right
+away on the loop (their replies leave in the same iteration), large ones on
+a single disk thread, driven by a worker task, so the event loop keeps
+answering keepalives and other connections meanwhile.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import socket
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, cast
+from typing import cast
 
 from aiohttp import web
 
@@ -119,7 +120,10 @@ class DownstairsServer:
         self._next_id = 1
         self._queue: deque[tuple[int, Work, int]] = deque()  # connection, work, its bytes
         self._queued_bytes = 0
-        self._wake = asyncio.Event()
+        self._wake = asyncio.Event()  # the worker: work for the disk thread is queued
+        self._busy = False  # the disk thread runs an item: nothing else may start
+        self._draining = False
+        self._block_size = region.definition.block_size
         self._paused = False
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="disk")
         self._tasks: list[asyncio.Task[None]] = []
@@ -188,7 +192,6 @@ class DownstairsServer:
                 nbytes = _work_bytes(a.work)
                 self._queue.append((a.conn, a.work, nbytes))
                 self._queued_bytes += nbytes
-                self._wake.set()
             elif isinstance(a, Disconnect):
                 c = self.conns.get(a.conn)
                 if c is not None:
@@ -198,6 +201,29 @@ class DownstairsServer:
             elif isinstance(a, Log):
                 log.info("%s", a.text)
         self._flow_control()
+        if self._queue and not self._busy:
+            self._drain()
+
+    def _drain(self) -> None:
+        """Run queued small work right here, in order, so its replies leave in
+        this loop iteration; stop at work for the disk thread (the worker takes
+        it from the head of the queue, so order is kept)."""
+        if self._draining:
+            return  # work finishing below queued more: this loop takes it
+        self._draining = True
+        try:
+            while self._queue and not self._busy:
+                conn_id, work, nbytes = self._queue[0]
+                if not _runs_inline(work, self._block_size):
+                    self._wake.set()
+                    return
+                self._queue.popleft()
+                self._queued_bytes -= nbytes
+                if self.core.wants(conn_id):  # not fenced meanwhile
+                    outcome = ops.run(self.region, work, fetch_extent)
+                    self.apply(self.core.finished(conn_id, work, outcome))
+        finally:
+            self._draining = False
 
     def _flow_control(self) -> None:
         if not self._paused and self._queued_bytes > PAUSE_BYTES:
@@ -214,24 +240,27 @@ class DownstairsServer:
     # ---- background tasks -----------------------------------------------------------
 
     async def _disk_worker(self) -> None:
+        """Runs what goes to the disk thread, one item at a time; small work
+        queued behind it is drained once it is done."""
         loop = asyncio.get_running_loop()
-        bs = self.region.definition.block_size
         while True:
-            if not self._queue:
-                self._wake.clear()
-                await self._wake.wait()
+            if not self._queue or _runs_inline(self._queue[0][1], self._block_size):
+                self._drain()
+                if not self._queue or _runs_inline(self._queue[0][1], self._block_size):
+                    self._wake.clear()
+                    await self._wake.wait()
                 continue
             conn_id, work, nbytes = self._queue.popleft()
             self._queued_bytes -= nbytes
             if not self.core.wants(conn_id):
                 continue  # its upstairs was replaced or went away: never touch the disk
-            outcome: Any
-            if _runs_inline(work, bs):
-                outcome = ops.run(self.region, work, fetch_extent)
-            else:
+            self._busy = True
+            try:
                 outcome = await loop.run_in_executor(
                     self._pool, ops.run, self.region, work, fetch_extent
                 )
+            finally:
+                self._busy = False
             self.apply(self.core.finished(conn_id, work, outcome))
 
     async def _idle_checker(self) -> None:
