@@ -258,8 +258,10 @@ class DownstairsCore:
 
     def _running(self, conn: Conn, msg: m.Message) -> list[Action]:
         cid = conn.id
-        ids = getattr(msg, "upstairs_id", None), getattr(msg, "session_id", None)
-        if isinstance(msg, JOB_TYPES) and ids != (conn.upstairs_id, conn.session_id):
+        if isinstance(msg, JOB_TYPES) and (msg.upstairs_id, msg.session_id) != (
+            conn.upstairs_id,
+            conn.session_id,
+        ):  # a tuple compares identical ids without calling UUID.__eq__
             return [
                 Send(cid, m.UuidMismatch(conn.upstairs_id)),
                 Log(f"connection {cid}: job {msg.job_id} from a foreign upstairs or session"),
@@ -280,8 +282,9 @@ class DownstairsCore:
         if isinstance(msg, JOB_TYPES):
             if conn.work.knows(msg.job_id):
                 return [Log(f"connection {cid}: duplicate job {msg.job_id} ignored")]
-            acts: list[Action] = [JobLog(msg)] if self.log_jobs else []
-            acts.extend(Execute(cid, job) for job in conn.work.add(msg))
+            acts: list[Action] = [Execute(cid, job) for job in conn.work.add(msg)]
+            if self.log_jobs:
+                acts.insert(0, JobLog(msg))
             return acts
         if isinstance(msg, m.ExtentFlush | m.ExtentClose | m.ExtentRepair | m.ExtentReopen):
             return [

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from crucible.protocol import codec
 from crucible.protocol import messages as m
 from crucible.protocol.codec import FrameDecoder, ProtocolError
+from crucible.protocol.errors import CrucibleError, ErrorKind
 from tests.protocol.strategies import message_strategy, messages
 
 UID = uuid.UUID("01020304-0506-0708-090a-0b0c0d0e0f10")
@@ -224,6 +225,8 @@ def test_packed_request_encodings_match_the_schema() -> None:
         m.Write(UID, UID, 1005, [], 0, [], b""),
         m.ReadResponse(UID, UID, 1006, [], b""),
         m.ReadResponse(UID, UID, 1007, [1, 2**64 - 1, 3], b"q" * 24),
+        m.ReadResponse(UID, UID, 1008, [None, 5], b"r" * 16),  # not packed: the schema path
+        m.WriteAck(UID, UID, 1009, CrucibleError(ErrorKind.IoError, "disk")),  # likewise
     ]
     for msg in msgs:
         tag = m.MESSAGE_TYPES.index(type(msg))
