@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
+import ctypes.util
 import gc
 import logging
 import signal
@@ -106,10 +108,29 @@ async def wait_for_stop_signal() -> None:
     await stop.wait()
 
 
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+def tune_allocator() -> None:
+    """Serve IO buffers (up to tens of MiB) from the heap, and keep freed heap
+    memory for reuse. By default glibc maps each large buffer afresh and unmaps
+    it when freed, so every 1 MiB write or read faults in 256 new pages: about
+    1 ms of kernel time per MiB, against 0.06 ms for reused memory."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc.mallopt(_M_MMAP_THRESHOLD, 64 << 20)
+        libc.mallopt(_M_TRIM_THRESHOLD, 128 << 20)
+    except (OSError, AttributeError):
+        pass  # not glibc: its defaults stay
+
+
 def run_async(coro: Coroutine[Any, Any, Any]) -> Any:
-    """asyncio.run on uvloop when it is installed. The cycle collector runs
-    less often: every IO allocates a few objects and few of them form cycles,
-    and a young-generation pass per few hundred IOs shows as latency spikes."""
+    """asyncio.run on uvloop when it is installed, in a process tuned for IO:
+    see tune_allocator. The cycle collector runs less often: every IO
+    allocates a few objects and few of them form cycles, and a young-generation
+    pass per few hundred IOs shows as latency spikes."""
+    tune_allocator()
     gc.freeze()  # what start-up built lives for good: never scan it
     gc.set_threshold(20_000, 20, 20)
     try:

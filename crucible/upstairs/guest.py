@@ -228,11 +228,10 @@ class Upstairs:
         write()); the volume keeps `data`, which the caller must not change."""
         if len(data) > MAX_IO_BYTES or not self.core.has_room(len(data)):
             return False
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._apply(self.core.write(fut, block, data, self._now()))
-        exc = fut.exception()  # done already: a write completes as it is queued
-        if exc is not None:
-            raise exc
+        result: list[BaseException | None] = []
+        self._apply(self.core.write(result.append, block, data, self._now()))
+        if result[0] is not None:  # a write completes as it is queued
+            raise result[0]
         return True
 
     async def trim(self, block: int, count: int) -> None:
@@ -287,7 +286,7 @@ class Upstairs:
                     conn.out.write(*parts)
             elif isinstance(a, Complete):
                 fut = a.token
-                if not isinstance(fut, asyncio.Future):  # a read_nowait callback
+                if not isinstance(fut, asyncio.Future):  # a callback of read/write_nowait
                     cast(Callable[[Any], None], fut)(a.result)
                 elif not fut.done():
                     if isinstance(a.result, BaseException):
