@@ -320,7 +320,7 @@ def _pack_read_request(msg: Any, tag: int) -> Parts | None:
         msg.job_id,
         len(deps),
     )
-    return [head + struct.pack(f"<{len(deps)}Q", *deps) + _QQ.pack(msg.start, msg.count)]
+    return [head + _u64_run(len(deps)).pack(*deps) + _QQ.pack(msg.start, msg.count)]
 
 
 def _pack_write(msg: Any, tag: int) -> Parts | None:
@@ -335,7 +335,7 @@ def _pack_write(msg: Any, tag: int) -> Parts | None:
             0, tag, 16, msg.upstairs_id.bytes, 16, msg.session_id.bytes, msg.job_id, len(deps)
         )
     )
-    head += struct.pack(f"<{len(deps)}Q", *deps)
+    head += _u64_run(len(deps)).pack(*deps)
     head += _QQ.pack(msg.start, n)
     head += struct.pack("<" + "QB" * n, *[v for c in ctxs for v in (c.hash, 0)])
     head += U64.pack(len(data))
@@ -392,6 +392,12 @@ _READ_TAG = _TAG_OF[ReadResponse]
 
 
 @functools.lru_cache(maxsize=64)
+def _u64_run(count: int) -> struct.Struct:
+    """`count` u64s: a job's dependencies."""
+    return struct.Struct(f"<{count}Q")
+
+
+@functools.lru_cache(maxsize=64)
 def _iq_run(count: int) -> struct.Struct:
     """`count` (u32 tag, u64 value) pairs: a read reply's plain contexts."""
     return struct.Struct("<" + "IQ" * count)
@@ -440,7 +446,7 @@ def _fast_write(body: memoryview) -> Message | None:
     pos = _WRITE_HEAD.size
     if pos + 8 * ndeps + 16 > len(body):
         return None
-    deps = list(struct.unpack_from(f"<{ndeps}Q", body, pos))
+    deps = list(_u64_run(ndeps).unpack_from(body, pos))
     pos += 8 * ndeps
     start, nctx = struct.unpack_from("<QQ", body, pos)
     pos += 16
@@ -478,7 +484,7 @@ def _fast_read_request(body: memoryview) -> Message | None:
     pos = _WRITE_HEAD.size
     if pos + 8 * ndeps + 16 != len(body):
         return None
-    deps = list(struct.unpack_from(f"<{ndeps}Q", body, pos))
+    deps = list(_u64_run(ndeps).unpack_from(body, pos))
     start, count = struct.unpack_from("<QQ", body, pos + 8 * ndeps)
     return ReadRequest(wire.cached_uuid(up), wire.cached_uuid(sess), job, deps, start, count)
 

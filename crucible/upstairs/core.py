@@ -91,7 +91,7 @@ class Options:
     offline_max_bytes: int = 50 << 20
     # Each downstairs connection may buffer its own copy of what is in flight.
     max_bytes: int = 32 << 20
-    barrier_jobs: int = 1_000  # finished but unretired, before a barrier
+    barrier_jobs: int = 500  # finished but unretired, before a barrier
     barrier_bytes: int = 64 << 20
     # With fewer than two downstairs active, how long one that went offline may
     # hold jobs before it is faulted (and flushes fail instead of waiting).

@@ -27,6 +27,7 @@ log = logging.getLogger("crucible.upstairs")
 
 # What a read completes with: the data, and each block's context.
 ReadResult = tuple[m.Data, list[m.ReadBlockContext]]
+_Callback = Callable[[Any], None]
 
 MAX_IO_BYTES = 1 << 20  # guest IO is split into jobs of at most this size
 CONNECT_TIMEOUT = 10.0
@@ -287,7 +288,7 @@ class Upstairs:
             elif isinstance(a, Complete):
                 fut = a.token
                 if not isinstance(fut, asyncio.Future):  # a callback of read/write_nowait
-                    cast(Callable[[Any], None], fut)(a.result)
+                    cast(_Callback, fut)(a.result)
                 elif not fut.done():
                     if isinstance(a.result, BaseException):
                         fut.set_exception(a.result)
