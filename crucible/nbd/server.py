@@ -194,8 +194,10 @@ class _Connection(asyncio.BufferedProtocol):
         self._end += nbytes
         if self._transmitting:
             self._parse()
-        elif self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+        else:
+            if self._waiter is not None and not self._waiter.done():
+                self._waiter.set_result(None)
+            self._flow()  # the handshake reads options one at a time: pause when full
 
     def eof_received(self) -> bool | None:
         self._eof = True
@@ -249,6 +251,7 @@ class _Connection(asyncio.BufferedProtocol):
             or self._disconnecting
             or self._pending >= MAX_INFLIGHT
             or self._pending_bytes >= MAX_INFLIGHT_BYTES
+            or self._end - self._start >= len(self._rx)  # nothing parsed yet: no room
         )
         if want != self._reading and self.transport is not None and not self._closed:
             self._reading = want
@@ -267,6 +270,8 @@ class _Connection(asyncio.BufferedProtocol):
             await self._waiter
         data = bytes(self._rxv[self._start : self._start + n])
         self._start += n
+        if not self._reading:
+            self._flow()
         return data
 
     def _send_raw(self, data: bytes) -> None:

@@ -338,10 +338,16 @@ def _pack_write(msg: Any, tag: int) -> Parts | None:
     head += _u64_run(len(deps)).pack(*deps)
     head += _QQ.pack(msg.start, n)
     head += struct.pack("<" + "QB" * n, *[v for c in ctxs for v in (c.hash, 0)])
+    return _with_bulk(head, data, type(msg).__name__)
+
+
+def _with_bulk(head: bytearray, data: bytes | bytearray | memoryview, name: str) -> Parts:
+    """A frame whose bulk data follows the header: the data's length, then the
+    frame length in front, and the data as its own buffer."""
     head += U64.pack(len(data))
     total = len(head) + len(data)
     if total > MAX_FRAME_LEN:
-        raise ProtocolError(f"{type(msg).__name__} frame of {total} bytes is too large")
+        raise ProtocolError(f"{name} frame of {total} bytes is too large")
     U32.pack_into(head, 0, total)
     return [head, data]
 
@@ -358,13 +364,7 @@ def _encode_generic(msg: Message, tag: int) -> Parts:
             raise ProtocolError(f"{cls.__name__} frame of {len(out)} bytes is too large")
         U32.pack_into(out, 0, len(out))
         return [out]
-    data = msg.data  # type: ignore[union-attr]
-    out += U64.pack(len(data))
-    total = len(out) + len(data)
-    if total > MAX_FRAME_LEN:
-        raise ProtocolError(f"{cls.__name__} frame of {total} bytes is too large")
-    U32.pack_into(out, 0, total)
-    return [out, data]
+    return _with_bulk(out, msg.data, cls.__name__)  # type: ignore[union-attr]
 
 
 def encode(msg: Message) -> bytes:

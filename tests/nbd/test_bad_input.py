@@ -44,8 +44,9 @@ class Raw:
         assert magic == p.REPLY_MAGIC and ropt == opt
         return rep, self.recv(length)
 
-    def go(self) -> None:
-        self.s.sendall(struct.pack(">I", p.FLAG_FIXED_NEWSTYLE | p.FLAG_NO_ZEROES))
+    def go(self, send_flags: bool = True) -> None:
+        if send_flags:
+            self.s.sendall(struct.pack(">I", p.FLAG_FIXED_NEWSTYLE | p.FLAG_NO_ZEROES))
         rep, _ = self.option(p.Opt.GO, struct.pack(">IH", 0, 0))
         while rep == p.Rep.INFO:
             _, _, rep, length = struct.unpack(">QIII", self.recv(20))
@@ -108,6 +109,21 @@ def test_option_errors(nbd: Nbd) -> None:
     assert rep == p.Rep.SERVER
     assert c.recv(20)[12:16] == struct.pack(">I", p.Rep.ACK)
     assert c.option(p.Opt.ABORT)[0] == p.Rep.ACK
+    still_serves(nbd)
+
+
+def test_handshake_burst_larger_than_the_receive_buffer(nbd: Nbd) -> None:
+    """Options sent faster than they are answered (here 640 KiB of them) wait in
+    the socket, not in unbounded memory, and each still gets its reply."""
+    c = Raw(nbd.port)
+    junk = p.OPTION_HEADER.pack(p.IHAVEOPT, 99, 64 << 10) + bytes(64 << 10)
+    c.s.sendall(struct.pack(">I", p.FLAG_FIXED_NEWSTYLE) + junk * 10)
+    for _ in range(10):
+        magic, opt, rep, length = struct.unpack(">QIII", c.recv(20))
+        assert (magic, opt, rep) == (p.REPLY_MAGIC, 99, p.Rep.ERR_UNSUP)
+        c.recv(length)
+    c.go(send_flags=False)
+    assert c.request(p.Cmd.READ, 0, 4096) == 0
     still_serves(nbd)
 
 
