@@ -216,9 +216,9 @@ class Upstairs:
     def read_nowait(
         self, block: int, count: int, done: Callable[[ReadResult | BaseException], None]
     ) -> bool:
-        """Queue a read of at most MAX_IO_BYTES now; `done` is called from the
-        loop with the data and the blocks' contexts (None: never written), or
-        with the error."""
+        """Queue a read of at most MAX_IO_BYTES now; `done` is called with the
+        data and the blocks' contexts (None: never written) once the first
+        good reply is in, or with the error (at once if the read is refused)."""
         if count * self.block_size > MAX_IO_BYTES or not self.core.has_room(0):
             return False
         self._apply(self.core.read(done, block, count, self._now()))
