@@ -8,7 +8,6 @@ back as a separate buffer so that it is never copied on the way out.
 
 from __future__ import annotations
 
-import functools
 import struct
 from collections.abc import Callable
 from dataclasses import fields
@@ -33,7 +32,7 @@ from crucible.protocol.messages import (
     WriteUnwritten,
     WriteUnwrittenAck,
 )
-from crucible.protocol.wire import U32, U64, DecodeError, Reader
+from crucible.protocol.wire import U32, U64, DecodeError, Reader, struct_run
 from crucible.region.definition import RegionDefinition
 
 Put = Callable[[bytearray, Any], None]
@@ -296,7 +295,7 @@ def _pack_read_response(msg: Any, tag: int) -> Parts | None:
         return None
     n = len(blocks)
     try:  # every context a plain hash (an int): anything else does not pack
-        ctxs = _iq_run(n).pack(*[v for c in blocks for v in (2, c)])
+        ctxs = struct_run("IQ", n).pack(*[v for c in blocks for v in (2, c)])
     except struct.error:
         return None
     total = 4 + _READ_HEAD.size + 12 * n + 8 + len(data)
@@ -320,7 +319,7 @@ def _pack_read_request(msg: Any, tag: int) -> Parts | None:
         msg.job_id,
         len(deps),
     )
-    return [head + _u64_run(len(deps)).pack(*deps) + _QQ.pack(msg.start, msg.count)]
+    return [head + struct_run("Q", len(deps)).pack(*deps) + _QQ.pack(msg.start, msg.count)]
 
 
 def _pack_write(msg: Any, tag: int) -> Parts | None:
@@ -335,9 +334,9 @@ def _pack_write(msg: Any, tag: int) -> Parts | None:
             0, tag, 16, msg.upstairs_id.bytes, 16, msg.session_id.bytes, msg.job_id, len(deps)
         )
     )
-    head += _u64_run(len(deps)).pack(*deps)
+    head += struct_run("Q", len(deps)).pack(*deps)
     head += _QQ.pack(msg.start, n)
-    head += struct.pack("<" + "QB" * n, *[v for c in ctxs for v in (c.hash, 0)])
+    head += struct_run("QB", n).pack(*[v for c in ctxs for v in (c.hash, 0)])
     return _with_bulk(head, data, type(msg).__name__)
 
 
@@ -391,18 +390,6 @@ _READ_FRAME = struct.Struct("<IIQ16sQ16sQIQ")  # the same, behind the frame leng
 _READ_TAG = _TAG_OF[ReadResponse]
 
 
-@functools.lru_cache(maxsize=64)
-def _u64_run(count: int) -> struct.Struct:
-    """`count` u64s: a job's dependencies."""
-    return struct.Struct(f"<{count}Q")
-
-
-@functools.lru_cache(maxsize=64)
-def _iq_run(count: int) -> struct.Struct:
-    """`count` (u32 tag, u64 value) pairs: a read reply's plain contexts."""
-    return struct.Struct("<" + "IQ" * count)
-
-
 def _fast_read_response(body: memoryview) -> Message | None:
     """A ReadResponse whose blocks all carry plain hashes (the common case),
     decoded without walking it field by field; None when it is anything else."""
@@ -414,7 +401,7 @@ def _fast_read_response(body: memoryview) -> Message | None:
     ctx_end = _READ_HEAD.size + 12 * count
     if ctx_end + 8 > len(body):
         return None
-    pairs = _iq_run(count).unpack_from(body, _READ_HEAD.size)
+    pairs = struct_run("IQ", count).unpack_from(body, _READ_HEAD.size)
     if pairs[0::2].count(2) != count:  # every context Unencrypted{hash}
         return None
     (data_len,) = U64.unpack_from(body, ctx_end)
@@ -446,7 +433,7 @@ def _fast_write(body: memoryview) -> Message | None:
     pos = _WRITE_HEAD.size
     if pos + 8 * ndeps + 16 > len(body):
         return None
-    deps = list(_u64_run(ndeps).unpack_from(body, pos))
+    deps = list(struct_run("Q", ndeps).unpack_from(body, pos))
     pos += 8 * ndeps
     start, nctx = struct.unpack_from("<QQ", body, pos)
     pos += 16
@@ -484,7 +471,7 @@ def _fast_read_request(body: memoryview) -> Message | None:
     pos = _WRITE_HEAD.size
     if pos + 8 * ndeps + 16 != len(body):
         return None
-    deps = list(_u64_run(ndeps).unpack_from(body, pos))
+    deps = list(struct_run("Q", ndeps).unpack_from(body, pos))
     start, count = struct.unpack_from("<QQ", body, pos + 8 * ndeps)
     return ReadRequest(wire.cached_uuid(up), wire.cached_uuid(sess), job, deps, start, count)
 

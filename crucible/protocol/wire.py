@@ -8,6 +8,7 @@ closed connection.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import struct
 import uuid
@@ -31,6 +32,13 @@ def cached_uuid(raw: bytes) -> uuid.UUID:
             _UUIDS.clear()
         found = _UUIDS[raw] = uuid.UUID(bytes=raw)
     return found
+
+
+@functools.lru_cache(maxsize=128)
+def struct_run(item: str, count: int) -> struct.Struct:
+    """`count` little-endian repetitions of a struct format (the per-count
+    layouts of lists on the wire and on disk, built once each)."""
+    return struct.Struct("<" + item * count)
 
 
 class DecodeError(ValueError):
@@ -109,11 +117,11 @@ class Reader:
 
     def u64_vec(self) -> list[int]:
         n = self.length(8)
-        return list(struct.unpack(f"<{n}Q", self.take(8 * n)))
+        return list(struct_run("Q", n).unpack(self.take(8 * n)))
 
     def u32_vec(self) -> list[int]:
         n = self.length(4)
-        return list(struct.unpack(f"<{n}I", self.take(4 * n)))
+        return list(struct_run("I", n).unpack(self.take(4 * n)))
 
     def u8_vec(self) -> list[int]:
         return list(self.take(self.length()))
@@ -170,12 +178,12 @@ def put_uuid(out: bytearray, v: uuid.UUID) -> None:
 
 def put_u64_vec(out: bytearray, v: list[int]) -> None:
     out += U64.pack(len(v))
-    out += struct.pack(f"<{len(v)}Q", *v)
+    out += struct_run("Q", len(v)).pack(*v)
 
 
 def put_u32_vec(out: bytearray, v: list[int]) -> None:
     out += U64.pack(len(v))
-    out += struct.pack(f"<{len(v)}I", *v)
+    out += struct_run("I", len(v)).pack(*v)
 
 
 def put_u8_vec(out: bytearray, v: list[int]) -> None:

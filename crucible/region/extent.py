@@ -24,7 +24,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
-import functools
 import os
 import struct
 from collections.abc import Callable
@@ -34,6 +33,7 @@ import xxhash
 
 from crucible.protocol.errors import CrucibleError, ErrorKind
 from crucible.protocol.messages import BlockContext, ReadBlockContext
+from crucible.protocol.wire import struct_run
 from crucible.region.context import EMPTY_SLOT, BadSlot, SlotContext, decode_slot, encode_slot
 from crucible.region.layout import (
     EXTENT_FORMAT_VERSION,
@@ -66,10 +66,8 @@ def pread_exact(fd: int, size: int, offset: int) -> bytes:
     return data
 
 
-@functools.lru_cache(maxsize=64)
-def _slot_heads(n: int) -> struct.Struct:
-    """n slots' (Some tag, hash, encryption tag): plain contexts are (1, hash, 0)."""
-    return struct.Struct("<" + f"BQB{SLOT_SIZE - 10}x" * n)
+# A slot's (Some tag, hash, encryption tag) and the rest skipped: plain is (1, hash, 0).
+_SLOT_HEAD = f"BQB{SLOT_SIZE - 10}x"
 
 
 def io_error(e: OSError, what: str) -> CrucibleError:
@@ -270,7 +268,7 @@ class Extent:
             # One slot array, and (the usual case) every block plain or never
             # written: one unpack.
             raw = pread_exact(self.fd, SLOT_SIZE * n, self.layout.slot_offset(act[start], start))
-            heads = _slot_heads(n).unpack(raw)
+            heads = struct_run(_SLOT_HEAD, n).unpack(raw)
             tags = heads[0::3]
             if heads[2::3].count(0) == n:
                 written = tags.count(1)
