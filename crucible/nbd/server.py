@@ -479,9 +479,8 @@ class _Connection(asyncio.BufferedProtocol):
             self.close()
 
     def _read_now(self, cookie: int, offset: int, length: int) -> bool:
-        bs = self.up.block_size
-        first = offset // bs
-        skip = offset - first * bs
+        first, last = self.outer_blocks(offset, length)
+        skip = offset - first * self.up.block_size
 
         def done(result: ReadResult | BaseException) -> None:
             self._ended(length)
@@ -491,7 +490,7 @@ class _Connection(asyncio.BufferedProtocol):
                 self.send_data(cookie, offset, memoryview(result[0])[skip : skip + length])
 
         self._started(length)  # before: an error may complete it at once
-        if self.up.read_nowait(first, -(-(offset + length) // bs) - first, done):
+        if self.up.read_nowait(first, last - first, done):
             return True
         self._ended(length)
         return False
@@ -546,11 +545,9 @@ class _Connection(asyncio.BufferedProtocol):
     # ---- commands -----------------------------------------------------------------
 
     async def cmd_read(self, flags: int, cookie: int, offset: int, length: int, _: bytes) -> None:
-        bs = self.up.block_size
-        first = offset // bs
-        last = -(-(offset + length) // bs)
+        first, last = self.outer_blocks(offset, length)
         data = await self.up.read(first, last - first)
-        skip = offset - first * bs
+        skip = offset - first * self.up.block_size
         self.send_data(cookie, offset, memoryview(data)[skip : skip + length])
 
     async def cmd_write(
@@ -601,8 +598,7 @@ class _Connection(asyncio.BufferedProtocol):
     ) -> None:
         bs = self.up.block_size
         length = min(length, MAX_STATUS_BYTES)
-        first = offset // bs
-        last = -(-(offset + length) // bs)
+        first, last = self.outer_blocks(offset, length)
         _, written = await self.up.read_with_status(first, last - first)
         extents: list[tuple[int, int]] = []
         pos = offset
@@ -637,8 +633,7 @@ class _Connection(asyncio.BufferedProtocol):
         read-modify-write of the blocks it touches, under a range lock."""
         bs = self.up.block_size
         end = offset + len(data)
-        first = offset // bs
-        last = -(-end // bs)
+        first, last = self.outer_blocks(offset, len(data))
         locks = self.server.locks
         if offset % bs == 0 and end % bs == 0:
             await locks.wait_clear(first, last)
@@ -659,6 +654,11 @@ class _Connection(asyncio.BufferedProtocol):
             await self.up.write(first, bytes(buf))
         finally:
             locks.release(token)
+
+    def outer_blocks(self, offset: int, length: int) -> tuple[int, int]:
+        """The blocks [first, last) a byte range touches, partly or wholly."""
+        bs = self.up.block_size
+        return offset // bs, -(-(offset + length) // bs)
 
     def inner_blocks(self, offset: int, length: int) -> tuple[int, int]:
         """The whole blocks [first, last) inside a byte range (first >= last: none)."""

@@ -210,8 +210,8 @@ class Upstairs:
             )
 
     # Callers that answer from callbacks (the NBD server) queue one job without
-    # a coroutine per IO; when it would have to wait for room they get None or
-    # False and use the coroutines above instead.
+    # a coroutine per IO; when it would have to wait for room they get False
+    # and use the coroutines above instead.
 
     def read_nowait(
         self, block: int, count: int, done: Callable[[ReadResult | BaseException], None]
