@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
-import ctypes.util
 import gc
 import logging
 import signal
@@ -16,6 +14,7 @@ from typing import Any, NoReturn
 
 from tqdm import tqdm
 
+from crucible.libc import libc
 from crucible.region.definition import RegionError, validate_block_size
 
 
@@ -117,12 +116,10 @@ def tune_allocator() -> None:
     memory for reuse. By default glibc maps each large buffer afresh and unmaps
     it when freed, so every 1 MiB write or read faults in 256 new pages: about
     1 ms of kernel time per MiB, against 0.06 ms for reused memory."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        libc.mallopt(_M_MMAP_THRESHOLD, 64 << 20)
-        libc.mallopt(_M_TRIM_THRESHOLD, 128 << 20)
-    except (OSError, AttributeError):
-        pass  # not glibc: its defaults stay
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is not None:  # glibc; elsewhere the allocator's defaults stay
+        mallopt(_M_MMAP_THRESHOLD, 64 << 20)
+        mallopt(_M_TRIM_THRESHOLD, 128 << 20)
 
 
 def run_async(coro: Coroutine[Any, Any, Any]) -> Any:

@@ -22,7 +22,6 @@ Crash-safety argument (ext4/xfs, which may persist writes out of order):
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import struct
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import xxhash
 
+from crucible.libc import libc
 from crucible.protocol.errors import CrucibleError, ErrorKind
 from crucible.protocol.messages import BlockContext, ReadBlockContext
 from crucible.protocol.wire import struct_run
@@ -76,7 +76,6 @@ def io_error(e: OSError, what: str) -> CrucibleError:
 
 _FALLOC_FL_KEEP_SIZE = 1
 _FALLOC_FL_PUNCH_HOLE = 2
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 
 _SYNC_FILE_RANGE_WRITE = 2
@@ -88,14 +87,14 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
     Durability still comes from the flush's fdatasync, which then has little
     left to write: the disk works while writes arrive instead of all at once
     at the flush. Only a hint: where unsupported, nothing happens."""
-    _libc.sync_file_range(fd, ctypes.c_long(offset), ctypes.c_long(length), _SYNC_FILE_RANGE_WRITE)
+    libc.sync_file_range(fd, ctypes.c_long(offset), ctypes.c_long(length), _SYNC_FILE_RANGE_WRITE)
 
 
 def punch_hole(fd: int, offset: int, length: int) -> None:
     """Deallocate a byte range (it reads back as zeros); where the filesystem
     cannot, write zeros instead."""
     mode = _FALLOC_FL_KEEP_SIZE | _FALLOC_FL_PUNCH_HOLE
-    if _libc.fallocate(fd, mode, ctypes.c_long(offset), ctypes.c_long(length)) == 0:
+    if libc.fallocate(fd, mode, ctypes.c_long(offset), ctypes.c_long(length)) == 0:
         return
     err = ctypes.get_errno()
     if err not in (errno.EOPNOTSUPP, errno.ENOSYS):
