@@ -20,8 +20,8 @@ from pathlib import Path
 
 import xxhash
 
+from crucible.common.definition import RegionDefinition
 from crucible.protocol.messages import BlockContext
-from crucible.region.definition import RegionDefinition
 from crucible.region.region import Region
 
 

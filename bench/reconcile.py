@@ -19,8 +19,8 @@ from pathlib import Path
 
 import xxhash
 
+from crucible.common.definition import RegionDefinition
 from crucible.protocol.messages import BlockContext
-from crucible.region.definition import RegionDefinition
 from crucible.region.layout import extent_path
 from crucible.region.region import Region
 from crucible.upstairs.guest import Upstairs

@@ -14,8 +14,8 @@ from typing import Any, NoReturn
 
 from tqdm import tqdm
 
+from crucible.common.definition import RegionError, validate_block_size
 from crucible.libc import libc
-from crucible.region.definition import RegionError, validate_block_size
 
 
 class CliError(Exception):

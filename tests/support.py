@@ -20,6 +20,7 @@ import xxhash
 from crucible.cli_util import stop_process
 from crucible.protocol import codec
 from crucible.protocol import messages as m
+from crucible.protocol.framing import FrameDecoder
 
 T = TypeVar("T")
 BIN = Path(sys.executable).parent
@@ -121,7 +122,7 @@ class Client:
         self, port: int, gen: int = 1, read_only: bool = False, upstairs_id: uuid.UUID | None = None
     ) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-        self.decoder = codec.FrameDecoder()
+        self.decoder = FrameDecoder()
         self.upstairs_id = upstairs_id or uuid.uuid4()
         self.session_id = uuid.uuid4()
         self.gen = gen

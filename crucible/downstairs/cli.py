@@ -28,9 +28,9 @@ from crucible.cli_util import (
     setup_logging,
     wait_for_stop_signal,
 )
+from crucible.common.definition import RegionDefinition, RegionError
+from crucible.common.errors import CrucibleError
 from crucible.downstairs.server import IDLE_TIMEOUT, DownstairsServer
-from crucible.protocol.errors import CrucibleError
-from crucible.region.definition import RegionDefinition, RegionError
 from crucible.region.inspect import dump_block, dump_extent_blocks, dump_extents, verify_region
 from crucible.region.region import Region
 from crucible.region.transfer import export_file, import_file

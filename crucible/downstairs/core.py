@@ -17,13 +17,23 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, assert_never
 
-from crucible.downstairs.work import JOB_TYPES, Job, WorkQueue
+from crucible.common.definition import RegionDefinition
+from crucible.common.errors import CrucibleError, ErrorKind
+from crucible.downstairs.work import WorkQueue
 from crucible.protocol import messages as m
-from crucible.protocol.errors import CrucibleError, ErrorKind
+from crucible.protocol.roles import (
+    MUTATING,
+    REPLY_OF,
+    ROLES,
+    Job,
+    Kind,
+    ReconcileOp,
+    is_job,
+    is_reconcile_op,
+)
 from crucible.protocol.wire import SocketAddr
-from crucible.region.definition import RegionDefinition
 
 NIL_UUID = uuid.UUID(int=0)
 
@@ -37,22 +47,7 @@ class Phase(Enum):
 
 
 # Work that is not a queued job but still runs in order with the disk work.
-RepairOp = m.ExtentFlush | m.ExtentClose | m.ExtentRepair | m.ExtentReopen
-Work = Job | RepairOp | m.ExtentVersionsPlease
-MUTATING = (
-    m.Write,
-    m.WriteUnwritten,
-    m.Trim,
-    m.ExtentLiveClose,
-    m.ExtentLiveFlushClose,
-    m.ExtentLiveRepair,
-    m.ExtentLiveReopen,
-    m.ExtentLiveNoOp,
-    m.ExtentClose,
-    m.ExtentFlush,
-    m.ExtentRepair,
-    m.ExtentReopen,
-)
+Work = Job | ReconcileOp | m.ExtentVersionsPlease
 
 
 @dataclass(slots=True)
@@ -150,8 +145,8 @@ class DownstairsCore:
         failed = isinstance(outcome, CrucibleError)
         acts: list[Action] = [Send(conn_id, self._reply(conn, work, outcome))]
         if failed:
-            acts.append(Log(f"{type(work).__name__} {_work_id(work)} failed: {outcome}"))
-        if isinstance(work, JOB_TYPES):
+            acts.append(Log(f"{type(work).__name__} {work_id(work)} failed: {outcome}"))
+        if is_job(work):
             for job in conn.work.finish(work, not failed):
                 acts.append(Execute(conn_id, job))
         return acts
@@ -211,7 +206,7 @@ class DownstairsCore:
             conn.phase = Phase.RUNNING
             conn.work = WorkQueue(msg.last_flush_number)
             return [Log(f"connection {cid} resumes after flush {msg.last_flush_number}")]
-        if isinstance(msg, _NEGOTIATION):
+        if ROLES[type(msg)].kind is Kind.NEGOTIATION:
             return [
                 Disconnect(cid, f"{type(msg).__name__} out of order in phase {conn.phase.value}")
             ]
@@ -258,42 +253,49 @@ class DownstairsCore:
 
     def _running(self, conn: Conn, msg: m.Message) -> list[Action]:
         cid = conn.id
-        if isinstance(msg, JOB_TYPES) and (msg.upstairs_id, msg.session_id) != (
-            conn.upstairs_id,
-            conn.session_id,
-        ):  # a tuple compares identical ids without calling UUID.__eq__
-            return [
-                Send(cid, m.UuidMismatch(conn.upstairs_id)),
-                Log(f"connection {cid}: job {msg.job_id} from a foreign upstairs or session"),
-            ]
-        if self.read_only and isinstance(msg, MUTATING):
-            err = CrucibleError(ErrorKind.ModifyingReadOnlyRegion)
-            return [
-                Send(cid, m.ErrorReport(conn.upstairs_id, conn.session_id, _work_id(msg), err)),
-                Disconnect(cid, f"{type(msg).__name__} on a read-only region"),
-            ]
-        if isinstance(msg, m.Write | m.WriteUnwritten):
-            bad = self._bad_write(msg)
-            if bad:
-                return [
-                    Send(cid, m.ErrorReport(conn.upstairs_id, conn.session_id, msg.job_id, bad)),
-                    Disconnect(cid, f"malformed write {msg.job_id}: {bad}"),
-                ]
-        if isinstance(msg, JOB_TYPES):
-            if conn.work.knows(msg.job_id):
-                return [Log(f"connection {cid}: duplicate job {msg.job_id} ignored")]
-            acts: list[Action] = [Execute(cid, job) for job in conn.work.add(msg)]
-            if self.log_jobs:
-                acts.insert(0, JobLog(msg))
-            return acts
-        if isinstance(msg, m.ExtentFlush | m.ExtentClose | m.ExtentRepair | m.ExtentReopen):
+        if is_job(msg):
+            return self._job(conn, msg)
+        if is_reconcile_op(msg):
+            if self.read_only:
+                return self._refuse_change(conn, msg, msg.repair_id)
             return [
                 Log(f"{type(msg).__name__} rep_id:{msg.repair_id} eid:{msg.extent_id}"),
                 Execute(cid, msg),
             ]
-        if isinstance(msg, _NEGOTIATION):
+        if ROLES[type(msg)].kind is Kind.NEGOTIATION:
             return [Disconnect(cid, f"{type(msg).__name__} after negotiation")]
         return [Log(f"connection {cid}: ignored unexpected {type(msg).__name__}")]
+
+    def _job(self, conn: Conn, job: Job) -> list[Action]:
+        cid = conn.id
+        if (job.upstairs_id, job.session_id) != (conn.upstairs_id, conn.session_id):
+            # (a tuple compares identical ids without calling UUID.__eq__)
+            return [
+                Send(cid, m.UuidMismatch(conn.upstairs_id)),
+                Log(f"connection {cid}: job {job.job_id} from a foreign upstairs or session"),
+            ]
+        if self.read_only and type(job) in MUTATING:
+            return self._refuse_change(conn, job, job.job_id)
+        if isinstance(job, m.Write | m.WriteUnwritten):
+            bad = self._bad_write(job)
+            if bad:
+                return [
+                    Send(cid, m.ErrorReport(conn.upstairs_id, conn.session_id, job.job_id, bad)),
+                    Disconnect(cid, f"malformed write {job.job_id}: {bad}"),
+                ]
+        if conn.work.knows(job.job_id):
+            return [Log(f"connection {cid}: duplicate job {job.job_id} ignored")]
+        acts: list[Action] = [Execute(cid, j) for j in conn.work.add(job)]
+        if self.log_jobs:
+            acts.insert(0, JobLog(job))
+        return acts
+
+    def _refuse_change(self, conn: Conn, msg: Job | ReconcileOp, work_id: int) -> list[Action]:
+        err = CrucibleError(ErrorKind.ModifyingReadOnlyRegion)
+        return [
+            Send(conn.id, m.ErrorReport(conn.upstairs_id, conn.session_id, work_id, err)),
+            Disconnect(conn.id, f"{type(msg).__name__} on a read-only region"),
+        ]
 
     def _bad_write(self, msg: m.Write | m.WriteUnwritten) -> CrucibleError | None:
         bs = self.definition.block_size
@@ -309,72 +311,75 @@ class DownstairsCore:
     def describe(self, job: Job) -> str:
         es = self.definition.extent_size
         deps = f"dep:{list(job.dependencies)}"
-        if isinstance(job, m.Write | m.WriteUnwritten):
-            name = "Write" if isinstance(job, m.Write) else "WriteUnwritten"
-            eid, bo = divmod(job.start, es)
-            return f"{name} rn:{job.job_id} eid:{eid} {deps} bo:{bo} n:{len(job.contexts)}"
-        if isinstance(job, m.ReadRequest | m.Trim):
-            name = "Read" if isinstance(job, m.ReadRequest) else "Trim"
-            eid, bo = divmod(job.start, es)
-            return f"{name} rn:{job.job_id} eid:{eid} {deps} bo:{bo} n:{job.count}"
-        if isinstance(job, m.Flush):
-            lim = "" if job.extent_limit is None else f" lim:{job.extent_limit}"
-            return f"flush rn:{job.job_id} {deps} fln:{job.flush_number} gen:{job.gen_number}{lim}"
-        if isinstance(job, m.Barrier):
-            return f"barrier rn:{job.job_id} {deps}"
-        eid_s = f" eid:{job.extent_id}" if hasattr(job, "extent_id") else ""
-        return f"{type(job).__name__} rn:{job.job_id}{eid_s} {deps}"
+        match job:
+            case m.Write() | m.WriteUnwritten():
+                name = "Write" if isinstance(job, m.Write) else "WriteUnwritten"
+                eid, bo = divmod(job.start, es)
+                return f"{name} rn:{job.job_id} eid:{eid} {deps} bo:{bo} n:{len(job.contexts)}"
+            case m.ReadRequest() | m.Trim():
+                name = "Read" if isinstance(job, m.ReadRequest) else "Trim"
+                eid, bo = divmod(job.start, es)
+                return f"{name} rn:{job.job_id} eid:{eid} {deps} bo:{bo} n:{job.count}"
+            case m.Flush():
+                lim = "" if job.extent_limit is None else f" lim:{job.extent_limit}"
+                fl = f"fln:{job.flush_number} gen:{job.gen_number}{lim}"
+                return f"flush rn:{job.job_id} {deps} {fl}"
+            case m.Barrier():
+                return f"barrier rn:{job.job_id} {deps}"
+            case (
+                m.ExtentLiveClose()
+                | m.ExtentLiveFlushClose()
+                | m.ExtentLiveRepair()
+                | m.ExtentLiveReopen()
+            ):
+                return f"{type(job).__name__} rn:{job.job_id} eid:{job.extent_id} {deps}"
+            case m.ExtentLiveNoOp():
+                return f"{type(job).__name__} rn:{job.job_id} {deps}"
+            case _:
+                assert_never(job)
 
     # ---- replies ---------------------------------------------------------------------
 
     def _reply(self, conn: Conn, work: Work, outcome: Any) -> m.Message:
+        """What answers finished work: its reply type (ROLES), or ErrorReport
+        for a failed job that is not part of live repair (whose replies carry
+        the error themselves)."""
         up, sess = conn.upstairs_id, conn.session_id
         err = outcome if isinstance(outcome, CrucibleError) else None
-        if err is None:  # the bulk of all replies first
-            ack = _PLAIN_ACKS.get(type(work))
-            if ack is not None:
-                reply: m.Message = ack(up, sess, work.job_id, None)  # type: ignore[union-attr]
+        match work:  # the bulk of all replies first
+            case m.Write() | m.WriteUnwritten() | m.Trim() | m.Flush() | m.Barrier():
+                if err:
+                    return m.ErrorReport(up, sess, work.job_id, err)
+                reply: m.Message = REPLY_OF[type(work)](up, sess, work.job_id, None)
                 return reply
-            if isinstance(work, m.ReadRequest):
+            case m.ReadRequest():
+                if err:
+                    return m.ErrorReport(up, sess, work.job_id, err)
                 ctxs, data = outcome
                 return m.ReadResponse(up, sess, work.job_id, ctxs, data)
-        if isinstance(work, m.ExtentVersionsPlease):
-            if err:
-                return m.ErrorReport(up, sess, 0, err)
-            return m.ExtentVersions(*outcome)
-        if isinstance(work, m.ExtentFlush | m.ExtentClose | m.ExtentRepair | m.ExtentReopen):
-            if err:
-                return m.ExtentError(work.repair_id, work.extent_id, err)
-            return m.RepairAckId(work.repair_id)
-        jid = work.job_id
-        if isinstance(work, m.ExtentLiveClose | m.ExtentLiveFlushClose):
-            return m.ExtentLiveCloseAck(up, sess, jid, outcome)
-        if isinstance(work, m.ExtentLiveRepair):
-            return m.ExtentLiveRepairAckId(up, sess, jid, err)
-        if isinstance(work, m.ExtentLiveReopen | m.ExtentLiveNoOp):
-            return m.ExtentLiveAckId(up, sess, jid, err)
-        assert err is not None  # every other job without error was answered above
-        return m.ErrorReport(up, sess, jid, err)
+            case m.ExtentLiveClose() | m.ExtentLiveFlushClose():
+                return m.ExtentLiveCloseAck(up, sess, work.job_id, outcome)
+            case m.ExtentLiveRepair() | m.ExtentLiveReopen() | m.ExtentLiveNoOp():
+                live: m.Message = REPLY_OF[type(work)](up, sess, work.job_id, err)
+                return live
+            case m.ExtentVersionsPlease():
+                if err:
+                    return m.ErrorReport(up, sess, 0, err)
+                return m.ExtentVersions(*outcome)
+            case m.ExtentFlush() | m.ExtentClose() | m.ExtentRepair() | m.ExtentReopen():
+                if err:
+                    return m.ExtentError(work.repair_id, work.extent_id, err)
+                return m.RepairAckId(work.repair_id)
+            case _:
+                assert_never(work)
 
 
-# A job done without error, and its reply.
-_PLAIN_ACKS: dict[type, Any] = {
-    m.Write: m.WriteAck,
-    m.WriteUnwritten: m.WriteUnwrittenAck,
-    m.Trim: m.TrimAck,
-    m.Flush: m.FlushAck,
-    m.Barrier: m.BarrierAck,
-}
-
-
-_NEGOTIATION = (
-    m.HereIAm,
-    m.PromoteToActive,
-    m.RegionInfoPlease,
-    m.ExtentVersionsPlease,
-    m.LastFlush,
-)
-
-
-def _work_id(work: Any) -> int:
-    return int(getattr(work, "job_id", getattr(work, "repair_id", 0)))
+def work_id(work: Work) -> int:
+    """The id a log line or an error report names work by."""
+    match work:
+        case m.ExtentFlush() | m.ExtentClose() | m.ExtentRepair() | m.ExtentReopen():
+            return work.repair_id
+        case m.ExtentVersionsPlease():
+            return 0
+        case _:
+            return work.job_id

@@ -14,7 +14,7 @@ from typing import BinaryIO
 
 from aiohttp import web
 
-from crucible.protocol.errors import CrucibleError, ErrorKind
+from crucible.common.errors import CrucibleError, ErrorKind
 from crucible.protocol.wire import SocketAddr
 from crucible.region.layout import extent_path, extent_relpath
 from crucible.region.region import Region

@@ -34,7 +34,9 @@ from crucible.downstairs.core import (
 from crucible.downstairs.repair import REPAIR_PORT_OFFSET, fetch_extent, make_app
 from crucible.netio import OutputBatcher
 from crucible.protocol import messages as m
-from crucible.protocol.codec import FrameDecoder, ProtocolError, encode_parts
+from crucible.protocol.codec import encode_parts
+from crucible.protocol.framing import FrameDecoder
+from crucible.protocol.wire import ProtocolError
 from crucible.region.region import Region
 
 log = logging.getLogger("crucible.downstairs")

@@ -9,46 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from crucible.protocol.messages import (
-    Barrier,
-    ExtentLiveClose,
-    ExtentLiveFlushClose,
-    ExtentLiveNoOp,
-    ExtentLiveReopen,
-    ExtentLiveRepair,
-    Flush,
-    ReadRequest,
-    Trim,
-    Write,
-    WriteUnwritten,
-)
-
-Job = (
-    Write
-    | WriteUnwritten
-    | Trim
-    | ReadRequest
-    | Flush
-    | Barrier
-    | ExtentLiveClose
-    | ExtentLiveFlushClose
-    | ExtentLiveRepair
-    | ExtentLiveReopen
-    | ExtentLiveNoOp
-)
-JOB_TYPES = (
-    Write,
-    WriteUnwritten,
-    Trim,
-    ReadRequest,
-    Flush,
-    Barrier,
-    ExtentLiveClose,
-    ExtentLiveFlushClose,
-    ExtentLiveRepair,
-    ExtentLiveReopen,
-    ExtentLiveNoOp,
-)
+from crucible.protocol.messages import ReadRequest
+from crucible.protocol.roles import RESETS, Job
 
 
 @dataclass(slots=True)
@@ -118,9 +80,10 @@ class WorkQueue:
         failed job stays incomplete (its dependents wait), except a read: it
         changed nothing, so ordering is still kept."""
         self.started.discard(job.job_id)
+        resets = type(job) in RESETS
         if ok or isinstance(job, ReadRequest):
-            self.completed.complete(job.job_id, isinstance(job, Flush | Barrier))
-        if isinstance(job, Flush | Barrier):
+            self.completed.complete(job.job_id, resets)
+        if resets:
             # Every id at or below it now counts as complete, also ones this
             # connection never saw: look at every waiting job again.
             woken = list(self.waiting.values())

@@ -8,8 +8,8 @@ import logging
 import sys
 
 from crucible.cli_util import fail, port_number, run_async, setup_logging, wait_for_stop_signal
+from crucible.common.errors import CrucibleError
 from crucible.nbd.server import Export, NbdServer
-from crucible.protocol.errors import CrucibleError
 from crucible.tools.common import activate, add_target_options, check_targets
 from crucible.upstairs.core import Options
 from crucible.upstairs.guest import Upstairs

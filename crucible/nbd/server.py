@@ -17,9 +17,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import cast
 
+from crucible.common.errors import CrucibleError, ErrorKind
 from crucible.nbd import protocol as p
 from crucible.netio import OutputBatcher
-from crucible.protocol.errors import CrucibleError, ErrorKind
 from crucible.upstairs.guest import ReadResult, Upstairs
 
 log = logging.getLogger("crucible.nbd")

@@ -12,9 +12,9 @@ import uuid
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from crucible.protocol.errors import CrucibleError
+from crucible.common.definition import RegionDefinition
+from crucible.common.errors import CrucibleError
 from crucible.protocol.wire import SocketAddr
-from crucible.region.definition import RegionDefinition
 
 CRUCIBLE_MESSAGE_VERSION = 13
 MAX_FRAME_LEN = 100 * 1024 * 1024

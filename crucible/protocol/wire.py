@@ -45,6 +45,10 @@ class DecodeError(ValueError):
     """Bytes that are not a valid encoding of the expected value."""
 
 
+class ProtocolError(Exception):
+    """A frame that cannot be accepted; the connection it came on must close."""
+
+
 class Reader:
     """A cursor over a buffer; every getter checks bounds first."""
 

@@ -1,149 +1,39 @@
-"""RegionDefinition: the geometry of a region, stored as DIR/region.json."""
+"""DIR/region.json: a region's definition on disk, written atomically."""
 
 from __future__ import annotations
 
 import json
 import os
 import tempfile
-import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-DATABASE_READ_VERSION = 1
-DATABASE_WRITE_VERSION = 1
-MIN_BLOCK_SIZE = 512
-MAX_BLOCK_SIZE = 32 * 1024
-MAX_EXTENT_FILE_SIZE = 1 << 29  # 512 MiB of block data per extent
-
+from crucible.common.definition import RegionDefinition, RegionError
 
 REGION_JSON = "region.json"
 
 
-class RegionError(Exception):
-    """A region that cannot be created or opened; the message is for people."""
+def save_definition(definition: RegionDefinition, directory: Path) -> None:
+    """Write DIR/region.json atomically: temp file, fsync, rename, fsync dir."""
+    write_json_atomic(directory / REGION_JSON, definition.to_json())
 
 
-def validate_block_size(block_size: int) -> None:
-    if block_size < MIN_BLOCK_SIZE or block_size > MAX_BLOCK_SIZE:
-        raise RegionError(f"block size {block_size} is outside {MIN_BLOCK_SIZE}..{MAX_BLOCK_SIZE}")
-    if block_size & (block_size - 1):
-        raise RegionError(f"block size {block_size} is not a power of two")
-
-
-@dataclass(frozen=True, slots=True)
-class RegionDefinition:
-    block_size: int
-    extent_size: int  # blocks per extent
-    extent_count: int
-    uuid: uuid.UUID
-    encrypted: bool = False
-    database_read_version: int = DATABASE_READ_VERSION
-    database_write_version: int = DATABASE_WRITE_VERSION
-
-    @property
-    def shift(self) -> int:
-        return self.block_size.bit_length() - 1
-
-    @property
-    def extent_bytes(self) -> int:
-        return self.block_size * self.extent_size
-
-    @property
-    def total_blocks(self) -> int:
-        return self.extent_size * self.extent_count
-
-    @property
-    def total_bytes(self) -> int:
-        return self.total_blocks * self.block_size
-
-    def validate(self) -> None:
-        validate_block_size(self.block_size)
-        if self.extent_size < 1:
-            raise RegionError(f"extent size {self.extent_size} must be at least one block")
-        if self.extent_bytes > MAX_EXTENT_FILE_SIZE:
-            raise RegionError(
-                f"extent of {self.extent_size} blocks of {self.block_size} bytes "
-                f"exceeds {MAX_EXTENT_FILE_SIZE} bytes"
-            )
-        if not 0 <= self.extent_count <= 0xFFFFFFFF:
-            raise RegionError(f"extent count {self.extent_count} out of range")
-        if (self.database_read_version, self.database_write_version) != (
-            DATABASE_READ_VERSION,
-            DATABASE_WRITE_VERSION,
-        ):
-            raise RegionError(
-                f"region database version {self.database_read_version}/"
-                f"{self.database_write_version} is not supported "
-                f"(expected {DATABASE_READ_VERSION}/{DATABASE_WRITE_VERSION})"
-            )
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "block_size": self.block_size,
-            "extent_size": {"value": self.extent_size, "shift": self.shift},
-            "extent_count": self.extent_count,
-            "uuid": str(self.uuid),
-            "encrypted": self.encrypted,
-            "database_read_version": self.database_read_version,
-            "database_write_version": self.database_write_version,
-        }
-
-    @classmethod
-    def from_json(cls, obj: Any) -> RegionDefinition:
-        try:
-            es = obj["extent_size"]
-            d = cls(
-                block_size=_int(obj["block_size"]),
-                extent_size=_int(es["value"]),
-                extent_count=_int(obj["extent_count"]),
-                uuid=uuid.UUID(str(obj["uuid"])),
-                encrypted=_bool(obj["encrypted"]),
-                database_read_version=_int(obj["database_read_version"]),
-                database_write_version=_int(obj["database_write_version"]),
-            )
-            if _int(es["shift"]) != d.shift:
-                raise RegionError(
-                    f"extent_size.shift {es['shift']} does not match block size {d.block_size}"
-                )
-        except (KeyError, TypeError, ValueError) as e:
-            raise RegionError(f"region definition is malformed: {e!r}") from None
-        d.validate()
-        return d
-
-    def save(self, directory: Path) -> None:
-        """Write DIR/region.json atomically: temp file, fsync, rename, fsync dir."""
-        write_json_atomic(directory / REGION_JSON, self.to_json())
-
-    @classmethod
-    def load(cls, directory: Path) -> RegionDefinition:
-        path = directory / REGION_JSON
-        try:
-            text = path.read_text()
-        except FileNotFoundError:
-            raise RegionError(f"no region at {directory}: {path} does not exist") from None
-        except OSError as e:
-            raise RegionError(f"cannot read {path}: {e.strerror}") from None
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise RegionError(f"{path} is not valid JSON: {e}") from None
-        try:
-            return cls.from_json(obj)
-        except RegionError as e:
-            raise RegionError(f"{path}: {e}") from None
-
-
-def _int(v: Any) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise ValueError(f"expected an integer, got {v!r}")
-    return v
-
-
-def _bool(v: Any) -> bool:
-    if not isinstance(v, bool):
-        raise ValueError(f"expected true or false, got {v!r}")
-    return v
+def load_definition(directory: Path) -> RegionDefinition:
+    path = directory / REGION_JSON
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise RegionError(f"no region at {directory}: {path} does not exist") from None
+    except OSError as e:
+        raise RegionError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RegionError(f"{path} is not valid JSON: {e}") from None
+    try:
+        return RegionDefinition.from_json(obj)
+    except RegionError as e:
+        raise RegionError(f"{path}: {e}") from None
 
 
 def fsync_dir(directory: Path) -> None:

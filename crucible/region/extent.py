@@ -30,8 +30,8 @@ from pathlib import Path
 
 import xxhash
 
+from crucible.common.errors import CrucibleError, ErrorKind
 from crucible.libc import libc
-from crucible.protocol.errors import CrucibleError, ErrorKind
 from crucible.protocol.messages import BlockContext, ReadBlockContext
 from crucible.protocol.wire import struct_run
 from crucible.region.context import EMPTY_SLOT, BadSlot, SlotContext, decode_slot, encode_slot

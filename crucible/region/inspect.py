@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 
-from crucible.protocol.errors import CrucibleError
+from crucible.common.errors import CrucibleError
 from crucible.region.context import SlotContext
 from crucible.region.region import Region
 

@@ -11,9 +11,15 @@ from typing import BinaryIO
 
 import xxhash
 
-from crucible.protocol.errors import CrucibleError, ErrorKind
+from crucible.common.definition import RegionDefinition, RegionError
+from crucible.common.errors import CrucibleError, ErrorKind
 from crucible.protocol.messages import BlockContext, ReadBlockContext
-from crucible.region.definition import REGION_JSON, RegionDefinition, RegionError, fsync_dir
+from crucible.region.definition import (
+    REGION_JSON,
+    fsync_dir,
+    load_definition,
+    save_definition,
+)
 from crucible.region.extent import Extent
 from crucible.region.layout import (
     EXTENT_FORMAT_VERSION,
@@ -91,14 +97,14 @@ class Region:
                 fsync_dir(d)
             for d in {p.parent for p in dirs}:
                 fsync_dir(d)
-            definition.save(directory)
+            save_definition(definition, directory)
         except OSError as e:
             raise RegionError(f"cannot create region at {directory}: {e.strerror or e}") from None
         return cls.open(directory)
 
     @classmethod
     def open(cls, directory: Path, read_only: bool = False) -> Region:
-        definition = RegionDefinition.load(directory)
+        definition = load_definition(directory)
         region = cls(directory, definition, read_only)
         try:
             for eid in range(definition.extent_count):

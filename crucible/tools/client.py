@@ -8,7 +8,7 @@ import logging
 import sys
 
 from crucible.cli_util import fail, run_async
-from crucible.protocol.errors import CrucibleError, ErrorKind
+from crucible.common.errors import CrucibleError, ErrorKind
 from crucible.tools.common import activate, add_target_options, check_targets
 from crucible.upstairs.guest import Upstairs
 

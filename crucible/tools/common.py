@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import logging
 
-from crucible.protocol.errors import CrucibleError, ErrorKind
+from crucible.common.errors import CrucibleError, ErrorKind
 from crucible.protocol.wire import SocketAddr
 from crucible.upstairs.guest import Upstairs
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from crucible.cli_util import fail, positive_int, progress, run_async
-from crucible.protocol.errors import CrucibleError
+from crucible.common.errors import CrucibleError
 from crucible.tools import dsc
 from crucible.tools.common import activate, add_target_options, check_targets, target
 from crucible.tools.verify_log import VerifyLog

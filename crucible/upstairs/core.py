@@ -37,10 +37,10 @@ from typing import Any
 
 import xxhash
 
+from crucible.common.definition import RegionDefinition
+from crucible.common.errors import CrucibleError, ErrorKind
 from crucible.protocol import messages as m
-from crucible.protocol.errors import CrucibleError, ErrorKind
 from crucible.protocol.wire import SocketAddr
-from crucible.region.definition import RegionDefinition
 from crucible.upstairs import live_repair, negotiation
 from crucible.upstairs.actions import Action, Complete, Connect, Drop, Log, Send
 from crucible.upstairs.deps import BlockMap

@@ -14,12 +14,13 @@ import uuid
 from collections.abc import Callable
 from typing import Any, cast
 
+from crucible.common.definition import RegionDefinition
+from crucible.common.errors import CrucibleError, ErrorKind
 from crucible.netio import OutputBatcher
 from crucible.protocol import messages as m
-from crucible.protocol.codec import FrameDecoder, ProtocolError, encode_parts
-from crucible.protocol.errors import CrucibleError, ErrorKind
-from crucible.protocol.wire import SocketAddr
-from crucible.region.definition import RegionDefinition
+from crucible.protocol.codec import encode_parts
+from crucible.protocol.framing import FrameDecoder
+from crucible.protocol.wire import ProtocolError, SocketAddr
 from crucible.upstairs.actions import Action, Complete, Connect, Drop, Log, Send
 from crucible.upstairs.core import Options, UpstairsCore
 

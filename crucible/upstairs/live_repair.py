@@ -33,7 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from crucible.protocol.errors import CrucibleError, ErrorKind
+from crucible.common.errors import CrucibleError, ErrorKind
 from crucible.upstairs.actions import Action, Complete, Log
 from crucible.upstairs.jobs import (
     FlushOp,

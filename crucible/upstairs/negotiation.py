@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from crucible.common.definition import RegionDefinition
 from crucible.protocol import messages as m
-from crucible.region.definition import RegionDefinition
 from crucible.upstairs.actions import Action, Drop, Log, Send
 from crucible.upstairs.jobs import IOState
 from crucible.upstairs.mend import ExtentVersions

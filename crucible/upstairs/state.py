@@ -6,8 +6,8 @@ import uuid
 from dataclasses import dataclass, field
 from enum import Enum
 
+from crucible.common.definition import RegionDefinition
 from crucible.protocol.wire import SocketAddr
-from crucible.region.definition import RegionDefinition
 from crucible.upstairs.mend import ExtentVersions
 
 

@@ -12,8 +12,8 @@ import functools
 
 import xxhash
 
+from crucible.common.errors import CrucibleError, ErrorKind
 from crucible.protocol import messages as m
-from crucible.protocol.errors import CrucibleError, ErrorKind
 
 
 def check_read_reply(

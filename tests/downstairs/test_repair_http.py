@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from crucible.common.errors import CrucibleError
 from crucible.downstairs.repair import fetch_extent
 from crucible.protocol import messages as m
-from crucible.protocol.errors import CrucibleError
 from crucible.region.layout import extent_path
 from tests.support import Client, Downstairs
 

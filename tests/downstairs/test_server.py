@@ -10,9 +10,9 @@ import subprocess
 import uuid
 from pathlib import Path
 
+from crucible.common.errors import ErrorKind
 from crucible.protocol import codec
 from crucible.protocol import messages as m
-from crucible.protocol.errors import ErrorKind
 from tests.support import (
     DOWNSTAIRS,
     Client,

@@ -8,9 +8,15 @@ from typing import Any
 
 from hypothesis import strategies as st
 
+from crucible.common.definition import RegionDefinition
+from crucible.common.errors import (
+    NEGOTIATION_PAYLOAD,
+    WITH_STRING,
+    CrucibleError,
+    ErrorKind,
+    NegotiationKind,
+)
 from crucible.protocol import messages as m
-from crucible.protocol.errors import _WITH_STRING, CrucibleError, ErrorKind, NegotiationKind
-from crucible.region.definition import RegionDefinition
 
 u8 = st.integers(0, 0xFF)
 u32 = st.integers(0, 0xFFFFFFFF)
@@ -30,21 +36,17 @@ read_ctx = st.one_of(st.none(), u64, enc_ctx)
 @st.composite
 def errors(draw: st.DrawFn) -> CrucibleError:
     kind = draw(st.sampled_from(list(ErrorKind)))
-    if kind in _WITH_STRING:
+    if kind in WITH_STRING:
         return CrucibleError(kind, draw(st.text(max_size=20)))
     if kind == ErrorKind.MissingContextSlot:
         return CrucibleError(kind, values=(draw(u64), draw(u32)))
     if kind == ErrorKind.NegotiationError:
         nk = draw(st.sampled_from(list(NegotiationKind)))
+        payload = NEGOTIATION_PAYLOAD[nk]
         extra: tuple[Any, ...] = ()
-        if nk == NegotiationKind.GenerationNumberTooLow:
-            extra = (draw(u64), draw(u64))
-        elif nk == NegotiationKind.IncompatibleVersion:
-            extra = (draw(u32), draw(u32))
-        elif nk == NegotiationKind.EncryptionMismatch:
-            extra = (draw(st.booleans()), draw(st.booleans()))
-        elif nk == NegotiationKind.UpstairsIdMismatch:
-            extra = (draw(uuids), draw(uuids))
+        if payload is not None:
+            one = {"u64": u64, "u32": u32, "bool": st.booleans(), "uuid": uuids}[payload]
+            extra = (draw(one), draw(one))
         return CrucibleError(kind, values=(int(nk), *extra))
     return CrucibleError(kind)
 
@@ -89,8 +91,24 @@ FIELD_STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
 }
 
 
-def message_strategy(cls: type) -> st.SearchStrategy[Any]:
-    return st.builds(cls, *[FIELD_STRATEGIES[str(f.type)] for f in fields(cls)])
+# The shapes the hand-packed fast paths take: plain contexts, Ok results.
+PLAIN_STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
+    "Contexts": st.lists(u64.map(m.BlockContext), max_size=4),
+    "ReadBlocks": st.lists(u64, max_size=4),
+    "UnitResult": st.none(),
+    "Uuid": st.sampled_from([uuid.UUID(int=1), uuid.UUID(int=(1 << 128) - 1)]) | uuids,
+}
+
+
+def message_strategy(cls: type, plain_bias: bool = False) -> st.SearchStrategy[Any]:
+    """Any message of this type; with `plain_bias`, mostly in the plain shapes."""
+
+    def field(name: str) -> st.SearchStrategy[Any]:
+        general = FIELD_STRATEGIES[name]
+        plain = PLAIN_STRATEGIES.get(name) if plain_bias else None
+        return general if plain is None else plain | plain | general
+
+    return st.builds(cls, *[field(str(f.type)) for f in fields(cls)])
 
 
 messages = st.one_of([message_strategy(cls) for cls in m.MESSAGE_TYPES])

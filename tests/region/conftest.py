@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from crucible.region.definition import RegionDefinition
+from crucible.common.definition import RegionDefinition
 from crucible.region.region import Region
 
 MakeRegion = Callable[..., Region]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import xxhash
 
-from crucible.region.definition import RegionDefinition
+from crucible.common.definition import RegionDefinition
 from crucible.region.region import Region
 from tests.support import pattern
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from crucible.protocol.errors import CrucibleError, ErrorKind
+from crucible.common.definition import RegionDefinition, RegionError
+from crucible.common.errors import CrucibleError, ErrorKind
 from crucible.protocol.messages import BlockContext, EncryptionContext
-from crucible.region.definition import RegionDefinition, RegionError
 from crucible.region.layout import extent_path, staging_dir
 from crucible.region.region import Region, block_hash
 from tests.region.conftest import MakeRegion

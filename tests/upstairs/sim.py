@@ -17,12 +17,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+from crucible.common.definition import RegionDefinition
 from crucible.downstairs import core as dcore
 from crucible.downstairs import ops
 from crucible.protocol import codec
 from crucible.protocol import messages as m
+from crucible.protocol.framing import FrameDecoder
 from crucible.protocol.wire import SocketAddr
-from crucible.region.definition import RegionDefinition
 from crucible.region.layout import extent_path
 from crucible.region.region import Region
 from crucible.upstairs import actions as ua
@@ -31,7 +32,7 @@ from crucible.upstairs.core import Options, UpstairsCore
 
 def _wire(msg: m.Message) -> m.Message:
     """Through the codec, as on a real socket."""
-    dec = codec.FrameDecoder()
+    dec = FrameDecoder()
     dec.feed(codec.encode(msg))
     out = dec.next_message()
     assert out is not None

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from crucible.protocol.errors import CrucibleError, ErrorKind
+from crucible.common.errors import CrucibleError, ErrorKind
 from crucible.upstairs.core import Options
 from crucible.upstairs.guest import Upstairs
 from tests.support import BIN, Cluster, cluster, run_tool

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from crucible.protocol.errors import CrucibleError, ErrorKind
+from crucible.common.errors import CrucibleError, ErrorKind
 from crucible.region.layout import extent_path
 from crucible.upstairs.guest import Upstairs
 from tests.support import Cluster, cluster, free_port, run_tool

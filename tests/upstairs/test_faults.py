@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from crucible.protocol.errors import CrucibleError
+from crucible.common.errors import CrucibleError
 from crucible.upstairs.core import Options
 from crucible.upstairs.guest import Upstairs
 from tests.support import Cluster, Downstairs, cluster, create_region

@@ -14,8 +14,8 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from crucible.common.errors import CrucibleError
 from crucible.protocol import messages as m
-from crucible.protocol.errors import CrucibleError
 from crucible.upstairs.core import Options
 from crucible.upstairs.state import CState, Mode
 from tests.upstairs.sim import Sim

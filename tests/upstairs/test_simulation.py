@@ -9,8 +9,8 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from crucible.common.errors import CrucibleError
 from crucible.protocol import messages as m
-from crucible.protocol.errors import CrucibleError
 from tests.upstairs.sim import Sim
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import xxhash
 
+from crucible.common.errors import ErrorKind
 from crucible.protocol import messages as m
-from crucible.protocol.errors import ErrorKind
 from crucible.upstairs.verify import check_read_reply, first_difference
 
 BS = 512

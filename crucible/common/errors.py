@@ -1,23 +1,14 @@
 """CrucibleError: the error enum carried on the wire (and raised locally).
 
 Variant numbers are the bincode tags of Crucible's `CrucibleError`; they must
-never be reordered.
+never be reordered. How each variant is encoded lives with the other field
+codecs (crucible/protocol/fields.py).
 """
 
 from __future__ import annotations
 
 from enum import IntEnum
 from typing import Any
-
-from crucible.protocol.wire import (
-    DecodeError,
-    Reader,
-    put_bool,
-    put_string,
-    put_u32,
-    put_u64,
-    put_uuid,
-)
 
 
 class ErrorKind(IntEnum):
@@ -66,7 +57,7 @@ class ErrorKind(IntEnum):
 
 
 # Variants that carry one String.
-_WITH_STRING = frozenset(
+WITH_STRING = frozenset(
     {
         ErrorKind.GenericError,
         ErrorKind.IoError,
@@ -91,14 +82,30 @@ _WITH_STRING = frozenset(
 
 
 class NegotiationKind(IntEnum):
+    """Crucible's `NegotiationError`; the comment says what each variant carries
+    (its `values` after the kind, in wire order)."""
+
     OutOfOrder = 0
     GenerationZeroIsIllegal = 1
     GenerationNumberTooLow = 2  # requested u64, actual u64
     IncompatibleVersion = 3  # expected u32, actual u32
     EncryptionMismatch = 4  # expected bool, actual bool
-    ReadOnlyMismatch = 5
+    ReadOnlyMismatch = 5  # expected bool, actual bool
     UpstairsIdMismatch = 6  # expected Uuid, actual Uuid
-    SessionIdMismatch = 7
+    SessionIdMismatch = 7  # expected Uuid, actual Uuid
+
+
+# What each NegotiationKind carries: "u64", "u32", "bool" or "uuid", twice; or nothing.
+NEGOTIATION_PAYLOAD: dict[NegotiationKind, str | None] = {
+    NegotiationKind.OutOfOrder: None,
+    NegotiationKind.GenerationZeroIsIllegal: None,
+    NegotiationKind.GenerationNumberTooLow: "u64",
+    NegotiationKind.IncompatibleVersion: "u32",
+    NegotiationKind.EncryptionMismatch: "bool",
+    NegotiationKind.ReadOnlyMismatch: "bool",
+    NegotiationKind.UpstairsIdMismatch: "uuid",
+    NegotiationKind.SessionIdMismatch: "uuid",
+}
 
 
 class CrucibleError(Exception):
@@ -131,60 +138,3 @@ class CrucibleError(Exception):
 
     def __repr__(self) -> str:
         return f"CrucibleError({self})"
-
-
-def encode_error(out: bytearray, e: CrucibleError) -> None:
-    put_u32(out, e.kind)
-    if e.kind in _WITH_STRING:
-        put_string(out, e.detail)
-    elif e.kind == ErrorKind.MissingContextSlot:
-        block, extent = e.values
-        put_u64(out, block)
-        put_u32(out, extent)
-    elif e.kind == ErrorKind.NegotiationError:
-        nkind = NegotiationKind(e.values[0])
-        put_u32(out, nkind)
-        a, b = (*e.values[1:], None, None)[:2]
-        if nkind == NegotiationKind.GenerationNumberTooLow:
-            put_u64(out, a)
-            put_u64(out, b)
-        elif nkind == NegotiationKind.IncompatibleVersion:
-            put_u32(out, a)
-            put_u32(out, b)
-        elif nkind == NegotiationKind.EncryptionMismatch:
-            put_bool(out, a)
-            put_bool(out, b)
-        elif nkind == NegotiationKind.UpstairsIdMismatch:
-            put_uuid(out, a)
-            put_uuid(out, b)
-
-
-def decode_error(r: Reader) -> CrucibleError:
-    tag = r.u32()
-    try:
-        kind = ErrorKind(tag)
-    except ValueError:
-        raise DecodeError(f"unknown CrucibleError variant {tag}") from None
-    if kind in _WITH_STRING:
-        return CrucibleError(kind, r.string())
-    if kind == ErrorKind.MissingContextSlot:
-        return CrucibleError(kind, values=(r.u64(), r.u32()))
-    if kind == ErrorKind.NegotiationError:
-        ntag = r.u32()
-        try:
-            nkind = NegotiationKind(ntag)
-        except ValueError:
-            raise DecodeError(f"unknown NegotiationError variant {ntag}") from None
-        vals: tuple[Any, ...]
-        if nkind == NegotiationKind.GenerationNumberTooLow:
-            vals = (r.u64(), r.u64())
-        elif nkind == NegotiationKind.IncompatibleVersion:
-            vals = (r.u32(), r.u32())
-        elif nkind == NegotiationKind.EncryptionMismatch:
-            vals = (r.boolean(), r.boolean())
-        elif nkind == NegotiationKind.UpstairsIdMismatch:
-            vals = (r.uuid(), r.uuid())
-        else:
-            vals = ()
-        return CrucibleError(kind, values=(int(nkind), *vals))
-    return CrucibleError(kind)

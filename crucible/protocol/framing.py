@@ -1,0 +1,89 @@
+"""The receive side of a connection, sans-IO: bytes in, whole messages out.
+
+Goals and costs, for whoever changes it:
+
+* Bytes land in one buffer, either copied in (`feed`) or received straight
+  into it (`get_buffer`, then `advance`, as an asyncio.BufferedProtocol does):
+  no intermediate bytes objects per receive.
+* Frames are taken from a moving offset, so taking one costs one slice copy
+  of that frame (the message owns the copy; bulk data in it is a view into
+  it, never copied again). The unparsed tail moves to the front only when
+  free space runs short: amortised, each byte moves at most once per buffer
+  length received.
+* The buffer starts at 256 KiB and grows (doubling) to hold one whole large
+  frame once its length is known, at most the frame limit (100 MiB) plus what
+  was already buffered. After such a frame, once drained, it shrinks back.
+  So memory per connection is bounded by about twice the largest frame a
+  peer may send, and a length over the limit is refused before any growth.
+* A frame that is short, too long or does not decode raises ProtocolError;
+  the caller closes the connection. Nothing here ever blocks.
+"""
+
+from __future__ import annotations
+
+from crucible.protocol.codec import decode_body
+from crucible.protocol.messages import MAX_FRAME_LEN, Message
+from crucible.protocol.wire import U32, ProtocolError
+
+
+class FrameDecoder:
+    SIZE = 256 << 10
+    MIN_FREE = 64 << 10  # offered to each receive
+
+    def __init__(self, max_frame: int = MAX_FRAME_LEN) -> None:
+        self._buf = bytearray(self.SIZE)
+        self._start = self._end = 0  # unparsed bytes are _buf[_start:_end]
+        self._max = max_frame
+
+    def get_buffer(self) -> memoryview:
+        """Free space to receive into; say how much arrived with `advance`."""
+        self._make_room(self.MIN_FREE)
+        return memoryview(self._buf)[self._end :]
+
+    def advance(self, n: int) -> None:
+        self._end += n
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        n = len(data)
+        self._make_room(n)
+        self._buf[self._end : self._end + n] = data
+        self._end += n
+
+    def _make_room(self, want: int) -> None:
+        """At least `want` free bytes after the end, and room for the rest of
+        a frame whose length is already known."""
+        buf, start, end = self._buf, self._start, self._end
+        avail = end - start
+        if avail >= 4:
+            (n,) = U32.unpack_from(buf, start)
+            if n <= self._max:  # a bad length is refused by next_message
+                want = max(want, n - avail)
+        if len(buf) - end >= want:
+            return
+        if start:
+            buf[:avail] = buf[start:end]
+            self._start, self._end = 0, avail
+        if len(buf) - avail < want:
+            grown = bytearray(max(2 * len(buf), avail + want))
+            grown[:avail] = buf[:avail]
+            self._buf = grown
+
+    def next_message(self) -> Message | None:
+        start = self._start
+        avail = self._end - start
+        if avail < 4:
+            if not avail and len(self._buf) > 4 * self.SIZE:
+                self._buf, self._start, self._end = bytearray(self.SIZE), 0, 0  # after a huge frame
+            return None
+        (n,) = U32.unpack_from(self._buf, start)
+        if n < 8:
+            raise ProtocolError(f"frame length {n} is shorter than a header")
+        if n > self._max:
+            raise ProtocolError(f"frame length {n} exceeds the {self._max}-byte limit")
+        if avail < n:
+            return None
+        frame = self._buf[start + 4 : start + n]  # one copy, owned by this message
+        self._start = start + n
+        if self._start == self._end:
+            self._start = self._end = 0
+        return decode_body(memoryview(frame))
