@@ -26,8 +26,8 @@ from pathlib import Path
 
 from bench.reconcile import BS, ES, make_regions
 from crucible.region.layout import extent_path
-from crucible.upstairs.core import Options
 from crucible.upstairs.guest import Upstairs
+from crucible.upstairs.options import Options
 from tests.support import Cluster
 
 IO = 1 << 20
@@ -82,7 +82,7 @@ async def memory(c: Cluster, seconds: float) -> None:
             if stop_one:
                 c.stop(2)
             peak, n = await timed_load(up, seconds)
-            state = up.info()["downstairs"][2]["mode"]
+            state = up.info().downstairs[2].mode
             print(
                 f"memory, {label:13s}: peak RSS {peak:.0f} MiB over {seconds:g} s of 1 MiB "
                 f"writes QD{DEPTH} ({n / seconds / 1e6:.0f} MB/s; downstairs 2 {state}) "
@@ -97,7 +97,7 @@ async def fault_and_diverge(c: Cluster, up: Upstairs) -> None:
     c.stop(2, signal.SIGKILL)
     ec = up.region.extent_count
     block = os.urandom(BS)
-    while up.info()["downstairs"][2]["mode"] != "faulted":
+    while up.info().downstairs[2].mode != "faulted":
         for e in range(ec):
             await up.write(e * ES, block)
         await asyncio.sleep(0.01)
@@ -108,7 +108,7 @@ async def fault_and_diverge(c: Cluster, up: Upstairs) -> None:
 
 def repaired(up: Upstairs, before: int) -> bool:
     info = up.info()
-    return info["live_repairs"] > before and info["live_repair"] is None
+    return info.live_repairs > before and info.live_repair is None
 
 
 async def repair(c: Cluster, size: int) -> tuple[float, float]:
@@ -121,7 +121,7 @@ async def repair(c: Cluster, size: int) -> tuple[float, float]:
         alone = n / 10.0
         await fault_and_diverge(c, up)
         c.start(2)
-        while up.info()["live_repair"] is None:
+        while up.info().live_repair is None:
             await asyncio.sleep(0.001)
         t0 = time.perf_counter()
         while not repaired(up, 0):
@@ -131,7 +131,7 @@ async def repair(c: Cluster, size: int) -> tuple[float, float]:
 
         await fault_and_diverge(c, up)
         c.start(2)
-        while up.info()["live_repair"] is None:
+        while up.info().live_repair is None:
             await asyncio.sleep(0.001)
         t0 = time.perf_counter()
         n = await write_load(up, lambda: repaired(up, 1), lambda: None)

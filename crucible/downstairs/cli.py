@@ -55,6 +55,11 @@ def _add_run_options(p: argparse.ArgumentParser, port_required: bool) -> None:
     p.add_argument("--mode", choices=("rw", "ro"), default="rw", help="read-write or read-only")
     p.add_argument("-q", "--quiet", action="store_true", help="do not log every job")
     p.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--no-extensions",
+        action="store_true",
+        help="behave as a plain Crucible V13 downstairs: no Trim, no capabilities page",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -229,7 +234,13 @@ def _preview(values: list[int] | list[bool], limit: int = 16) -> str:
 
 
 async def _serve(region: Region, args: argparse.Namespace) -> int:
-    server = DownstairsServer(region, args.address, args.port, idle_timeout=args.idle_timeout)
+    server = DownstairsServer(
+        region,
+        args.address,
+        args.port,
+        idle_timeout=args.idle_timeout,
+        extensions=not args.no_extensions,
+    )
     try:
         await server.start()
     except OSError as e:

@@ -23,6 +23,7 @@ from crucible.common.definition import RegionDefinition
 from crucible.common.errors import CrucibleError, ErrorKind
 from crucible.downstairs.work import WorkQueue
 from crucible.protocol import messages as m
+from crucible.protocol.capabilities import OURS, Capabilities
 from crucible.protocol.roles import (
     MUTATING,
     REPLY_OF,
@@ -96,9 +97,14 @@ class Conn:
 
 class DownstairsCore:
     def __init__(
-        self, definition: RegionDefinition, read_only: bool, repair_addr: SocketAddr
+        self,
+        definition: RegionDefinition,
+        read_only: bool,
+        repair_addr: SocketAddr,
+        capabilities: Capabilities = OURS,
     ) -> None:
         self.definition = definition
+        self.capabilities = capabilities
         self.read_only = read_only
         self.repair_addr = repair_addr
         self.conns: dict[int, Conn] = {}
@@ -268,6 +274,9 @@ class DownstairsCore:
 
     def _job(self, conn: Conn, job: Job) -> list[Action]:
         cid = conn.id
+        if isinstance(job, m.Trim) and not self.capabilities.trim:
+            # As a plain V13 downstairs, which cannot decode the message.
+            return [Disconnect(cid, "Trim is not supported here")]
         if (job.upstairs_id, job.session_id) != (conn.upstairs_id, conn.session_id):
             # (a tuple compares identical ids without calling UUID.__eq__)
             return [

@@ -1,4 +1,5 @@
 """The repair HTTP server (port + 4000) that peers copy extents from, and its client.
+It also tells an upstairs which extensions this downstairs takes (capabilities.py).
 
 Paths take integers only; an extent id is range-checked and turned into a
 path by layout.extent_path, so nothing a client sends names a file.
@@ -15,6 +16,7 @@ from typing import BinaryIO
 from aiohttp import web
 
 from crucible.common.errors import CrucibleError, ErrorKind
+from crucible.protocol.capabilities import CAPABILITIES_PATH, NONE, OURS, Capabilities
 from crucible.protocol.wire import SocketAddr
 from crucible.region.layout import extent_path, extent_relpath
 from crucible.region.region import Region
@@ -23,7 +25,7 @@ REPAIR_PORT_OFFSET = 4000
 TIMEOUT = 15.0
 
 
-def make_app(region: Region) -> web.Application:
+def make_app(region: Region, capabilities: Capabilities = OURS) -> web.Application:
     def extent_id(request: web.Request) -> int:
         eid = int(request.match_info["eid"])
         if eid >= region.definition.extent_count:
@@ -55,6 +57,9 @@ def make_app(region: Region) -> web.Application:
     async def region_mode(request: web.Request) -> web.Response:
         return web.json_response(region.read_only)
 
+    async def capabilities_of(request: web.Request) -> web.Response:
+        return web.json_response(capabilities.to_json())
+
     app = web.Application(client_max_size=1024)
     app.add_routes(
         [
@@ -66,6 +71,8 @@ def make_app(region: Region) -> web.Application:
             web.get("/region-mode", region_mode),
         ]
     )
+    if capabilities != NONE:  # a plain V13 downstairs has no such page
+        app.add_routes([web.get(CAPABILITIES_PATH, capabilities_of)])
     return app
 
 

@@ -34,6 +34,7 @@ from crucible.downstairs.core import (
 from crucible.downstairs.repair import REPAIR_PORT_OFFSET, fetch_extent, make_app
 from crucible.netio import OutputBatcher
 from crucible.protocol import messages as m
+from crucible.protocol.capabilities import NONE, OURS
 from crucible.protocol.codec import encode_parts
 from crucible.protocol.framing import FrameDecoder
 from crucible.protocol.wire import ProtocolError
@@ -110,13 +111,17 @@ class DownstairsServer:
         port: int,
         idle_timeout: float = IDLE_TIMEOUT,
         repair_port: int | None = None,
+        extensions: bool = True,
     ) -> None:
         self.region = region
         self.address = address
         self.port = port
         self.repair_port = port + REPAIR_PORT_OFFSET if repair_port is None else repair_port
         self.idle_timeout = idle_timeout
-        self.core = DownstairsCore(region.definition, region.read_only, (address, self.repair_port))
+        self.capabilities = OURS if extensions else NONE
+        self.core = DownstairsCore(
+            region.definition, region.read_only, (address, self.repair_port), self.capabilities
+        )
         self.core.log_jobs = joblog.isEnabledFor(logging.INFO)
         self.conns: dict[int, _Connection] = {}
         self._next_id = 1
@@ -136,7 +141,7 @@ class DownstairsServer:
         loop = asyncio.get_running_loop()
         # The repair server first: an upstairs may fetch from it as soon as it
         # has been told its address, right after connecting.
-        self._runner = web.AppRunner(make_app(self.region), access_log=None)
+        self._runner = web.AppRunner(make_app(self.region, self.capabilities), access_log=None)
         await self._runner.setup()
         try:
             await web.TCPSite(self._runner, self.address, self.repair_port).start()

@@ -11,8 +11,8 @@ from crucible.cli_util import fail, port_number, run_async, setup_logging, wait_
 from crucible.common.errors import CrucibleError
 from crucible.nbd.server import Export, NbdServer
 from crucible.tools.common import activate, add_target_options, check_targets
-from crucible.upstairs.core import Options
 from crucible.upstairs.guest import Upstairs
+from crucible.upstairs.options import Options
 
 PROG = "crucible-nbd"
 log = logging.getLogger("crucible.nbd")
@@ -69,7 +69,7 @@ async def serve(args: argparse.Namespace) -> int:
         await wait_for_stop_signal()
         log.info("stopping: closing clients, flushing")
         await server.stop()
-        if up.info()["state"] == "active":
+        if up.info().state == "active":
             await up.deactivate()
         print("stopped", flush=True)
         return 0

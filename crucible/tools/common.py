@@ -77,10 +77,9 @@ async def activate(up: Upstairs, gen: int | None, timeout: float) -> int:
             raise
         except TimeoutError:
             problems = [
-                f"{d['target']} is {d['state']}"
-                + (f" ({d['last_error']})" if d["last_error"] else "")
-                for d in up.info()["downstairs"]
-                if d["state"] != "wait-quorum"
+                f"{d.target} is {d.state}" + (f" ({d.last_error})" if d.last_error else "")
+                for d in up.info().downstairs
+                if d.state != "wait-quorum"
             ]
             raise CrucibleError(
                 ErrorKind.UpstairsInactive,

@@ -18,8 +18,8 @@ from crucible.common.errors import CrucibleError
 from crucible.tools import dsc
 from crucible.tools.common import activate, add_target_options, check_targets, target
 from crucible.tools.verify_log import VerifyLog
-from crucible.upstairs.core import Options
 from crucible.upstairs.guest import MAX_IO_BYTES, Upstairs
+from crucible.upstairs.options import Options
 
 PROG = "crutest"
 log = logging.getLogger("crucible.crutest")
@@ -231,24 +231,22 @@ async def io_until(run: Run, done: Callable[[], bool], what: str, max_blocks: in
     deadline = time.monotonic() + FAULT_WAIT
     while not done():
         if time.monotonic() > deadline:
-            states = ", ".join(f"{d['target']} {d['state']}" for d in run.up.info()["downstairs"])
+            states = ", ".join(f"{d.target} {d.state}" for d in run.up.info().downstairs)
             raise WorkloadError(f"{what} did not happen within {FAULT_WAIT:g} s ({states})")
         await random_op(run, max_blocks)
         await asyncio.sleep(0)
 
 
 def _states(run: Run) -> list[str]:
-    return [d["state"] for d in run.up.info()["downstairs"]]
+    return [d.state for d in run.up.info().downstairs]
 
 
 def _all_active(run: Run, repairs_before: int = -1) -> bool:
     """All three active, no repair running, and more repairs done than before."""
     info = run.up.info()  # one snapshot: info() walks the job table
-    states = [d["state"] for d in info["downstairs"]]
+    states = [d.state for d in info.downstairs]
     return (
-        states == ["active"] * 3
-        and info["live_repair"] is None
-        and info["live_repairs"] > repairs_before
+        states == ["active"] * 3 and info.live_repair is None and info.live_repairs > repairs_before
     )
 
 
@@ -264,7 +262,7 @@ async def _dsc_client(run: Run) -> tuple[int, int]:
     fleet = await _dsc(run, "GET", "/list")
     assert isinstance(fleet, list)
     ports = [t[1] for t in run.args.target]
-    pairs = [(d["cid"], ports.index(d["port"])) for d in fleet if d["port"] in ports]
+    pairs = [(d.cid, ports.index(d.port)) for d in fleet if d.port in ports]
     if not pairs:
         raise WorkloadError("dsc runs none of the targets given with -t")
     return run.rng.choice(pairs)
@@ -302,16 +300,16 @@ async def repair(run: Run) -> None:
             await _repair_cycle(run)
             bar.update(1)
     await run.verify_all()
-    run.notes.append(f"live repairs: {run.up.info()['live_repairs']}")
+    run.notes.append(f"live repairs: {run.up.info().live_repairs}")
 
 
 async def _repair_cycle(run: Run) -> None:
     cid, i = await _dsc_client(run)
-    before = run.up.info()["live_repairs"]
+    before = run.up.info().live_repairs
     await _dsc(run, "POST", f"/stop/cid/{cid}")
 
     def faulted() -> bool:
-        return bool(run.up.info()["downstairs"][i]["mode"] == "faulted")
+        return bool(run.up.info().downstairs[i].mode == "faulted")
 
     await io_until(run, faulted, f"downstairs {cid} being faulted", run.max_blocks)
     await _dsc(run, "POST", f"/start/cid/{cid}")
@@ -325,7 +323,7 @@ async def replace(run: Run) -> None:
     old = run.args.target[-1]
     for _ in range(run.count):
         await random_op(run)
-    before = run.up.info()["live_repairs"]
+    before = run.up.info().live_repairs
     await run.up.replace(old, new)
     await io_until(run, _repaired_since(run, before), f"live repair of {new[0]}:{new[1]}")
     await run.verify_all()
@@ -535,8 +533,8 @@ async def _main(args: argparse.Namespace) -> int:
             vlog.journal_to(args.verify_out)  # survives a kill: every write is logged first
         print(
             f"crutest {args.workload}: gen {gen}, seed {seed}, {up.total_blocks} blocks of "
-            f"{up.block_size} bytes ({info['extent_count']} extents of "
-            f"{info['extent_size']})"
+            f"{up.block_size} bytes ({info.extent_count} extents of "
+            f"{info.extent_size})"
         )
         t0 = time.monotonic()
         if args.verify_in is not None:
@@ -556,7 +554,7 @@ async def _main(args: argparse.Namespace) -> int:
         print(
             f"done: {run.writes} writes ({run.bytes_written} bytes), {run.reads} reads "
             f"({run.bytes_read} bytes), {run.flushes} flushes in {secs:.2f} s; "
-            f"integrity errors: {up.info()['integrity_errors']}"
+            f"integrity errors: {up.info().integrity_errors}"
         )
     return 0
 

@@ -35,9 +35,19 @@ class Complete:
 
 
 @dataclass(slots=True)
+class Probe:
+    """Ask a downstairs' repair server what it supports (capabilities.py);
+    answer with UpstairsCore.probed, quoting `attempt`."""
+
+    client: int
+    repair_addr: SocketAddr
+    attempt: int
+
+
+@dataclass(slots=True)
 class Log:
     text: str
     level: str = "info"
 
 
-Action = Connect | Send | Drop | Complete | Log
+Action = Connect | Send | Drop | Complete | Probe | Log

@@ -1,7 +1,15 @@
 """The asyncio driver of the upstairs and the API a disk's user calls.
 
-One loop owns the UpstairsCore; each downstairs connection is a thin protocol
-object that turns bytes into messages for it and writes what it sends.
+One loop owns the UpstairsCore; each downstairs connection is a thin
+protocol object (transport.py) that turns bytes into messages for it and
+writes what it sends.
+
+Every request that queues jobs goes through one path: `submit_*` takes a
+callback, splits the request into jobs of at most MAX_IO_BYTES and hands
+them to the core as soon as there is room (backpressure), strictly in the
+order they were submitted; until then they wait in a backlog. The
+coroutines (`read`, `write`, `flush`, ...) are thin wrappers over the same
+path, for callers that await.
 """
 
 from __future__ import annotations
@@ -9,26 +17,28 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import socket
 import uuid
+from collections import deque
 from collections.abc import Callable
 from typing import Any, cast
 
 from crucible.common.definition import RegionDefinition
 from crucible.common.errors import CrucibleError, ErrorKind
-from crucible.netio import OutputBatcher
 from crucible.protocol import messages as m
 from crucible.protocol.codec import encode_parts
-from crucible.protocol.framing import FrameDecoder
-from crucible.protocol.wire import ProtocolError, SocketAddr
-from crucible.upstairs.actions import Action, Complete, Connect, Drop, Log, Send
-from crucible.upstairs.core import Options, UpstairsCore
+from crucible.protocol.wire import SocketAddr
+from crucible.upstairs.actions import Action, Complete, Connect, Drop, Log, Probe, Send
+from crucible.upstairs.core import UpstairsCore
+from crucible.upstairs.options import Options
+from crucible.upstairs.status import UpstairsStatus
+from crucible.upstairs.transport import Connection, fetch_capabilities
 
 log = logging.getLogger("crucible.upstairs")
 
-# What a read completes with: the data, and each block's context.
+# What a read completes with: the data, and each block's context (None: never written).
 ReadResult = tuple[m.Data, list[m.ReadBlockContext]]
-_Callback = Callable[[Any], None]
+ReadDone = Callable[[ReadResult | BaseException], None]
+WriteDone = Callable[[BaseException | None], None]
 
 MAX_IO_BYTES = 1 << 20  # guest IO is split into jobs of at most this size
 CONNECT_TIMEOUT = 10.0
@@ -41,45 +51,8 @@ _LEVELS = {
 }
 
 
-class _Connection(asyncio.BufferedProtocol):
-    def __init__(self, up: Upstairs, cid: int) -> None:
-        self.up = up
-        self.cid = cid
-        self.decoder = FrameDecoder()
-        self.transport: asyncio.Transport | None = None
-        self.out: OutputBatcher | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        self.out = OutputBatcher(self.transport)
-        sock = self.transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self.decoder.get_buffer()  # frames are received in place
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self.decoder.advance(nbytes)
-        try:
-            while (msg := self.decoder.next_message()) is not None:
-                if self.up._conns.get(self.cid) is not self:
-                    return
-                self.up._received(self.cid, msg)
-        except ProtocolError as e:
-            self.up._apply(
-                [
-                    Log(f"[{self.cid}] bad frame from downstairs: {e}", "error"),
-                    Drop(self.cid, str(e)),
-                ]
-            )
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.up._lost(self)
-
-
 class Upstairs:
-    """A volume replicated on three downstairs. All IO methods are coroutines."""
+    """A volume replicated on three downstairs."""
 
     def __init__(
         self,
@@ -92,9 +65,11 @@ class Upstairs:
             options or Options(), log_jobs=log.isEnabledFor(logging.DEBUG)
         )
         self.core = UpstairsCore(targets, options, upstairs_id)
-        self._conns: dict[int, _Connection] = {}
+        self._conns: dict[int, Connection] = {}
         self._connecting: dict[int, asyncio.Task[None]] = {}
-        self._progress = asyncio.Event()
+        self._probes: dict[int, asyncio.Task[None]] = {}
+        # Requests waiting for room, in order: (bytes the job carries, what queues it).
+        self._backlog: deque[tuple[int, Callable[[], None]]] = deque()
         self._ticker: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -110,16 +85,16 @@ class Upstairs:
         while True:
             await asyncio.sleep(TICK)
             self._apply(self.core.tick(self._now()))
+            self._drain_backlog()
 
     async def close(self) -> None:
         """Drop every connection and stop the timers (no flush: see deactivate)."""
         if self._ticker is not None:
             self._ticker.cancel()
-        for t in list(self._connecting.values()):
+        for t in [*self._connecting.values(), *self._probes.values()]:
             t.cancel()
         for conn in list(self._conns.values()):
-            if conn.transport is not None:
-                conn.transport.close()
+            conn.close()
         self._conns.clear()
         await asyncio.sleep(0)
 
@@ -129,13 +104,7 @@ class Upstairs:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    # ---- guest API -------------------------------------------------------------------
-
-    async def activate(self, gen: int) -> None:
-        await self._call(lambda tok, now: self.core.activate(tok, gen, now))
-
-    async def deactivate(self) -> None:
-        await self._call(self.core.deactivate)
+    # ---- what the volume is ----------------------------------------------------------
 
     @property
     def region(self) -> RegionDefinition:
@@ -153,8 +122,145 @@ class Upstairs:
     def total_blocks(self) -> int:
         return self.region.total_blocks
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> UpstairsStatus:
         return self.core.info()
+
+    # ---- the one path: callbacks ------------------------------------------------------
+
+    def submit_read(self, block: int, count: int, done: ReadDone) -> None:
+        """Read blocks; `done` gets the data and each block's context once the
+        first good reply of every piece is in, or the error."""
+        err = self._check(block, count, write=False)
+        if err:
+            done(err)
+            return
+        if count == 0:
+            done((b"", []))
+            return
+        pieces = self._pieces(block, count)
+        if len(pieces) == 1:
+            self._when_room(0, lambda: self._apply(self.core.read(done, block, count, self._now())))
+            return
+        parts: list[ReadResult | None] = [None] * len(pieces)
+        waiting = [len(pieces)]
+        failed: list[BaseException] = []
+
+        def piece_done(i: int, result: ReadResult | BaseException) -> None:
+            if isinstance(result, BaseException):
+                failed.append(result)
+            else:
+                parts[i] = result
+            waiting[0] -= 1
+            if waiting[0]:
+                return
+            if failed:
+                done(failed[0])
+                return
+            got = cast(list[ReadResult], parts)
+            done((b"".join(p[0] for p in got), [c for p in got for c in p[1]]))
+
+        for i, (b, n) in enumerate(pieces):
+
+            def queue(i: int = i, b: int = b, n: int = n) -> None:
+                cb = lambda r, i=i: piece_done(i, r)  # noqa: E731
+                self._apply(self.core.read(cb, b, n, self._now()))
+
+            self._when_room(0, queue)
+
+    def submit_write(
+        self, block: int, data: bytes | bytearray | memoryview, done: WriteDone
+    ) -> None:
+        """Write whole blocks; `done` is called once every piece is queued (a
+        write is acked when queued: the next flush makes it durable). The
+        volume keeps `data`, which the caller must not change."""
+        bs = self.core.region.block_size if self.core.region else 1
+        if len(data) % bs:
+            why = f"{len(data)} bytes is not a multiple of the {bs}-byte block"
+            done(CrucibleError(ErrorKind.DataLenUnaligned, why))
+            return
+        err = self._check(block, len(data) // bs, write=True)
+        if err or not data:
+            done(err)
+            return
+        self._write_pieces(block, data, done, unwritten=False)
+
+    def submit_write_unwritten(
+        self, block: int, data: bytes | bytearray | memoryview, done: WriteDone
+    ) -> None:
+        """As submit_write, but only blocks never written are written."""
+        if not data:
+            done(self._check(block, 0, write=True))
+            return
+        self._write_pieces(block, data, done, unwritten=True)
+
+    def _write_pieces(
+        self, block: int, data: bytes | bytearray | memoryview, done: WriteDone, unwritten: bool
+    ) -> None:
+        bs = self.core.region.block_size if self.core.region else 1
+        view = memoryview(data).cast("B") if len(data) > MAX_IO_BYTES else None
+        offsets = range(0, len(data), MAX_IO_BYTES)
+        last = offsets[-1]
+        done = _once(done)
+        for off in offsets:
+            piece = data if view is None else view[off : off + MAX_IO_BYTES]
+            b = block + off // bs
+            cb = done if off == last else _ignore_ok(done)
+
+            def queue(b: int = b, piece: Any = piece, cb: WriteDone = cb) -> None:
+                self._apply(self.core.write(cb, b, piece, self._now(), unwritten))
+
+            self._when_room(len(piece), queue)
+
+    def submit_trim(self, block: int, count: int, done: WriteDone) -> None:
+        """Discard blocks: they read back as zeros and their space is freed
+        (where a downstairs cannot, zeros are written). Acked when queued."""
+        err = self._check(block, count, write=True)
+        if err or count == 0:
+            done(err)
+            return
+        pieces = self._pieces(block, count)
+        done = _once(done)
+        for i, (b, n) in enumerate(pieces):
+            cb = done if i == len(pieces) - 1 else _ignore_ok(done)
+            nbytes = 0 if self.core.ds.trims() else n * self.block_size
+
+            def queue(b: int = b, n: int = n, cb: WriteDone = cb) -> None:
+                self._apply(self.core.trim(cb, b, n, self._now()))
+
+            self._when_room(nbytes, queue)
+
+    def submit_flush(self, done: WriteDone, snapshot: str | None = None) -> None:
+        """Make every write queued before it durable; `done` once it is."""
+        self._when_room(0, lambda: self._apply(self.core.flush(done, self._now(), snapshot)))
+
+    def _check(self, block: int, count: int, write: bool) -> CrucibleError | None:
+        if count < 0 or block < 0:
+            return CrucibleError(ErrorKind.OffsetInvalid, "negative block or count")
+        return self.core.check_io(block, count, write)
+
+    def _pieces(self, block: int, count: int) -> list[tuple[int, int]]:
+        step = max(1, MAX_IO_BYTES // self.block_size)
+        return [(b, min(step, block + count - b)) for b in range(block, block + count, step)]
+
+    def _when_room(self, nbytes: int, queue: Callable[[], None]) -> None:
+        """Queue now if there is room and nothing is waiting, else in order later."""
+        if not self._backlog and self.core.has_room(nbytes):
+            queue()
+        else:
+            self._backlog.append((nbytes, queue))
+
+    def _drain_backlog(self) -> None:
+        backlog = self._backlog
+        while backlog and self.core.has_room(backlog[0][0]):
+            backlog.popleft()[1]()
+
+    # ---- the coroutines -------------------------------------------------------------
+
+    async def activate(self, gen: int) -> None:
+        await self._call(lambda tok, now: self.core.activate(tok, gen, now))
+
+    async def deactivate(self) -> None:
+        await self._call(self.core.deactivate)
 
     async def read(self, block: int, count: int) -> bytes:
         data, _ = await self.read_with_status(block, count)
@@ -163,175 +269,138 @@ class Upstairs:
     async def read_with_status(self, block: int, count: int) -> tuple[bytes, list[bool]]:
         """The blocks, and for each whether it was ever written (False: a hole
         that reads as zeros)."""
-        if count < 0 or block < 0:
-            raise CrucibleError(ErrorKind.OffsetInvalid, "negative block or count")
-        err = self.core.check_io(block, count, write=False)
-        if err:
-            raise err
-        step = max(1, MAX_IO_BYTES // self.block_size)
-        # Queue every piece before waiting on any: IO is ordered as it is called.
-        futs = []
-        for b in range(block, block + count, step):
-            n = min(step, block + count - b)
-            await self._wait_room(0)
-            futs.append(self._submit(lambda tok, now, b=b, n=n: self.core.read(tok, b, n, now)))
-        parts = [await f for f in futs]
-        data = b"".join(p[0] for p in parts)
-        written = [c is not None for p in parts for c in p[1]]
-        return data, written
+        fut: asyncio.Future[ReadResult] = asyncio.get_running_loop().create_future()
+        self.submit_read(block, count, _settle(fut))
+        data, contexts = await fut
+        return bytes(data), [c is not None for c in contexts]
 
     async def write(self, block: int, data: bytes | bytearray | memoryview) -> None:
-        await self._write(block, data, unwritten=False)
+        # The job keeps what it writes: a buffer the caller may change is copied.
+        await self._await_write(self.submit_write, block, _owned(data))
 
     async def write_unwritten(self, block: int, data: bytes | bytearray | memoryview) -> None:
-        await self._write(block, data, unwritten=True)
+        await self._await_write(self.submit_write_unwritten, block, _owned(data))
 
-    async def _write(
-        self, block: int, data: bytes | bytearray | memoryview, unwritten: bool
+    async def _await_write(
+        self,
+        submit: Callable[[int, bytes, WriteDone], None],
+        block: int,
+        data: bytes,
     ) -> None:
-        bs = self.block_size
-        if len(data) % bs:
-            raise CrucibleError(
-                ErrorKind.DataLenUnaligned,
-                f"{len(data)} bytes is not a multiple of the {bs}-byte block",
-            )
-        err = self.core.check_io(block, len(data) // bs, write=True)
-        if err:
-            raise err
-        view = memoryview(data).cast("B")
-        for off in range(0, len(view), MAX_IO_BYTES):
-            if isinstance(data, bytes) and len(data) <= MAX_IO_BYTES:
-                piece = data  # immutable already: the job can keep it
-            else:
-                piece = bytes(view[off : off + MAX_IO_BYTES])  # the job owns its copy
-            await self._wait_room(len(piece))
-            b = block + off // bs
-            await self._call(
-                lambda tok, now, b=b, piece=piece: self.core.write(tok, b, piece, now, unwritten)
-            )
-
-    # Callers that answer from callbacks (the NBD server) queue one job without
-    # a coroutine per IO; when it would have to wait for room they get False
-    # and use the coroutines above instead.
-
-    def read_nowait(
-        self, block: int, count: int, done: Callable[[ReadResult | BaseException], None]
-    ) -> bool:
-        """Queue a read of at most MAX_IO_BYTES now; `done` is called with the
-        data and the blocks' contexts (None: never written) once the first
-        good reply is in, or with the error (at once if the read is refused)."""
-        if count * self.block_size > MAX_IO_BYTES or not self.core.has_room(0):
-            return False
-        self._apply(self.core.read(done, block, count, self._now()))
-        return True
-
-    def write_nowait(self, block: int, data: bytes | bytearray) -> bool:
-        """Queue a write of at most MAX_IO_BYTES now (acked when queued, like
-        write()); the volume keeps `data`, which the caller must not change."""
-        if len(data) > MAX_IO_BYTES or not self.core.has_room(len(data)):
-            return False
-        result: list[BaseException | None] = []
-        self._apply(self.core.write(result.append, block, data, self._now()))
-        if result[0] is not None:  # a write completes as it is queued
-            raise result[0]
-        return True
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        submit(block, data, _settle(fut))
+        await fut
 
     async def trim(self, block: int, count: int) -> None:
         """Discard blocks: they read back as zeros and their space is freed."""
-        await self._wait_room(0)
-        await self._call(lambda tok, now: self.core.trim(tok, block, count, now))
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.submit_trim(block, count, _settle(fut))
+        await fut
 
     async def flush(self, snapshot: str | None = None) -> None:
-        await self._call(lambda tok, now: self.core.flush(tok, now, snapshot))
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.submit_flush(_settle(fut), snapshot)
+        await fut
 
     async def replace(self, old: SocketAddr, new: SocketAddr) -> None:
         """Swap the downstairs at `old` for an empty region at `new`. Returns once
         the swap has begun; live repair then fills the new one (see `info()`)."""
         await self._call(lambda tok, now: self.core.replace(tok, old, new, now))
 
-    # ---- plumbing --------------------------------------------------------------------
-
-    async def _wait_room(self, nbytes: int) -> None:
-        while not self.core.has_room(nbytes):
-            self._progress.clear()
-            await self._progress.wait()
-
-    def _submit(self, fn: Any) -> asyncio.Future[Any]:
-        """Hand a request to the core now; the future completes with its result."""
-        now = self._now()
+    async def _call(self, fn: Callable[[object, float], list[Action]]) -> Any:
+        """Hand a request to the core now; the result of the request."""
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._apply(fn(fut, now))
-        return fut
+        self._apply(fn(_settle(fut), self._now()))
+        return await fut
 
-    async def _call(self, fn: Any) -> Any:
-        return await self._submit(fn)
+    # ---- events ------------------------------------------------------------------
 
     def _received(self, cid: int, msg: m.Message) -> None:
         self._apply(self.core.received(cid, msg, self._now()))
-        self._progress.set()
+        if self._backlog:
+            self._drain_backlog()
 
-    def _lost(self, conn: _Connection) -> None:
-        if self._conns.get(conn.cid) is conn:
-            del self._conns[conn.cid]
-            self._apply(self.core.disconnected(conn.cid, self._now()))
-            self._progress.set()
+    def _lost(self, conn: Connection, cid: int) -> None:
+        if self._conns.get(cid) is conn:
+            del self._conns[cid]
+            self._apply(self.core.disconnected(cid, self._now()))
+            self._drain_backlog()
 
     def _apply(self, actions: list[Action]) -> None:
         last: m.Message | None = None
         parts: list[bytes | bytearray | memoryview] = []
         for a in actions:
-            if isinstance(a, Send):
-                conn = self._conns.get(a.client)
-                if conn is not None and conn.out is not None:
-                    if a.msg is not last:  # the same job to three downstairs: encode once
-                        last, parts = a.msg, encode_parts(a.msg)
-                    conn.out.write(*parts)
-            elif isinstance(a, Complete):
-                fut = a.token
-                if not isinstance(fut, asyncio.Future):  # a callback of read/write_nowait
-                    cast(_Callback, fut)(a.result)
-                elif not fut.done():
-                    if isinstance(a.result, BaseException):
-                        fut.set_exception(a.result)
-                    else:
-                        fut.set_result(a.result)
-            elif isinstance(a, Log):
-                log.log(_LEVELS.get(a.level, logging.INFO), "%s", a.text)
-            elif isinstance(a, Connect):
-                self._start_connect(a.client, a.target)
-            elif isinstance(a, Drop):
-                conn = self._conns.pop(a.client, None)
-                if conn is not None and conn.transport is not None:
-                    conn.transport.close()
-                task = self._connecting.pop(a.client, None)
-                if task is not None:
-                    task.cancel()
-                if conn is not None or task is not None:
-                    self._apply(self.core.disconnected(a.client, self._now()))
+            match a:
+                case Send():
+                    conn = self._conns.get(a.client)
+                    if conn is not None and conn.out is not None:
+                        if a.msg is not last:  # the same job to three downstairs: encode once
+                            last, parts = a.msg, encode_parts(a.msg)
+                        conn.out.write(*parts)
+                case Complete():
+                    cast(Callable[[Any], None], a.token)(a.result)
+                case Log():
+                    log.log(_LEVELS.get(a.level, logging.INFO), "%s", a.text)
+                case Connect():
+                    self._start_connect(a.client, a.target)
+                case Probe():
+                    self._start_probe(a)
+                case Drop():
+                    self._drop(a.client)
+
+    def _drop(self, cid: int) -> None:
+        conn = self._conns.pop(cid, None)
+        if conn is not None:
+            conn.close()
+        task = self._connecting.pop(cid, None)
+        if task is not None:
+            task.cancel()
+        probe = self._probes.pop(cid, None)
+        if probe is not None:
+            probe.cancel()
+        if conn is not None or task is not None:
+            self._apply(self.core.disconnected(cid, self._now()))
+
+    def _start_probe(self, p: Probe) -> None:
+        async def probe() -> None:
+            caps = await fetch_capabilities(p.repair_addr)
+            if self._probes.get(p.client) is task:
+                del self._probes[p.client]
+                self._apply(self.core.probed(p.client, p.attempt, caps, self._now()))
+
+        old = self._probes.pop(p.client, None)
+        if old is not None:
+            old.cancel()
+        task = asyncio.get_running_loop().create_task(probe())
+        self._probes[p.client] = task
 
     def _start_connect(self, cid: int, target: SocketAddr) -> None:
         old = self._conns.pop(cid, None)
-        if old is not None and old.transport is not None:
-            old.transport.close()
+        if old is not None:
+            old.close()
         loop = asyncio.get_running_loop()
 
         async def connect() -> None:
-            conn = _Connection(self, cid)
+            conn = Connection(
+                lambda c: self._conns.get(cid) is c,
+                lambda msg: self._received(cid, msg),
+                lambda why: self._apply(
+                    [Log(f"[{cid}] bad frame from downstairs: {why}", "error"), Drop(cid, why)]
+                ),
+                lambda c: self._lost(c, cid),
+            )
             try:
                 await asyncio.wait_for(
                     loop.create_connection(lambda: conn, target[0], target[1]), CONNECT_TIMEOUT
                 )
             except (TimeoutError, OSError) as e:
-                reason = (
-                    "timed out" if isinstance(e, asyncio.TimeoutError) else (e.strerror or str(e))
-                )
+                reason = "timed out" if isinstance(e, TimeoutError) else (e.strerror or str(e))
                 if self._connecting.get(cid) is task:
                     del self._connecting[cid]
                     self._apply(self.core.connect_failed(cid, reason, self._now()))
                 return
             if self._connecting.get(cid) is not task:
-                if conn.transport is not None:
-                    conn.transport.close()
+                conn.close()
                 return
             del self._connecting[cid]
             self._conns[cid] = conn
@@ -339,3 +408,45 @@ class Upstairs:
 
         task = loop.create_task(connect())
         self._connecting[cid] = task
+
+
+def _settle(fut: asyncio.Future[Any]) -> Callable[[Any], None]:
+    """A completion callback that settles a future (once)."""
+
+    def done(result: Any) -> None:
+        if fut.done():
+            return
+        if isinstance(result, BaseException):
+            fut.set_exception(result)
+        else:
+            fut.set_result(result)
+
+    return done
+
+
+def _once(done: WriteDone) -> WriteDone:
+    """A request of several pieces completes once: with its first error, or
+    when its last piece is queued."""
+    fired = [False]
+
+    def once(result: BaseException | None) -> None:
+        if not fired[0]:
+            fired[0] = True
+            done(result)
+
+    return once
+
+
+def _ignore_ok(done: WriteDone) -> WriteDone:
+    """For all but the last piece of a request: only an error is passed on
+    (it completes the request at once; the last piece's result is then moot)."""
+
+    def piece(result: BaseException | None) -> None:
+        if result is not None:
+            done(result)
+
+    return piece
+
+
+def _owned(data: bytes | bytearray | memoryview) -> bytes:
+    return data if isinstance(data, bytes) else bytes(data)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import uuid
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import assert_never
+
+import xxhash
 
 from crucible.protocol import messages as m
 from crucible.protocol.wire import SocketAddr
@@ -83,12 +87,25 @@ class LiveReopenOp:
 LiveOp = LiveCloseOp | LiveRepairOp | LiveNoOp | LiveReopenOp
 Op = WriteOp | ReadOp | TrimOp | FlushOp | BarrierOp | LiveOp
 LIVE_OPS = (LiveCloseOp, LiveRepairOp, LiveNoOp, LiveReopenOp)
-_LIVE_KINDS = {
-    LiveCloseOp: "live-close",
-    LiveRepairOp: "live-repair",
-    LiveNoOp: "live-noop",
-    LiveReopenOp: "live-reopen",
-}
+
+
+def zero_fill(start: int, count: int, block_size: int) -> WriteOp:
+    """Blocks written with zeros: what a trim becomes for a downstairs that
+    cannot trim (the zeros are one shared buffer per size)."""
+    data = _zeros(count * block_size)
+    ctx = m.BlockContext(zero_hash(block_size))
+    return WriteOp(start, [ctx] * count, data)
+
+
+@functools.lru_cache(maxsize=8)
+def _zeros(n: int) -> bytes:
+    return bytes(n)
+
+
+@functools.lru_cache(maxsize=8)
+def zero_hash(block_size: int) -> int:
+    """The context hash of an all-zero block."""
+    return xxhash.xxh64_intdigest(bytes(block_size))
 
 
 @dataclass(slots=True)
@@ -125,17 +142,27 @@ class Job:
     @property
     def kind(self) -> str:
         op = self.op
-        if isinstance(op, WriteOp):
-            return "write_unwritten" if op.unwritten else "write"
-        if isinstance(op, ReadOp):
-            return "read"
-        if isinstance(op, TrimOp):
-            return "trim"
-        if isinstance(op, FlushOp):
-            return "flush"
-        if isinstance(op, BarrierOp):
-            return "barrier"
-        return _LIVE_KINDS[type(op)]
+        match op:
+            case WriteOp():
+                return "write_unwritten" if op.unwritten else "write"
+            case ReadOp():
+                return "read"
+            case TrimOp():
+                return "trim"
+            case FlushOp():
+                return "flush"
+            case BarrierOp():
+                return "barrier"
+            case LiveCloseOp():
+                return "live-close"
+            case LiveRepairOp():
+                return "live-repair"
+            case LiveNoOp():
+                return "live-noop"
+            case LiveReopenOp():
+                return "live-reopen"
+            case _:
+                assert_never(op)
 
     def message(
         self,
@@ -148,27 +175,33 @@ class Job:
         """The job as sent to `client` (live-repair jobs differ per client; a
         flush to a client under repair only covers the extents repaired so far)."""
         op = self.op
-        if isinstance(op, WriteOp):
-            cls = m.WriteUnwritten if op.unwritten else m.Write
-            return cls(up, sess, self.id, deps, op.start, op.contexts, op.data)
-        if isinstance(op, ReadOp):
-            return m.ReadRequest(up, sess, self.id, deps, op.start, op.count)
-        if isinstance(op, TrimOp):
-            return m.Trim(up, sess, self.id, deps, op.start, op.count)
-        if isinstance(op, FlushOp):
-            return m.Flush(
-                up, sess, self.id, deps, op.flush_number, op.gen, op.snapshot, extent_limit
-            )
-        if isinstance(op, BarrierOp):
-            return m.Barrier(up, sess, self.id, deps)
-        if isinstance(op, LiveCloseOp):
-            if client in op.targets:
-                return m.ExtentLiveClose(up, sess, self.id, deps, op.extent)
-            return m.ExtentLiveFlushClose(
-                up, sess, self.id, deps, op.extent, op.flush_number, op.gen
-            )
-        if isinstance(op, LiveRepairOp) and client in op.targets:
-            return m.ExtentLiveRepair(up, sess, self.id, deps, op.extent, op.source, op.source_addr)
-        if isinstance(op, LiveReopenOp):
-            return m.ExtentLiveReopen(up, sess, self.id, deps, op.extent)
-        return m.ExtentLiveNoOp(up, sess, self.id, deps)
+        jid = self.id
+        match op:
+            case WriteOp():
+                cls = m.WriteUnwritten if op.unwritten else m.Write
+                return cls(up, sess, jid, deps, op.start, op.contexts, op.data)
+            case ReadOp():
+                return m.ReadRequest(up, sess, jid, deps, op.start, op.count)
+            case TrimOp():
+                return m.Trim(up, sess, jid, deps, op.start, op.count)
+            case FlushOp():
+                fl, gen, snap = op.flush_number, op.gen, op.snapshot
+                return m.Flush(up, sess, jid, deps, fl, gen, snap, extent_limit)
+            case BarrierOp():
+                return m.Barrier(up, sess, jid, deps)
+            case LiveCloseOp():
+                if client in op.targets:
+                    return m.ExtentLiveClose(up, sess, jid, deps, op.extent)
+                fl, gen = op.flush_number, op.gen
+                return m.ExtentLiveFlushClose(up, sess, jid, deps, op.extent, fl, gen)
+            case LiveRepairOp():
+                if client not in op.targets:
+                    return m.ExtentLiveNoOp(up, sess, jid, deps)
+                src, addr = op.source, op.source_addr
+                return m.ExtentLiveRepair(up, sess, jid, deps, op.extent, src, addr)
+            case LiveNoOp():
+                return m.ExtentLiveNoOp(up, sess, jid, deps)
+            case LiveReopenOp():
+                return m.ExtentLiveReopen(up, sess, jid, deps, op.extent)
+            case _:
+                assert_never(op)

@@ -26,15 +26,17 @@ targets are faulted, and the extent in progress still gets its remaining jobs
 (as no-ops) so that IO queued behind its reopen completes. The targets come
 back and a new repair starts at extent 0; extents already repaired now match
 and cost only the close and reopen.
+
+LiveRepair plans: given the job that just finished, it makes the jobs that
+follow. Sending them, faulting and finishing is the caller's (downstairs.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from crucible.common.errors import CrucibleError, ErrorKind
-from crucible.upstairs.actions import Action, Complete, Log
+from crucible.protocol.wire import SocketAddr
+from crucible.upstairs.job_table import JobTable
 from crucible.upstairs.jobs import (
     FlushOp,
     IOState,
@@ -48,10 +50,7 @@ from crucible.upstairs.jobs import (
     TrimOp,
     WriteOp,
 )
-from crucible.upstairs.state import CState, Mode, UpState
-
-if TYPE_CHECKING:
-    from crucible.upstairs.core import UpstairsCore
+from crucible.upstairs.status import LiveRepairStatus
 
 
 @dataclass(slots=True)
@@ -74,6 +73,7 @@ class ExtentJobs:
 @dataclass
 class LiveRepair:
     source: int
+    source_addr: SocketAddr  # the source's repair server
     targets: list[int]
     extent_count: int
     extent_size: int  # blocks
@@ -110,144 +110,73 @@ class LiveRepair:
             t for t in self.targets if src is None or closed.get(t) != src or src[2] is True
         )
 
-    def progress(self) -> dict[str, object]:
-        return {
-            "source": self.source,
-            "targets": list(self.targets),
-            "extent": max(self.extent, 0),
-            "extent_count": self.extent_count,
-            "repaired": self.repaired,
-            "confirmed": self.confirmed,
-            "aborting": self.abort_reason,
-        }
-
-
-# ---- driving a repair: functions of the upstairs core (core.py) ------------------------
-
-
-def start(up: UpstairsCore, now: float) -> list[Action]:
-    """Begin a repair if a client is ready for one and a healthy source exists."""
-    if up.state is not UpState.ACTIVE or up.repair is not None or up.opts.read_only:
-        return []
-    ready = [c for c in up.clients if c.state is CState.REPAIR_READY]
-    healthy = [c for c in up.clients if c.state is CState.ACTIVE]
-    if not ready or not healthy or up.region is None:
-        return []
-    acts: list[Action] = []
-    for c in up.clients:
-        if c.holds_jobs:  # its replay would interleave with the repair's jobs
-            acts += up._fault(c, "offline when live repair started", now)
-    source = healthy[-1]
-    r = up.region
-    up.repair = LiveRepair(source.id, [c.id for c in ready], r.extent_count, r.extent_size, now)
-    for c in ready:
-        c.state = CState.LIVE_REPAIR
-        c.first_job = up.next_id
-        c.skipped.clear()
-        c.inflight_jobs = c.inflight_bytes = 0
-    names = ", ".join(c.name for c in ready)
-    acts.append(
-        Log(f"live repair of {names} from {source.name}: {r.extent_count} extents", "warning")
-    )
-    return acts + next_extent(up, now)
-
-
-def next_extent(up: UpstairsCore, now: float) -> list[Action]:
-    """Queue the next extent's close and reopen, or the final flush after the last."""
-    rep = up.repair
-    assert rep is not None and up.region is not None
-    rep.extent += 1
-    if rep.aborting:
-        return end(up, now)
-    if rep.extent >= rep.extent_count:
-        rep.final_flush = up.next_id  # the id _enqueue is about to give it
-        return up._enqueue(FlushOp(up._take_flush_number(), up.gen), None, now)
-    ids = ExtentJobs(up.next_id)
-    up.next_id += 4
-    rep.jobs = ids
-    es = rep.extent_size
-    # The reopen becomes the extent's last writer: IO to it waits for the repair.
-    deps = up.blocks.add_write(ids.reopen, rep.extent * es, es)
-    close = LiveCloseOp(rep.extent, up._take_flush_number(), up.gen, tuple(rep.targets))
-    acts = up._add_job(Job(ids.close, close, deps, [IOState.SKIPPED] * 3), now)
-    reopen = Job(ids.reopen, LiveReopenOp(rep.extent), [ids.noop], [IOState.SKIPPED] * 3)
-    return acts + up._add_job(reopen, now)
-
-
-def step(up: UpstairsCore, job: Job, now: float) -> list[Action]:
-    """A repair job (or the final flush) finished everywhere: queue what follows."""
-    rep = up.repair
-    if rep is None:
-        return []
-    op = job.op
-    if isinstance(op, LiveCloseOp) and rep.jobs and job.id == rep.jobs.close:
-        ids = rep.jobs
-        copy: tuple[int, ...] = ()
-        if not rep.aborting:
-            copy = rep.needs_copy(job.closed)
-            if copy:
-                rep.repaired += 1
-            else:
-                rep.confirmed += 1
-        src = up.clients[rep.source].repair_addr
-        assert src is not None
-        repair = LiveRepairOp(op.extent, rep.source, src, copy)
-        return up._add_job(Job(ids.repair, repair, [ids.close], [IOState.SKIPPED] * 3), now)
-    if isinstance(op, LiveRepairOp) and rep.jobs and job.id == rep.jobs.repair:
-        # Only now may the source reopen (and change) the extent: every copy is done.
-        noop = Job(rep.jobs.noop, LiveNoOp(), [job.id], [IOState.SKIPPED] * 3)
-        return up._add_job(noop, now)
-    if isinstance(op, LiveReopenOp) and rep.jobs and job.id == rep.jobs.reopen:
-        out: list[Action] = []
-        n = op.extent + 1
-        if n == rep.extent_count or n % max(1, rep.extent_count // 10) == 0:
-            out.append(
-                Log(
-                    f"live repair: extent {n} of {rep.extent_count} "
-                    f"({rep.repaired} copied, {rep.confirmed} matched)"
-                )
-            )
-        return out + next_extent(up, now)
-    if job.id == rep.final_flush:
-        return end(up, now)
-    return []
-
-
-def end(up: UpstairsCore, now: float) -> list[Action]:
-    """Done, or aborted: targets become active (or stay faulted); parked flushes answer."""
-    rep = up.repair
-    assert rep is not None
-    up.repair = None
-    waiters, up.repair_waiters = up.repair_waiters, []
-    took = now - rep.started
-    if rep.aborting:
-        up.live_repairs_aborted += 1
-        err = CrucibleError(ErrorKind.IoError, f"live repair aborted: {rep.abort_reason}")
-        return [Complete(w, err) for w in waiters]
-    acts: list[Action] = []
-    for t in rep.targets:
-        c = up.clients[t]
-        if c.state is CState.LIVE_REPAIR:
-            c.state = CState.ACTIVE
-            c.mode = Mode.NEW
-            c.last_error = ""
-    up.live_repairs += 1
-    acts.append(
-        Log(
-            f"live repair done in {took:.2f} s: {rep.repaired} extents copied, "
-            f"{rep.confirmed} matched",
-            "warning",
+    def status(self) -> LiveRepairStatus:
+        return LiveRepairStatus(
+            source=self.source,
+            targets=list(self.targets),
+            extent=max(self.extent, 0),
+            extent_count=self.extent_count,
+            repaired=self.repaired,
+            confirmed=self.confirmed,
+            aborting=self.abort_reason,
         )
-    )
-    return acts + [Complete(w, None) for w in waiters]
 
+    # ---- planning ---------------------------------------------------------------
 
-def abort(up: UpstairsCore, reason: str, now: float) -> list[Action]:
-    """Fault the targets; the extent in progress still gets its jobs, as no-ops."""
-    rep = up.repair
-    assert rep is not None
-    rep.abort_reason = reason
-    acts: list[Action] = [Log(f"live repair aborted: {reason}", "error")]
-    for t in rep.targets:
-        acts += up._fault(up.clients[t], "live repair aborted", now)
-    return acts
+    def next_extent(self, table: JobTable, gen: int, now: float) -> list[Job] | None:
+        """The next extent's close and reopen, or the final flush after the
+        last; None when an abort ends the repair here."""
+        self.extent += 1
+        if self.aborting:
+            return None
+        if self.extent >= self.extent_count:
+            flush = table.new_job(FlushOp(table.take_flush_number(), gen), None, now)
+            self.final_flush = flush.id
+            return [flush]
+        ids = ExtentJobs(table.reserve(4))
+        self.jobs = ids
+        es = self.extent_size
+        # The reopen becomes the extent's last writer: IO to it waits for the repair.
+        deps = table.blocks.add_write(ids.reopen, self.extent * es, es)
+        close = LiveCloseOp(self.extent, table.take_flush_number(), gen, tuple(self.targets))
+        reopen = LiveReopenOp(self.extent)
+        return [
+            Job(ids.close, close, deps, [IOState.SKIPPED] * 3),
+            Job(ids.reopen, reopen, [ids.noop], [IOState.SKIPPED] * 3),
+        ]
+
+    def after(self, job: Job, table: JobTable, gen: int, now: float) -> list[Job] | None:
+        """A repair job (or the final flush) finished everywhere: the jobs that
+        follow; None when the repair is over (done, or aborted)."""
+        ids = self.jobs
+        op = job.op
+        if isinstance(op, LiveCloseOp) and ids and job.id == ids.close:
+            copy: tuple[int, ...] = ()
+            if not self.aborting:
+                copy = self.needs_copy(job.closed)
+                if copy:
+                    self.repaired += 1
+                else:
+                    self.confirmed += 1
+            repair = LiveRepairOp(op.extent, self.source, self.source_addr, copy)
+            return [Job(ids.repair, repair, [ids.close], [IOState.SKIPPED] * 3)]
+        if isinstance(op, LiveRepairOp) and ids and job.id == ids.repair:
+            # Only now may the source reopen (and change) the extent: every copy is done.
+            return [Job(ids.noop, LiveNoOp(), [job.id], [IOState.SKIPPED] * 3)]
+        if isinstance(op, LiveReopenOp) and ids and job.id == ids.reopen:
+            return self.next_extent(table, gen, now)
+        if job.id == self.final_flush:
+            return None
+        return []
+
+    def progress_line(self, job: Job) -> str | None:
+        """A line for the log every tenth of the way (and at the end)."""
+        if not isinstance(job.op, LiveReopenOp):
+            return None
+        n = job.op.extent + 1
+        if n == self.extent_count or n % max(1, self.extent_count // 10) == 0:
+            return (
+                f"live repair: extent {n} of {self.extent_count} "
+                f"({self.repaired} copied, {self.confirmed} matched)"
+            )
+        return None

@@ -68,8 +68,16 @@ def _zeros(n: int) -> bytes:
     return bytes(n)
 
 
-def first_difference(a: list[m.ReadBlockContext], b: list[m.ReadBlockContext]) -> int | None:
-    """The first block where two replies' contexts disagree, if any."""
+def first_difference(
+    a: list[m.ReadBlockContext], b: list[m.ReadBlockContext], zero_hash: int
+) -> int | None:
+    """The first block where two replies' contexts disagree, if any. A
+    never-written block and one written with zeros agree (`zero_hash`: the
+    hash of a zero block): a downstairs that cannot trim holds zeros where
+    the others hold nothing."""
     if a == b:
         return None
-    return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), 0)
+    for i, (x, y) in enumerate(zip(a, b, strict=True)):
+        if x != y and not ({x, y} <= {None, zero_hash}):
+            return i
+    return None

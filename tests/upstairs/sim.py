@@ -22,12 +22,14 @@ from crucible.downstairs import core as dcore
 from crucible.downstairs import ops
 from crucible.protocol import codec
 from crucible.protocol import messages as m
+from crucible.protocol.capabilities import OURS
 from crucible.protocol.framing import FrameDecoder
 from crucible.protocol.wire import SocketAddr
 from crucible.region.layout import extent_path
 from crucible.region.region import Region
 from crucible.upstairs import actions as ua
-from crucible.upstairs.core import Options, UpstairsCore
+from crucible.upstairs.core import UpstairsCore
+from crucible.upstairs.options import Options
 
 
 def _wire(msg: m.Message) -> m.Message:
@@ -50,6 +52,7 @@ class SimDownstairs:
         self.work: deque[dcore.Execute] = deque()
         self.fetch = _no_fetch
         self.down = False
+        self.capabilities = OURS  # what its repair server reports
 
     def cut(self) -> None:
         """The connection breaks: whatever was on the wire is lost."""
@@ -134,6 +137,9 @@ class Sim:
                     continue
                 d.apply(d.core.connected(d.conn, "sim"))
                 self.apply(self.up.connected(a.client, self.now))
+            elif isinstance(a, ua.Probe):
+                caps = self.ds[a.client].capabilities
+                self.apply(self.up.probed(a.client, a.attempt, caps, self.now))
             elif isinstance(a, ua.Complete):
                 assert a.token not in self.completed, "a request completed twice"
                 self.completed[a.token] = a.result

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from crucible.common.errors import CrucibleError, ErrorKind
-from crucible.upstairs.core import Options
 from crucible.upstairs.guest import Upstairs
+from crucible.upstairs.options import Options
 from tests.support import BIN, Cluster, cluster, run_tool
 
 pytestmark = pytest.mark.timeout(600)
@@ -56,7 +56,7 @@ def test_stale_upstairs_is_fenced(tmp_path: Path) -> None:
                 await old.flush()
             assert err.value.kind == ErrorKind.NoLongerActive
             assert "took over" in str(err.value)
-            assert old.info()["state"] == "disabled"
+            assert old.info().state == "disabled"
             assert await new.read(0, 1) == b"A" * bs
             assert await new.read(500, 1) == bytes(bs)
             # The fenced upstairs cannot come back with its old generation.
@@ -144,15 +144,15 @@ def test_downstairs_killed_during_reconciliation(tmp_path: Path) -> None:
             # gen 1 = stored + 1: the retry after the crash meets extents the first
             # pass already stamped with this very generation.
             task = asyncio.ensure_future(up.activate(1))
-            while up.core.reconcile_done < 2:
+            while up.core.reconciler.done < 2:
                 assert not task.done(), "reconciliation ended before the crash"
                 await asyncio.sleep(0.001)
-            assert up.core.reconcile_done < up.core.reconcile_needed
+            assert up.core.reconciler.done < up.core.reconciler.needed
             c.stop(1, signal.SIGKILL)
             await asyncio.sleep(0.5)
             c.start(1)
             await asyncio.wait_for(task, 120)
-            assert up.info()["state"] == "active"
+            assert up.info().state == "active"
             await up.deactivate()
 
     with cluster(tmp_path, "--extent-size", "1024", "--extent-count", "100") as c:
@@ -183,7 +183,7 @@ def test_read_only_volume_with_downstairs_down(tmp_path: Path) -> None:
                     await up.write(0, bytes(512))
                 assert e.value.kind == ErrorKind.ModifyingReadOnlyRegion
                 await up.flush()
-                assert up.info()["reconcile_needed"] == 0
+                assert up.info().reconcile_needed == 0
         finally:
             for up in ups:
                 await up.close()

@@ -166,8 +166,8 @@ def test_guest_io_rules(tmp_path: Path) -> None:
         await up.write_unwritten(6000, fresh)
         assert await up.read(6000, 1) == fresh
         info = up.info()
-        assert info["state"] == "active" and info["block_size"] == bs
-        assert [d["state"] for d in info["downstairs"]] == ["active"] * 3
+        assert info.state == "active" and info.block_size == bs
+        assert [d.state for d in info.downstairs] == ["active"] * 3
 
     with cluster(tmp_path, "--extent-count", "80") as c:
         asyncio.run(_with_upstairs(c, body))
@@ -203,7 +203,7 @@ def test_corrupt_replica_detected_never_returned(tmp_path: Path) -> None:
         for _ in range(5):
             assert await up.read(205, 1) == data
         await asyncio.sleep(0.2)  # let the other replies arrive and be compared
-        assert up.info()["integrity_errors"] >= 1
+        assert up.info().integrity_errors >= 1
 
     async def read_fails(up: Upstairs) -> None:
         with pytest.raises(CrucibleError) as e:

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from crucible.common.errors import CrucibleError
-from crucible.upstairs.core import Options
 from crucible.upstairs.guest import Upstairs
+from crucible.upstairs.options import Options
 from tests.support import Cluster, Downstairs, cluster, create_region
 
 pytestmark = pytest.mark.timeout(300)
@@ -32,7 +32,7 @@ async def until(ok: Callable[[], bool], what: str, poll: float = 0.01) -> None:
 
 
 def states(up: Upstairs) -> list[str]:
-    return [d["state"] for d in up.info()["downstairs"]]
+    return [d.state for d in up.info().downstairs]
 
 
 Scenario = Callable[[Cluster], Coroutine[None, None, None]]
@@ -95,7 +95,7 @@ async def _kill_mid_repair(c: Cluster, who: str) -> None:
         es = up.region.extent_size
         c.stop(2, signal.SIGKILL)
         await until(lambda: states(up)[2] != "active", "downstairs 2 to drop")
-        while up.info()["downstairs"][2]["mode"] != "faulted":
+        while up.info().downstairs[2].mode != "faulted":
             await g.write()
         for e in range(up.region.extent_count):  # every extent now needs a copy
             await g.write_at(e * es, 1)
@@ -106,24 +106,25 @@ async def _kill_mid_repair(c: Cluster, who: str) -> None:
         io = asyncio.create_task(g.busy(stop))
 
         def mid_repair() -> bool:
-            rep = up.info()["live_repair"]
-            return rep is not None and rep["extent"] >= 3
+            rep = up.info().live_repair
+            return rep is not None and rep.extent >= 3
 
         await until(mid_repair, "live repair to be under way", poll=0.002)
-        rep = up.info()["live_repair"]
-        victim = rep["targets"][0] if who == "target" else rep["source"]
+        rep = up.info().live_repair
+        assert rep is not None
+        victim = rep.targets[0] if who == "target" else rep.source
         c.stop(victim, signal.SIGKILL)
         c.start(victim)
-        await until(lambda: up.info()["live_repairs_aborted"] >= 1, "the repair to abort")
+        await until(lambda: up.info().live_repairs_aborted >= 1, "the repair to abort")
         await until(
-            lambda: states(up) == ["active"] * 3 and up.info()["live_repair"] is None,
+            lambda: states(up) == ["active"] * 3 and up.info().live_repair is None,
             "all three active again",
         )
         stop.set()
         await io
         await up.flush()
         await g.verify()
-        assert up.info()["live_repairs"] >= 1
+        assert up.info().live_repairs >= 1
         await up.deactivate()
 
 
@@ -154,7 +155,7 @@ async def _two_gone(c: Cluster) -> None:
         c.start(1)
         c.start(2)
         await until(
-            lambda: states(up) == ["active"] * 3 and up.info()["live_repair"] is None,
+            lambda: states(up) == ["active"] * 3 and up.info().live_repair is None,
             "both to come back through live repair",
         )
         for _ in range(20):
@@ -217,7 +218,7 @@ async def _silent_peer(c: Cluster) -> None:
             await g.write()
         proxy.flowing.clear()
         await until(lambda: states(up)[0] != "active", "the silent downstairs to be dropped")
-        assert "no message for 1.5 s" in up.info()["downstairs"][0]["last_error"]
+        assert "no message for 1.5 s" in up.info().downstairs[0].last_error
         for _ in range(10):
             await g.write()  # IO goes on with the other two
         await up.flush()
@@ -245,14 +246,14 @@ async def _replace_refusals(c: Cluster, odd: Downstairs) -> None:
             await up.replace(t2, t1)
         # A region of another shape: that one downstairs is refused, the volume goes on.
         await up.replace(t2, ("127.0.0.1", odd.port))
-        await until(lambda: "has bs:" in up.info()["downstairs"][2]["last_error"], "a refusal")
+        await until(lambda: "has bs:" in up.info().downstairs[2].last_error, "a refusal")
         for _ in range(10):
             await g.write()
         await up.flush()
         await g.verify()
         with pytest.raises(CrucibleError, match="only one may be out at a time"):
             await up.replace(t0, nowhere)
-        assert up.info()["state"] == "active"
+        assert up.info().state == "active"
 
 
 def test_replace_refusals(tmp_path: Path) -> None:

@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 
 from crucible.common.errors import CrucibleError
 from crucible.protocol import messages as m
-from crucible.upstairs.core import Options
-from crucible.upstairs.state import CState, Mode
+from crucible.upstairs.options import Options
+from crucible.upstairs.state import Mode, Stage
 from tests.upstairs.sim import Sim
 from tests.upstairs.test_simulation import Token, _check
 
@@ -46,8 +46,8 @@ def test_live_repair_under_io(seed: int, victim: int, trouble: str, steps: int) 
             sim.close()
 
 
-def _states(sim: Sim) -> list[CState]:
-    return [c.state for c in sim.up.clients]
+def _states(sim: Sim) -> list[Stage]:
+    return [c.stage for c in sim.up.clients]
 
 
 def _run(sim: Sim, rnd: random.Random, victim: int, trouble: str, steps: int) -> None:
@@ -94,7 +94,7 @@ def _run(sim: Sim, rnd: random.Random, victim: int, trouble: str, steps: int) ->
             reads.append(t)
         elif what == "flush":
             t = Token("flush")
-            jid = sim.up.next_id
+            jid = sim.up.ds.table.next_id
             sim.apply(sim.up.flush(t, sim.now))
             flushes[t] = jid
         _check_rules(sim, reads, flushes, flush_acks)
@@ -109,20 +109,20 @@ def _run(sim: Sim, rnd: random.Random, victim: int, trouble: str, steps: int) ->
     assert sim.up.clients[victim].mode is Mode.FAULTED
     sim.revive(victim)
     for _ in range(10_000):  # it reconnects and the repair begins
-        if sim.up.repair is not None:
+        if sim.up.ds.repair is not None:
             break
         ev = sim.events()
         if ev:
             sim.step(ev[0])
         else:
             sim.tick(0.4)
-    assert sim.up.repair is not None and sim.up.repair.targets == [victim]
+    assert sim.up.ds.repair is not None and sim.up.ds.repair.targets == [victim]
 
     mix = ["write", "read", "flush", "tick"] + ["net"] * 8
     trouble_at = rnd.randrange(EC // 2)
     for _ in range(steps):
         step(mix)
-        rep = sim.up.repair
+        rep = sim.up.ds.repair
         if trouble != "none" and rep is not None and rep.extent >= trouble_at:
             who = rep.targets[0] if trouble == "target" else rep.source
             sim.kill(who)
@@ -132,11 +132,11 @@ def _run(sim: Sim, rnd: random.Random, victim: int, trouble: str, steps: int) ->
     # Let everything heal: bounded rounds of delivering and ticking.
     for _ in range(400):
         sim.settle(lambda n: rnd.randrange(n))
-        if _states(sim) == [CState.ACTIVE] * 3 and sim.up.repair is None:
+        if _states(sim) == [Stage.ACTIVE] * 3 and sim.up.ds.repair is None:
             break
         sim.tick(0.4)
-    assert _states(sim) == [CState.ACTIVE] * 3, _states(sim)
-    assert sim.up.live_repairs >= 1
+    assert _states(sim) == [Stage.ACTIVE] * 3, _states(sim)
+    assert sim.up.ds.live_repairs >= 1
     assert copies, "the faulted downstairs missed writes: some extent must have been copied"
     _check_rules(sim, reads, flushes, flush_acks)
     assert not reads
@@ -145,7 +145,7 @@ def _run(sim: Sim, rnd: random.Random, victim: int, trouble: str, steps: int) ->
     sim.apply(sim.up.flush(t, sim.now))
     sim.settle()
     assert sim.completed[t] is None
-    assert not sim.up.jobs
+    assert not sim.up.ds.table.jobs
     for d in sim.ds:
         assert d.region.read(0, TOTAL)[1] == bytes(model), "a replica differs from the guest data"
         assert not any(d.region.is_closed(e) for e in range(EC))
@@ -182,7 +182,7 @@ def test_takeover_during_repair_answers_parked_flushes(tmp_path: Path) -> None:
         sim.revive(2)
         sim.tick(2.0)
         for _ in range(10_000):  # until the repair has begun
-            if sim.up.repair is not None:
+            if sim.up.ds.repair is not None:
                 break
             sim.step(sim.events()[0])
         sim.kill(0)  # now only client 1 holds all data
@@ -190,15 +190,15 @@ def test_takeover_during_repair_answers_parked_flushes(tmp_path: Path) -> None:
         sim.apply(sim.up.write(Token("write"), 20, b"b" * BS, sim.now))
         sim.apply(sim.up.flush(flush, sim.now))
         for _ in range(10_000):
-            if sim.up.repair_waiters or not sim.events():
+            if sim.up.ds.table.parked or not sim.events():
                 break
             sim.step(sim.events()[0])
-        assert sim.up.repair_waiters, "the flush waits for the repair"
+        assert sim.up.ds.table.parked, "the flush waits for the repair"
         other = m.YouAreNoLongerActive(uuid.uuid4(), uuid.uuid4(), 5)
         sim.apply(sim.up.received(1, other, sim.now))
         result = sim.completed.get(flush)
         assert isinstance(result, CrucibleError) and "took over" in str(result)
-        assert sim.up.repair is None and not sim.up.repair_waiters
+        assert sim.up.ds.repair is None and not sim.up.ds.table.parked
     finally:
         sim.close()
 
@@ -236,11 +236,13 @@ def test_all_three_faulted_are_reconciled(tmp_path: Path) -> None:
         for _ in range(50):
             sim.tick(0.5)
             sim.settle(lambda n: rnd.randrange(n))
-            if _states(sim) == [CState.ACTIVE] * 3:
+            if _states(sim) == [Stage.ACTIVE] * 3:
                 break
-        assert _states(sim) == [CState.ACTIVE] * 3
+        assert _states(sim) == [Stage.ACTIVE] * 3
         stored = max(f for d in sim.ds for f in d.region.extent_versions()[1])
-        assert sim.up.next_flush > stored, "the next flush number must be new to every extent"
+        assert sim.up.ds.table.next_flush > stored, (
+            "the next flush number must be new to every extent"
+        )
         read = Token("read")
         sim.apply(sim.up.read(read, 1, TOTAL - 1, sim.now))
         sim.settle()

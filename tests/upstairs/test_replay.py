@@ -19,7 +19,7 @@ pytestmark = pytest.mark.timeout(300)
 
 async def wait_state(up: Upstairs, ok: Callable[[list[str]], bool]) -> None:
     for _ in range(600):
-        states = [d["state"] for d in up.info()["downstairs"]]
+        states = [d.state for d in up.info().downstairs]
         if ok(states):
             return
         await asyncio.sleep(0.05)
@@ -52,7 +52,7 @@ async def _replay(c: Cluster) -> None:
         await up.flush()
         for block, data in expect.items():
             assert await up.read(block, 1) == data
-        assert up.info()["downstairs"][1]["connections"] == 2  # it came back, not replaced
+        assert up.info().downstairs[1].connections == 2  # it came back, not replaced
         await up.deactivate()
 
 

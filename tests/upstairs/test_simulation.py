@@ -72,10 +72,10 @@ def _run(sim: Sim, data: st.DataObject) -> None:
             pending_reads.append(t)
         else:
             t = Token("flush")
-            jid = sim.up.next_id
+            jid = sim.up.ds.table.next_id
             sim.apply(sim.up.flush(t, sim.now))
             pending_flushes[t] = jid
-        seen_jobs |= set(sim.up.jobs)
+        seen_jobs |= set(sim.up.ds.table.jobs)
         _check(sim, pending_reads, pending_flushes, flush_acks, seen_jobs)
 
     sim.settle(lambda n: data.draw(st.integers(0, n - 1)))
@@ -85,7 +85,7 @@ def _run(sim: Sim, data: st.DataObject) -> None:
     sim.apply(sim.up.flush(t, sim.now))
     sim.settle()
     assert sim.completed[t] is None
-    assert not sim.up.jobs, "a flush finished everywhere retires everything before it"
+    assert not sim.up.ds.table.jobs, "a flush finished everywhere retires everything before it"
     for d in sim.ds:
         assert d.region.read(0, total)[1] == bytes(model)
 
@@ -111,5 +111,5 @@ def _check(
             del flushes[t]
     # Retired jobs: some flush or barrier at or after them finished on all three.
     done_everywhere = [j for j, who in flush_acks.items() if len(who) == 3]
-    for jid in seen - set(sim.up.jobs):
+    for jid in seen - set(sim.up.ds.table.jobs):
         assert any(f >= jid for f in done_everywhere), f"job {jid} retired too early"

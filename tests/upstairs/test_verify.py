@@ -31,5 +31,9 @@ def test_every_kind_of_bad_block_is_refused() -> None:
 
 
 def test_first_difference() -> None:
-    assert first_difference([1, None, 3], [1, None, 3]) is None
-    assert first_difference([1, None, 3], [1, 2, 3]) == 1
+    zero = 99
+    assert first_difference([1, None, 3], [1, None, 3], zero) is None
+    assert first_difference([1, None, 3], [1, 2, 3], zero) == 1
+    # A block written with zeros and a never-written one read the same.
+    assert first_difference([1, None, 3], [1, zero, 3], zero) is None
+    assert first_difference([zero, None], [None, 4], zero) == 1

@@ -1,0 +1,151 @@
+"""Activation's decisions and reconciliation's steps.
+
+When every client needed has negotiated (WAIT_QUORUM), `decide` compares
+what they store: a read-write activation needs all three and a generation
+above every stored one; the next flush number is one above the highest
+stored. If extents differ (mend.py), the Reconciler runs the repairs one
+step at a time (reconcile.py) with every client in RECONCILE; any failure
+drops everyone, and the comparison starts over when they are back (extents
+already fixed then match, so progress is kept). The same Reconciler brings
+back a volume whose three downstairs were all faulted (`restart_all`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from crucible.common.errors import CrucibleError, ErrorKind
+from crucible.protocol import messages as m
+from crucible.upstairs.actions import Action, Complete, Drop, Log, Send
+from crucible.upstairs.downstairs import Downstairs
+from crucible.upstairs.mend import Repair, generation_floor, mend, next_flush_number
+from crucible.upstairs.reconcile import Outcome, Reconciliation
+from crucible.upstairs.state import DsState, Mode, Stage
+
+
+@dataclass(frozen=True, slots=True)
+class Refuse:
+    """Activation cannot succeed."""
+
+    reason: str
+    err: CrucibleError
+
+
+@dataclass(frozen=True, slots=True)
+class Proceed:
+    """Go active once these extents are repaired (none: at once)."""
+
+    repairs: list[Repair]
+
+
+def decide(ds: Downstairs, cut_short: bool) -> Refuse | Proceed | None:
+    """What the clients waiting in WAIT_QUORUM allow; None: not all are there.
+    `cut_short`: a reconciliation of this activation ran before and was cut
+    short (it stamped some extents with our own generation, which then may
+    equal it). Sets the next flush number."""
+    ready = [c for c in ds.clients if c.state.stage is Stage.WAIT_QUORUM]
+    read_only = ds.opts.read_only
+    if len(ready) < (1 if read_only else 3):
+        return None
+    versions = [c.versions for c in ready if c.versions is not None]
+    floor = generation_floor(versions)
+    gen = ds.session.gen
+    if not read_only and gen <= floor and not (cut_short and gen == floor):
+        return Refuse(
+            f"generation {gen} is not greater than {floor}, the highest generation "
+            "stored on the downstairs",
+            CrucibleError(ErrorKind.GenerationNumberInvalid, values=(gen, floor)),
+        )
+    ds.table.next_flush = next_flush_number(versions)
+    return Proceed([] if read_only else mend(versions))
+
+
+class Reconciler:
+    def __init__(self) -> None:
+        self.current: Reconciliation | None = None  # the latest pass, for progress
+        self.next_repair_id = 0
+
+    @property
+    def needed(self) -> int:
+        return self.current.needed if self.current else 0
+
+    @property
+    def done(self) -> int:
+        return self.current.done if self.current else 0
+
+    def start(self, ds: Downstairs, repairs: list[Repair], now: float) -> tuple[list[Action], bool]:
+        """Begin repairing; True once everything is done (then go active)."""
+        addrs = [c.repair_addr for c in ds.clients]
+        # The repaired extents get the generation of this upstairs and a flush
+        # number of their own, so later flushes cannot make them look alike.
+        flush_no = ds.table.take_flush_number()
+        rec = Reconciliation(repairs, addrs, self.next_repair_id, flush_no, ds.session.gen, now)
+        self.current = rec
+        self.next_repair_id = rec.next_id
+        for c in ds.clients:
+            c.set_state(DsState(Stage.RECONCILE, c.mode))
+        acts, done = self._next_step(ds, now)
+        return [Log(f"reconciliation: {len(repairs)} extents to repair"), *acts], done
+
+    def _next_step(self, ds: Downstairs, now: float) -> tuple[list[Action], bool]:
+        rec = self.current
+        assert rec is not None
+        sends = rec.advance()
+        if sends:
+            return [Send(c, msg) for c, msg in sends], False
+        for c in ds.clients:
+            c.set_state(DsState(Stage.WAIT_QUORUM, c.mode))
+        took = now - rec.started
+        return [Log(f"reconciliation done: {rec.done} extents in {took:.2f} s")], True
+
+    def reply(
+        self, ds: Downstairs, cid: int, msg: m.Message, now: float
+    ) -> tuple[list[Action], bool]:
+        """A client's answer to the step in flight; True once everything is done."""
+        if self.current is None:
+            return [], False
+        c = ds.clients[cid]
+        outcome, text = self.current.reply(cid, msg)
+        if outcome is Outcome.FAILED:
+            return self.abort(ds, f"{c.name} failed on {text}", now), False
+        if outcome is Outcome.IGNORED:
+            return [Log(f"[{cid}] ignored {type(msg).__name__} during reconciliation")], False
+        if outcome is Outcome.WAITING:
+            return [], False
+        acts, done = self._next_step(ds, now)
+        return ([Log(text)] if text else []) + acts, done
+
+    def abort(self, ds: Downstairs, reason: str, now: float) -> list[Action]:
+        """Any failure: drop everyone; they reconnect and the comparison starts over."""
+        if self.current is not None:
+            self.current.steps.clear()
+        acts: list[Action] = [Log(f"reconciliation aborted: {reason}", "warning")]
+        for c in ds.clients:
+            if c.state.stage is not Stage.CONNECT:
+                acts.append(Drop(c.id, "reconciliation aborted"))
+            c.fall_back(now, ds.opts)
+        return acts
+
+    def restart_all(self, ds: Downstairs) -> tuple[list[Action], list[Repair]]:
+        """All three were faulted, so none can be a live-repair source: compare
+        their extents and reconcile, as at activation (the generation is ours
+        already). What an acked flush covered is on two of them, so the newest
+        copy of each extent holds it. Returns the repairs to run."""
+        err = CrucibleError(ErrorKind.IoError, "every downstairs was faulted")
+        acts: list[Action] = [
+            Log("all three downstairs need repair and none is healthy: reconciling", "warning")
+        ]
+        for job in ds.table:  # skipped everywhere: finished, and forgotten here
+            if job.guest is not None and not job.acked:
+                acts.append(Complete(job.guest, err))
+        ds.table.clear()
+        versions = []
+        for c in ds.clients:
+            assert c.versions is not None
+            versions.append(c.versions)
+            c.set_state(DsState(Stage.WAIT_QUORUM, Mode.NEW))
+            c.skipped.clear()
+            c.first_job = ds.table.next_id  # new sessions everywhere
+            c.inflight_jobs = c.inflight_bytes = 0
+        ds.table.next_flush = max(ds.table.next_flush, next_flush_number(versions))
+        return acts, mend(versions)

@@ -1,0 +1,511 @@
+"""The three downstairs as one replicated store: each job to the clients that
+take it, their replies, the ack rules, faults, and live repair's jobs.
+
+* A job goes at once to every ACTIVE client (the downstairs enforces order),
+  to a client under live repair when the repair says so, is held for an
+  OFFLINE one, and is skipped for the rest. Dependencies are rewritten per
+  client: a job it skipped stands for that job's own dependencies.
+* Writes are acked to the guest when queued (by the caller); reads on the
+  first reply that verifies (later replies must agree); flushes when two
+  clients holding every block are done (three with a snapshot, or while
+  deactivating).
+* A fault stops using a client: its jobs in flight are skipped (which may
+  finish them), a live repair it takes part in aborts, and it reconnects to
+  be live-repaired.
+* A trim goes as Trim only to a client that reported the capability;
+  another gets the same blocks written with zeros (which read the same).
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from crucible.common.definition import RegionDefinition
+from crucible.common.errors import CrucibleError, ErrorKind
+from crucible.protocol import messages as m
+from crucible.protocol.wire import SocketAddr
+from crucible.upstairs.actions import Action, Complete, Drop, Log, Send
+from crucible.upstairs.client import Client, Session
+from crucible.upstairs.job_table import JobTable
+from crucible.upstairs.jobs import (
+    LIVE_OPS,
+    FlushOp,
+    IOState,
+    Job,
+    Op,
+    ReadOp,
+    TrimOp,
+    WriteOp,
+    zero_fill,
+    zero_hash,
+)
+from crucible.upstairs.live_repair import LiveRepair
+from crucible.upstairs.options import Options
+from crucible.upstairs.state import ACTIVE, LIVE_REPAIR, DsState, Mode, Stage, UpState
+from crucible.upstairs.verify import check_read_reply, first_difference
+
+
+class Downstairs:
+    def __init__(self, targets: list[SocketAddr], opts: Options) -> None:
+        self.opts = opts
+        self.clients = [Client(i, t) for i, t in enumerate(targets)]
+        self.table = JobTable()
+        self.session = Session(uuid.uuid4(), uuid.uuid4(), 0, opts.read_only)
+        self.up_state = UpState.INIT  # the volume's state; the core changes it
+        self.region: RegionDefinition | None = None
+        self.repair: LiveRepair | None = None
+        self.live_repairs = 0
+        self.live_repairs_aborted = 0
+        self.integrity_errors = 0
+
+    # ---- capacity ------------------------------------------------------------------
+
+    @property
+    def all_active(self) -> bool:
+        return all(c.state.stage is Stage.ACTIVE for c in self.clients)
+
+    def accepting(self) -> int:
+        """Clients that take IO now or hold it for their return."""
+        if self.all_active:
+            return 3
+        return sum(1 for c in self.clients if c.accepts_io)
+
+    def has_room(self, nbytes: int) -> bool:
+        """Backpressure: may a guest IO of this size be queued now? (What is held
+        for an offline downstairs is bounded by its fault thresholds instead.)"""
+        for c in self.clients:
+            if not c.takes_io:
+                continue
+            if c.inflight_jobs >= self.opts.max_jobs:
+                return False
+            if c.inflight_bytes and c.inflight_bytes + nbytes > self.opts.max_bytes:
+                return False
+        return True
+
+    def trims(self) -> bool:
+        """Every downstairs takes Trim (as far as is known)."""
+        return all(c.trims for c in self.clients)
+
+    # ---- sending -------------------------------------------------------------------
+
+    def enqueue(self, op: Op, guest: object | None, now: float) -> list[Action]:
+        job = self.table.new_job(op, guest, now)
+        acts = self.add_job(job, now)
+        if self.opts.log_jobs:
+            line = f"gw_id:{job.gw_id} {job.kind} {_describe(op)} ds_id:{job.id} deps:{job.deps}"
+            acts.append(Log(line, "debug"))
+        return acts
+
+    def add_job(self, job: Job, now: float) -> list[Action]:
+        """Put a job in the table and send it to every client that takes it."""
+        self.table.insert(job)
+        rep = self.repair
+        sess = self.session
+        acts: list[Action] = []
+        shared: m.Message | None = None  # one message object when deps agree: encoded once
+        over: list[Client] = []  # offline ones holding too much: faulted once the job is placed
+        for c in self.clients:
+            stage = c.state.stage
+            if stage is Stage.ACTIVE or (
+                stage is Stage.LIVE_REPAIR and rep is not None and rep.sends_to_target(job.op)
+            ):
+                job.state[c.id] = IOState.IN_PROGRESS
+                c.inflight_jobs += 1
+                c.inflight_bytes += job.nbytes
+                if (
+                    stage is Stage.LIVE_REPAIR
+                    or c.skipped
+                    or isinstance(job.op, LIVE_OPS)
+                    or (isinstance(job.op, TrimOp) and not c.trims)
+                ):
+                    acts.append(Send(c.id, self._message_for(c, job)))
+                else:
+                    if shared is None:
+                        shared = job.message(sess.upstairs_id, sess.session_id, job.deps)
+                    acts.append(Send(c.id, shared))
+            elif c.holds_jobs:
+                job.state[c.id] = IOState.IN_PROGRESS
+                c.inflight_jobs += 1
+                c.inflight_bytes += job.nbytes
+                if self._held_too_much(c):
+                    over.append(c)
+            else:
+                c.skipped.add(job.id)
+        if rep is not None and isinstance(job.op, FlushOp):
+            job.partial = tuple(rep.targets)
+        for c in over:
+            acts += self.fault_held(c, now)
+        if job.complete and not job.finished:
+            acts += self._finish(job, now)
+        return acts
+
+    def _message_for(self, c: Client, job: Job) -> m.Message:
+        """The job as this client gets it: its own dependencies, a flush limited
+        to what a repair has covered, zeros where it cannot trim."""
+        rep = self.repair
+        sess = self.session
+        deps = self._deps_for(c, job)
+        op = job.op
+        if isinstance(op, TrimOp) and not c.trims:
+            assert self.region is not None
+            fill = zero_fill(op.start, op.count, self.region.block_size)
+            return m.Write(sess.upstairs_id, sess.session_id, job.id, deps, *_write_args(fill))
+        limit = rep.flush_limit(op) if rep and c.id in rep.targets else None
+        return job.message(sess.upstairs_id, sess.session_id, deps, c.id, limit)
+
+    def _deps_for(self, c: Client, job: Job) -> list[int]:
+        """A job's dependencies as this client sees them: a job it skipped stands
+        for that job's own dependencies (so order through it is kept), and jobs
+        from before its session began are gone."""
+        skipped, floor = c.skipped, c.first_job
+        if not skipped and not floor:
+            return job.deps
+        out: set[int] = set()
+        seen: set[int] = set()
+        todo = list(job.deps)
+        while todo:
+            d = todo.pop()
+            if d < floor or d in seen:
+                continue
+            seen.add(d)
+            if d in skipped:
+                dj = self.table.get(d)
+                if dj is not None:
+                    todo.extend(dj.deps)
+            else:
+                out.add(d)
+        return sorted(out)
+
+    def replay(self, c: Client) -> list[Action]:
+        """Send a client back from offline every job since its last flush."""
+        jobs = self.table.replay_to(c.id, c.last_flush_done)
+        for job in jobs:
+            c.inflight_jobs += 1
+            c.inflight_bytes += job.nbytes
+        return [Send(c.id, self._message_for(c, job)) for job in jobs]
+
+    # ---- replies --------------------------------------------------------------------
+
+    def job_reply(self, c: Client, msg: m.Message, now: float) -> list[Action]:
+        jid = getattr(msg, "job_id", None)
+        job = self.table.get(jid) if jid is not None else None
+        if job is None or job.state[c.id] is not IOState.IN_PROGRESS:
+            return [Log(f"[{c.id}] reply for unknown or finished job {jid}", "debug")]
+        err: CrucibleError | None
+        match msg:
+            case m.ReadResponse():
+                err = self._check_read(c, job, msg)
+            case (
+                m.WriteAck()
+                | m.WriteUnwrittenAck()
+                | m.FlushAck()
+                | m.BarrierAck()
+                | m.TrimAck()
+                | m.ExtentLiveRepairAckId()
+                | m.ExtentLiveAckId()
+            ):
+                err = msg.result
+            case m.ErrorReport():
+                err = msg.error
+            case m.ExtentLiveCloseAck():
+                if isinstance(msg.result, CrucibleError):
+                    err = msg.result
+                else:
+                    err = None
+                    job.closed[c.id] = msg.result
+            case _:
+                return [Drop(c.id, f"unexpected {type(msg).__name__} for job {jid}")]
+        c.inflight_jobs -= 1
+        c.inflight_bytes -= job.nbytes
+        acts: list[Action] = []
+        if err is not None:
+            job.state[c.id] = IOState.ERROR
+            job.errors.append(f"{c.name}: {err}")
+            acts.append(Log(f"[{c.id}] job {jid} ({job.kind}) failed on {c.name}: {err}", "error"))
+            if not isinstance(job.op, ReadOp):
+                acts += self.fault(c, f"{job.kind} {jid} failed: {err}", now)
+        else:
+            job.state[c.id] = IOState.DONE
+            if isinstance(job.op, FlushOp):
+                c.last_flush_done = max(c.last_flush_done or 0, job.id)
+            acts += self._maybe_ack(job)
+        if job.complete and not job.finished:
+            acts += self._finish(job, now)
+        return acts
+
+    def _check_read(self, c: Client, job: Job, msg: m.ReadResponse) -> CrucibleError | None:
+        """Verify a read reply; keep the first good one, compare later ones with it."""
+        assert isinstance(job.op, ReadOp) and self.region is not None
+        if isinstance(msg.blocks, CrucibleError):
+            return msg.blocks
+        bs = self.region.block_size
+        err = check_read_reply(job.op.start, job.op.count, bs, c.name, msg.blocks, msg.data)
+        if err is not None:
+            if err.kind is not ErrorKind.InvalidNumberOfBlocks:
+                self.integrity_errors += 1
+            return err
+        if job.read_contexts is None:
+            job.read_contexts = list(msg.blocks)
+            job.read_data = msg.data  # a view into its frame, which nothing reuses
+            return None
+        bad = first_difference(job.read_contexts, msg.blocks, zero_hash(bs))
+        if bad is not None:
+            self.integrity_errors += 1
+            job.errors.append(f"{c.name} disagrees at block {job.op.start + bad}")
+        return None
+
+    # ---- acks and completion ------------------------------------------------------
+
+    def _flush_need(self, op: FlushOp) -> int:
+        return 3 if op.snapshot is not None or self.up_state is UpState.DEACTIVATING else 2
+
+    def _durable_on(self, job: Job) -> int:
+        """Clients done with this flush that hold every block (not mid-repair)."""
+        return sum(1 for i, s in enumerate(job.state) if s is IOState.DONE and i not in job.partial)
+
+    def _maybe_ack(self, job: Job) -> list[Action]:
+        if job.acked:
+            return []
+        op = job.op
+        if isinstance(op, ReadOp):
+            if job.read_data is None:
+                return []
+            job.acked = True
+            result = (job.read_data, job.read_contexts)
+            # The job stays until a flush retires it; its data is the guest's now
+            # (later replies are compared by their contexts).
+            job.read_data = b""
+            return [Complete(job.guest, result)] if job.guest is not None else []
+        if isinstance(op, FlushOp) and self._durable_on(job) >= self._flush_need(op):
+            job.acked = True
+            return [Complete(job.guest, None)] if job.guest is not None else []
+        return []
+
+    def _finish(self, job: Job, now: float) -> list[Action]:
+        """Every client has answered (or been skipped) for this job."""
+        acts: list[Action] = []
+        if job.errors and isinstance(job.op, ReadOp) and job.read_data is not None:
+            acts.append(Log(f"INTEGRITY: read job {job.id}: {'; '.join(job.errors)}", "error"))
+        if not job.acked:
+            job.acked = True
+            result = self._final_result(job)
+            if job.guest is not None:
+                acts.append(Complete(job.guest, result))
+        self.table.mark_finished(job)
+        if job.is_flush_like:
+            acts += self._retire(job.id)
+        rep = self.repair
+        if rep is not None and (isinstance(job.op, LIVE_OPS) or job.id == rep.final_flush):
+            acts += self._repair_step(rep, job, now)
+        return acts
+
+    def _final_result(self, job: Job) -> object:
+        """What a job not acked before it finished answers its guest with."""
+        bad = job.count(IOState.SKIPPED) + job.count(IOState.ERROR)
+        op = job.op
+        if isinstance(op, ReadOp):
+            why = "read failed on every downstairs: " + "; ".join(job.errors)
+            return CrucibleError(ErrorKind.IoError, why)
+        if isinstance(op, FlushOp) and job.guest is not None and self._park_flush(job):
+            job.guest = None  # completed when the repair finishes
+            return None
+        if isinstance(op, FlushOp):
+            failed = self._durable_on(job) < 2 or (bool(op.snapshot) and bad > 0)
+        else:
+            failed = bad > 1
+        if not failed:
+            return None
+        return CrucibleError(
+            ErrorKind.IoError,
+            f"{job.kind} {job.id} reached only {self._durable_on(job)} of 3 downstairs "
+            "holding all data: " + ("; ".join(job.errors) or "the others are out"),
+        )
+
+    def _park_flush(self, job: Job) -> bool:
+        """A flush done on only one full copy but also on clients being repaired:
+        it is durable on two once their repair is done, so it is acked then."""
+        rep = self.repair
+        if rep is None or rep.aborting:
+            return False
+        full = self._durable_on(job)
+        partial = sum(1 for i in job.partial if job.state[i] is IOState.DONE)
+        if full < 1 or full + partial < 2:
+            return False
+        self.table.parked.append(job.guest)
+        return True
+
+    def _retire(self, upto: int) -> list[Action]:
+        gone = self.table.retire(upto)
+        for c in self.clients:
+            if c.skipped:
+                c.skipped = {j for j in c.skipped if j > upto}
+        if not gone or not self.opts.log_jobs:
+            return []
+        return [Log(f"retired {gone} jobs up to {upto}", "debug")]
+
+    def fail_all(self, err: CrucibleError) -> list[Action]:
+        """Stop for good: every guest request waiting fails with `err`."""
+        acts: list[Action] = []
+        for job in self.table:
+            if job.guest is not None and not job.acked:
+                job.acked = True
+                acts.append(Complete(job.guest, err))
+        acts += [Complete(w, err) for w in self.table.parked]  # flushes parked for a repair
+        self.table.parked = []
+        self.repair = None
+        self.table.clear()
+        for c in self.clients:
+            c.inflight_jobs = c.inflight_bytes = 0
+            c.skipped.clear()
+        return acts
+
+    # ---- faults ----------------------------------------------------------------------
+
+    def fault(self, c: Client, reason: str, now: float) -> list[Action]:
+        """Stop using a downstairs whose copy can no longer be trusted; it is
+        reconnected and live-repaired."""
+        if c.is_faulted:
+            return []
+        was = c.state.stage
+        c.set_state(DsState(Stage.CONNECT, Mode.FAULTED))
+        c.last_error = reason
+        c.offline_since = None
+        serving = self.up_state is UpState.ACTIVE
+        c.reconnect_at = now + self.opts.reconnect_delay if serving else None
+        acts: list[Action] = [Log(f"[{c.id}] {c.name} faulted: {reason}", "error")]
+        if was not in (Stage.IDLE, Stage.DISABLED):
+            acts.append(Drop(c.id, reason))  # the connection, or a connect under way
+        rep = self.repair
+        if rep is not None and not rep.aborting and (c.id == rep.source or c.id in rep.targets):
+            acts += self.abort_repair(f"{c.name} faulted: {reason}", now)
+        finished = []
+        for job in self.table:
+            if job.state[c.id] is IOState.IN_PROGRESS:
+                job.state[c.id] = IOState.SKIPPED
+                c.skipped.add(job.id)
+                acts += self._maybe_ack(job)
+                if job.complete and not job.finished:
+                    finished.append(job)
+        c.inflight_jobs = c.inflight_bytes = 0
+        for job in finished:
+            if not job.finished:
+                acts += self._finish(job, now)
+        return acts
+
+    def _held_too_much(self, c: Client) -> bool:
+        return (
+            c.inflight_jobs > self.opts.offline_max_jobs
+            or c.inflight_bytes > self.opts.offline_max_bytes
+        )
+
+    def fault_held(self, c: Client, now: float) -> list[Action]:
+        why = f"offline with {c.inflight_jobs} jobs ({c.inflight_bytes} bytes) outstanding"
+        return self.fault(c, why, now)
+
+    def fault_overfull(self, now: float) -> list[Action]:
+        acts: list[Action] = []
+        for c in self.clients:
+            if c.holds_jobs and self._held_too_much(c):
+                acts += self.fault_held(c, now)
+        return acts
+
+    def replay_impossible(self) -> bool:
+        """Live-repair jobs were queued out of id order: a replay cannot be trusted."""
+        return self.repair is not None or self.table.has_live_repair_jobs()
+
+    # ---- live repair ---------------------------------------------------------------
+
+    def start_repair(self, now: float) -> list[Action]:
+        """Begin a repair if a client is ready for one and a healthy source exists."""
+        if self.up_state is not UpState.ACTIVE or self.repair is not None or self.opts.read_only:
+            return []
+        ready = [c for c in self.clients if c.state.stage is Stage.REPAIR_READY]
+        healthy = [c for c in self.clients if c.state.stage is Stage.ACTIVE]
+        if not ready or not healthy or self.region is None:
+            return []
+        acts: list[Action] = []
+        for c in self.clients:
+            if c.holds_jobs:  # its replay would interleave with the repair's jobs
+                acts += self.fault(c, "offline when live repair started", now)
+        source = healthy[-1]
+        assert source.repair_addr is not None
+        r = self.region
+        targets = [c.id for c in ready]
+        self.repair = LiveRepair(
+            source.id, source.repair_addr, targets, r.extent_count, r.extent_size, now
+        )
+        for c in ready:
+            c.set_state(LIVE_REPAIR)
+            c.first_job = self.table.next_id
+            c.skipped.clear()
+            c.inflight_jobs = c.inflight_bytes = 0
+        names = ", ".join(c.name for c in ready)
+        line = f"live repair of {names} from {source.name}: {r.extent_count} extents"
+        acts.append(Log(line, "warning"))
+        return acts + self._repair_jobs(self.repair.next_extent(self.table, self._gen, now), now)
+
+    @property
+    def _gen(self) -> int:
+        return self.session.gen
+
+    def _repair_step(self, rep: LiveRepair, job: Job, now: float) -> list[Action]:
+        line = rep.progress_line(job)
+        acts: list[Action] = [Log(line)] if line else []
+        return acts + self._repair_jobs(rep.after(job, self.table, self._gen, now), now)
+
+    def _repair_jobs(self, jobs: list[Job] | None, now: float) -> list[Action]:
+        if jobs is None:
+            return self._end_repair(now)
+        acts: list[Action] = []
+        for job in jobs:
+            acts += self.add_job(job, now)
+        return acts
+
+    def _end_repair(self, now: float) -> list[Action]:
+        """Done, or aborted: targets become active (or stay faulted); parked flushes answer."""
+        rep = self.repair
+        assert rep is not None
+        self.repair = None
+        waiters, self.table.parked = self.table.parked, []
+        if rep.aborting:
+            self.live_repairs_aborted += 1
+            err = CrucibleError(ErrorKind.IoError, f"live repair aborted: {rep.abort_reason}")
+            return [Complete(w, err) for w in waiters]
+        for t in rep.targets:
+            c = self.clients[t]
+            if c.state.stage is Stage.LIVE_REPAIR:
+                c.set_state(ACTIVE)
+                c.last_error = ""
+        self.live_repairs += 1
+        took = now - rep.started
+        line = (
+            f"live repair done in {took:.2f} s: {rep.repaired} extents copied, "
+            f"{rep.confirmed} matched"
+        )
+        return [Log(line, "warning"), *[Complete(w, None) for w in waiters]]
+
+    def abort_repair(self, reason: str, now: float) -> list[Action]:
+        """Fault the targets; the extent in progress still gets its jobs, as no-ops."""
+        rep = self.repair
+        assert rep is not None
+        rep.abort_reason = reason
+        acts: list[Action] = [Log(f"live repair aborted: {reason}", "error")]
+        for t in rep.targets:
+            acts += self.fault(self.clients[t], "live repair aborted", now)
+        return acts
+
+
+def _write_args(op: WriteOp) -> tuple[int, list[m.BlockContext], m.Data]:
+    return op.start, op.contexts, op.data
+
+
+def _describe(op: Op) -> str:
+    match op:
+        case WriteOp():
+            return f"block:{op.start} n:{len(op.contexts)}"
+        case ReadOp() | TrimOp():
+            return f"block:{op.start} n:{op.count}"
+        case FlushOp():
+            return f"fln:{op.flush_number} gen:{op.gen}"
+        case _:
+            return ""

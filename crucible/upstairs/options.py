@@ -1,0 +1,25 @@
+"""The upstairs' limits and timers, with their defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class Options:
+    read_only: bool = False
+    flush_timeout: float = 0.5
+    ping_interval: float = 5.0
+    timeout: float = 45.0
+    reconnect_delay: float = 1.0
+    max_jobs: int = 1500  # in flight per downstairs before the guest waits
+    offline_max_jobs: int = 1000  # held for an offline downstairs before it is faulted
+    offline_max_bytes: int = 50 << 20
+    # Each downstairs connection may buffer its own copy of what is in flight.
+    max_bytes: int = 32 << 20
+    barrier_jobs: int = 500  # finished but unretired, before a barrier
+    barrier_bytes: int = 64 << 20
+    # With fewer than two downstairs active, how long one that went offline may
+    # hold jobs before it is faulted (and flushes fail instead of waiting).
+    degraded_timeout: float = 30.0
+    log_jobs: bool = True  # a debug line per job (the seed's console output)

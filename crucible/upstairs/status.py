@@ -1,0 +1,58 @@
+"""What an upstairs reports about itself (Upstairs.info()): plain dataclasses,
+ready to be shown, compared in tests, or serialized (`as_dict`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class LiveRepairStatus:
+    source: int  # client index of the healthy copy
+    targets: list[int]
+    extent: int  # the extent being repaired
+    extent_count: int
+    repaired: int  # extents copied so far
+    confirmed: int  # extents that already matched
+    aborting: str | None  # why it is being aborted, if it is
+
+
+@dataclass(frozen=True, slots=True)
+class DownstairsStatus:
+    target: str  # host:port
+    state: str  # active, offline, faulted, live-repair, ... (state.py)
+    mode: str  # how it rejoins when it reconnects: new, offline, faulted, replaced
+    jobs_in_flight: int
+    bytes_in_flight: int
+    last_error: str
+    connections: int  # connections made so far
+    trim: bool | None  # takes the Trim message (None: not known yet)
+
+
+@dataclass(frozen=True, slots=True)
+class UpstairsStatus:
+    state: str  # initializing, go-active, active, deactivating, disabled
+    generation: int
+    upstairs_id: str
+    session_id: str
+    block_size: int | None  # None until a downstairs has described the region
+    extent_size: int | None
+    extent_count: int | None
+    total_size: int | None  # bytes
+    downstairs: list[DownstairsStatus]
+    live_repair: LiveRepairStatus | None
+    live_repairs: int  # finished live repairs
+    live_repairs_aborted: int
+    jobs: int  # in the job table (not yet retired)
+    guest_jobs_waiting: int  # not yet acked to the guest
+    next_job_id: int
+    next_flush: int
+    reconcile_needed: int  # extents the latest reconciliation had to repair
+    reconcile_done: int
+    integrity_errors: int
+    retired: int  # jobs retired so far
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
