@@ -1,41 +1,48 @@
-"""An NBD server over an upstairs: several clients at once share one volume.
+"""An NBD server over a volume: the transport, flow control and dispatch.
 
-Requests of one connection are handled concurrently and answered as they
-finish (NBD replies may come in any order). Every connection shares the same
-upstairs, whose flush covers writes from all of them, so CAN_MULTI_CONN is
-advertised. Writes that do not cover whole blocks are read-modify-write; their
-block range is locked meanwhile so that no other write to it interleaves.
+Several clients share one volume; requests of one connection are handled
+concurrently and answered as they finish (NBD replies may come in any
+order). Every connection shares the same upstairs, whose flush covers
+writes from all of them, so CAN_MULTI_CONN is advertised. The handshake is
+handshake.py's, what each command means is disk.py's.
+
+The receive buffer, its goals and costs: bytes land in a fixed 256 KiB
+buffer per connection (asyncio.BufferedProtocol), with no bytes object per
+receive. Handshake options and request headers are parsed from a moving
+offset; the unparsed tail moves to the front only when the buffer's end is
+reached. A write's payload that is not all in the buffer yet is received
+straight into a buffer of its own (up to 32 MiB, the largest payload
+accepted; anything larger ends the connection, as it cannot be skipped
+safely); a payload already in the buffer is copied out once. Reading pauses
+while 512 requests or 128 MiB of this client are in flight, or while 8 MiB
+of its replies wait to be sent, so one client's memory is bounded and it
+cannot starve the others.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 from crucible.common.errors import CrucibleError, ErrorKind
 from crucible.nbd import protocol as p
+from crucible.nbd.disk import Disk
+from crucible.nbd.handshake import ExportInfo, Handshake, HandshakeError, Negotiated
 from crucible.netio import OutputBatcher
-from crucible.upstairs.guest import ReadResult, Upstairs
+from crucible.upstairs.guest import Upstairs
 
 log = logging.getLogger("crucible.nbd")
 
-MAX_OPTION = 64 * 1024  # option payloads are small; more is abuse
 MAX_PAYLOAD = 32 << 20
-MAX_STATUS_BYTES = 64 << 20  # one BLOCK_STATUS answers at most this much
 REPLY_BACKLOG = 8 << 20  # unsent reply bytes before the client's requests wait
 RX_BUFFER = 256 << 10  # request headers and small write payloads land here
 REQ_SIZE = p.REQUEST.size
 MAX_INFLIGHT = 512  # requests of one client in flight before reading pauses
 MAX_INFLIGHT_BYTES = 128 << 20
-
-
-class _Closed(Exception):
-    """The client broke the protocol; the connection ends."""
 
 
 @dataclass
@@ -62,37 +69,9 @@ class Export:
         )
         return f | p.FLAG_READ_ONLY if self.read_only else f
 
-    def matches(self, name: str) -> bool:
-        return name in ("", self.name)
-
-
-class _RangeLocks:
-    """Block ranges under read-modify-write. A write waits until no held range
-    overlaps its own; a read-modify-write holds its whole range, taken in one
-    step, so two of them can never wait on each other."""
-
-    def __init__(self) -> None:
-        self.held: dict[int, tuple[int, int]] = {}
-        self.changed = asyncio.Event()
-        self._next = 0
-
-    def _overlaps(self, first: int, last: int) -> bool:
-        return any(a < last and first < b for a, b in self.held.values())
-
-    async def wait_clear(self, first: int, last: int) -> None:
-        while self._overlaps(first, last):
-            await self.changed.wait()
-
-    async def acquire(self, first: int, last: int) -> int:
-        await self.wait_clear(first, last)
-        self._next += 1
-        self.held[self._next] = (first, last)
-        return self._next
-
-    def release(self, token: int) -> None:
-        del self.held[token]
-        self.changed.set()
-        self.changed = asyncio.Event()
+    def info(self) -> ExportInfo:
+        bs = max(self.upstairs.block_size, 4096)
+        return ExportInfo(self.name, self.size, self.flags, self.description, bs, MAX_PAYLOAD)
 
 
 class NbdServer:
@@ -100,9 +79,10 @@ class NbdServer:
         self.export = export
         self.host = host
         self.port = port
-        self.locks = _RangeLocks()
+        self.disk = Disk(export.upstairs, self.spawn)
         self._server: asyncio.Server | None = None
-        self._conns: set[_Connection] = set()
+        self.connections: set[_Connection] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self._next_id = 1
 
     async def start(self) -> None:
@@ -116,10 +96,19 @@ class NbdServer:
         self._next_id += 1
         return conn
 
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
-        tasks = [t for c in list(self._conns) for t in c.abort()]
+        for c in list(self.connections):
+            c.close()
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
         for t in tasks:
             try:
                 await t
@@ -128,34 +117,23 @@ class NbdServer:
 
 
 class _Connection(asyncio.BufferedProtocol):
-    """One client. Bytes land in a fixed receive buffer (a large write payload
-    straight into a buffer of its own); the handshake is a coroutine reading
-    from it, and in transmission each request is handled as it is parsed:
-    reads and plain aligned writes by callbacks, everything else by a task."""
-
     def __init__(self, server: NbdServer, cid: int) -> None:
         self.server = server
         self.export = server.export
-        self.up = server.export.upstairs
+        self.disk = server.disk
         self.cid = cid
-        self.structured = False
-        self.allocation_context = False
-        self.no_zeroes = False
+        self.settings = Negotiated(structured=False, allocation=False)
         self.transport: asyncio.Transport | None = None
         self.out: OutputBatcher | None = None
+        self._handshake: Handshake | None = None  # None once transmission begins
         self._rx = bytearray(RX_BUFFER)
         self._rxv = memoryview(self._rx)
         self._start = self._end = 0  # unparsed bytes are _rx[_start:_end]
         self._payload: bytearray | None = None  # a write's payload being received
         self._got = 0
         self._write_req: tuple[int, int, int, int] = (0, 0, 0, 0)
-        self._waiter: asyncio.Future[None] | None = None  # the handshake waits for bytes
-        self._eof = False
-        self._handshake: asyncio.Task[None] | None = None
-        self._transmitting = False
         self._disconnecting = False
         self._closed = False
-        self.inflight: set[asyncio.Task[None]] = set()
         self._pending = 0  # requests whose reply is not sent yet
         self._pending_bytes = 0
         self._reading = True
@@ -167,9 +145,10 @@ class _Connection(asyncio.BufferedProtocol):
         self.transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(high=REPLY_BACKLOG)
         self.out = OutputBatcher(self.transport)
-        self.server._conns.add(self)
+        self.server.connections.add(self)
         log.info("nbd client %d connected from %s", self.cid, transport.get_extra_info("peername"))
-        self._handshake = asyncio.get_running_loop().create_task(self._run_handshake())
+        self._handshake = Handshake(self.export.info())
+        self.out.write(self._handshake.data_to_send())
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._payload is not None:
@@ -192,17 +171,14 @@ class _Connection(asyncio.BufferedProtocol):
             self._dispatch(flags, p.Cmd.WRITE, cookie, offset, length, payload)
             return
         self._end += nbytes
-        if self._transmitting:
-            self._parse()
+        if self._handshake is not None:
+            self._negotiate(self._handshake)
         else:
-            if self._waiter is not None and not self._waiter.done():
-                self._waiter.set_result(None)
-            self._flow()  # the handshake reads options one at a time: pause when full
+            self._parse()
 
     def eof_received(self) -> bool | None:
-        self._eof = True
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+        if self._handshake is not None:
+            self._went_away()
         return None
 
     def pause_writing(self) -> None:
@@ -214,14 +190,16 @@ class _Connection(asyncio.BufferedProtocol):
         self._flow()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.server._conns.discard(self)
-        self._eof = True
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+        self.server.connections.discard(self)
+        self._went_away()
+        log.info("nbd client %d closed", self.cid)
+
+    def _went_away(self) -> None:
         if not self._closed:
             self._closed = True
             log.info("nbd client %d went away", self.cid)
-        log.info("nbd client %d closed", self.cid)
+            if self.transport is not None:
+                self.transport.close()
 
     def close(self, reason: str = "") -> None:
         if self._closed:
@@ -233,16 +211,6 @@ class _Connection(asyncio.BufferedProtocol):
             self.out.flush()  # what was said before closing still goes out
         if self.transport is not None:
             self.transport.close()
-
-    def abort(self) -> list[asyncio.Task[None]]:
-        """Server shutdown: stop handling this client; the tasks to wait for."""
-        tasks = list(self.inflight)
-        if self._handshake is not None:
-            tasks.append(self._handshake)
-        for t in tasks:
-            t.cancel()
-        self.close()
-        return tasks
 
     def _flow(self) -> None:
         """Read requests only while replies drain and what is in flight is bounded."""
@@ -262,135 +230,30 @@ class _Connection(asyncio.BufferedProtocol):
 
     # ---- handshake ------------------------------------------------------------------
 
-    async def _read(self, n: int) -> bytes:
-        while self._end - self._start < n:
-            if self._eof:
-                raise asyncio.IncompleteReadError(bytes(self._rx[self._start : self._end]), n)
-            self._waiter = asyncio.get_running_loop().create_future()
-            await self._waiter
-        data = bytes(self._rxv[self._start : self._start + n])
-        self._start += n
-        if not self._reading:
-            self._flow()
-        return data
-
-    def _send_raw(self, data: bytes) -> None:
-        assert self.out is not None
-        self.out.write(data)
-
-    async def _run_handshake(self) -> None:
+    def _negotiate(self, hs: Handshake) -> None:
         try:
-            go = await self.handshake()
-        except _Closed as e:
+            used = hs.receive(self._rxv[self._start : self._end])
+        except HandshakeError as e:
             self.close(str(e))
             return
-        except (asyncio.IncompleteReadError, ConnectionError):
-            if not self._closed:
-                self._closed = True
-                log.info("nbd client %d went away", self.cid)
-                if self.transport is not None:
-                    self.transport.close()
+        self._start += used
+        reply = hs.data_to_send()
+        if reply and self.out is not None:
+            self.out.write(reply)
+        if hs.result is None:
+            self._flow()
             return
-        if not go:
+        if hs.result is False:
             self.close()
             return
+        self.settings = cast(Negotiated, hs.result)
+        self._handshake = None
         log.info(
-            "nbd client %d entered transmission (structured replies: %s)", self.cid, self.structured
+            "nbd client %d entered transmission (structured replies: %s)",
+            self.cid,
+            self.settings.structured,
         )
-        self._transmitting = True
         self._parse()
-
-    async def handshake(self) -> bool:
-        """Option haggling; True when the client enters transmission."""
-        self._send_raw(p.server_greeting())
-        (flags,) = struct.unpack(">I", await self._read(4))
-        if not flags & p.FLAG_FIXED_NEWSTYLE:
-            raise _Closed("client does not speak fixed newstyle")
-        if flags & ~(p.FLAG_FIXED_NEWSTYLE | p.FLAG_NO_ZEROES):
-            raise _Closed(f"unknown client flags {flags:#x}")
-        self.no_zeroes = bool(flags & p.FLAG_NO_ZEROES)
-        while True:
-            magic, opt, length = p.OPTION_HEADER.unpack(await self._read(16))
-            if magic != p.IHAVEOPT:
-                raise _Closed(f"bad option magic {magic:#x}")
-            if length > MAX_OPTION:
-                raise _Closed(f"option {opt} of {length} bytes is too long")
-            data = await self._read(length)
-            try:
-                done = self.option(opt, data)
-            except p.OptionError as e:
-                self.reply(opt, p.Rep.ERR_INVALID, str(e).encode())
-                continue
-            if done is not None:
-                return done
-
-    def reply(self, opt: int, rep: int, data: bytes = b"") -> None:
-        self._send_raw(p.option_reply(opt, rep, data))
-
-    def option(self, opt: int, data: bytes) -> bool | None:
-        """Answer one option; True/False ends the handshake (go / stop)."""
-        ex = self.export
-        if opt == p.Opt.EXPORT_NAME:
-            name = data.decode("utf-8", "replace")
-            if not ex.matches(name):
-                raise _Closed(f"unknown export {name!r}")
-            self._send_raw(p.export_name_reply(ex.size, ex.flags, self.no_zeroes))
-            return True
-        if opt == p.Opt.ABORT:
-            self.reply(opt, p.Rep.ACK)
-            return False
-        if opt == p.Opt.LIST:
-            if data:
-                raise p.OptionError("LIST takes no data")
-            raw = ex.name.encode()
-            self.reply(opt, p.Rep.SERVER, struct.pack(">I", len(raw)) + raw)
-            self.reply(opt, p.Rep.ACK)
-            return None
-        if opt in (p.Opt.INFO, p.Opt.GO):
-            name, infos = p.parse_export_request(data)
-            if not ex.matches(name):
-                self.reply(opt, p.Rep.ERR_UNKNOWN, f"no export named {name!r}".encode())
-                return None
-            self.reply(opt, p.Rep.INFO, p.info_export(ex.size, ex.flags))
-            if p.Info.NAME in infos:
-                self.reply(opt, p.Rep.INFO, p.info_name(ex.name))
-            if p.Info.DESCRIPTION in infos:
-                self.reply(opt, p.Rep.INFO, p.info_description(ex.description))
-            if p.Info.BLOCK_SIZE in infos:
-                bs = self.up.block_size
-                self.reply(opt, p.Rep.INFO, p.info_block_size(1, max(bs, 4096), MAX_PAYLOAD))
-            self.reply(opt, p.Rep.ACK)
-            return True if opt == p.Opt.GO else None
-        if opt == p.Opt.STRUCTURED_REPLY:
-            if data:
-                raise p.OptionError("STRUCTURED_REPLY takes no data")
-            self.structured = True
-            self.reply(opt, p.Rep.ACK)
-            return None
-        if opt in (p.Opt.LIST_META_CONTEXT, p.Opt.SET_META_CONTEXT):
-            if not self.structured:
-                raise p.OptionError("negotiate structured replies first")
-            name, queries = p.parse_meta_request(data)
-            if not ex.matches(name):
-                self.reply(opt, p.Rep.ERR_UNKNOWN, f"no export named {name!r}".encode())
-                return None
-            if opt == p.Opt.LIST_META_CONTEXT:
-                wanted = not queries or any(q in ("base:", p.BASE_ALLOCATION) for q in queries)
-            else:
-                wanted = p.BASE_ALLOCATION in queries
-                self.allocation_context = wanted
-            if wanted:
-                ctx_id = p.ALLOCATION_CONTEXT_ID if opt == p.Opt.SET_META_CONTEXT else 0
-                self.reply(
-                    opt, p.Rep.META_CONTEXT, struct.pack(">I", ctx_id) + p.BASE_ALLOCATION.encode()
-                )
-            self.reply(opt, p.Rep.ACK)
-            return None
-        if opt == p.Opt.STARTTLS:
-            self.reply(opt, p.Rep.ERR_POLICY, b"TLS is not offered")
-            return None
-        self.reply(opt, p.Rep.ERR_UNSUP, f"option {opt} is not supported".encode())
-        return None
 
     # ---- transmission ---------------------------------------------------------------
 
@@ -438,23 +301,68 @@ class _Connection(asyncio.BufferedProtocol):
             self._flow()
             self._maybe_finish()
             return
-        if not flags and cmd in (p.Cmd.READ, p.Cmd.WRITE):
-            error = self.check(flags, cmd, offset, length)
-            if error:
-                self.send_error(cookie, error, "request refused")
-                return
-            try:
-                if cmd == p.Cmd.READ and self._read_now(cookie, offset, length):
-                    return
-                if cmd == p.Cmd.WRITE and self._write_now(cookie, offset, data):
-                    return
-            except CrucibleError as e:
-                self.send_error(cookie, _errno(e), str(e))
-                return
-        task = asyncio.ensure_future(self.handle(flags, cmd, cookie, offset, length, data))
-        self.inflight.add(task)
+        error = self.check(flags, cmd, offset, length)
+        if error:
+            self.send_error(cookie, error, "request refused")
+            return
         self._started(length)
-        task.add_done_callback(functools.partial(self._task_done, length))
+        if cmd == p.Cmd.READ:
+            self.disk.read(offset, length, lambda r: self._read_done(cookie, offset, length, r))
+        elif cmd == p.Cmd.WRITE:
+            fua = bool(flags & p.CMD_FLAG_FUA)
+            self.disk.write(offset, data, fua, lambda e: self._done(cookie, length, e))
+        else:
+            self.server.spawn(self._command(flags, cmd, cookie, offset, length))
+
+    def check(self, flags: int, cmd: int, offset: int, length: int) -> int:
+        """The errno a request is refused with, or 0."""
+        allowed = p.ALLOWED_FLAGS.get(cmd)
+        if allowed is None:
+            return p.EINVAL
+        if flags & ~allowed:
+            return p.EINVAL
+        if cmd == p.Cmd.BLOCK_STATUS and not self.settings.allocation:
+            return p.EINVAL
+        writes = cmd in (p.Cmd.WRITE, p.Cmd.TRIM, p.Cmd.WRITE_ZEROES)
+        if writes and self.export.read_only:
+            return p.EPERM
+        if cmd != p.Cmd.FLUSH and (
+            offset + length > self.export.size or (length == 0 and cmd != p.Cmd.WRITE)
+        ):
+            return p.ENOSPC if cmd in (p.Cmd.WRITE, p.Cmd.WRITE_ZEROES) else p.EINVAL
+        if cmd == p.Cmd.READ and length > MAX_PAYLOAD:
+            return p.EINVAL
+        return 0
+
+    async def _command(self, flags: int, cmd: int, cookie: int, offset: int, length: int) -> None:
+        """FLUSH, TRIM, WRITE_ZEROES, BLOCK_STATUS: each in a task of its own."""
+        disk = self.disk
+        try:
+            if cmd == p.Cmd.FLUSH:
+                await disk.flush()
+            elif cmd == p.Cmd.TRIM:
+                await disk.trim(offset, length)
+            elif cmd == p.Cmd.WRITE_ZEROES:
+                no_hole = bool(flags & p.CMD_FLAG_NO_HOLE)
+                if flags & p.CMD_FLAG_FAST_ZERO and no_hole:
+                    self._ended(length)
+                    self.send_error(cookie, p.ENOTSUP, "allocated zeroes are written as data")
+                    return
+                await disk.write_zeroes(offset, length, no_hole)
+            else:  # BLOCK_STATUS
+                req_one = bool(flags & p.CMD_FLAG_REQ_ONE)
+                extents = await disk.block_status(offset, length, req_one)
+                self._ended(length)
+                self.send(p.block_status_chunk(cookie, p.ALLOCATION_CONTEXT_ID, extents))
+                return
+            if flags & p.CMD_FLAG_FUA and cmd != p.Cmd.FLUSH:
+                await disk.flush()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # one bad request must not take the server down
+            self._done(cookie, length, e)
+            return
+        self._done(cookie, length, None)
 
     def _started(self, nbytes: int) -> None:
         self._pending += 1
@@ -469,219 +377,28 @@ class _Connection(asyncio.BufferedProtocol):
             self._flow()
             self._maybe_finish()
 
-    def _task_done(self, nbytes: int, task: asyncio.Task[None]) -> None:
-        self.inflight.discard(task)
-        self._ended(nbytes)
-
     def _maybe_finish(self) -> None:
         """After DISC, close once every request in flight has been answered."""
         if self._disconnecting and not self._pending:
             self.close()
 
-    def _read_now(self, cookie: int, offset: int, length: int) -> bool:
-        first, last = self.outer_blocks(offset, length)
-        skip = offset - first * self.up.block_size
-
-        def done(result: ReadResult | BaseException) -> None:
-            self._ended(length)
-            if isinstance(result, BaseException):
-                self.send_error(cookie, _errno(result), str(result))
-            else:
-                self.send_data(cookie, offset, memoryview(result[0])[skip : skip + length])
-
-        self._started(length)  # before: an error may complete it at once
-        if self.up.read_nowait(first, last - first, done):
-            return True
+    def _read_done(
+        self, cookie: int, offset: int, length: int, result: memoryview | BaseException
+    ) -> None:
         self._ended(length)
-        return False
-
-    def _write_now(self, cookie: int, offset: int, data: bytes | bytearray) -> bool:
-        """A plain whole-block write, acked as soon as it is queued."""
-        bs = self.up.block_size
-        if offset % bs or len(data) % bs or not data or self.server.locks.held:
-            return False
-        if not self.up.write_nowait(offset // bs, data):
-            return False
-        self.send_ok(cookie)
-        return True
-
-    async def handle(
-        self, flags: int, cmd: int, cookie: int, offset: int, length: int, data: bytes | bytearray
-    ) -> None:
-        try:
-            error = self.check(flags, cmd, offset, length)
-            if error:
-                self.send_error(cookie, error, "request refused")
-                return
-            handler = self.HANDLERS[cmd]
-            await handler(self, flags, cookie, offset, length, data)
-        except CrucibleError as e:
-            self.send_error(cookie, _errno(e), str(e))
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # one bad request must not take the server down
-            log.exception("nbd client %d: request failed", self.cid)
-            self.send_error(cookie, p.EIO, str(e))
-
-    def check(self, flags: int, cmd: int, offset: int, length: int) -> int:
-        allowed = p.ALLOWED_FLAGS.get(cmd)
-        if allowed is None:
-            return p.EINVAL
-        if flags & ~allowed:
-            return p.EINVAL
-        if cmd == p.Cmd.BLOCK_STATUS and not self.allocation_context:
-            return p.EINVAL
-        writes = cmd in (p.Cmd.WRITE, p.Cmd.TRIM, p.Cmd.WRITE_ZEROES)
-        if writes and self.export.read_only:
-            return p.EPERM
-        if cmd != p.Cmd.FLUSH and (
-            offset + length > self.export.size or (length == 0 and cmd != p.Cmd.WRITE)
-        ):
-            return p.ENOSPC if cmd in (p.Cmd.WRITE, p.Cmd.WRITE_ZEROES) else p.EINVAL
-        if cmd == p.Cmd.READ and length > MAX_PAYLOAD:
-            return p.EINVAL
-        return 0
-
-    # ---- commands -----------------------------------------------------------------
-
-    async def cmd_read(self, flags: int, cookie: int, offset: int, length: int, _: bytes) -> None:
-        first, last = self.outer_blocks(offset, length)
-        data = await self.up.read(first, last - first)
-        skip = offset - first * self.up.block_size
-        self.send_data(cookie, offset, memoryview(data)[skip : skip + length])
-
-    async def cmd_write(
-        self, flags: int, cookie: int, offset: int, length: int, data: bytes
-    ) -> None:
-        if length:
-            await self.write_bytes(offset, data)
-        await self.finish_write(flags, cookie)
-
-    async def cmd_flush(self, flags: int, cookie: int, offset: int, length: int, _: bytes) -> None:
-        await self.up.flush()
-        self.send_ok(cookie)
-
-    async def cmd_trim(self, flags: int, cookie: int, offset: int, length: int, _: bytes) -> None:
-        """Whole blocks in the range are discarded (zeros, space freed); partial
-        edge blocks are left alone (TRIM is advisory)."""
-        first, last = self.inner_blocks(offset, length)
-        if last > first:
-            await self.discard_blocks(first, last)
-        await self.finish_write(flags, cookie)
-
-    async def cmd_write_zeroes(
-        self, flags: int, cookie: int, offset: int, length: int, _: bytes
-    ) -> None:
-        """Whole blocks are discarded (fast, and they read as zeros) unless the
-        client asks for no holes; partial edge blocks are written with zeros."""
-        no_hole = bool(flags & p.CMD_FLAG_NO_HOLE)
-        if flags & p.CMD_FLAG_FAST_ZERO and no_hole:
-            self.send_error(cookie, p.ENOTSUP, "allocated zeroes are written as data")
-            return
-        bs = self.up.block_size
-        first, last = self.inner_blocks(offset, length)
-        if last > first:
-            if no_hole:
-                await self.zero_blocks(first, last)
-            else:
-                await self.discard_blocks(first, last)
-            if offset < first * bs:
-                await self.write_bytes(offset, bytes(first * bs - offset))
-            if offset + length > last * bs:
-                await self.write_bytes(last * bs, bytes(offset + length - last * bs))
+        if isinstance(result, BaseException):
+            self.send_failure(cookie, result)
         else:
-            await self.write_bytes(offset, bytes(length))
-        await self.finish_write(flags, cookie)
+            self.send_data(cookie, offset, result)
 
-    async def cmd_block_status(
-        self, flags: int, cookie: int, offset: int, length: int, _: bytes
-    ) -> None:
-        bs = self.up.block_size
-        length = min(length, MAX_STATUS_BYTES)
-        first, last = self.outer_blocks(offset, length)
-        _, written = await self.up.read_with_status(first, last - first)
-        extents: list[tuple[int, int]] = []
-        pos = offset
-        end = offset + length
-        i = 0
-        while pos < end:
-            state = 0 if written[i] else p.STATE_HOLE | p.STATE_ZERO
-            j = i
-            while j < len(written) and (0 if written[j] else p.STATE_HOLE | p.STATE_ZERO) == state:
-                j += 1
-            stop = min(end, (first + j) * bs)
-            extents.append((stop - pos, state))
-            pos = stop
-            i = j
-            if flags & p.CMD_FLAG_REQ_ONE:
-                break
-        self.send(p.block_status_chunk(cookie, p.ALLOCATION_CONTEXT_ID, extents))
+    def _done(self, cookie: int, nbytes: int, err: BaseException | None) -> None:
+        self._ended(nbytes)
+        if err is None:
+            self.send_ok(cookie)
+        else:
+            self.send_failure(cookie, err)
 
-    HANDLERS: dict[int, Callable[..., Awaitable[None]]] = {
-        p.Cmd.READ: cmd_read,
-        p.Cmd.WRITE: cmd_write,
-        p.Cmd.FLUSH: cmd_flush,
-        p.Cmd.TRIM: cmd_trim,
-        p.Cmd.WRITE_ZEROES: cmd_write_zeroes,
-        p.Cmd.BLOCK_STATUS: cmd_block_status,
-    }
-
-    # ---- helpers --------------------------------------------------------------------
-
-    async def write_bytes(self, offset: int, data: bytes) -> None:
-        """Write any byte range: whole blocks directly, anything else by
-        read-modify-write of the blocks it touches, under a range lock."""
-        bs = self.up.block_size
-        end = offset + len(data)
-        first, last = self.outer_blocks(offset, len(data))
-        locks = self.server.locks
-        if offset % bs == 0 and end % bs == 0:
-            await locks.wait_clear(first, last)
-            await self.up.write(first, data)
-            return
-        token = await locks.acquire(first, last)
-        try:
-            head = offset - first * bs
-            buf = bytearray((last - first) * bs)
-            buf[head : head + len(data)] = data
-            old_first = await self.up.read(first, 1)
-            buf[:head] = old_first[:head]
-            tail_start = end - first * bs
-            if tail_start < len(buf):
-                old_last = await self.up.read(last - 1, 1)
-                keep = len(buf) - tail_start
-                buf[tail_start:] = old_last[bs - keep :]
-            await self.up.write(first, bytes(buf))
-        finally:
-            locks.release(token)
-
-    def outer_blocks(self, offset: int, length: int) -> tuple[int, int]:
-        """The blocks [first, last) a byte range touches, partly or wholly."""
-        bs = self.up.block_size
-        return offset // bs, -(-(offset + length) // bs)
-
-    def inner_blocks(self, offset: int, length: int) -> tuple[int, int]:
-        """The whole blocks [first, last) inside a byte range (first >= last: none)."""
-        bs = self.up.block_size
-        return -(-offset // bs), (offset + length) // bs
-
-    async def discard_blocks(self, first: int, last: int) -> None:
-        await self.server.locks.wait_clear(first, last)
-        await self.up.trim(first, last - first)
-
-    async def zero_blocks(self, first: int, last: int) -> None:
-        bs = self.up.block_size
-        step = max(1, (1 << 20) // bs)
-        zero = bytes(step * bs)
-        await self.server.locks.wait_clear(first, last)
-        for b in range(first, last, step):
-            n = min(step, last - b)
-            await self.up.write(b, zero[: n * bs])
-
-    async def finish_write(self, flags: int, cookie: int) -> None:
-        if flags & p.CMD_FLAG_FUA:
-            await self.up.flush()
-        self.send_ok(cookie)
+    # ---- replies ----------------------------------------------------------------------
 
     def send(self, *parts: bytes | memoryview) -> None:
         """Queue one whole reply (its parts go out together, never interleaved
@@ -691,20 +408,25 @@ class _Connection(asyncio.BufferedProtocol):
             self.out.write(*parts)
 
     def send_data(self, cookie: int, offset: int, data: memoryview) -> None:
-        if self.structured:
+        if self.settings.structured:
             head = p.chunk(cookie, p.Reply.OFFSET_DATA, 8 + len(data), True)
             self.send(head + struct.pack(">Q", offset), data)
         else:
             self.send(p.simple_reply(cookie), data)
 
     def send_ok(self, cookie: int) -> None:
-        if self.structured:
+        if self.settings.structured:
             self.send(p.chunk(cookie, p.Reply.NONE, 0, True))
         else:
             self.send(p.simple_reply(cookie))
 
+    def send_failure(self, cookie: int, err: BaseException) -> None:
+        if not isinstance(err, CrucibleError):
+            log.error("nbd client %d: request failed: %r", self.cid, err)
+        self.send_error(cookie, _errno(err), str(err))
+
     def send_error(self, cookie: int, error: int, message: str) -> None:
-        if self.structured:
+        if self.settings.structured:
             self.send(p.error_chunk(cookie, error, message))
         else:
             self.send(p.simple_reply(cookie, error))

@@ -262,7 +262,7 @@ async def _dsc_client(run: Run) -> tuple[int, int]:
     fleet = await _dsc(run, "GET", "/list")
     assert isinstance(fleet, list)
     ports = [t[1] for t in run.args.target]
-    pairs = [(d.cid, ports.index(d.port)) for d in fleet if d.port in ports]
+    pairs = [(d["cid"], ports.index(d["port"])) for d in fleet if d["port"] in ports]
     if not pairs:
         raise WorkloadError("dsc runs none of the targets given with -t")
     return run.rng.choice(pairs)
@@ -309,7 +309,7 @@ async def _repair_cycle(run: Run) -> None:
     await _dsc(run, "POST", f"/stop/cid/{cid}")
 
     def faulted() -> bool:
-        return bool(run.up.info().downstairs[i].mode == "faulted")
+        return run.up.info().downstairs[i].mode == "faulted"
 
     await io_until(run, faulted, f"downstairs {cid} being faulted", run.max_blocks)
     await _dsc(run, "POST", f"/start/cid/{cid}")

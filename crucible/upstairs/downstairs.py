@@ -24,6 +24,7 @@ from crucible.common.definition import RegionDefinition
 from crucible.common.errors import CrucibleError, ErrorKind
 from crucible.protocol import messages as m
 from crucible.protocol.wire import SocketAddr
+from crucible.upstairs import acks
 from crucible.upstairs.actions import Action, Complete, Drop, Log, Send
 from crucible.upstairs.client import Client, Session
 from crucible.upstairs.job_table import JobTable
@@ -256,30 +257,18 @@ class Downstairs:
 
     # ---- acks and completion ------------------------------------------------------
 
-    def _flush_need(self, op: FlushOp) -> int:
-        return 3 if op.snapshot is not None or self.up_state is UpState.DEACTIVATING else 2
-
-    def _durable_on(self, job: Job) -> int:
-        """Clients done with this flush that hold every block (not mid-repair)."""
-        return sum(1 for i, s in enumerate(job.state) if s is IOState.DONE and i not in job.partial)
-
     def _maybe_ack(self, job: Job) -> list[Action]:
         if job.acked:
             return []
-        op = job.op
-        if isinstance(op, ReadOp):
-            if job.read_data is None:
-                return []
-            job.acked = True
-            result = (job.read_data, job.read_contexts)
+        result = acks.early_ack(job, self.up_state is UpState.DEACTIVATING)
+        if result is acks.NOT_YET:
+            return []
+        job.acked = True
+        if isinstance(job.op, ReadOp):
             # The job stays until a flush retires it; its data is the guest's now
             # (later replies are compared by their contexts).
             job.read_data = b""
-            return [Complete(job.guest, result)] if job.guest is not None else []
-        if isinstance(op, FlushOp) and self._durable_on(job) >= self._flush_need(op):
-            job.acked = True
-            return [Complete(job.guest, None)] if job.guest is not None else []
-        return []
+        return [Complete(job.guest, result)] if job.guest is not None else []
 
     def _finish(self, job: Job, now: float) -> list[Action]:
         """Every client has answered (or been skipped) for this job."""
@@ -288,9 +277,12 @@ class Downstairs:
             acts.append(Log(f"INTEGRITY: read job {job.id}: {'; '.join(job.errors)}", "error"))
         if not job.acked:
             job.acked = True
-            result = self._final_result(job)
-            if job.guest is not None:
-                acts.append(Complete(job.guest, result))
+            rep = self.repair
+            if job.guest is not None and rep and not rep.aborting and acks.parkable(job):
+                self.table.parked.append(job.guest)  # acked when the repair is done
+                job.guest = None
+            elif job.guest is not None:
+                acts.append(Complete(job.guest, acks.final_result(job)))
         self.table.mark_finished(job)
         if job.is_flush_like:
             acts += self._retire(job.id)
@@ -298,41 +290,6 @@ class Downstairs:
         if rep is not None and (isinstance(job.op, LIVE_OPS) or job.id == rep.final_flush):
             acts += self._repair_step(rep, job, now)
         return acts
-
-    def _final_result(self, job: Job) -> object:
-        """What a job not acked before it finished answers its guest with."""
-        bad = job.count(IOState.SKIPPED) + job.count(IOState.ERROR)
-        op = job.op
-        if isinstance(op, ReadOp):
-            why = "read failed on every downstairs: " + "; ".join(job.errors)
-            return CrucibleError(ErrorKind.IoError, why)
-        if isinstance(op, FlushOp) and job.guest is not None and self._park_flush(job):
-            job.guest = None  # completed when the repair finishes
-            return None
-        if isinstance(op, FlushOp):
-            failed = self._durable_on(job) < 2 or (bool(op.snapshot) and bad > 0)
-        else:
-            failed = bad > 1
-        if not failed:
-            return None
-        return CrucibleError(
-            ErrorKind.IoError,
-            f"{job.kind} {job.id} reached only {self._durable_on(job)} of 3 downstairs "
-            "holding all data: " + ("; ".join(job.errors) or "the others are out"),
-        )
-
-    def _park_flush(self, job: Job) -> bool:
-        """A flush done on only one full copy but also on clients being repaired:
-        it is durable on two once their repair is done, so it is acked then."""
-        rep = self.repair
-        if rep is None or rep.aborting:
-            return False
-        full = self._durable_on(job)
-        partial = sum(1 for i in job.partial if job.state[i] is IOState.DONE)
-        if full < 1 or full + partial < 2:
-            return False
-        self.table.parked.append(job.guest)
-        return True
 
     def _retire(self, upto: int) -> list[Action]:
         gone = self.table.retire(upto)

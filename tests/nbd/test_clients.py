@@ -67,7 +67,7 @@ def test_qemu_io_patterns_unaligned(nbd: Nbd) -> None:
 
 def test_nbdinfo_and_map(nbd: Nbd) -> None:
     info = json.loads(run("nbdinfo", "--json", nbd.uri).stdout)
-    export = info.exports[0]
+    export = info["exports"][0]
     assert export["export-size"] == SIZE
     assert export["block_size_minimum"] == 1 and export["block_size_maximum"] == 32 << 20
     for flag in ("can_flush", "can_fua", "can_multi_conn", "can_trim", "can_zero"):

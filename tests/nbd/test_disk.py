@@ -1,0 +1,51 @@
+"""What NBD commands mean on whole blocks, without processes: block-status
+extents and the range locks of read-modify-write."""
+
+from __future__ import annotations
+
+import asyncio
+
+from crucible.nbd import protocol as p
+from crucible.nbd.disk import RangeLocks, status_extents
+
+HOLE = p.STATE_HOLE | p.STATE_ZERO
+
+
+def test_status_extents_runs_of_blocks() -> None:
+    written = [True, True, False, False, True]
+    assert status_extents(written, 10, 10 * 512, 5 * 512, 512, False) == [
+        (1024, 0),
+        (1024, HOLE),
+        (512, 0),
+    ]
+
+
+def test_status_extents_unaligned_edges_and_req_one() -> None:
+    written = [False, True, True]
+    # Bytes 100 .. 1400 of blocks 0..2: the first extent is cut at the range start.
+    assert status_extents(written, 0, 100, 1300, 512, False) == [(412, HOLE), (888, 0)]
+    assert status_extents(written, 0, 100, 1300, 512, True) == [(412, HOLE)]
+    assert status_extents([True], 7, 7 * 4096 + 5, 10, 4096, False) == [(10, 0)]
+
+
+def test_range_locks_hold_back_only_what_overlaps() -> None:
+    async def run() -> list[str]:
+        locks = RangeLocks()
+        order: list[str] = []
+        token = await locks.acquire(0, 4)
+        locks.when_clear(2, 3, lambda: order.append("overlapping write"))
+        locks.when_clear(8, 9, lambda: order.append("elsewhere"))  # not held: at once
+        second = asyncio.ensure_future(locks.acquire(3, 6))
+        await asyncio.sleep(0)
+        assert order == ["elsewhere"] and not second.done()
+        locks.release(token)
+        # The waiting write starts, and the second read-modify-write takes its
+        # range at once: a write to it now waits for that one.
+        assert order == ["elsewhere", "overlapping write"]
+        locks.when_clear(5, 6, lambda: order.append("behind the second"))
+        t2 = await second
+        assert order == ["elsewhere", "overlapping write"]
+        locks.release(t2)
+        return order
+
+    assert asyncio.run(run()) == ["elsewhere", "overlapping write", "behind the second"]
