@@ -60,7 +60,7 @@ async def activate(cluster: Cluster) -> tuple[float, int]:
         t0 = time.perf_counter()
         await up.activate(2)
         took = time.perf_counter() - t0
-        repaired = up.core.reconciler.done
+        repaired = up.core.activation.done
         await up.deactivate()
     return took, repaired
 

@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from crucible.common.errors import CrucibleError, ErrorKind
 from crucible.protocol import messages as m
 from crucible.upstairs.actions import Action, Complete, Drop, Log, Send
+from crucible.upstairs.client import Client
 from crucible.upstairs.downstairs import Downstairs
 from crucible.upstairs.mend import Repair, generation_floor, mend, next_flush_number
 from crucible.upstairs.reconcile import Outcome, Reconciliation
-from crucible.upstairs.state import DsState, Mode, Stage
+from crucible.upstairs.state import ACTIVE, DsState, Mode, Stage, UpState
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,10 +61,73 @@ def decide(ds: Downstairs, cut_short: bool) -> Refuse | Proceed | None:
     return Proceed([] if read_only else mend(versions))
 
 
-class Reconciler:
+class Activation:
+    """From activate() to ACTIVE: where each negotiated client waits, the
+    quorum decision, reconciliation, and the answer to the caller."""
+
     def __init__(self) -> None:
+        self.token: object | None = None  # the caller of activate(), until answered
         self.current: Reconciliation | None = None  # the latest pass, for progress
         self.next_repair_id = 0
+
+    def begin(self, token: object) -> None:
+        self.token = token
+        self.current = None
+
+    def placed(self, ds: Downstairs, c: Client, now: float) -> list[Action]:
+        """A client's extent versions are in: where it waits. While the volume
+        serves, read-only joins at once and read-write needs live repair;
+        otherwise it waits for the quorum."""
+        if ds.up_state is UpState.ACTIVE and ds.opts.read_only:
+            c.set_state(ACTIVE)  # nothing to reconcile
+            return []
+        if ds.up_state is UpState.ACTIVE:
+            c.set_state(DsState(Stage.REPAIR_READY, c.mode))  # it missed writes
+            return [Log(f"[{c.id}] {c.name} is ready for live repair ({c.mode.value})")]
+        c.set_state(DsState(Stage.WAIT_QUORUM, c.mode))
+        n = sum(1 for x in ds.clients if x.state.stage is Stage.WAIT_QUORUM)
+        v = c.versions
+        assert v is not None
+        return [
+            Log(
+                f"[{c.id}] {c.name} extent versions: gen {_preview(v.gens)} "
+                f"flush {_preview(v.flushes)} dirty {_preview(v.dirty)}"
+            ),
+            Log(f"#### {c.name} #### CONNECTED ######## {n}/3"),
+        ]
+
+    def check(self, ds: Downstairs, now: float) -> tuple[list[Action], Refuse | None]:
+        """Once every client needed waits: refuse, reconcile or go active."""
+        if ds.up_state is not UpState.GO_ACTIVE:
+            return [], None
+        # A reconciliation of this activation that was cut short stamped some
+        # extents with our own generation: only that may equal it.
+        decision = decide(ds, cut_short=self.current is not None)
+        if decision is None:
+            return [], None
+        if isinstance(decision, Refuse):
+            return [], decision
+        return self.reconcile(ds, decision.repairs, now), None
+
+    def reconcile(self, ds: Downstairs, repairs: list[Repair], now: float) -> list[Action]:
+        if not repairs:
+            return self.go_active(ds, now)
+        acts, done = self._start(ds, repairs, now)
+        return acts + (self.go_active(ds, now) if done else [])
+
+    def go_active(self, ds: Downstairs, now: float) -> list[Action]:
+        ds.up_state = UpState.ACTIVE
+        ds.table.last_io = now
+        for c in ds.clients:
+            if c.state.stage is Stage.WAIT_QUORUM:
+                c.set_state(ACTIVE)
+        sess = ds.session
+        line = f"upstairs {sess.upstairs_id} is active with gen {sess.gen}; "
+        acts: list[Action] = [Log(line + f"next flush {ds.table.next_flush}")]
+        if self.token is not None:
+            acts.append(Complete(self.token, None))
+            self.token = None
+        return acts
 
     @property
     def needed(self) -> int:
@@ -73,7 +137,9 @@ class Reconciler:
     def done(self) -> int:
         return self.current.done if self.current else 0
 
-    def start(self, ds: Downstairs, repairs: list[Repair], now: float) -> tuple[list[Action], bool]:
+    def _start(
+        self, ds: Downstairs, repairs: list[Repair], now: float
+    ) -> tuple[list[Action], bool]:
         """Begin repairing; True once everything is done (then go active)."""
         addrs = [c.repair_addr for c in ds.clients]
         # The repaired extents get the generation of this upstairs and a flush
@@ -98,22 +164,21 @@ class Reconciler:
         took = now - rec.started
         return [Log(f"reconciliation done: {rec.done} extents in {took:.2f} s")], True
 
-    def reply(
-        self, ds: Downstairs, cid: int, msg: m.Message, now: float
-    ) -> tuple[list[Action], bool]:
-        """A client's answer to the step in flight; True once everything is done."""
+    def reply(self, ds: Downstairs, cid: int, msg: m.Message, now: float) -> list[Action]:
+        """A client's answer to the reconciliation step in flight."""
         if self.current is None:
-            return [], False
+            return []
         c = ds.clients[cid]
         outcome, text = self.current.reply(cid, msg)
         if outcome is Outcome.FAILED:
-            return self.abort(ds, f"{c.name} failed on {text}", now), False
+            return self.abort(ds, f"{c.name} failed on {text}", now)
         if outcome is Outcome.IGNORED:
-            return [Log(f"[{cid}] ignored {type(msg).__name__} during reconciliation")], False
+            return [Log(f"[{cid}] ignored {type(msg).__name__} during reconciliation")]
         if outcome is Outcome.WAITING:
-            return [], False
+            return []
         acts, done = self._next_step(ds, now)
-        return ([Log(text)] if text else []) + acts, done
+        acts = ([Log(text)] if text else []) + acts
+        return acts + (self.go_active(ds, now) if done else [])
 
     def abort(self, ds: Downstairs, reason: str, now: float) -> list[Action]:
         """Any failure: drop everyone; they reconnect and the comparison starts over."""
@@ -126,11 +191,11 @@ class Reconciler:
             c.fall_back(now, ds.opts)
         return acts
 
-    def restart_all(self, ds: Downstairs) -> tuple[list[Action], list[Repair]]:
+    def restart_all(self, ds: Downstairs, now: float) -> list[Action]:
         """All three were faulted, so none can be a live-repair source: compare
         their extents and reconcile, as at activation (the generation is ours
         already). What an acked flush covered is on two of them, so the newest
-        copy of each extent holds it. Returns the repairs to run."""
+        copy of each extent holds it."""
         err = CrucibleError(ErrorKind.IoError, "every downstairs was faulted")
         acts: list[Action] = [
             Log("all three downstairs need repair and none is healthy: reconciling", "warning")
@@ -148,4 +213,10 @@ class Reconciler:
             c.first_job = ds.table.next_id  # new sessions everywhere
             c.inflight_jobs = c.inflight_bytes = 0
         ds.table.next_flush = max(ds.table.next_flush, next_flush_number(versions))
-        return acts, mend(versions)
+        return acts + self.reconcile(ds, mend(versions), now)
+
+
+def _preview(values: list[int] | list[bool], limit: int = 8) -> str:
+    vals = [int(v) for v in values]
+    shown = ", ".join(str(v) for v in vals[:limit])
+    return f"[{shown}{', ...' if len(vals) > limit else ''}]"

@@ -32,6 +32,7 @@ from crucible.upstairs.state import (
     Stage,
     check_transition,
 )
+from crucible.upstairs.status import DownstairsStatus
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +134,18 @@ class Client:
     def trims(self) -> bool:
         """Known to take the Trim message."""
         return self.capabilities is not None and self.capabilities.trim
+
+    def status(self) -> DownstairsStatus:
+        return DownstairsStatus(
+            target=self.name,
+            state=self.state.name,
+            mode=self.mode.value,
+            jobs_in_flight=self.inflight_jobs,
+            bytes_in_flight=self.inflight_bytes,
+            last_error=self.last_error,
+            connections=self.connects,
+            trim=None if self.capabilities is None else self.capabilities.trim,
+        )
 
     # ---- connection --------------------------------------------------------------------
 

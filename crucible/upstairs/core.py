@@ -36,23 +36,20 @@ from crucible.protocol.capabilities import Capabilities
 from crucible.protocol.roles import JOB_REPLY_TYPES
 from crucible.protocol.wire import SocketAddr
 from crucible.upstairs.actions import Action, Complete, Drop, Log
-from crucible.upstairs.activation import Reconciler, Refuse, decide
+from crucible.upstairs.activation import Activation
 from crucible.upstairs.client import Client, Negotiated, NegotiationFailed, Session
 from crucible.upstairs.downstairs import Downstairs
 from crucible.upstairs.jobs import BarrierOp, FlushOp, ReadOp, TrimOp, WriteOp, zero_fill
-from crucible.upstairs.mend import Repair
 from crucible.upstairs.options import Options
 from crucible.upstairs.state import (
-    ACTIVE,
     DISABLED,
     IDLE,
     TAKES_IO,
-    DsState,
     Mode,
     Stage,
     UpState,
 )
-from crucible.upstairs.status import DownstairsStatus, UpstairsStatus
+from crucible.upstairs.status import UpstairsStatus
 
 
 class UpstairsCore:
@@ -69,8 +66,7 @@ class UpstairsCore:
         self.opts = options or Options()
         self.ds = Downstairs(targets, self.opts)
         self.ds.session = Session(upstairs_id or uuid.uuid4(), uuid.uuid4(), 0, self.opts.read_only)
-        self.reconciler = Reconciler()
-        self.activate_token: object | None = None
+        self.activation = Activation()
         self.deactivate_token: object | None = None
         self.disabled_error: CrucibleError | None = None
 
@@ -119,9 +115,8 @@ class UpstairsCore:
         self.ds.session = Session(self.upstairs_id, uuid.uuid4(), gen, self.opts.read_only)
         self.ds.table.new_session()
         self.ds.repair = None
-        self.reconciler.current = None
+        self.activation.begin(token)
         self.disabled_error = None
-        self.activate_token = token
         acts: list[Action] = [Log(f"upstairs {self.upstairs_id} activating with gen {gen}")]
         for c in self.clients:
             c.last_flush_done = None
@@ -236,36 +231,7 @@ class UpstairsCore:
 
     def replace(self, token: object, old: SocketAddr, new: SocketAddr, now: float) -> list[Action]:
         """Swap the downstairs at `old` for a new region at `new`; live repair fills it."""
-
-        def refuse(why: str) -> list[Action]:
-            return [Complete(token, CrucibleError(ErrorKind.ReplaceRequestInvalid, why))]
-
-        if self.state is not UpState.ACTIVE:
-            return [Complete(token, CrucibleError(ErrorKind.UpstairsInactive))]
-        if self.opts.read_only:
-            return refuse("a read-only upstairs does not replace downstairs")
-        by_target = {c.target: c for c in self.clients}
-        if new in by_target:
-            if old in by_target:
-                return refuse(f"{_addr(new)} is already a downstairs here, as is {_addr(old)}")
-            return [Complete(token, None)]  # asked again: already under way or done
-        c = by_target.get(old)
-        if c is None:
-            return refuse(f"{_addr(old)} is not one of this upstairs' downstairs")
-        busy = [x for x in self.clients if x is not c and x.state.stage is not Stage.ACTIVE]
-        if busy or self.ds.repair is not None:
-            who = busy[0] if busy else c
-            return refuse(
-                f"downstairs {who.name} is {who.state.name}: only one may be out at a time"
-            )
-        acts = self.ds.fault(c, f"replaced by {_addr(new)}", now)
-        c.set_state(DsState(Stage.CONNECT, Mode.REPLACED))
-        c.target = new
-        c.region_uuid = None
-        c.capabilities = None
-        c.reconnect_at = now  # no reason to wait
-        acts.append(Log(f"[{c.id}] replacing {_addr(old)} with {_addr(new)}", "warning"))
-        return [*acts, Complete(token, None)]
+        return self.ds.replace(token, old, new, now)
 
     def info(self) -> UpstairsStatus:
         r = self.region
@@ -280,19 +246,7 @@ class UpstairsCore:
             extent_size=r.extent_size if r else None,
             extent_count=r.extent_count if r else None,
             total_size=r.total_bytes if r else None,
-            downstairs=[
-                DownstairsStatus(
-                    target=c.name,
-                    state=c.state.name,
-                    mode=c.mode.value,
-                    jobs_in_flight=c.inflight_jobs,
-                    bytes_in_flight=c.inflight_bytes,
-                    last_error=c.last_error,
-                    connections=c.connects,
-                    trim=None if c.capabilities is None else c.capabilities.trim,
-                )
-                for c in self.clients
-            ],
+            downstairs=[c.status() for c in self.clients],
             live_repair=rep.status() if rep else None,
             live_repairs=ds.live_repairs,
             live_repairs_aborted=ds.live_repairs_aborted,
@@ -300,8 +254,8 @@ class UpstairsCore:
             guest_jobs_waiting=sum(1 for j in ds.table if not j.acked),
             next_job_id=ds.table.next_id,
             next_flush=ds.table.next_flush,
-            reconcile_needed=self.reconciler.needed,
-            reconcile_done=self.reconciler.done,
+            reconcile_needed=self.activation.needed,
+            reconcile_done=self.activation.done,
             integrity_errors=ds.integrity_errors,
             retired=ds.table.retired,
         )
@@ -333,7 +287,7 @@ class UpstairsCore:
         ds = self.ds
         acts: list[Action] = [Log(f"[{c.id}] {c.name} disconnected ({prev.name})", "warning")]
         if stage is Stage.RECONCILE:
-            acts += self.reconciler.abort(ds, f"downstairs {c.name} went away", now)
+            acts += self.activation.abort(ds, f"downstairs {c.name} went away", now)
         elif stage in (Stage.REPAIR_READY, Stage.LIVE_REPAIR):
             acts += ds.fault(c, "disconnected during live repair", now)
         elif (
@@ -387,8 +341,7 @@ class UpstairsCore:
         if stage in (Stage.HELLO, Stage.PROBE, Stage.PROMOTE, Stage.REGION, Stage.VERSIONS):
             return self._negotiate(c, msg, now)
         if stage is Stage.RECONCILE:
-            acts, done = self.reconciler.reply(self.ds, cid, msg, now)
-            return acts + (self._go_active(now) if done else [])
+            return self.activation.reply(self.ds, cid, msg, now)
         if stage in TAKES_IO:
             return self._io_reply(c, msg, now)
         return [Log(f"[{c.id}] ignored {type(msg).__name__} in state {c.state.name}")]
@@ -414,63 +367,9 @@ class UpstairsCore:
             return acts + ds.replay(c)
         if step is not Negotiated.VERSIONS:
             return acts
-        v = c.versions
-        assert v is not None
-        if self.state is UpState.ACTIVE and self.opts.read_only:
-            c.set_state(ACTIVE)  # read-only: nothing to reconcile, it joins at once
-            return acts + self._maintain(now)
-        if self.state is UpState.ACTIVE:
-            c.set_state(DsState(Stage.REPAIR_READY, c.mode))  # it missed writes: live repair
-            line = f"[{c.id}] {c.name} is ready for live repair ({c.mode.value})"
-            return [*acts, Log(line), *self._maintain(now)]
-        c.set_state(DsState(Stage.WAIT_QUORUM, c.mode))
-        n = sum(1 for x in self.clients if x.state.stage is Stage.WAIT_QUORUM)
-        return [
-            *acts,
-            Log(
-                f"[{c.id}] {c.name} extent versions: gen {_preview(v.gens)} "
-                f"flush {_preview(v.flushes)} dirty {_preview(v.dirty)}"
-            ),
-            Log(f"#### {c.name} #### CONNECTED ######## {n}/3"),
-            *self._maintain(now),
-        ]
+        return acts + self.activation.placed(ds, c, now) + self._maintain(now)
 
     # ---- activation and its end -------------------------------------------------------
-
-    def _check_quorum(self, now: float) -> list[Action]:
-        if self.state is not UpState.GO_ACTIVE:
-            return []
-        # A reconciliation of this activation that was cut short stamped some
-        # extents with our own generation: only that may equal it.
-        decision = decide(self.ds, cut_short=self.reconciler.current is not None)
-        if decision is None:
-            return []
-        if isinstance(decision, Refuse):
-            return self._fail_activation(decision.reason, now, decision.err)
-        return self._reconcile(decision.repairs, now)
-
-    def _reconcile(self, repairs: list[Repair], now: float) -> list[Action]:
-        if not repairs:
-            return self._go_active(now)
-        acts, done = self.reconciler.start(self.ds, repairs, now)
-        return acts + (self._go_active(now) if done else [])
-
-    def _go_active(self, now: float) -> list[Action]:
-        self._set_state(UpState.ACTIVE)
-        self.ds.table.last_io = now
-        for c in self.clients:
-            if c.state.stage is Stage.WAIT_QUORUM:
-                c.set_state(ACTIVE)
-        acts: list[Action] = [
-            Log(
-                f"upstairs {self.upstairs_id} is active with gen {self.gen}; "
-                f"next flush {self.ds.table.next_flush}"
-            )
-        ]
-        if self.activate_token is not None:
-            acts.append(Complete(self.activate_token, None))
-            self.activate_token = None
-        return acts
 
     def _fail_activation(
         self, reason: str, now: float, err: CrucibleError | None = None
@@ -485,9 +384,9 @@ class UpstairsCore:
         self._set_state(UpState.INIT)
         acts: list[Action] = [Log(f"activation failed: {reason}", "error")]
         acts += self._drop_all("activation failed")
-        if self.activate_token is not None:
-            acts.append(Complete(self.activate_token, err))
-            self.activate_token = None
+        if self.activation.token is not None:
+            acts.append(Complete(self.activation.token, err))
+            self.activation.token = None
         return acts
 
     def _disable(self, err: CrucibleError, now: float) -> list[Action]:
@@ -497,10 +396,10 @@ class UpstairsCore:
         self.disabled_error = err
         acts: list[Action] = [Log(f"upstairs disabled: {err}", "error")]
         acts += self._drop_all(str(err))
-        for token in (self.activate_token, self.deactivate_token):
+        for token in (self.activation.token, self.deactivate_token):
             if token is not None:
                 acts.append(Complete(token, err))
-        self.activate_token = self.deactivate_token = None
+        self.activation.token = self.deactivate_token = None
         acts += self.ds.fail_all(err)
         for c in self.clients:
             c.set_state(DISABLED)
@@ -549,14 +448,15 @@ class UpstairsCore:
             if barrier(self.opts.barrier_jobs, self.opts.barrier_bytes):
                 return ds.enqueue(BarrierOp(), None, now)
             return []
-        acts = self._check_quorum(now)
+        acts, refused = self.activation.check(ds, now)
+        if refused is not None:
+            return acts + self._fail_activation(refused.reason, now, refused.err)
         acts += ds.fault_overfull(now)
         if self.state is UpState.ACTIVE:
             if ds.repair is None:
                 acts += ds.start_repair(now)
             if all(c.state.stage is Stage.REPAIR_READY for c in self.clients):
-                more, repairs = self.reconciler.restart_all(ds)
-                acts += more + self._reconcile(repairs, now)
+                acts += self.activation.restart_all(ds, now)
             if barrier(self.opts.barrier_jobs, self.opts.barrier_bytes):
                 acts += ds.enqueue(BarrierOp(), None, now)
         if self.state is UpState.DEACTIVATING and not len(ds.table):
@@ -571,13 +471,3 @@ class UpstairsCore:
             acts.append(Complete(self.deactivate_token, None))
             self.deactivate_token = None
         return acts
-
-
-def _addr(a: SocketAddr) -> str:
-    return f"{a[0]}:{a[1]}"
-
-
-def _preview(values: list[int] | list[bool], limit: int = 8) -> str:
-    vals = [int(v) for v in values]
-    shown = ", ".join(str(v) for v in vals[:limit])
-    return f"[{shown}{', ...' if len(vals) > limit else ''}]"

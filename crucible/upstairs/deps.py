@@ -11,6 +11,7 @@ each: it only ever holds what happened since the last flush.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 END = 1 << 64
@@ -80,3 +81,27 @@ class BlockMap:
         self._ranges = [_Range(0, job_id)]
         self._starts = [0]
         return sorted(deps)
+
+
+def deps_for_client(
+    deps: list[int], skipped: set[int], floor: int, deps_of: Callable[[int], list[int] | None]
+) -> list[int]:
+    """A job's dependencies as one downstairs sees them: a job it skipped
+    stands for that job's own dependencies (`deps_of`; None once retired), so
+    order through it is kept, and jobs below `floor` (before its session
+    began) are gone."""
+    if not skipped and not floor:
+        return deps
+    out: set[int] = set()
+    seen: set[int] = set()
+    todo = list(deps)
+    while todo:
+        d = todo.pop()
+        if d < floor or d in seen:
+            continue
+        seen.add(d)
+        if d in skipped:
+            todo.extend(deps_of(d) or ())
+        else:
+            out.add(d)
+    return sorted(out)

@@ -27,6 +27,7 @@ from crucible.protocol.wire import SocketAddr
 from crucible.upstairs import acks
 from crucible.upstairs.actions import Action, Complete, Drop, Log, Send
 from crucible.upstairs.client import Client, Session
+from crucible.upstairs.deps import deps_for_client
 from crucible.upstairs.job_table import JobTable
 from crucible.upstairs.jobs import (
     LIVE_OPS,
@@ -155,27 +156,7 @@ class Downstairs:
         return job.message(sess.upstairs_id, sess.session_id, deps, c.id, limit)
 
     def _deps_for(self, c: Client, job: Job) -> list[int]:
-        """A job's dependencies as this client sees them: a job it skipped stands
-        for that job's own dependencies (so order through it is kept), and jobs
-        from before its session began are gone."""
-        skipped, floor = c.skipped, c.first_job
-        if not skipped and not floor:
-            return job.deps
-        out: set[int] = set()
-        seen: set[int] = set()
-        todo = list(job.deps)
-        while todo:
-            d = todo.pop()
-            if d < floor or d in seen:
-                continue
-            seen.add(d)
-            if d in skipped:
-                dj = self.table.get(d)
-                if dj is not None:
-                    todo.extend(dj.deps)
-            else:
-                out.add(d)
-        return sorted(out)
+        return deps_for_client(job.deps, c.skipped, c.first_job, self.table.deps_of)
 
     def replay(self, c: Client) -> list[Action]:
         """Send a client back from offline every job since its last flush."""
@@ -349,6 +330,41 @@ class Downstairs:
                 acts += self._finish(job, now)
         return acts
 
+    def replace(self, token: object, old: SocketAddr, new: SocketAddr, now: float) -> list[Action]:
+        """Swap the downstairs at `old` for a new region at `new` (refused while
+        another is out, or a repair runs); it is faulted, and live repair fills
+        the new one."""
+
+        def refuse(why: str) -> list[Action]:
+            return [Complete(token, CrucibleError(ErrorKind.ReplaceRequestInvalid, why))]
+
+        if self.up_state is not UpState.ACTIVE:
+            return [Complete(token, CrucibleError(ErrorKind.UpstairsInactive))]
+        if self.opts.read_only:
+            return refuse("a read-only upstairs does not replace downstairs")
+        by_target = {c.target: c for c in self.clients}
+        if new in by_target:
+            if old in by_target:
+                return refuse(f"{_addr(new)} is already a downstairs here, as is {_addr(old)}")
+            return [Complete(token, None)]  # asked again: already under way or done
+        c = by_target.get(old)
+        if c is None:
+            return refuse(f"{_addr(old)} is not one of this upstairs' downstairs")
+        busy = [x for x in self.clients if x is not c and x.state.stage is not Stage.ACTIVE]
+        if busy or self.repair is not None:
+            who = busy[0] if busy else c
+            return refuse(
+                f"downstairs {who.name} is {who.state.name}: only one may be out at a time"
+            )
+        acts = self.fault(c, f"replaced by {_addr(new)}", now)
+        c.set_state(DsState(Stage.CONNECT, Mode.REPLACED))
+        c.target = new
+        c.region_uuid = None
+        c.capabilities = None
+        c.reconnect_at = now  # no reason to wait
+        acts.append(Log(f"[{c.id}] replacing {_addr(old)} with {_addr(new)}", "warning"))
+        return [*acts, Complete(token, None)]
+
     def _held_too_much(self, c: Client) -> bool:
         return (
             c.inflight_jobs > self.opts.offline_max_jobs
@@ -466,3 +482,7 @@ def _describe(op: Op) -> str:
             return f"fln:{op.flush_number} gen:{op.gen}"
         case _:
             return ""
+
+
+def _addr(a: SocketAddr) -> str:
+    return f"{a[0]}:{a[1]}"

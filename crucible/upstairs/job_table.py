@@ -57,6 +57,10 @@ class JobTable:
     def get(self, job_id: int) -> Job | None:
         return self.jobs.get(job_id)
 
+    def deps_of(self, job_id: int) -> list[int] | None:
+        job = self.jobs.get(job_id)
+        return None if job is None else job.deps
+
     # ---- numbering ------------------------------------------------------------------
 
     def reserve(self, n: int) -> int:

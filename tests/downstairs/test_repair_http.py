@@ -92,3 +92,22 @@ def test_fetch_refuses_a_copy_that_overlapped_a_reopen(ds: Downstairs) -> None:
     with pytest.raises(CrucibleError, match="reopened during the copy"):
         fetch_extent(("127.0.0.1", ds.repair_port), 2, Meddler())
     fetch_extent(("127.0.0.1", ds.repair_port), 2, io.BytesIO())  # closed throughout: fine
+
+
+def test_capabilities_page(ds: Downstairs) -> None:
+    assert get(ds, "/capabilities") == (200, b'{"trim": true}')
+
+
+def test_plain_v13_mode_has_no_extensions(region: Path) -> None:
+    """--no-extensions: no capabilities page (404, as from a Rust downstairs),
+    and a Trim ends the connection, as an unknown message does there."""
+    d = Downstairs(region, "--no-extensions")
+    try:
+        assert get(d, "/capabilities")[0] == 404
+        c = Client(d.port)
+        c.negotiate()
+        c.send(m.Trim(c.upstairs_id, c.session_id, c.job_id(), [], 0, 1))
+        assert c.closed_by_peer()
+        assert "Trim is not supported here" in d.output()
+    finally:
+        d.stop()

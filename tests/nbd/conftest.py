@@ -20,9 +20,14 @@ def require_tools() -> None:
 
 
 class Nbd:
-    def __init__(self, base: Path, read_only: bool = False) -> None:
+    def __init__(self, base: Path, read_only: bool = False, plain_v13: int | None = None) -> None:
+        """`plain_v13`: the downstairs that runs as a plain Crucible V13 one
+        (no extensions: it drops the connection on a Trim)."""
         require_tools()
         self.cluster = Cluster(base, "--extent-size", "4096", "--extent-count", "32")
+        if plain_v13 is not None:
+            self.cluster.stop(plain_v13)
+            self.cluster.start(plain_v13, "--no-extensions")
         extra = []
         if read_only:
             self.cluster.stop()

@@ -181,3 +181,26 @@ def test_downstairs_killed_while_qemu_img_writes(nbd: Nbd, tmp_path: Path) -> No
     killer.join()
     assert time.monotonic() - t0 > 0.5, "the copy finished before the kill"
     run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(image), nbd.uri)
+
+
+def test_trim_towards_a_plain_v13_downstairs(tmp_path: Path) -> None:
+    """One downstairs takes no Trim (as a Rust one would not): a discard
+    becomes zeros written on every copy, nothing is dropped, block status
+    then reports data, and the replicas stay identical."""
+    n = Nbd(tmp_path, plain_v13=1)
+    try:
+        run("qemu-io", "-f", "raw", "-c", "write -P 0x5 0 2M", n.uri)
+        run("qemu-io", "-f", "raw", "-c", "discard 0 1M", n.uri)
+        run("qemu-io", "-f", "raw", "-c", "read -P 0 0 1M", "-c", "read -P 0x5 1M 1M", n.uri)
+        mapped = json.loads(run("nbdinfo", "--map", "--json", n.uri).stdout)
+        data = [(e["offset"], e["length"]) for e in mapped if e["type"] == 0]
+        assert data == [(0, 2 << 20)], mapped  # zeros written: data, not a hole
+        log = n.output()
+        assert "does not take Trim: trims are written as zeros" in log
+        assert "disconnected" not in log, log
+        ds = n.cluster.ds[1]
+        assert ds is not None and "Trim is not supported" not in ds.output()
+    finally:
+        assert n.stop() == 0, n.output()
+    dump = n.cluster.dump()
+    assert dump.returncode == 0, dump.stdout

@@ -22,7 +22,7 @@ from crucible.downstairs import core as dcore
 from crucible.downstairs import ops
 from crucible.protocol import codec
 from crucible.protocol import messages as m
-from crucible.protocol.capabilities import OURS
+from crucible.protocol.capabilities import Capabilities
 from crucible.protocol.framing import FrameDecoder
 from crucible.protocol.wire import SocketAddr
 from crucible.region.layout import extent_path
@@ -52,7 +52,16 @@ class SimDownstairs:
         self.work: deque[dcore.Execute] = deque()
         self.fetch = _no_fetch
         self.down = False
-        self.capabilities = OURS  # what its repair server reports
+        self.received: list[type] = []  # every message type it was given
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """What its repair server reports, and what its core takes."""
+        return self.core.capabilities
+
+    @capabilities.setter
+    def capabilities(self, caps: Capabilities) -> None:
+        self.core.capabilities = caps
 
     def cut(self) -> None:
         """The connection breaks: whatever was on the wire is lost."""
@@ -71,7 +80,9 @@ class SimDownstairs:
                 raise AssertionError(f"downstairs dropped the upstairs: {a.reason}")
 
     def deliver(self) -> None:
-        self.apply(self.core.received(self.conn, self.inbox.popleft()))
+        msg = self.inbox.popleft()
+        self.received.append(type(msg))
+        self.apply(self.core.received(self.conn, msg))
 
     def run_work(self, pick: int = 0) -> None:
         """Run one queued piece of disk work; any of them may go first (the

@@ -144,10 +144,10 @@ def test_downstairs_killed_during_reconciliation(tmp_path: Path) -> None:
             # gen 1 = stored + 1: the retry after the crash meets extents the first
             # pass already stamped with this very generation.
             task = asyncio.ensure_future(up.activate(1))
-            while up.core.reconciler.done < 2:
+            while up.core.activation.done < 2:
                 assert not task.done(), "reconciliation ended before the crash"
                 await asyncio.sleep(0.001)
-            assert up.core.reconciler.done < up.core.reconciler.needed
+            assert up.core.activation.done < up.core.activation.needed
             c.stop(1, signal.SIGKILL)
             await asyncio.sleep(0.5)
             c.start(1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from crucible.upstairs.deps import BlockMap
+from crucible.upstairs.deps import BlockMap, deps_for_client
 
 ops = st.lists(
     st.tuples(st.sampled_from(["w", "r", "f"]), st.integers(0, 30), st.integers(1, 8)),
@@ -68,3 +68,15 @@ def test_reads_never_depend_on_reads() -> None:
     assert bm.add_barrier(5) == [1, 2, 4]  # 4 already waits for 3
     assert bm.add_write(6, 100, 1) == [5]
     assert len(bm) <= 3
+
+
+def test_deps_for_a_client_that_skipped_jobs() -> None:
+    table = {10: [5, 6], 6: [2], 11: [10]}
+    lookup = table.get
+    assert deps_for_client([10, 7], set(), 0, lookup) == [10, 7]  # nothing to rewrite
+    # 10 was skipped: it stands for its own deps; 6 too, down to 2.
+    assert deps_for_client([10, 7], {10, 6}, 0, lookup) == [2, 5, 7]
+    # A session that began at job 6 never saw 2 or 5.
+    assert deps_for_client([10, 7], {10, 6}, 6, lookup) == [7]
+    assert deps_for_client([11], {11, 10}, 0, lookup) == [5, 6]
+    assert deps_for_client([99], {99}, 0, lookup) == []  # retired: nothing to wait for

@@ -1,0 +1,284 @@
+"""crutest's workloads: IO patterns through an upstairs, every read checked
+against the verify log."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from crucible.cli_util import progress
+from crucible.tools.verify_log import VerifyLog
+from crucible.upstairs.guest import MAX_IO_BYTES, Upstairs
+
+
+class VerifyError(Exception):
+    pass
+
+
+class WorkloadError(Exception):
+    """The workload could not go on (a downstairs never came back, dsc is gone)."""
+
+
+@dataclass
+class Run:
+    up: Upstairs
+    vlog: VerifyLog
+    rng: random.Random
+    count: int
+    args: argparse.Namespace
+    gen: int = 1
+    writes: int = 0
+    reads: int = 0
+    flushes: int = 0
+    bytes_written: int = 0
+    bytes_read: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def bs(self) -> int:
+        return self.vlog.block_size
+
+    @property
+    def total(self) -> int:
+        return self.vlog.total_blocks
+
+    @property
+    def max_blocks(self) -> int:
+        return max(1, MAX_IO_BYTES // self.bs)
+
+    async def write(self, start: int, count: int) -> None:
+        data = self.vlog.next_data(start, count)
+        await self.up.write(start, data)
+        self.writes += 1
+        self.bytes_written += len(data)
+
+    async def read(self, start: int, count: int, allow_range: bool = False) -> None:
+        data = await self.up.read(start, count)
+        self.reads += 1
+        self.bytes_read += len(data)
+        problems = self.vlog.check(start, data, allow_range)
+        if problems:
+            more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
+            raise VerifyError("; ".join(problems[:10]) + more)
+
+    async def flush(self) -> None:
+        await self.up.flush()
+        self.flushes += 1
+        self.vlog.commit()
+
+    def snapshot(self, start: int, count: int) -> VerifyLog:
+        """The verify log as it stands now, for a read whose answer comes later."""
+        snap = VerifyLog(self.bs, self.total)
+        snap.current[start : start + count] = self.vlog.current[start : start + count]
+        return snap
+
+    def random_range(self, max_blocks: int) -> tuple[int, int]:
+        n = self.rng.randint(1, min(max_blocks, self.total))
+        return self.rng.randrange(self.total - n + 1), n
+
+    async def verify_all(self, allow_range: bool = False) -> None:
+        step = self.max_blocks
+        with progress(self.total * self.bs, "B", "verify") as bar:
+            for start in range(0, self.total, step):
+                n = min(step, self.total - start)
+                await self.read(start, n, allow_range)
+                bar.update(n * self.bs)
+
+
+Workload = Callable[[Run], Awaitable[None]]
+
+
+async def one(run: Run) -> None:
+    start, n = run.random_range(1)
+    await run.write(start, n)
+    await run.flush()
+    await run.read(start, n)
+
+
+async def fill(run: Run) -> None:
+    with progress(run.total * run.bs, "B", "fill") as bar:
+        for start in range(0, run.total, run.max_blocks):
+            n = min(run.max_blocks, run.total - start)
+            await run.write(start, n)
+            bar.update(n * run.bs)
+    await run.flush()
+    await run.verify_all()
+
+
+async def big(run: Run) -> None:
+    """Write, flush and read back the volume in 1 MiB pieces."""
+    with progress(run.total * run.bs, "B", "big") as bar:
+        for start in range(0, run.total, run.max_blocks):
+            n = min(run.max_blocks, run.total - start)
+            await run.write(start, n)
+            await run.flush()
+            await run.read(start, n)
+            bar.update(n * run.bs)
+
+
+async def rand(run: Run) -> None:
+    """Random writes and reads of random sizes, each read verified."""
+    with progress(run.count, "op", "rand") as bar:
+        for _ in range(run.count):
+            start, n = run.random_range(64)
+            if run.rng.random() < 0.6:
+                await run.write(start, n)
+            else:
+                await run.read(start, n)
+            bar.update(1)
+    await run.flush()
+
+
+async def burst(run: Run) -> None:
+    """Bursts of writes in flight together, then a flush and a read of each."""
+    with progress(run.count, "burst", "burst") as bar:
+        for _ in range(run.count):
+            ranges = [run.random_range(16) for _ in range(16)]
+            for start, n in ranges:  # queued back to back, acked on queueing
+                await run.write(start, n)
+            await run.flush()
+            await asyncio.gather(*(run.read(s, n) for s, n in ranges))
+            bar.update(1)
+
+
+async def span(run: Run) -> None:
+    """IO across every extent boundary."""
+    r = run.up.core.region
+    assert r is not None
+    es = r.extent_size
+    for boundary in range(es, run.total, es):
+        start = max(0, boundary - 1)
+        n = min(2 if es > 1 else 1, run.total - start)
+        await run.write(start, n)
+        await run.read(start, n)
+    if run.total > 2 * es:
+        await run.write(es // 2, 2 * es)
+        await run.read(es // 2, 2 * es)
+    await run.flush()
+    await run.verify_all()
+
+
+async def dep(run: Run) -> None:
+    """Overlapping writes and reads in flight together: a read sees exactly
+    the writes queued before it, never one queued after."""
+    with progress(run.count, "round", "dep") as bar:
+        for _ in range(run.count):
+            base, width = run.random_range(8)
+            pending: list[tuple[asyncio.Task[bytes], VerifyLog, int, int]] = []
+            for _ in range(20):
+                start = base + run.rng.randrange(width)
+                n = run.rng.randint(1, base + width - start)
+                if run.rng.random() < 0.4:
+                    expect = run.snapshot(start, n)
+                    task = asyncio.ensure_future(run.up.read(start, n))
+                    await asyncio.sleep(0)  # let it queue before the next write
+                    pending.append((task, expect, start, n))
+                else:
+                    await run.write(start, n)
+            for task, expect, start, n in pending:
+                got = await task
+                run.reads += 1
+                run.bytes_read += len(got)
+                problems = expect.check(start, got)
+                if problems:
+                    raise VerifyError(
+                        f"read of blocks {start}..{start + n} does not hold what was "
+                        f"queued before it: {problems[0]}"
+                    )
+            bar.update(1)
+    await run.flush()
+
+
+async def random_op(run: Run, max_blocks: int = 10) -> None:
+    """A write, read or flush of up to `max_blocks` blocks, chosen at random."""
+    p = run.rng.random()
+    start, n = run.random_range(max_blocks)
+    if p < 0.45:
+        await run.write(start, n)
+    elif p < 0.9:
+        await run.read(start, n)
+    else:
+        await run.flush()
+
+
+async def generic(run: Run) -> None:
+    """Random writes, reads and flushes, one at a time, up to 10 blocks each."""
+    with progress(run.count, "op", "generic") as bar:
+        for _ in range(run.count):
+            await random_op(run)
+            bar.update(1)
+
+
+async def deactivate(run: Run) -> None:
+    """Activate, do IO, deactivate, bump the generation, repeat; data survives."""
+    with progress(run.count, "round", "deactivate") as bar:
+        for _ in range(run.count):
+            touched = [run.random_range(16) for _ in range(8)]
+            for start, n in touched:
+                await run.write(start, n)
+            await run.up.deactivate()  # flushes first
+            run.vlog.commit()
+            run.gen += 1
+            await run.up.activate(run.gen)
+            for start, n in touched:
+                await run.read(start, n)
+            bar.update(1)
+
+
+async def verify(run: Run) -> None:
+    if run.args.verify_in is None:
+        raise VerifyError("the verify workload needs --verify-in FILE")
+    # --verify-in already read and checked the whole volume before the workload.
+
+
+async def perf(run: Run) -> None:
+    """IOPS and bandwidth at a chosen IO size and queue depth."""
+    size = run.args.io_size
+    if size % run.bs:
+        raise VerifyError(f"--io-size {size} is not a multiple of the block size {run.bs}")
+    n = size // run.bs
+    slots = run.total // n
+    if slots < 1:
+        raise VerifyError(f"--io-size {size} is larger than the volume")
+    depth = run.args.io_depth
+    payload = bytes(run.rng.getrandbits(8) for _ in range(size))
+    results = []
+    for kind in ("write", "read"):
+        flushes_before = run.flushes
+        done, secs = await _perf_phase(run, kind, n, slots, depth, payload)
+        results.append((kind, done, secs, run.flushes - flushes_before))
+    for kind, done, secs, fl in results:
+        line = (
+            f"perf {kind}: {done} IOs of {size} bytes at depth {depth} in {secs:.2f} s: "
+            f"{done / secs:.0f} IOPS, {done * size / secs / 1e6:.1f} MB/s, "
+            f"{fl} guest flushes"
+        )
+        run.notes.append(line)
+
+
+async def _perf_phase(
+    run: Run, kind: str, n: int, slots: int, depth: int, payload: bytes
+) -> tuple[int, float]:
+    done = 0
+    deadline = time.monotonic() + run.args.time
+
+    async def worker() -> None:
+        nonlocal done
+        while time.monotonic() < deadline and done < run.count:
+            done += 1
+            block = run.rng.randrange(slots) * n
+            if kind == "write":
+                await run.up.write(block, payload)
+            else:
+                await run.up.read(block, n)
+
+    t0 = time.monotonic()
+    await asyncio.gather(*(worker() for _ in range(depth)))
+    if kind == "write":
+        await run.up.flush()  # honest: the data is durable when the clock stops
+        run.flushes += 1
+    return done, time.monotonic() - t0
