@@ -15,8 +15,27 @@ Crash-safety argument (ext4/xfs, which may persist writes out of order):
 * A flush fdatasyncs data and contexts first, then writes bitmap + metadata
   (dirty = 0, new numbers) in one pwrite and fdatasyncs again, so a clean
   extent's bitmap always describes durable data.
-* A block whose data matches neither slot (a torn write) is recorded as
-  damaged: reads of it fail and `verify` reports it; it is never served.
+* On opening a dirty extent, a block whose data matches neither slot was
+  torn by a crash mid-write. What it may hold afterwards is any state it had
+  between its last flush and that write, since neither was flushed; what
+  that means depends on its slots:
+  - One slot is empty (never written, or trimmed): that slot is the state
+    at the last flush or a later one (an empty slot not describing a state
+    that recent would have been overwritten by the write after it, which
+    goes to the inactive slot). So the block goes back to never-written,
+    and its torn bytes are punched out, so that its data and its context
+    agree again (zeros). Rust Crucible also takes the empty slot but keeps
+    the torn bytes, so its upstairs later finds data under an empty
+    context (MissingBlockContext) and fails that read.
+  - Both slots are filled: neither state can be rebuilt, so the block is
+    damaged: reads of it fail (MissingContextSlot), `verify` reports it, and
+    flushing the extent is refused, since writing clean metadata over it
+    would bless the torn bytes. Reconciliation (every dirty extent is
+    repaired at activation) then takes another replica as the extent's
+    source and overwrites this copy. Rust Crucible instead refuses to open
+    the extent, and with it the whole region: one torn block would keep
+    this replica, and the volume's activation, down until an operator acts.
+  A read-only open changes nothing on disk: a torn block is damaged there.
 """
 
 from __future__ import annotations
@@ -225,8 +244,11 @@ class Extent:
             chosen = next(
                 (s for s in order if (sc := slots[s]) is not None and sc.on_disk_hash == h), None
             )
-            if chosen is None and chunk == zero:
-                chosen = next((s for s in order if slots[s] is None), None)
+            empty = next((s for s in order if slots[s] is None), None)
+            if chosen is None and empty is not None and (chunk == zero or not self.read_only):
+                chosen = empty
+                if chunk != zero:  # torn: back to never-written (see the top of the file)
+                    punch_hole(self.fd, block * bs, bs)
             if chosen is None:
                 self.damaged.add(block)
             else:
@@ -375,6 +397,10 @@ class Extent:
         """Persist a dirty extent with new numbers; a clean one keeps its own."""
         if not self.dirty:
             return False
+        if self.damaged:
+            # Clean metadata would describe torn bytes as good: another copy must replace it.
+            block = min(self.damaged)
+            raise CrucibleError(ErrorKind.MissingContextSlot, values=(block, self.number))
         lay = self.layout
         try:
             os.fdatasync(self.fd)  # data and contexts before the metadata clearing dirty

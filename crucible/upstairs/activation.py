@@ -19,7 +19,14 @@ from crucible.protocol import messages as m
 from crucible.upstairs.actions import Action, Complete, Drop, Log, Send
 from crucible.upstairs.client import Client
 from crucible.upstairs.downstairs import Downstairs
-from crucible.upstairs.mend import Repair, generation_floor, mend, next_flush_number
+from crucible.upstairs.mend import (
+    ExtentVersions,
+    Repair,
+    Unrepairable,
+    generation_floor,
+    mend,
+    next_flush_number,
+)
 from crucible.upstairs.reconcile import Outcome, Reconciliation
 from crucible.upstairs.state import ACTIVE, DsState, Mode, Stage, UpState
 
@@ -39,11 +46,14 @@ class Proceed:
     repairs: list[Repair]
 
 
-def decide(ds: Downstairs, cut_short: bool) -> Refuse | Proceed | None:
+def decide(
+    ds: Downstairs, cut_short: bool, unusable: frozenset[tuple[int, int]] = frozenset()
+) -> Refuse | Proceed | None:
     """What the clients waiting in WAIT_QUORUM allow; None: not all are there.
     `cut_short`: a reconciliation of this activation ran before and was cut
     short (it stamped some extents with our own generation, which then may
-    equal it). Sets the next flush number."""
+    equal it). `unusable`: (extent, client) copies that cannot be a source.
+    Sets the next flush number."""
     ready = [c for c in ds.clients if c.state.stage is Stage.WAIT_QUORUM]
     read_only = ds.opts.read_only
     if len(ready) < (1 if read_only else 3):
@@ -58,7 +68,20 @@ def decide(ds: Downstairs, cut_short: bool) -> Refuse | Proceed | None:
             CrucibleError(ErrorKind.GenerationNumberInvalid, values=(gen, floor)),
         )
     ds.table.next_flush = next_flush_number(versions)
-    return Proceed([] if read_only else mend(versions))
+    if read_only:
+        return Proceed([])
+    return plan(versions, unusable)
+
+
+def plan(versions: list[ExtentVersions], unusable: frozenset[tuple[int, int]]) -> Refuse | Proceed:
+    try:
+        return Proceed(mend(versions, unusable))
+    except Unrepairable as e:
+        why = (
+            f"extent {e.extent} cannot be reconciled: every copy holds a block torn by a "
+            "crash (crucible-downstairs verify names it)"
+        )
+        return Refuse(why, CrucibleError(ErrorKind.RegionAssembleError))
 
 
 class Activation:
@@ -69,10 +92,12 @@ class Activation:
         self.token: object | None = None  # the caller of activate(), until answered
         self.current: Reconciliation | None = None  # the latest pass, for progress
         self.next_repair_id = 0
+        self.unusable: set[tuple[int, int]] = set()  # (extent, client): not a source
 
     def begin(self, token: object) -> None:
         self.token = token
         self.current = None
+        self.unusable.clear()
 
     def placed(self, ds: Downstairs, c: Client, now: float) -> list[Action]:
         """A client's extent versions are in: where it waits. While the volume
@@ -102,7 +127,7 @@ class Activation:
             return [], None
         # A reconciliation of this activation that was cut short stamped some
         # extents with our own generation: only that may equal it.
-        decision = decide(ds, cut_short=self.current is not None)
+        decision = decide(ds, self.current is not None, frozenset(self.unusable))
         if decision is None:
             return [], None
         if isinstance(decision, Refuse):
@@ -171,6 +196,8 @@ class Activation:
         c = ds.clients[cid]
         outcome, text = self.current.reply(cid, msg)
         if outcome is Outcome.FAILED:
+            if self.current.bad_source is not None:
+                self.unusable.add(self.current.bad_source)
             return self.abort(ds, f"{c.name} failed on {text}", now)
         if outcome is Outcome.IGNORED:
             return [Log(f"[{cid}] ignored {type(msg).__name__} during reconciliation")]
@@ -191,7 +218,7 @@ class Activation:
             c.fall_back(now, ds.opts)
         return acts
 
-    def restart_all(self, ds: Downstairs, now: float) -> list[Action]:
+    def restart_all(self, ds: Downstairs, now: float) -> tuple[list[Action], Refuse | None]:
         """All three were faulted, so none can be a live-repair source: compare
         their extents and reconcile, as at activation (the generation is ours
         already). What an acked flush covered is on two of them, so the newest
@@ -213,7 +240,10 @@ class Activation:
             c.first_job = ds.table.next_id  # new sessions everywhere
             c.inflight_jobs = c.inflight_bytes = 0
         ds.table.next_flush = max(ds.table.next_flush, next_flush_number(versions))
-        return acts + self.reconcile(ds, mend(versions), now)
+        decision = plan(versions, frozenset(self.unusable))
+        if isinstance(decision, Refuse):
+            return acts, decision
+        return acts + self.reconcile(ds, decision.repairs, now), None
 
 
 def _preview(values: list[int] | list[bool], limit: int = 8) -> str:

@@ -456,7 +456,11 @@ class UpstairsCore:
             if ds.repair is None:
                 acts += ds.start_repair(now)
             if all(c.state.stage is Stage.REPAIR_READY for c in self.clients):
-                acts += self.activation.restart_all(ds, now)
+                more, refused = self.activation.restart_all(ds, now)
+                acts += more
+                if refused is not None:
+                    err = CrucibleError(refused.err.kind, refused.reason)
+                    return acts + self._disable(err, now)
             if barrier(self.opts.barrier_jobs, self.opts.barrier_bytes):
                 acts += ds.enqueue(BarrierOp(), None, now)
         if self.state is UpState.DEACTIVATING and not len(ds.table):

@@ -3,7 +3,8 @@
 An extent needs repair when its (gen, flush, dirty) differ between replicas or
 any copy is dirty. The source is the copy with the highest (gen, flush, dirty),
 ties going to the lowest client; every other copy that differs from it, or all
-of them when the source is dirty, is a destination.
+of them when the source is dirty, is a destination. A copy known to hold a
+torn block (its downstairs refused to flush the extent) is never a source.
 """
 
 from __future__ import annotations
@@ -25,15 +26,30 @@ class Repair:
     dests: tuple[int, ...]
 
 
-def mend(versions: list[ExtentVersions]) -> list[Repair]:
+class Unrepairable(Exception):
+    """Every copy of an extent is unusable as a source."""
+
+    def __init__(self, extent: int) -> None:
+        super().__init__(f"extent {extent}")
+        self.extent = extent
+
+
+def mend(
+    versions: list[ExtentVersions], unusable: frozenset[tuple[int, int]] = frozenset()
+) -> list[Repair]:
+    """The repairs to make; `unusable`: (extent, client) copies that must not
+    be a source. Raises Unrepairable when an extent has no usable copy."""
     out = []
     count = len(versions[0].gens)
     for eid in range(count):
         meta = [(v.gens[eid], v.flushes[eid], v.dirty[eid]) for v in versions]
         if len(set(meta)) == 1 and not meta[0][2]:
             continue
-        best = max(meta)
-        source = meta.index(best)  # index() finds the lowest client with that value
+        usable = [c for c in range(len(meta)) if (eid, c) not in unusable]
+        if not usable:
+            raise Unrepairable(eid)
+        best = max(meta[c] for c in usable)
+        source = next(c for c in usable if meta[c] == best)  # the lowest client with it
         dests = tuple(c for c in range(len(meta)) if c != source and (best[2] or meta[c] != best))
         out.append(Repair(eid, source, dests))
     return out

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from crucible.common.errors import ErrorKind
 from crucible.protocol import messages as m
 from crucible.protocol.wire import SocketAddr
 from crucible.upstairs.mend import Repair
@@ -65,6 +66,9 @@ class Reconciliation:
         self.done = 0
         self.started = now
         self.waiting: set[int] = set()
+        # (extent, client): a source that could not flush its copy, as it
+        # holds a torn block; the next plan must take another.
+        self.bad_source: tuple[int, int] | None = None
 
     def advance(self) -> list[tuple[int, m.Message]]:
         """The messages of the next step; empty when the plan is finished."""
@@ -82,6 +86,9 @@ class Reconciliation:
             return Outcome.IGNORED, ""
         step = self.steps[0]
         if isinstance(msg, m.ExtentError) and msg.repair_id == step.msg.repair_id:
+            torn = msg.error.kind is ErrorKind.MissingContextSlot
+            if isinstance(step.msg, m.ExtentFlush) and torn:
+                self.bad_source = (step.repair.extent, client)
             return Outcome.FAILED, f"extent {msg.extent_id}: {msg.error}"
         if not isinstance(msg, m.RepairAckId) or msg.repair_id != step.msg.repair_id:
             return Outcome.IGNORED, ""

@@ -9,14 +9,13 @@ import uuid
 from pathlib import Path
 
 import pytest
-import xxhash
 
 from crucible.common.definition import RegionDefinition, RegionError
 from crucible.common.errors import CrucibleError, ErrorKind
 from crucible.protocol.messages import BlockContext, EncryptionContext
 from crucible.region.layout import extent_path, staging_dir
 from crucible.region.region import Region, block_hash
-from tests.region.conftest import MakeRegion
+from tests.region.conftest import MakeRegion, tear
 from tests.support import contexts_for, pattern
 
 
@@ -153,30 +152,12 @@ def test_dirty_reopen_recovers_latest_slot(make_region: MakeRegion) -> None:
     r.close()
 
 
-def _tear(r: Region, block: int, new: bytes) -> None:
-    """Simulate a write cut short on disk: the new context landed in the
-    inactive slot, half of the new data landed, dirty set; then a crash."""
-    ext = r.extent(0)
-    lay = r.layout
-    slot = 1 - ext.active[block]
-    from crucible.region.context import encode_slot
-
-    ctx = BlockContext(xxhash.xxh64_intdigest(new))
-    with open(extent_path(r.dir, 0), "r+b") as f:
-        f.seek(lay.meta_offset)
-        f.write(b"\x01")
-        f.seek(lay.slot_offset(slot, block))
-        f.write(encode_slot(ctx, ctx.hash, 0))
-        f.seek(block * lay.block_size)
-        f.write(new[: len(new) // 2])
-
-
 def test_torn_write_is_reported_never_served(make_region: MakeRegion, tmp_path: Path) -> None:
     r = make_region()
     data = blocks(0, 4, 1)
     r.write(0, contexts_for(data), data)
     r.flush(1, 1)
-    _tear(r, 2, pattern(2, 9))
+    tear(r, 2, pattern(2, 9))
     r = reopen(r)
     with pytest.raises(CrucibleError) as e:
         r.read(2, 1)
@@ -184,10 +165,41 @@ def test_torn_write_is_reported_never_served(make_region: MakeRegion, tmp_path: 
     assert r.read(0, 2)[1] == blocks(0, 2, 1)  # neighbours are intact
     problems = r.extent(0).verify()
     assert problems and "block 2" in problems[0]
+    # Clean metadata over the torn bytes would make them look good: refused.
+    with pytest.raises(CrucibleError) as e:
+        r.flush(2, 1)
+    assert e.value.kind == ErrorKind.MissingContextSlot and e.value.values == (2, 0)
     # Rewriting the block heals it.
     fresh = pattern(2, 10)
     r.write(2, contexts_for(fresh), fresh)
     assert r.read(2, 1)[1] == fresh
+    r.flush(2, 1)
+    r.close()
+
+
+def test_torn_first_write_goes_back_to_never_written(make_region: MakeRegion) -> None:
+    """A block never written before, torn by a crash during its first write:
+    its empty slot is the state at the last flush, so it becomes a hole again,
+    its data zeros, and the rest of the extent is served as usual."""
+    r = make_region()
+    data = blocks(0, 2, 1)
+    r.write(0, contexts_for(data), data)
+    r.flush(1, 1)
+    tear(r, 3, pattern(3, 9))
+    r = reopen(r, read_only=True)  # a read-only open changes nothing: reported
+    with pytest.raises(CrucibleError):
+        r.read(3, 1)
+    r = reopen(r)
+    ctxs, got = r.read(2, 3)
+    assert ctxs == [None, None, None] and got == bytes(3 * 512)
+    with open(extent_path(r.dir, 0), "rb") as f:
+        f.seek(3 * 512)
+        assert f.read(512) == bytes(512)  # on disk too: data and context agree
+    assert r.extent(0).verify() == []
+    assert r.read(0, 2)[1] == data
+    r.flush(2, 1)
+    r = reopen(r)
+    assert r.read(3, 1) == ([None], bytes(512))
     r.close()
 
 
