@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 from pathlib import Path
 
@@ -12,6 +13,8 @@ import pytest
 
 from crucible.region.layout import extent_path
 from tests.support import Client, downstairs, pattern, run_cli
+
+pytestmark = pytest.mark.slow
 
 
 def one_line_error(proc: object, *needles: str) -> None:
@@ -77,9 +80,9 @@ def test_bad_create_options_caught_by_parser(tmp_path: Path, args: list[str]) ->
     assert not (tmp_path / "r").exists()
 
 
-def test_import_export_round_trip(tmp_path: Path) -> None:
+def test_import_export_round_trip(tmp_path: Path, rng: random.Random) -> None:
     image = tmp_path / "image.raw"
-    payload = os.urandom(512 * 250 + 100)  # not a whole number of blocks or extents
+    payload = rng.randbytes(512 * 250 + 100)  # not a whole number of blocks or extents
     image.write_bytes(payload)
     r = run_cli("create", "-d", str(tmp_path / "r"), "-i", str(image), "--extent-size", "100")
     assert r.returncode == 0, r.stderr

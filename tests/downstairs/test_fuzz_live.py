@@ -18,6 +18,8 @@ from crucible.protocol import messages as m
 from tests.protocol.strategies import messages
 from tests.support import Client, Downstairs, create_region, pattern, run_cli
 
+pytestmark = pytest.mark.slow
+
 GENS = itertools.count(10)
 
 

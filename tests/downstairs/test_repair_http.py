@@ -16,6 +16,8 @@ from crucible.protocol import messages as m
 from crucible.region.layout import extent_path
 from tests.support import Client, Downstairs
 
+pytestmark = pytest.mark.slow
+
 
 def get(ds: Downstairs, path: str) -> tuple[int, bytes]:
     try:

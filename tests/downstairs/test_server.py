@@ -3,12 +3,14 @@ read-only mode, ordering, and bad input that must change nothing."""
 
 from __future__ import annotations
 
-import os
+import random
 import signal
 import socket
 import subprocess
 import uuid
 from pathlib import Path
+
+import pytest
 
 from crucible.common.errors import ErrorKind
 from crucible.protocol import codec
@@ -22,6 +24,8 @@ from tests.support import (
     pattern,
     wait_listening,
 )
+
+pytestmark = pytest.mark.slow
 
 
 def test_seed_command_line(tmp_path: Path) -> None:
@@ -241,7 +245,7 @@ def test_read_only_serves_many_and_refuses_writes(region: Path) -> None:
         assert isinstance(resp, m.ReadResponse) and bytes(resp.data) == pattern(4, 3)
 
 
-def test_malformed_frames_close_only_that_connection(ds: Downstairs) -> None:
+def test_malformed_frames_close_only_that_connection(ds: Downstairs, rng: random.Random) -> None:
     good = Client(ds.port)
     good.negotiate()
     bad_inputs = [
@@ -249,7 +253,7 @@ def test_malformed_frames_close_only_that_connection(ds: Downstairs) -> None:
         (m.MAX_FRAME_LEN + 10).to_bytes(4, "little"),  # oversized
         b"\x10\x00\x00\x00\xff\xff\xff\xff" + b"\0" * 8,  # unknown variant
         codec.encode(m.Ruok())[:-1] + b"\x09\x00\x00\x00",  # truncated then junk
-        os.urandom(4096),
+        rng.randbytes(4096),
     ]
     for data in bad_inputs:
         c = Client(ds.port)

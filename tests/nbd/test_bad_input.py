@@ -13,7 +13,7 @@ import pytest
 from crucible.nbd import protocol as p
 from tests.nbd.conftest import Nbd
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 class Raw:

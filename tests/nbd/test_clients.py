@@ -4,7 +4,7 @@ python libnbd (through Debian's interpreter) and fio."""
 from __future__ import annotations
 
 import json
-import os
+import random
 import signal
 import subprocess
 import threading
@@ -15,7 +15,7 @@ import pytest
 
 from tests.nbd.conftest import Nbd
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 SIZE = 32 * 4096 * 512  # the fixture's volume: 64 MiB
 
 
@@ -32,9 +32,9 @@ def libnbd(uri: str, code: str) -> str:
     return run("/usr/bin/python3", "-c", script).stdout
 
 
-def test_qemu_img_round_trip(nbd: Nbd, tmp_path: Path) -> None:
+def test_qemu_img_round_trip(nbd: Nbd, tmp_path: Path, rng: random.Random) -> None:
     image = tmp_path / "in.raw"
-    image.write_bytes(os.urandom(24 << 20) + bytes(1 << 20) + os.urandom(3 << 20))
+    image.write_bytes(rng.randbytes(24 << 20) + bytes(1 << 20) + rng.randbytes(3 << 20))
     run("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(image), nbd.uri)
     out = tmp_path / "out.raw"
     run("qemu-img", "convert", "-f", "raw", "-O", "raw", nbd.uri, str(out))
@@ -81,9 +81,9 @@ def test_nbdinfo_and_map(nbd: Nbd) -> None:
     assert sum(e["length"] for e in mapped) == SIZE
 
 
-def test_nbdcopy_both_ways_multi_conn(nbd: Nbd, tmp_path: Path) -> None:
+def test_nbdcopy_both_ways_multi_conn(nbd: Nbd, tmp_path: Path, rng: random.Random) -> None:
     src = tmp_path / "src.raw"
-    src.write_bytes(os.urandom(SIZE))
+    src.write_bytes(rng.randbytes(SIZE))
     run("nbdcopy", "--connections=4", "--requests=16", str(src), nbd.uri)
     back = tmp_path / "back.raw"
     run("nbdcopy", "--connections=4", nbd.uri, str(back))
@@ -171,9 +171,11 @@ rw=randwrite
     assert result["jobs"][0]["error"] == 0
 
 
-def test_downstairs_killed_while_qemu_img_writes(nbd: Nbd, tmp_path: Path) -> None:
+def test_downstairs_killed_while_qemu_img_writes(
+    nbd: Nbd, tmp_path: Path, rng: random.Random
+) -> None:
     image = tmp_path / "in.raw"
-    image.write_bytes(os.urandom(SIZE))
+    image.write_bytes(rng.randbytes(SIZE))
     killer = threading.Timer(0.5, lambda: nbd.cluster.stop(1, signal.SIGKILL))
     killer.start()
     t0 = time.monotonic()

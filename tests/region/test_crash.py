@@ -13,11 +13,14 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
 import xxhash
 
 from crucible.common.definition import RegionDefinition
 from crucible.region.region import Region
 from tests.support import pattern
+
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 ROUNDS = 12

@@ -6,6 +6,7 @@ the verify log, and at the end the replicas are identical."""
 from __future__ import annotations
 
 import contextlib
+import random
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 
 from tests.support import BIN, Downstairs, create_region, free_port, run_tool, wait_listening
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 GEOMETRY = ("--block-size", "4096", "--extent-size", "256", "--extent-count", "16")
 
@@ -48,8 +49,9 @@ def dsc_fleet(out: Path) -> Iterator[tuple[str, list[str]]]:
         log.close()
 
 
-def crutest(*args: str) -> str:
-    r = run_tool("crutest", *args, "-q", timeout=500)
+def crutest(rng: random.Random, *args: str) -> str:
+    """crutest with a seed drawn from the test's own (printed if it fails)."""
+    r = run_tool("crutest", *args, "-q", "--seed", str(rng.randrange(1 << 32)), timeout=500)
     assert r.returncode == 0, r.stdout + r.stderr
     return r.stdout
 
@@ -60,21 +62,21 @@ def dump_matches(*regions: Path) -> None:
     assert r.returncode == 0 and "all match" in r.stdout, r.stdout + r.stderr
 
 
-def test_kill_restart_repair_and_replace_under_io(tmp_path: Path) -> None:
+def test_kill_restart_repair_and_replace_under_io(tmp_path: Path, rng: random.Random) -> None:
     vlog = str(tmp_path / "verify.json")
     with dsc_fleet(tmp_path) as (control, targets):
         regions = sorted(p for p in tmp_path.iterdir() if (p / "region.json").exists())
-        crutest("generic", *targets, "-c", "300", "--verify-out", vlog)
+        crutest(rng, "generic", *targets, "-c", "300", "--verify-out", vlog)
 
         # 20 cycles: a random downstairs SIGKILLed mid-IO and restarted; reads verified.
         crutest(
-            "replay", *targets, "--dsc", control, "--kill", "-c", "20",
+            rng, "replay", *targets, "--dsc", control, "--kill", "-c", "20",
             "--verify-in", vlog, "--verify-out", vlog,
         )  # fmt: skip
         dump_matches(*regions)
 
         out = crutest(
-            "repair", *targets, "--dsc", control, "-c", "2",
+            rng, "repair", *targets, "--dsc", control, "-c", "2",
             "--verify-in", vlog, "--verify-out", vlog,
         )  # fmt: skip
         assert "live repairs: 2" in out
@@ -86,12 +88,12 @@ def test_kill_restart_repair_and_replace_under_io(tmp_path: Path) -> None:
         new = Downstairs(fresh)
         try:
             out = crutest(
-                "replace", *targets, "--replacement", f"127.0.0.1:{new.port}",
+                rng, "replace", *targets, "--replacement", f"127.0.0.1:{new.port}",
                 "--verify-in", vlog, "--verify-out", vlog,
             )  # fmt: skip
             assert "replaced" in out
             moved = [*targets[:-1], f"127.0.0.1:{new.port}"]
-            crutest("verify", *moved, "--verify-in", vlog)
+            crutest(rng, "verify", *moved, "--verify-in", vlog)
         finally:
             new.stop()
         dump_matches(regions[0], regions[1], fresh)

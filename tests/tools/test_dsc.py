@@ -11,7 +11,7 @@ import pytest
 
 from tests.support import BIN, free_port, run_tool, wait_listening
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 def cmd(control: str, *args: str) -> Any:

@@ -18,7 +18,7 @@ from crucible.upstairs.guest import Upstairs
 from crucible.upstairs.options import Options
 from tests.support import BIN, Cluster, cluster, run_tool
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 def test_generation_zero_and_stale_generation_refused(tmp_path: Path) -> None:

@@ -4,7 +4,7 @@ crutest with its verify log across restarts, and the IO rules a guest sees."""
 from __future__ import annotations
 
 import asyncio
-import os
+import random
 from pathlib import Path
 
 import pytest
@@ -14,7 +14,7 @@ from crucible.region.layout import extent_path
 from crucible.upstairs.guest import Upstairs
 from tests.support import Cluster, cluster, free_port, run_tool
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 def test_seed_client_twice(tmp_path: Path) -> None:
@@ -142,14 +142,14 @@ async def _with_upstairs(c: Cluster, body: object, gen: int = 1) -> None:
         await up.deactivate()
 
 
-def test_guest_io_rules(tmp_path: Path) -> None:
+def test_guest_io_rules(tmp_path: Path, rng: random.Random) -> None:
     async def body(up: Upstairs) -> None:
         bs = up.block_size
         assert await up.read(0, 4) == bytes(4 * bs)  # never written: zeros
         # Every size from one block to several MiB, across extent boundaries.
         for n in (1, 2, 3, 99, 100, 101, 250, 2048, 2049, 5000):
             start = 97 if n < 1300 else 0
-            data = os.urandom(n * bs)
+            data = rng.randbytes(n * bs)
             await up.write(start, data)
             assert await up.read(start, n) == data, n
         await up.flush()
@@ -160,9 +160,9 @@ def test_guest_io_rules(tmp_path: Path) -> None:
             await up.write(0, b"x" * (bs + 1))
         assert e.value.kind == ErrorKind.DataLenUnaligned
         old = await up.read(10, 1)
-        await up.write_unwritten(10, os.urandom(bs))
+        await up.write_unwritten(10, rng.randbytes(bs))
         assert await up.read(10, 1) == old  # already written: untouched
-        fresh = os.urandom(bs)
+        fresh = rng.randbytes(bs)
         await up.write_unwritten(6000, fresh)
         assert await up.read(6000, 1) == fresh
         info = up.info()

@@ -5,7 +5,7 @@ goes silent without closing its connection."""
 from __future__ import annotations
 
 import asyncio
-import os
+import random
 import signal
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -17,7 +17,7 @@ from crucible.upstairs.guest import Upstairs
 from crucible.upstairs.options import Options
 from tests.support import Cluster, Downstairs, cluster, create_region
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 GEOMETRY = ("--block-size", "4096", "--extent-size", "256", "--extent-count", "48")
 WAIT = 120.0  # a guard against hanging, not a speed limit
@@ -49,17 +49,18 @@ def run_on_cluster(tmp_path: Path, scenario: Scenario) -> None:
 class Guest:
     """Writes random blocks, remembers what each holds, and checks it back."""
 
-    def __init__(self, up: Upstairs) -> None:
+    def __init__(self, up: Upstairs, rng: random.Random) -> None:
         self.up = up
+        self.rng = rng
         self.expect: dict[int, bytes] = {}
         self.refused = 0
 
     async def write(self, n: int = 8) -> None:
-        await self.write_at(int.from_bytes(os.urandom(4), "little") % (self.up.total_blocks - n), n)
+        await self.write_at(self.rng.randrange(self.up.total_blocks - n), n)
 
     async def write_at(self, block: int, n: int) -> None:
         bs = self.up.block_size
-        data = os.urandom(n * bs)
+        data = self.rng.randbytes(n * bs)
         try:
             await self.up.write(block, data)
         except CrucibleError:
@@ -88,10 +89,10 @@ class Guest:
             assert await self.up.read(block, 1) == data, f"block {block} differs"
 
 
-async def _kill_mid_repair(c: Cluster, who: str) -> None:
+async def _kill_mid_repair(rng: random.Random, c: Cluster, who: str) -> None:
     async with Upstairs(c.targets, Options(offline_max_jobs=50)) as up:
         await up.activate(1)
-        g = Guest(up)
+        g = Guest(up, rng)
         es = up.region.extent_size
         c.stop(2, signal.SIGKILL)
         await until(lambda: states(up)[2] != "active", "downstairs 2 to drop")
@@ -129,14 +130,14 @@ async def _kill_mid_repair(c: Cluster, who: str) -> None:
 
 
 @pytest.mark.parametrize("who", ["target", "source"])
-def test_downstairs_killed_during_live_repair(tmp_path: Path, who: str) -> None:
-    run_on_cluster(tmp_path, lambda c: _kill_mid_repair(c, who))
+def test_downstairs_killed_during_live_repair(tmp_path: Path, who: str, rng: random.Random) -> None:
+    run_on_cluster(tmp_path, lambda c: _kill_mid_repair(rng, c, who))
 
 
-async def _two_gone(c: Cluster) -> None:
+async def _two_gone(rng: random.Random, c: Cluster) -> None:
     async with Upstairs(c.targets, Options(degraded_timeout=1.0)) as up:
         await up.activate(1)
-        g = Guest(up)
+        g = Guest(up, rng)
         for _ in range(20):
             await g.write()
         await up.flush()
@@ -165,8 +166,8 @@ async def _two_gone(c: Cluster) -> None:
         await up.deactivate()
 
 
-def test_two_of_three_gone_fails_clearly(tmp_path: Path) -> None:
-    run_on_cluster(tmp_path, _two_gone)
+def test_two_of_three_gone_fails_clearly(tmp_path: Path, rng: random.Random) -> None:
+    run_on_cluster(tmp_path, lambda c: _two_gone(rng, c))
 
 
 class Proxy:
@@ -206,14 +207,14 @@ class Proxy:
             self.server.close()
 
 
-async def _silent_peer(c: Cluster) -> None:
+async def _silent_peer(rng: random.Random, c: Cluster) -> None:
     proxy = Proxy(c.targets[0])
     await proxy.start()
     targets = [("127.0.0.1", proxy.port), *c.targets[1:]]
     opts = Options(ping_interval=0.2, timeout=1.5)
     async with Upstairs(targets, opts) as up:
         await up.activate(1)
-        g = Guest(up)
+        g = Guest(up, rng)
         for _ in range(10):
             await g.write()
         proxy.flowing.clear()
@@ -230,14 +231,14 @@ async def _silent_peer(c: Cluster) -> None:
     await proxy.close()
 
 
-def test_silent_peer_is_dropped_by_keepalive(tmp_path: Path) -> None:
-    run_on_cluster(tmp_path, _silent_peer)
+def test_silent_peer_is_dropped_by_keepalive(tmp_path: Path, rng: random.Random) -> None:
+    run_on_cluster(tmp_path, lambda c: _silent_peer(rng, c))
 
 
-async def _replace_refusals(c: Cluster, odd: Downstairs) -> None:
+async def _replace_refusals(rng: random.Random, c: Cluster, odd: Downstairs) -> None:
     async with Upstairs(c.targets) as up:
         await up.activate(1)
-        g = Guest(up)
+        g = Guest(up, rng)
         t0, t1, t2 = c.targets
         nowhere = ("127.0.0.1", 1)
         with pytest.raises(CrucibleError, match="not one of this upstairs' downstairs"):
@@ -256,11 +257,11 @@ async def _replace_refusals(c: Cluster, odd: Downstairs) -> None:
         assert up.info().state == "active"
 
 
-def test_replace_refusals(tmp_path: Path) -> None:
+def test_replace_refusals(tmp_path: Path, rng: random.Random) -> None:
     create_region(tmp_path / "odd", "--block-size", "4096", "--extent-size", "64")
     odd = Downstairs(tmp_path / "odd")
     try:
         with cluster(tmp_path, *GEOMETRY) as c:
-            asyncio.run(_replace_refusals(c, odd))
+            asyncio.run(_replace_refusals(rng, c, odd))
     finally:
         odd.stop()

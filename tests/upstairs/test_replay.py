@@ -4,7 +4,7 @@ replayed: IO goes on meanwhile, and at the end the replicas are identical."""
 from __future__ import annotations
 
 import asyncio
-import os
+import random
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +14,7 @@ import pytest
 from crucible.upstairs.guest import Upstairs
 from tests.support import Cluster, cluster
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 async def wait_state(up: Upstairs, ok: Callable[[list[str]], bool]) -> None:
@@ -26,7 +26,7 @@ async def wait_state(up: Upstairs, ok: Callable[[list[str]], bool]) -> None:
     raise AssertionError(f"downstairs states stayed {states}")
 
 
-async def _replay(c: Cluster) -> None:
+async def _replay(c: Cluster, rng: random.Random) -> None:
     async with Upstairs(c.targets) as up:
         await up.activate(1)
         bs = up.block_size
@@ -34,8 +34,8 @@ async def _replay(c: Cluster) -> None:
 
         async def write_some(n: int) -> None:
             for _ in range(n):
-                block = int.from_bytes(os.urandom(2), "little") % (up.total_blocks - 8)
-                data = os.urandom(8 * bs)
+                block = rng.randrange(up.total_blocks - 8)
+                data = rng.randbytes(8 * bs)
                 await up.write(block, data)
                 for i in range(8):
                     expect[block + i] = data[i * bs : (i + 1) * bs]
@@ -56,8 +56,8 @@ async def _replay(c: Cluster) -> None:
         await up.deactivate()
 
 
-def test_offline_downstairs_is_replayed(tmp_path: Path) -> None:
+def test_offline_downstairs_is_replayed(tmp_path: Path, rng: random.Random) -> None:
     with cluster(tmp_path) as c:
-        asyncio.run(_replay(c))
+        asyncio.run(_replay(c, rng))
         dump = c.dump()
         assert dump.returncode == 0, dump.stdout
