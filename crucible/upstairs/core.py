@@ -165,6 +165,14 @@ class UpstairsCore:
             )
         return None
 
+    def check_write(self, start: int, nbytes: int) -> CrucibleError | None:
+        """Why a write of `nbytes` at block `start` cannot be accepted now, or None."""
+        bs = self.region.block_size if self.region else 1  # no region: check_io refuses
+        if nbytes % bs:
+            why = f"{nbytes} bytes is not a multiple of the {bs}-byte block"
+            return CrucibleError(ErrorKind.DataLenUnaligned, why)
+        return self.check_io(start, nbytes // bs, write=True)
+
     def has_room(self, nbytes: int) -> bool:
         return self.ds.has_room(nbytes)
 
@@ -182,13 +190,13 @@ class UpstairsCore:
         now: float,
         unwritten: bool = False,
     ) -> list[Action]:
-        bs = self.region.block_size if self.region else 1  # no region: check_io refuses
-        if len(data) % bs:
-            return [Complete(token, CrucibleError(ErrorKind.DataLenUnaligned))]
-        count = len(data) // bs
-        err = self.check_io(start, count, write=True)
+        err = self.check_write(start, len(data))
         if err:
             return [Complete(token, err)]
+        region = self.ds.region
+        assert region is not None  # checked: the volume is active
+        bs = region.block_size
+        count = len(data) // bs
         view = memoryview(data)
         contexts = [
             m.BlockContext(xxhash.xxh64_intdigest(view[i * bs : (i + 1) * bs]))

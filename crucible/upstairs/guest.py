@@ -130,7 +130,16 @@ class Upstairs:
     def submit_read(self, block: int, count: int, done: ReadDone) -> None:
         """Read blocks; `done` gets the data and each block's context once the
         first good reply of every piece is in, or the error."""
-        err = self._check(block, count, write=False)
+        region = self.core.region
+        if (
+            region is not None
+            and 0 < count * region.block_size <= MAX_IO_BYTES
+            and not self._backlog
+            and self.core.has_room(0)
+        ):  # one job, queued now (the core checks the request): the common case
+            self._apply(self.core.read(done, block, count, self._now()))
+            return
+        err = self.core.check_io(block, count, write=False)
         if err:
             done(err)
             return
@@ -173,25 +182,26 @@ class Upstairs:
         """Write whole blocks; `done` is called once every piece is queued (a
         write is acked when queued: the next flush makes it durable). The
         volume keeps `data`, which the caller must not change."""
-        bs = self.core.region.block_size if self.core.region else 1
-        if len(data) % bs:
-            why = f"{len(data)} bytes is not a multiple of the {bs}-byte block"
-            done(CrucibleError(ErrorKind.DataLenUnaligned, why))
-            return
-        err = self._check(block, len(data) // bs, write=True)
-        if err or not data:
-            done(err)
-            return
-        self._write_pieces(block, data, done, unwritten=False)
+        self._submit_write(block, data, done, unwritten=False)
 
     def submit_write_unwritten(
         self, block: int, data: bytes | bytearray | memoryview, done: WriteDone
     ) -> None:
         """As submit_write, but only blocks never written are written."""
-        if not data:
-            done(self._check(block, 0, write=True))
+        self._submit_write(block, data, done, unwritten=True)
+
+    def _submit_write(
+        self, block: int, data: bytes | bytearray | memoryview, done: WriteDone, unwritten: bool
+    ) -> None:
+        if 0 < len(data) <= MAX_IO_BYTES and not self._backlog and self.core.has_room(len(data)):
+            # One job, queued now (the core checks the request): the common case.
+            self._apply(self.core.write(done, block, data, self._now(), unwritten))
             return
-        self._write_pieces(block, data, done, unwritten=True)
+        err = self.core.check_write(block, len(data))  # before any piece is queued
+        if err or not data:
+            done(err)
+            return
+        self._write_pieces(block, data, done, unwritten)
 
     def _write_pieces(
         self, block: int, data: bytes | bytearray | memoryview, done: WriteDone, unwritten: bool
@@ -214,7 +224,7 @@ class Upstairs:
     def submit_trim(self, block: int, count: int, done: WriteDone) -> None:
         """Discard blocks: they read back as zeros and their space is freed
         (where a downstairs cannot, zeros are written). Acked when queued."""
-        err = self._check(block, count, write=True)
+        err = self.core.check_io(block, count, write=True)
         if err or count == 0:
             done(err)
             return
@@ -232,11 +242,6 @@ class Upstairs:
     def submit_flush(self, done: WriteDone, snapshot: str | None = None) -> None:
         """Make every write queued before it durable; `done` once it is."""
         self._when_room(0, lambda: self._apply(self.core.flush(done, self._now(), snapshot)))
-
-    def _check(self, block: int, count: int, write: bool) -> CrucibleError | None:
-        if count < 0 or block < 0:
-            return CrucibleError(ErrorKind.OffsetInvalid, "negative block or count")
-        return self.core.check_io(block, count, write)
 
     def _pieces(self, block: int, count: int) -> list[tuple[int, int]]:
         step = max(1, MAX_IO_BYTES // self.block_size)

@@ -14,11 +14,9 @@ from hypothesis import strategies as st
 from crucible.protocol import messages as m
 from crucible.upstairs.options import Options
 from crucible.upstairs.state import Mode, Stage
+from tests.upstairs.guest_model import GuestModel
 from tests.upstairs.sim import Sim
-from tests.upstairs.test_simulation import Token, _check
-
-TOTAL = 32
-BS = 512
+from tests.upstairs.test_simulation import MIX, TOTAL, random_step
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -35,55 +33,15 @@ def test_offline_downstairs_is_replayed(data: st.DataObject) -> None:
 
 
 def _run(sim: Sim, data: st.DataObject) -> None:
-    model = bytearray(TOTAL * BS)
-    flush_acks: dict[int, set[int]] = {}
-
-    def watch(client: int, msg: m.Message) -> None:
-        if isinstance(msg, m.FlushAck | m.BarrierAck):
-            flush_acks.setdefault(msg.job_id, set()).add(client)
-
-    sim.on_deliver = watch
+    g = GuestModel(sim, TOTAL)
     sim.activate()
-    reads: list[Token] = []
-    flushes: dict[Token, int] = {}
-    seen: set[int] = set()
-
-    def step(kinds: list[str]) -> None:
-        what = data.draw(st.sampled_from(kinds))
-        if what == "net":
-            ev = sim.events()
-            if ev:
-                sim.step(data.draw(st.sampled_from(ev)), data.draw(st.integers(0, 64)))
-        elif what == "write":
-            start = data.draw(st.integers(0, TOTAL - 1))
-            n = data.draw(st.integers(1, min(6, TOTAL - start)))
-            payload = data.draw(st.binary(min_size=1, max_size=1)) * (n * BS)
-            t = Token("write")
-            sim.apply(sim.up.write(t, start, payload, sim.now))
-            if sim.completed[t] is None:
-                model[start * BS : (start + n) * BS] = payload
-        elif what == "read":
-            start = data.draw(st.integers(0, TOTAL - 1))
-            n = data.draw(st.integers(1, min(6, TOTAL - start)))
-            t = Token("read", bytes(model[start * BS : (start + n) * BS]))
-            sim.apply(sim.up.read(t, start, n, sim.now))
-            reads.append(t)
-        else:
-            t = Token("flush")
-            jid = sim.up.ds.table.next_id
-            sim.apply(sim.up.flush(t, sim.now))
-            flushes[t] = jid
-        seen.update(j.id for j in sim.up.ds.table)
-        _check(sim, reads, flushes, flush_acks, seen)
-
-    mix = ["write", "read", "flush", "net", "net", "net"]
     for _ in range(data.draw(st.integers(0, 20), label="before")):
-        step(mix)
+        random_step(sim, g, data, MIX)
     victim = data.draw(st.integers(0, 2), label="victim")
     sim.kill(victim)
     assert sim.up.clients[victim].state.mode is Mode.OFFLINE
     for _ in range(data.draw(st.integers(0, 30), label="while away")):
-        step(mix)
+        random_step(sim, g, data, MIX)  # held for it
     sim.revive(victim)
     for _ in range(200):  # it reconnects (bounded rounds of ticks and delivery)
         sim.tick(0.5)
@@ -94,14 +52,7 @@ def _run(sim: Sim, data: st.DataObject) -> None:
     assert m.LastFlush in sim.ds[victim].received, "it came back through LastFlush"
     assert sim.up.ds.live_repairs == 0, "replayed, not live-repaired"
     for _ in range(data.draw(st.integers(0, 20), label="after")):
-        step(mix)
+        random_step(sim, g, data, MIX)
     sim.settle(lambda n: data.draw(st.integers(0, n - 1)))
-    _check(sim, reads, flushes, flush_acks, seen)
-    assert not reads and not flushes
-    t = Token("flush")
-    sim.apply(sim.up.flush(t, sim.now))
-    sim.settle()
-    assert sim.completed[t] is None
-    assert not sim.up.ds.table.jobs
-    for d in sim.ds:
-        assert d.region.read(0, TOTAL)[1] == bytes(model), "a replica differs from the guest data"
+    g.check()
+    g.finish()

@@ -9,8 +9,8 @@ from pathlib import Path
 from crucible.protocol import messages as m
 from crucible.protocol.capabilities import NONE
 from crucible.upstairs.jobs import zero_hash
+from tests.upstairs.guest_model import Token
 from tests.upstairs.sim import Sim
-from tests.upstairs.test_simulation import Token
 
 BS = 512
 
