@@ -285,7 +285,7 @@ class DownstairsCore:
             ]
         if self.read_only and type(job) in MUTATING:
             return self._refuse_change(conn, job, job.job_id)
-        if isinstance(job, m.Write | m.WriteUnwritten):
+        if isinstance(job, _WRITES):
             bad = self._bad_write(job)
             if bad:
                 return [
@@ -381,6 +381,9 @@ class DownstairsCore:
                 return m.RepairAckId(work.repair_id)
             case _:
                 assert_never(work)
+
+
+_WRITES = (m.Write, m.WriteUnwritten)
 
 
 def work_id(work: Work) -> int:

@@ -280,15 +280,19 @@ class DownstairsServer:
                     c.close(f"no message for {self.idle_timeout:g} s")
 
 
+_WRITES = (m.Write, m.WriteUnwritten)
+_NO_DISK = (m.Barrier, m.ExtentLiveNoOp, m.ExtentVersionsPlease)
+
+
 def _work_bytes(work: Work) -> int:
-    if isinstance(work, m.Write | m.WriteUnwritten):
+    if isinstance(work, _WRITES):
         return len(work.data)
     return 0
 
 
 def _runs_inline(work: Work, block_size: int) -> bool:
-    if isinstance(work, m.Write | m.WriteUnwritten):
+    if isinstance(work, _WRITES):
         return len(work.data) <= INLINE_BYTES
     if isinstance(work, m.ReadRequest):
         return work.count * block_size <= INLINE_BYTES
-    return isinstance(work, m.Barrier | m.ExtentLiveNoOp | m.ExtentVersionsPlease)
+    return isinstance(work, _NO_DISK)

@@ -122,7 +122,10 @@ class Disk:
             done(None)
             return
         first, last = offset // bs, (offset + len(data)) // bs
-        self.locks.when_clear(first, last, lambda: self.up.submit_write(first, data, done))
+        if not self.locks.held:  # no read-modify-write under way: the common case
+            self.up.submit_write(first, data, done)
+        else:
+            self.locks.when_clear(first, last, lambda: self.up.submit_write(first, data, done))
 
     def _then_flush(self, done: Done) -> Done:
         """FUA: the write is answered once a flush after it is done."""

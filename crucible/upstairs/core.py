@@ -358,7 +358,7 @@ class UpstairsCore:
         finished = self.ds.table.finished
         acts = self.ds.job_reply(c, msg, now)
         # Housekeeping only when something it looks at may have changed.
-        if self.ds.table.finished != finished or not c.takes_io:
+        if self.ds.table.finished != finished or c.state.stage not in TAKES_IO:
             acts += self._maintain(now)
         return acts
 

@@ -31,6 +31,7 @@ from crucible.upstairs.deps import deps_for_client
 from crucible.upstairs.job_table import JobTable
 from crucible.upstairs.jobs import (
     LIVE_OPS,
+    PER_CLIENT,
     FlushOp,
     IOState,
     Job,
@@ -43,7 +44,7 @@ from crucible.upstairs.jobs import (
 )
 from crucible.upstairs.live_repair import LiveRepair
 from crucible.upstairs.options import Options
-from crucible.upstairs.state import ACTIVE, LIVE_REPAIR, DsState, Mode, Stage, UpState
+from crucible.upstairs.state import ACTIVE, LIVE_REPAIR, TAKES_IO, DsState, Mode, Stage, UpState
 from crucible.upstairs.verify import check_read_reply, first_difference
 
 
@@ -64,7 +65,9 @@ class Downstairs:
 
     @property
     def all_active(self) -> bool:
-        return all(c.state.stage is Stage.ACTIVE for c in self.clients)
+        a, b, c = self.clients  # (checked after every finished job: no generator)
+        active = Stage.ACTIVE
+        return a.state.stage is active and b.state.stage is active and c.state.stage is active
 
     def accepting(self) -> int:
         """Clients that take IO now or hold it for their return."""
@@ -76,7 +79,7 @@ class Downstairs:
         """Backpressure: may a guest IO of this size be queued now? (What is held
         for an offline downstairs is bounded by its fault thresholds instead.)"""
         for c in self.clients:
-            if not c.takes_io:
+            if c.state.stage not in TAKES_IO:
                 continue
             if c.inflight_jobs >= self.opts.max_jobs:
                 return False
@@ -106,6 +109,7 @@ class Downstairs:
         acts: list[Action] = []
         shared: m.Message | None = None  # one message object when deps agree: encoded once
         over: list[Client] = []  # offline ones holding too much: faulted once the job is placed
+        own = isinstance(job.op, PER_CLIENT)  # a message of its own for each client
         for c in self.clients:
             stage = c.state.stage
             if stage is Stage.ACTIVE or (
@@ -114,12 +118,7 @@ class Downstairs:
                 job.state[c.id] = IOState.IN_PROGRESS
                 c.inflight_jobs += 1
                 c.inflight_bytes += job.nbytes
-                if (
-                    stage is Stage.LIVE_REPAIR
-                    or c.skipped
-                    or isinstance(job.op, LIVE_OPS)
-                    or (isinstance(job.op, TrimOp) and not c.trims)
-                ):
+                if own or stage is Stage.LIVE_REPAIR or c.skipped:
                     acts.append(Send(c.id, self._message_for(c, job)))
                 else:
                     if shared is None:

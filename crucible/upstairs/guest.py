@@ -39,6 +39,7 @@ log = logging.getLogger("crucible.upstairs")
 ReadResult = tuple[m.Data, list[m.ReadBlockContext]]
 ReadDone = Callable[[ReadResult | BaseException], None]
 WriteDone = Callable[[BaseException | None], None]
+_Callback = Callable[[Any], None]  # built once: a cast to it costs nothing per call
 
 MAX_IO_BYTES = 1 << 20  # guest IO is split into jobs of at most this size
 CONNECT_TIMEOUT = 10.0
@@ -320,12 +321,24 @@ class Upstairs:
 
     # ---- events ------------------------------------------------------------------
 
-    def _received(self, cid: int, msg: m.Message) -> None:
+    # The Sink of every Connection:
+
+    def received(self, conn: Connection, msg: m.Message) -> bool:
+        cid = conn.cid
+        if self._conns.get(cid) is not conn:
+            return False
         self._apply(self.core.received(cid, msg, self._now()))
         if self._backlog:
             self._drain_backlog()
+        return True
 
-    def _lost(self, conn: Connection, cid: int) -> None:
+    def bad_frame(self, conn: Connection, why: str) -> None:
+        cid = conn.cid
+        if self._conns.get(cid) is conn:
+            self._apply([Log(f"[{cid}] bad frame from downstairs: {why}", "error"), Drop(cid, why)])
+
+    def lost(self, conn: Connection) -> None:
+        cid = conn.cid
         if self._conns.get(cid) is conn:
             del self._conns[cid]
             self._apply(self.core.disconnected(cid, self._now()))
@@ -343,7 +356,7 @@ class Upstairs:
                             last, parts = a.msg, encode_parts(a.msg)
                         conn.out.write(*parts)
                 case Complete():
-                    cast(Callable[[Any], None], a.token)(a.result)
+                    cast(_Callback, a.token)(a.result)
                 case Log():
                     log.log(_LEVELS.get(a.level, logging.INFO), "%s", a.text)
                 case Connect():
@@ -386,14 +399,7 @@ class Upstairs:
         loop = asyncio.get_running_loop()
 
         async def connect() -> None:
-            conn = Connection(
-                lambda c: self._conns.get(cid) is c,
-                lambda msg: self._received(cid, msg),
-                lambda why: self._apply(
-                    [Log(f"[{cid}] bad frame from downstairs: {why}", "error"), Drop(cid, why)]
-                ),
-                lambda c: self._lost(c, cid),
-            )
+            conn = Connection(cid, self)
             try:
                 await asyncio.wait_for(
                     loop.create_connection(lambda: conn, target[0], target[1]), CONNECT_TIMEOUT

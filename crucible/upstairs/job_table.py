@@ -16,9 +16,9 @@ from collections.abc import Iterator
 
 from crucible.upstairs.deps import BlockMap
 from crucible.upstairs.jobs import (
+    FLUSH_LIKE,
     LIVE_OPS,
-    BarrierOp,
-    FlushOp,
+    WRITE_LIKE,
     IOState,
     Job,
     Op,
@@ -89,9 +89,9 @@ class JobTable:
                 deps = self.blocks.add_read(jid, op.start, op.count)
             case _:
                 deps = self.blocks.add_barrier(jid)
-        self.need_flush = not isinstance(op, FlushOp | BarrierOp)
+        self.need_flush = not isinstance(op, FLUSH_LIKE)
         gw = 0
-        if guest is not None or isinstance(op, WriteOp | TrimOp):
+        if guest is not None or isinstance(op, WRITE_LIKE):
             gw = self.next_gw
             self.next_gw += 1
         job = Job(jid, op, deps, [IOState.SKIPPED] * 3, guest, gw)

@@ -87,6 +87,10 @@ class LiveReopenOp:
 LiveOp = LiveCloseOp | LiveRepairOp | LiveNoOp | LiveReopenOp
 Op = WriteOp | ReadOp | TrimOp | FlushOp | BarrierOp | LiveOp
 LIVE_OPS = (LiveCloseOp, LiveRepairOp, LiveNoOp, LiveReopenOp)
+FLUSH_LIKE = (FlushOp, BarrierOp)  # complete every job before them
+WRITE_LIKE = (WriteOp, TrimOp)  # change blocks
+# Sent to each client as its own message (see Downstairs._message_for).
+PER_CLIENT = (*LIVE_OPS, TrimOp)
 
 
 def zero_fill(start: int, count: int, block_size: int) -> WriteOp:
@@ -137,7 +141,7 @@ class Job:
 
     @property
     def is_flush_like(self) -> bool:
-        return isinstance(self.op, FlushOp | BarrierOp)
+        return isinstance(self.op, FLUSH_LIKE)
 
     @property
     def kind(self) -> str:

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from crucible.protocol.wire import SocketAddr
 from crucible.upstairs.job_table import JobTable
 from crucible.upstairs.jobs import (
+    WRITE_LIKE,
     FlushOp,
     IOState,
     Job,
@@ -47,8 +48,6 @@ from crucible.upstairs.jobs import (
     LiveRepairOp,
     Op,
     ReadOp,
-    TrimOp,
-    WriteOp,
 )
 from crucible.upstairs.status import LiveRepairStatus
 
@@ -93,7 +92,7 @@ class LiveRepair:
         """Whether a guest job goes to a client under repair (see the module doc)."""
         if isinstance(op, ReadOp):
             return False
-        if isinstance(op, WriteOp | TrimOp):
+        if isinstance(op, WRITE_LIKE):
             return op.start // self.extent_size <= self.extent
         return True  # flush, barrier and the repair's own jobs
 

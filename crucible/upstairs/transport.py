@@ -6,8 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-from collections.abc import Callable
-from typing import cast
+from typing import Protocol, cast
 
 import aiohttp
 
@@ -20,25 +19,27 @@ from crucible.protocol.wire import ProtocolError, SocketAddr
 PROBE_TIMEOUT = 5.0
 
 
-class Connection(asyncio.BufferedProtocol):
-    """Frames are received in place; each decoded message goes to `on_message`
-    while the connection is the current one (`current()`), a bad frame to
-    `on_bad_frame`, the end of the connection to `on_lost`."""
+class Sink(Protocol):
+    """Where a connection's events go."""
 
-    def __init__(
-        self,
-        current: Callable[[Connection], bool],
-        on_message: Callable[[m.Message], None],
-        on_bad_frame: Callable[[str], None],
-        on_lost: Callable[[Connection], None],
-    ) -> None:
+    def received(self, conn: Connection, msg: m.Message) -> bool:
+        """Take a message; False once this connection is no longer wanted."""
+
+    def bad_frame(self, conn: Connection, why: str) -> None: ...
+
+    def lost(self, conn: Connection) -> None: ...
+
+
+class Connection(asyncio.BufferedProtocol):
+    """One downstairs connection of an upstairs (`cid`: the client). Frames
+    are received in place; each decoded message goes to the sink."""
+
+    def __init__(self, cid: int, sink: Sink) -> None:
+        self.cid = cid
         self.decoder = FrameDecoder()
         self.transport: asyncio.Transport | None = None
         self.out: OutputBatcher | None = None
-        self._current = current
-        self._on_message = on_message
-        self._on_bad_frame = on_bad_frame
-        self._on_lost = on_lost
+        self._sink = sink
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -52,16 +53,16 @@ class Connection(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self.decoder.advance(nbytes)
+        sink = self._sink
         try:
             while (msg := self.decoder.next_message()) is not None:
-                if not self._current(self):
+                if not sink.received(self, msg):
                     return
-                self._on_message(msg)
         except ProtocolError as e:
-            self._on_bad_frame(str(e))
+            sink.bad_frame(self, str(e))
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._on_lost(self)
+        self._sink.lost(self)
 
     def close(self) -> None:
         if self.transport is not None:
