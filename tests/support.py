@@ -254,8 +254,16 @@ def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str
 class Cluster:
     """Three regions and three downstairs processes serving them."""
 
-    def __init__(self, base: Path, *create_args: str, regions: list[Path] | None = None) -> None:
+    def __init__(
+        self,
+        base: Path,
+        *create_args: str,
+        regions: list[Path] | None = None,
+        log_jobs: bool = False,
+    ) -> None:
+        """`log_jobs`: the downstairs log every job (else --quiet)."""
         self.regions = regions or [base / f"ds{i}" for i in range(3)]
+        self.quiet = () if log_jobs else ("--quiet",)
         for r in self.regions:
             if not (r / "region.json").exists():
                 create_region(r, *create_args)
@@ -267,7 +275,7 @@ class Cluster:
         """Start downstairs i (or all); a restarted one keeps its port."""
         for j in range(3) if i is None else [i]:
             if self.ds[j] is None:
-                self.ds[j] = Downstairs(self.regions[j], "--quiet", *extra, port=self.ports[j])
+                self.ds[j] = Downstairs(self.regions[j], *self.quiet, *extra, port=self.ports[j])
                 self.ports[j] = self.ds[j].port  # type: ignore[union-attr]
 
     def stop(self, i: int | None = None, sig: int = signal.SIGTERM) -> None:
@@ -283,6 +291,11 @@ class Cluster:
 
     def target_args(self) -> list[str]:
         return [a for t in self.targets for a in ("-t", f"{t[0]}:{t[1]}")]
+
+    def jobs_logged(self, name: str) -> int:
+        """How many jobs of a kind ("Read", "Write", ...) the downstairs logged
+        (with log_jobs)."""
+        return sum(d.output().count(f" {name} rn:") for d in self.ds if d is not None)
 
     def dump(self) -> subprocess.CompletedProcess[str]:
         return run_cli("dump", *[a for r in self.regions for a in ("-d", str(r))])

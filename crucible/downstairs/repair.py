@@ -7,8 +7,9 @@ path by layout.extent_path, so nothing a client sends names a file.
 
 from __future__ import annotations
 
+import asyncio
 import json
-import shutil
+import os
 import urllib.error
 import urllib.request
 from typing import BinaryIO
@@ -16,8 +17,15 @@ from typing import BinaryIO
 from aiohttp import web
 
 from crucible.common.errors import CrucibleError, ErrorKind
-from crucible.protocol.capabilities import CAPABILITIES_PATH, NONE, OURS, Capabilities
+from crucible.protocol.capabilities import (
+    ALLOCATION_PATH,
+    CAPABILITIES_PATH,
+    NONE,
+    OURS,
+    Capabilities,
+)
 from crucible.protocol.wire import SocketAddr
+from crucible.region.allocation import allocated_runs
 from crucible.region.layout import extent_path, extent_relpath
 from crucible.region.region import Region
 
@@ -60,6 +68,10 @@ def make_app(region: Region, capabilities: Capabilities = OURS) -> web.Applicati
     async def capabilities_of(request: web.Request) -> web.Response:
         return web.json_response(capabilities.to_json())
 
+    async def allocation(request: web.Request) -> web.Response:
+        runs = await asyncio.to_thread(allocated_runs, region.dir, region.definition)
+        return web.json_response({"runs": runs})
+
     app = web.Application(client_max_size=1024)
     app.add_routes(
         [
@@ -71,8 +83,10 @@ def make_app(region: Region, capabilities: Capabilities = OURS) -> web.Applicati
             web.get("/region-mode", region_mode),
         ]
     )
-    if capabilities != NONE:  # a plain V13 downstairs has no such page
+    if capabilities != NONE:  # a plain V13 downstairs has no such pages
         app.add_routes([web.get(CAPABILITIES_PATH, capabilities_of)])
+    if capabilities.allocation:
+        app.add_routes([web.get(ALLOCATION_PATH, allocation)])
     return app
 
 
@@ -90,6 +104,26 @@ def _get(addr: SocketAddr, path: str) -> bytes:
         raise CrucibleError(ErrorKind.RepairRequestError, f"GET {path}: {e}") from None
 
 
+SPARSE_PIECE = 64 << 10
+_ZEROS = bytes(SPARSE_PIECE)
+
+
+def copy_sparse(src: BinaryIO, out: BinaryIO) -> None:
+    """Copy a stream, leaving holes where it holds zeros: a copied extent
+    keeps its never-written blocks as holes (what block status reports)."""
+    size = 0
+    while chunk := src.read(1 << 20):
+        view = memoryview(chunk)
+        for off in range(0, len(view), SPARSE_PIECE):
+            piece = view[off : off + SPARSE_PIECE]
+            if piece == _ZEROS[: len(piece)]:
+                out.seek(len(piece), os.SEEK_CUR)
+            else:
+                out.write(piece)
+        size += len(chunk)
+    out.truncate(size)
+
+
 def fetch_extent(addr: SocketAddr, eid: int, out: BinaryIO) -> None:
     """Copy one extent file from a peer's repair server (blocking). The source
     must keep the extent closed for the whole copy: a copy that overlapped a
@@ -103,7 +137,7 @@ def fetch_extent(addr: SocketAddr, eid: int, out: BinaryIO) -> None:
         raise CrucibleError(ErrorKind.RepairRequestError, f"source extent {eid} is not closed")
     try:
         with urllib.request.urlopen(_url(addr, f"/newextent/{eid}/data"), timeout=TIMEOUT) as r:
-            shutil.copyfileobj(r, out, 1 << 20)
+            copy_sparse(r, out)
     except (urllib.error.URLError, OSError) as e:
         raise CrucibleError(ErrorKind.RepairStreamError, f"extent {eid}: {e}") from None
     if json.loads(_get(addr, f"/extent/{eid}/closed")) != before:

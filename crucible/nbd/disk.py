@@ -25,7 +25,8 @@ from typing import Any
 from crucible.nbd import protocol as p
 from crucible.upstairs.guest import ReadResult, Upstairs
 
-MAX_STATUS_BYTES = 64 << 20  # one BLOCK_STATUS answers at most this much
+MAX_STATUS_BYTES = 64 << 20  # one BLOCK_STATUS answered by reading covers at most this
+MAX_EXTENTS = 1 << 16  # extents in one BLOCK_STATUS reply
 
 ReadReply = Callable[[memoryview | BaseException], None]
 Done = Callable[[BaseException | None], None]
@@ -192,10 +193,17 @@ class Disk:
             await self._write_bytes(last * bs, bytes(offset + length - last * bs))
 
     async def block_status(self, offset: int, length: int, req_one: bool) -> list[tuple[int, int]]:
-        length = min(length, MAX_STATUS_BYTES)
+        """From the volume's map of the blocks that hold data, without reading
+        any; where that map is not known (a downstairs that cannot tell), by
+        reading the blocks, at most MAX_STATUS_BYTES at a time."""
         first, last = self.outer_blocks(offset, length)
-        _, written = await self.up.read_with_status(first, last - first)
-        return status_extents(written, first, offset, length, self.block_size, req_one)
+        runs = self.up.allocation(first, last - first)
+        if runs is None:
+            length = min(length, MAX_STATUS_BYTES)
+            first, last = self.outer_blocks(offset, length)
+            _, written = await self.up.read_with_status(first, last - first)
+            runs = block_runs(first, written)
+        return status_extents(runs, offset, length, self.block_size, req_one)
 
     async def _write_bytes(self, offset: int, data: bytes) -> None:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -229,26 +237,45 @@ def _settle(fut: asyncio.Future[None], err: BaseException | None) -> None:
         fut.set_exception(err)
 
 
+Run = tuple[int, int, bool]  # first block, block count, holds data
+
+
+def block_runs(first: int, written: list[bool]) -> list[Run]:
+    """Per-block flags from `first` on, as runs."""
+    runs: list[Run] = []
+    for i, w in enumerate(written):
+        if runs and runs[-1][2] == w:
+            start, n, _ = runs[-1]
+            runs[-1] = (start, n + 1, w)
+        else:
+            runs.append((first + i, 1, w))
+    return runs
+
+
 def status_extents(
-    written: list[bool], first_block: int, offset: int, length: int, block_size: int, req_one: bool
+    runs: list[Run], offset: int, length: int, block_size: int, req_one: bool
 ) -> list[tuple[int, int]]:
     """NBD block-status extents (length, flags) for the bytes [offset,
-    offset+length), from whether each block from `first_block` on was ever
-    written: runs of written blocks are data, others holes that read as
-    zeros. With `req_one`, only the first extent."""
+    offset+length), from runs of blocks covering them in order: data, or
+    holes that read as zeros. Neighbouring runs alike are one extent; at most
+    MAX_EXTENTS are answered (the client asks again from where they end);
+    with `req_one`, only the first."""
     extents: list[tuple[int, int]] = []
     hole = p.STATE_HOLE | p.STATE_ZERO
     pos, end = offset, offset + length
-    i = 0
-    while pos < end:
-        state = 0 if written[i] else hole
-        j = i
-        while j < len(written) and (0 if written[j] else hole) == state:
-            j += 1
-        stop = min(end, (first_block + j) * block_size)
-        extents.append((stop - pos, state))
+    limit = 1 if req_one else MAX_EXTENTS
+    for start, count, data in runs:
+        stop = min(end, (start + count) * block_size)
+        if stop <= pos:
+            continue
+        state = 0 if data else hole
+        if extents and extents[-1][1] == state:
+            extents[-1] = (extents[-1][0] + stop - pos, state)
+        elif len(extents) == limit:
+            break
+        else:
+            extents.append((stop - pos, state))
         pos = stop
-        i = j
-        if req_one:
+        if pos >= end:
             break
     return extents

@@ -14,22 +14,26 @@ from dataclasses import dataclass
 from typing import Any
 
 CAPABILITIES_PATH = "/capabilities"
+# The region's blocks that hold data: {"runs": [[first block, count], ...]},
+# sorted; every other block reads as zeros (crucible/region/allocation.py).
+ALLOCATION_PATH = "/allocation"
 
 
 @dataclass(frozen=True, slots=True)
 class Capabilities:
     trim: bool = False  # the Trim message (variant 42): blocks become never-written
+    allocation: bool = False  # GET /allocation: which blocks hold data (ALLOCATION_PATH)
 
     def to_json(self) -> dict[str, Any]:
-        return {"trim": self.trim}
+        return {"trim": self.trim, "allocation": self.allocation}
 
     @classmethod
     def from_json(cls, obj: Any) -> Capabilities:
         """Anything but an object with the expected booleans means none."""
         if not isinstance(obj, dict):
             return cls()
-        return cls(trim=obj.get("trim") is True)
+        return cls(trim=obj.get("trim") is True, allocation=obj.get("allocation") is True)
 
 
 NONE = Capabilities()
-OURS = Capabilities(trim=True)
+OURS = Capabilities(trim=True, allocation=True)

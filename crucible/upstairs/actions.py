@@ -45,9 +45,19 @@ class Probe:
 
 
 @dataclass(slots=True)
+class FetchAllocation:
+    """Ask a downstairs' repair server which blocks hold data (ALLOCATION_PATH);
+    answer with UpstairsCore.allocation_fetched, quoting `epoch`."""
+
+    client: int
+    repair_addr: SocketAddr
+    epoch: int
+
+
+@dataclass(slots=True)
 class Log:
     text: str
     level: str = "info"
 
 
-Action = Connect | Send | Drop | Complete | Probe | Log
+Action = Connect | Send | Drop | Complete | Probe | FetchAllocation | Log

@@ -149,6 +149,7 @@ class Activation:
         sess = ds.session
         line = f"upstairs {sess.upstairs_id} is active with gen {sess.gen}; "
         acts: list[Action] = [Log(line + f"next flush {ds.table.next_flush}")]
+        acts += ds.ask_allocation()  # every copy holds the same blocks now
         if self.token is not None:
             acts.append(Complete(self.token, None))
             self.token = None
@@ -224,6 +225,7 @@ class Activation:
         already). What an acked flush covered is on two of them, so the newest
         copy of each extent holds it."""
         err = CrucibleError(ErrorKind.IoError, "every downstairs was faulted")
+        ds.allocation.forget()  # unflushed work may be gone: asked again once active
         acts: list[Action] = [
             Log("all three downstairs need repair and none is healthy: reconciling", "warning")
         ]

@@ -115,6 +115,7 @@ class UpstairsCore:
         self.ds.session = Session(self.upstairs_id, uuid.uuid4(), gen, self.opts.read_only)
         self.ds.table.new_session()
         self.ds.repair = None
+        self.ds.allocation.forget()
         self.activation.begin(token)
         self.disabled_error = None
         acts: list[Action] = [Log(f"upstairs {self.upstairs_id} activating with gen {gen}")]
@@ -204,6 +205,7 @@ class UpstairsCore:
         ]
         # Fast ack: durability is promised by the next flush, not by the write.
         acts = self.ds.enqueue(WriteOp(start, contexts, data, unwritten), None, now)
+        self.ds.allocation.mark(start, count, True)
         acts.append(Complete(token, None))
         return acts
 
@@ -219,6 +221,7 @@ class UpstairsCore:
         if not self.ds.trims():
             op = zero_fill(start, count, self.region.block_size)
         acts = self.ds.enqueue(op, None, now)
+        self.ds.allocation.mark(start, count, isinstance(op, WriteOp))
         acts.append(Complete(token, None))
         return acts
 
@@ -409,6 +412,7 @@ class UpstairsCore:
                 acts.append(Complete(token, err))
         self.activation.token = self.deactivate_token = None
         acts += self.ds.fail_all(err)
+        self.ds.allocation.forget()
         for c in self.clients:
             c.set_state(DISABLED)
         return acts
@@ -447,6 +451,18 @@ class UpstairsCore:
             acts += self._flush_job(None, now)
         return acts + self._maintain(now)
 
+    def allocation_fetched(self, epoch: int, runs: list[tuple[int, int]] | None) -> list[Action]:
+        """A downstairs' map of the blocks that hold data (None: it could not say)."""
+        self.ds.allocation.loaded(epoch, runs)
+        if runs is None:
+            return [Log("the map of blocks holding data is not available: block status reads them")]
+        return []
+
+    def allocation(self, first: int, count: int) -> list[tuple[int, int, bool]] | None:
+        """Which blocks of [first, first+count) hold data, as runs of (start,
+        count, allocated); None when that is not known without reading them."""
+        return self.ds.allocation.query(first, count)
+
     def _maintain(self, now: float) -> list[Action]:
         ds = self.ds
         barrier = ds.table.needs_barrier
@@ -478,6 +494,7 @@ class UpstairsCore:
     def _finish_deactivate(self) -> list[Action]:
         acts: list[Action] = [Log("deactivated")]
         acts += self._drop_all("deactivated")
+        self.ds.allocation.forget()
         self._set_state(UpState.INIT)
         if self.deactivate_token is not None:
             acts.append(Complete(self.deactivate_token, None))

@@ -25,7 +25,8 @@ from crucible.common.errors import CrucibleError, ErrorKind
 from crucible.protocol import messages as m
 from crucible.protocol.wire import SocketAddr
 from crucible.upstairs import acks
-from crucible.upstairs.actions import Action, Complete, Drop, Log, Send
+from crucible.upstairs.actions import Action, Complete, Drop, FetchAllocation, Log, Send
+from crucible.upstairs.allocation import Allocation
 from crucible.upstairs.client import Client, Session
 from crucible.upstairs.deps import deps_for_client
 from crucible.upstairs.job_table import JobTable
@@ -57,6 +58,7 @@ class Downstairs:
         self.up_state = UpState.INIT  # the volume's state; the core changes it
         self.region: RegionDefinition | None = None
         self.repair: LiveRepair | None = None
+        self.allocation = Allocation()
         self.live_repairs = 0
         self.live_repairs_aborted = 0
         self.integrity_errors = 0
@@ -86,6 +88,17 @@ class Downstairs:
             if c.inflight_bytes and c.inflight_bytes + nbytes > self.opts.max_bytes:
                 return False
         return True
+
+    def ask_allocation(self) -> list[Action]:
+        """The volume went active: ask one downstairs that can tell which
+        blocks hold data (operations queued meanwhile are logged)."""
+        self.allocation.begin()
+        for c in self.clients:
+            able = c.capabilities is not None and c.capabilities.allocation
+            if c.state.stage is Stage.ACTIVE and able and c.repair_addr is not None:
+                return [FetchAllocation(c.id, c.repair_addr, self.allocation.epoch)]
+        self.allocation.forget()
+        return [Log("no downstairs reports which blocks hold data: block status reads them")]
 
     def trims(self) -> bool:
         """Every downstairs takes Trim (as far as is known)."""

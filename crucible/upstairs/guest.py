@@ -19,7 +19,7 @@ import dataclasses
 import logging
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, cast
 
 from crucible.common.definition import RegionDefinition
@@ -27,11 +27,20 @@ from crucible.common.errors import CrucibleError, ErrorKind
 from crucible.protocol import messages as m
 from crucible.protocol.codec import encode_parts
 from crucible.protocol.wire import SocketAddr
-from crucible.upstairs.actions import Action, Complete, Connect, Drop, Log, Probe, Send
+from crucible.upstairs.actions import (
+    Action,
+    Complete,
+    Connect,
+    Drop,
+    FetchAllocation,
+    Log,
+    Probe,
+    Send,
+)
 from crucible.upstairs.core import UpstairsCore
 from crucible.upstairs.options import Options
 from crucible.upstairs.status import UpstairsStatus
-from crucible.upstairs.transport import Connection, fetch_capabilities
+from crucible.upstairs.transport import Connection, fetch_allocation, fetch_capabilities
 
 log = logging.getLogger("crucible.upstairs")
 
@@ -69,6 +78,7 @@ class Upstairs:
         self._conns: dict[int, Connection] = {}
         self._connecting: dict[int, asyncio.Task[None]] = {}
         self._probes: dict[int, asyncio.Task[None]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
         # Requests waiting for room, in order: (bytes the job carries, what queues it).
         self._backlog: deque[tuple[int, Callable[[], None]]] = deque()
         self._ticker: asyncio.Task[None] | None = None
@@ -92,7 +102,7 @@ class Upstairs:
         """Drop every connection and stop the timers (no flush: see deactivate)."""
         if self._ticker is not None:
             self._ticker.cancel()
-        for t in [*self._connecting.values(), *self._probes.values()]:
+        for t in [*self._connecting.values(), *self._probes.values(), *self._tasks]:
             t.cancel()
         for conn in list(self._conns.values()):
             conn.close()
@@ -363,6 +373,8 @@ class Upstairs:
                     self._start_connect(a.client, a.target)
                 case Probe():
                     self._start_probe(a)
+                case FetchAllocation():
+                    self._start_fetch_allocation(a)
                 case Drop():
                     self._drop(a.client)
 
@@ -391,6 +403,25 @@ class Upstairs:
             old.cancel()
         task = asyncio.get_running_loop().create_task(probe())
         self._probes[p.client] = task
+
+    def _start_fetch_allocation(self, f: FetchAllocation) -> None:
+        async def fetch() -> None:
+            total = self.core.region.total_blocks if self.core.region else 0
+            runs = await fetch_allocation(f.repair_addr, total)
+            self._apply(self.core.allocation_fetched(f.epoch, runs))
+
+        self._spawn(fetch())
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def allocation(self, block: int, count: int) -> list[tuple[int, int, bool]] | None:
+        """Which blocks of [block, block+count) hold data, as runs of (start,
+        count, allocated), known without reading them; None when it is not
+        known (then reading them tells: `read_with_status`)."""
+        return self.core.allocation(block, count)
 
     def _start_connect(self, cid: int, target: SocketAddr) -> None:
         old = self._conns.pop(cid, None)

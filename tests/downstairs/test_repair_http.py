@@ -97,7 +97,7 @@ def test_fetch_refuses_a_copy_that_overlapped_a_reopen(ds: Downstairs) -> None:
 
 
 def test_capabilities_page(ds: Downstairs) -> None:
-    assert get(ds, "/capabilities") == (200, b'{"trim": true}')
+    assert json.loads(get(ds, "/capabilities")[1]) == {"trim": True, "allocation": True}
 
 
 def test_plain_v13_mode_has_no_extensions(region: Path) -> None:

@@ -20,14 +20,21 @@ def require_tools() -> None:
 
 
 class Nbd:
-    def __init__(self, base: Path, read_only: bool = False, plain_v13: int | None = None) -> None:
-        """`plain_v13`: the downstairs that runs as a plain Crucible V13 one
-        (no extensions: it drops the connection on a Trim)."""
+    def __init__(
+        self,
+        base: Path,
+        read_only: bool = False,
+        plain_v13: tuple[int, ...] = (),
+        log_jobs: bool = False,
+    ) -> None:
+        """`plain_v13`: the downstairs that run as plain Crucible V13 ones
+        (no extensions: a Trim drops the connection, no map of allocation)."""
         require_tools()
-        self.cluster = Cluster(base, "--extent-size", "4096", "--extent-count", "32")
-        if plain_v13 is not None:
-            self.cluster.stop(plain_v13)
-            self.cluster.start(plain_v13, "--no-extensions")
+        args = ("--extent-size", "4096", "--extent-count", "32")
+        self.cluster = Cluster(base, *args, log_jobs=log_jobs)
+        for i in plain_v13:
+            self.cluster.stop(i)
+            self.cluster.start(i, "--no-extensions")
         extra = []
         if read_only:
             self.cluster.stop()
@@ -36,13 +43,21 @@ class Nbd:
         self.port = free_port()
         self.log = base / "nbd.log"
         self._log = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [str(BIN / "crucible-nbd"), *self.cluster.target_args(), "-p", str(self.port), *extra],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        wait_listening(self.port, self.proc, timeout=60)
+        self.args = [*self.cluster.target_args(), "-p", str(self.port), *extra]
+        self.proc = self._start()
         self.uri = f"nbd://127.0.0.1:{self.port}/"
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            [str(BIN / "crucible-nbd"), *self.args], stdout=self._log, stderr=subprocess.STDOUT
+        )
+        wait_listening(self.port, proc, timeout=60)
+        return proc
+
+    def restart(self) -> None:
+        """Stop crucible-nbd and start it again (it takes the next generation)."""
+        assert stop_process(self.proc, timeout=60) == 0, self.output()
+        self.proc = self._start()
 
     def output(self) -> str:
         return self.log.read_text()

@@ -189,7 +189,7 @@ def test_trim_towards_a_plain_v13_downstairs(tmp_path: Path) -> None:
     """One downstairs takes no Trim (as a Rust one would not): a discard
     becomes zeros written on every copy, nothing is dropped, block status
     then reports data, and the replicas stay identical."""
-    n = Nbd(tmp_path, plain_v13=1)
+    n = Nbd(tmp_path, plain_v13=(1,))
     try:
         run("qemu-io", "-f", "raw", "-c", "write -P 0x5 0 2M", n.uri)
         run("qemu-io", "-f", "raw", "-c", "discard 0 1M", n.uri)

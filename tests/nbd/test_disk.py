@@ -6,14 +6,15 @@ from __future__ import annotations
 import asyncio
 
 from crucible.nbd import protocol as p
-from crucible.nbd.disk import RangeLocks, status_extents
+from crucible.nbd.disk import MAX_EXTENTS, RangeLocks, block_runs, status_extents
 
 HOLE = p.STATE_HOLE | p.STATE_ZERO
 
 
 def test_status_extents_runs_of_blocks() -> None:
-    written = [True, True, False, False, True]
-    assert status_extents(written, 10, 10 * 512, 5 * 512, 512, False) == [
+    runs = block_runs(10, [True, True, False, False, True])
+    assert runs == [(10, 2, True), (12, 2, False), (14, 1, True)]
+    assert status_extents(runs, 10 * 512, 5 * 512, 512, False) == [
         (1024, 0),
         (1024, HOLE),
         (512, 0),
@@ -21,11 +22,21 @@ def test_status_extents_runs_of_blocks() -> None:
 
 
 def test_status_extents_unaligned_edges_and_req_one() -> None:
-    written = [False, True, True]
+    runs = block_runs(0, [False, True, True])
     # Bytes 100 .. 1400 of blocks 0..2: the first extent is cut at the range start.
-    assert status_extents(written, 0, 100, 1300, 512, False) == [(412, HOLE), (888, 0)]
-    assert status_extents(written, 0, 100, 1300, 512, True) == [(412, HOLE)]
-    assert status_extents([True], 7, 7 * 4096 + 5, 10, 4096, False) == [(10, 0)]
+    assert status_extents(runs, 100, 1300, 512, False) == [(412, HOLE), (888, 0)]
+    assert status_extents(runs, 100, 1300, 512, True) == [(412, HOLE)]
+    assert status_extents([(7, 1, True)], 7 * 4096 + 5, 10, 4096, False) == [(10, 0)]
+
+
+def test_status_extents_merge_alike_runs_and_stop_at_the_cap() -> None:
+    # Runs alike side by side are one extent.
+    runs = [(0, 2, False), (2, 3, False), (5, 1, True)]
+    assert status_extents(runs, 0, 6 * 512, 512, False) == [(2560, HOLE), (512, 0)]
+    # Alternating single blocks: the reply stops at MAX_EXTENTS, a prefix of the range.
+    many = [(i, 1, i % 2 == 0) for i in range(MAX_EXTENTS + 10)]
+    ext = status_extents(many, 0, (MAX_EXTENTS + 10) * 512, 512, False)
+    assert len(ext) == MAX_EXTENTS and all(n == 512 for n, _ in ext)
 
 
 def test_range_locks_hold_back_only_what_overlaps() -> None:

@@ -6,6 +6,8 @@ answer must keep, checked after every step of a simulation.
 * A job retires only after a flush or barrier at or after it finished on
   all three (`retire_rule`; live repair also retires past a faulted client).
 * In the end, after a last flush, every replica holds exactly the guest's data.
+* Where the volume's map of allocation is known, every block written since
+  its last trim is allocated, and every block it calls a hole reads zeros.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class GuestModel:
         self.sim = sim
         self.total = total
         self.data = bytearray(total * BS)
+        self.written = bytearray(total)  # 1: written since its last trim
         self.reads: list[Token] = []
         self.flushes: dict[Token, int] = {}  # the flush's job id
         self.flush_acks: dict[int, set[int]] = {}  # job id: clients that acked it
@@ -46,6 +49,16 @@ class GuestModel:
         sim.apply(sim.up.write(t, start, payload, sim.now))
         if sim.completed[t] is None:
             self.data[start * BS : start * BS + len(payload)] = payload
+            self.written[start : start + len(payload) // BS] = b"\x01" * (len(payload) // BS)
+        return sim.completed[t]
+
+    def trim(self, start: int, n: int) -> object:
+        t = Token("trim")
+        sim = self.sim
+        sim.apply(sim.up.trim(t, start, n, sim.now))
+        if sim.completed[t] is None:
+            self.data[start * BS : (start + n) * BS] = bytes(n * BS)
+            self.written[start : start + n] = bytes(n)
         return sim.completed[t]
 
     def read(self, start: int, n: int) -> None:
@@ -80,10 +93,22 @@ class GuestModel:
             acks = self.flush_acks.get(jid, ())
             assert len(acks) >= 2, "flush acked before two downstairs did it"
             del self.flushes[t]
+        self.check_allocation()
         if self.retire_rule:
             done_everywhere = [j for j, who in self.flush_acks.items() if len(who) == 3]
             for jid in self.seen - set(sim.up.ds.table.jobs):
                 assert any(f >= jid for f in done_everywhere), f"job {jid} retired too early"
+
+    def check_allocation(self) -> None:
+        runs = self.sim.up.allocation(0, self.total)
+        if runs is None:
+            return
+        assert sum(n for _, n, _ in runs) == self.total
+        for start, n, allocated in runs:
+            if allocated:
+                continue
+            assert not any(self.written[start : start + n]), "a written block is called a hole"
+            assert not any(self.data[start * BS : (start + n) * BS]), "a hole that is not zeros"
 
     def finish(self) -> None:
         """Nothing pending; a last flush retires everything; every replica

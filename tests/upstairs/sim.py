@@ -25,6 +25,7 @@ from crucible.protocol import messages as m
 from crucible.protocol.capabilities import Capabilities
 from crucible.protocol.framing import FrameDecoder
 from crucible.protocol.wire import SocketAddr
+from crucible.region.allocation import allocated_runs
 from crucible.region.layout import extent_path
 from crucible.region.region import Region
 from crucible.upstairs import actions as ua
@@ -111,6 +112,7 @@ class Sim:
         self.completed: dict[object, object] = {}
         self.on_deliver: Callable[[int, m.Message], None] | None = None
         self.allow_drops = False
+        self.asked: list[ua.FetchAllocation] = []  # maps of allocation asked for
 
     def _fetch(self, addr: SocketAddr, eid: int, out: BinaryIO) -> None:
         src = next(d for d in self.ds if d.repair_addr == addr)
@@ -151,6 +153,8 @@ class Sim:
             elif isinstance(a, ua.Probe):
                 caps = self.ds[a.client].capabilities
                 self.apply(self.up.probed(a.client, a.attempt, caps, self.now))
+            elif isinstance(a, ua.FetchAllocation):
+                self.asked.append(a)  # answered as an event of its own
             elif isinstance(a, ua.Complete):
                 assert a.token not in self.completed, "a request completed twice"
                 self.completed[a.token] = a.result
@@ -170,10 +174,17 @@ class Sim:
                 ev.append(("to_up", i))
             if d.work:
                 ev.append(("disk", i))
+        ev += [("alloc", i) for i in range(len(self.asked))]
         return ev
 
     def step(self, event: tuple[str, int], pick: int = 0) -> None:
         kind, i = event
+        if kind == "alloc":  # the repair server's answer, from the files as they are now
+            ask = self.asked.pop(i)
+            d = self.ds[ask.client]
+            runs = allocated_runs(d.region.dir, d.region.definition)
+            self.apply(self.up.allocation_fetched(ask.epoch, runs))
+            return
         d = self.ds[i]
         if kind == "to_ds":
             d.deliver()

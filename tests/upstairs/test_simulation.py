@@ -38,6 +38,9 @@ def random_step(sim: Sim, g: GuestModel, data: st.DataObject, kinds: list[str]) 
         n = data.draw(st.integers(1, min(6, g.total - start)))
         payload = data.draw(st.binary(min_size=1, max_size=1)) * (n * BS)
         assert g.write(start, payload) is None, "writes are acked when queued"
+    elif what == "trim":
+        start = data.draw(st.integers(0, g.total - 1))
+        assert g.trim(start, data.draw(st.integers(1, min(6, g.total - start)))) is None
     elif what == "read":
         start = data.draw(st.integers(0, g.total - 1))
         g.read(start, data.draw(st.integers(1, min(6, g.total - start))))
@@ -46,12 +49,13 @@ def random_step(sim: Sim, g: GuestModel, data: st.DataObject, kinds: list[str]) 
     g.check()
 
 
-MIX = ["write", "read", "flush", "net", "net", "net"]
+MIX = ["write", "read", "flush", "trim", "net", "net", "net"]
 
 
 def _run(sim: Sim, data: st.DataObject) -> None:
     g = GuestModel(sim, TOTAL)
     sim.activate()
+    assert sim.up.allocation(0, TOTAL) is not None, "the map is known once active"
     for _ in range(data.draw(st.integers(5, 40), label="steps")):
         random_step(sim, g, data, MIX)
     sim.settle(lambda n: data.draw(st.integers(0, n - 1)))

@@ -1,0 +1,100 @@
+"""The upstairs' map of blocks holding data: runs kept as writes and trims
+are queued, operations logged while the map is fetched laid over it, and
+the map from a region's extent files (SEEK_DATA / SEEK_HOLE)."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import uuid
+from pathlib import Path
+
+from crucible.common.definition import RegionDefinition
+from crucible.region.allocation import allocated_runs
+from crucible.region.region import Region
+from crucible.upstairs.allocation import MAX_LOG, Allocation, State
+from tests.support import contexts_for
+
+
+def _flags(a: Allocation, total: int) -> list[bool]:
+    runs = a.query(0, total)
+    assert runs is not None
+    out: list[bool] = []
+    pos = 0
+    for start, n, allocated in runs:
+        assert start == pos and n > 0, "runs cover the range in order"
+        out += [allocated] * n
+        pos += n
+    return out
+
+
+def test_marks_match_a_flag_per_block(rng: random.Random) -> None:
+    total = 200
+    a = Allocation()
+    a.begin()
+    a.loaded(a.epoch, [])
+    model = [False] * total
+    for _ in range(2000):
+        start = rng.randrange(total)
+        n = rng.randint(1, min(20, total - start))
+        allocated = rng.random() < 0.6
+        a.mark(start, n, allocated)
+        model[start : start + n] = [allocated] * n
+        if rng.random() < 0.05:
+            assert _flags(a, total) == model
+    assert _flags(a, total) == model
+    # Runs are maximal: no two stored runs touch.
+    runs = a.runs()
+    assert all(s1 + n1 < s2 for (s1, n1), (s2, _) in itertools.pairwise(runs))
+    # A query of a middle range starts and ends where asked.
+    part = a.query(37, 50)
+    assert part is not None and part[0][0] == 37 and sum(n for _, n, _ in part) == 50
+
+
+def test_the_log_is_laid_over_a_map_taken_later() -> None:
+    a = Allocation()
+    a.begin()
+    a.mark(0, 4, True)  # queued before the map was taken ...
+    a.mark(2, 1, False)
+    # ... the downstairs had done the write but not yet the trim.
+    a.loaded(a.epoch, [(0, 4), (10, 2)])
+    assert a.state is State.KNOWN
+    assert a.runs() == [(0, 2), (3, 1), (10, 2)]
+
+
+def test_an_answer_for_an_earlier_activation_is_ignored() -> None:
+    a = Allocation()
+    a.begin()
+    old = a.epoch
+    a.forget()
+    a.begin()
+    a.loaded(old, [(0, 1)])
+    assert a.query(0, 1) is None, "still loading"
+    a.loaded(a.epoch, None)  # the downstairs could not say
+    assert a.state is State.UNKNOWN
+
+
+def test_a_log_grown_too_long_gives_up() -> None:
+    a = Allocation()
+    a.begin()
+    for i in range(MAX_LOG + 1):
+        a.mark(i, 1, True)
+    assert a.state is State.UNKNOWN
+    a.loaded(a.epoch, [])
+    assert a.query(0, 1) is None
+
+
+def test_region_map_from_holes(tmp_path: Path) -> None:
+    d = RegionDefinition(4096, 16, 3, uuid.uuid4())
+    region = Region.create(tmp_path / "r", d)
+    try:
+        assert allocated_runs(region.dir, d) == []
+        data = b"\x07" * 8192
+        region.write(21, contexts_for(data, 4096), data)
+        runs = allocated_runs(region.dir, d)
+        blocks = {b for s, n in runs for b in range(s, s + n)}
+        assert {21, 22} <= blocks <= set(range(16, 32)), runs
+        region.trim(21, 2)
+        assert allocated_runs(region.dir, d) == [], "a trimmed block is a hole again"
+    finally:
+        region.close()
