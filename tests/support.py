@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import random
@@ -11,7 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,6 +24,23 @@ from crucible.protocol import messages as m
 from crucible.protocol.framing import FrameDecoder
 
 T = TypeVar("T")
+WAIT = 120.0  # a guard against hanging in `until`, not a speed limit
+
+
+async def until(ok: Callable[[], bool], what: str, poll: float = 0.01) -> None:
+    """Wait for a condition (tests wait on what they need, never on time)."""
+    for _ in range(int(WAIT / poll)):
+        if ok():
+            return
+        await asyncio.sleep(poll)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def states(up: Any) -> list[str]:
+    """The state of each downstairs of an Upstairs."""
+    return [d.state for d in up.info().downstairs]
+
+
 BIN = Path(sys.executable).parent
 DOWNSTAIRS = str(BIN / "crucible-downstairs")
 

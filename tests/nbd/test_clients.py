@@ -7,12 +7,13 @@ import json
 import random
 import signal
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from crucible.region.allocation import allocated_runs
+from crucible.region.definition import load_definition
 from tests.nbd.conftest import Nbd
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -176,12 +177,22 @@ def test_downstairs_killed_while_qemu_img_writes(
 ) -> None:
     image = tmp_path / "in.raw"
     image.write_bytes(rng.randbytes(SIZE))
-    killer = threading.Timer(0.5, lambda: nbd.cluster.stop(1, signal.SIGKILL))
-    killer.start()
-    t0 = time.monotonic()
-    run("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(image), nbd.uri)
-    killer.join()
-    assert time.monotonic() - t0 > 0.5, "the copy finished before the kill"
+    cmd = ["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(image), nbd.uri]
+    copy = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Once writes reach the disks, hold the copy still while downstairs 1 dies.
+    region = nbd.cluster.regions[1]
+    definition = load_definition(region)
+    deadline = time.monotonic() + 120
+    while not allocated_runs(region, definition):
+        assert copy.poll() is None, "the copy ended before any write reached a disk"
+        assert time.monotonic() < deadline, "no write reached downstairs 1"
+        time.sleep(0.002)
+    copy.send_signal(signal.SIGSTOP)
+    assert copy.poll() is None, "the copy finished before the kill"
+    nbd.cluster.stop(1, signal.SIGKILL)
+    copy.send_signal(signal.SIGCONT)
+    out, _ = copy.communicate(timeout=300)
+    assert copy.returncode == 0, out
     run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(image), nbd.uri)
 
 

@@ -16,7 +16,7 @@ import pytest
 from crucible.common.errors import CrucibleError, ErrorKind
 from crucible.upstairs.guest import Upstairs
 from crucible.upstairs.options import Options
-from tests.support import BIN, Cluster, cluster, run_tool
+from tests.support import BIN, Cluster, cluster, run_tool, states, until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -131,7 +131,8 @@ def test_crash_during_unflushed_writes_then_reconcile(tmp_path: Path, partial: b
 
 def test_downstairs_killed_during_reconciliation(tmp_path: Path) -> None:
     async def make_divergence(c: Cluster) -> None:
-        async with Upstairs(c.targets) as up:
+        # No idle flush: gen 1 must not be stored (see below).
+        async with Upstairs(c.targets, Options(flush_timeout=float("inf"))) as up:
             await up.activate(1)
             data = os.urandom(1 << 20)
             for block in range(0, up.total_blocks, len(data) // up.block_size):
@@ -149,7 +150,7 @@ def test_downstairs_killed_during_reconciliation(tmp_path: Path) -> None:
                 await asyncio.sleep(0.001)
             assert up.core.activation.done < up.core.activation.needed
             c.stop(1, signal.SIGKILL)
-            await asyncio.sleep(0.5)
+            await until(lambda: states(up)[1] == "connecting", "downstairs 1 to drop")
             c.start(1)
             await asyncio.wait_for(task, 120)
             assert up.info().state == "active"

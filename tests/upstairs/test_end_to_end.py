@@ -12,7 +12,7 @@ import pytest
 from crucible.common.errors import CrucibleError, ErrorKind
 from crucible.region.layout import extent_path
 from crucible.upstairs.guest import Upstairs
-from tests.support import Cluster, cluster, free_port, run_tool
+from tests.support import Cluster, cluster, free_port, run_tool, until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -202,8 +202,8 @@ def test_corrupt_replica_detected_never_returned(tmp_path: Path) -> None:
     async def read_it(up: Upstairs) -> None:
         for _ in range(5):
             assert await up.read(205, 1) == data
-        await asyncio.sleep(0.2)  # let the other replies arrive and be compared
-        assert up.info().integrity_errors >= 1
+        # The other replies arrive and are compared after the first answered.
+        await until(lambda: up.info().integrity_errors >= 1, "the bad copy to be seen")
 
     async def read_fails(up: Upstairs) -> None:
         with pytest.raises(CrucibleError) as e:

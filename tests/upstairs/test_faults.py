@@ -15,24 +15,11 @@ import pytest
 from crucible.common.errors import CrucibleError
 from crucible.upstairs.guest import Upstairs
 from crucible.upstairs.options import Options
-from tests.support import Cluster, Downstairs, cluster, create_region
+from tests.support import WAIT, Cluster, Downstairs, cluster, create_region, states, until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 GEOMETRY = ("--block-size", "4096", "--extent-size", "256", "--extent-count", "48")
-WAIT = 120.0  # a guard against hanging, not a speed limit
-
-
-async def until(ok: Callable[[], bool], what: str, poll: float = 0.01) -> None:
-    for _ in range(int(WAIT / poll)):
-        if ok():
-            return
-        await asyncio.sleep(poll)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def states(up: Upstairs) -> list[str]:
-    return [d.state for d in up.info().downstairs]
 
 
 Scenario = Callable[[Cluster], Coroutine[None, None, None]]

@@ -6,24 +6,14 @@ from __future__ import annotations
 import asyncio
 import random
 import signal
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from crucible.upstairs.guest import Upstairs
-from tests.support import Cluster, cluster
+from tests.support import Cluster, cluster, states, until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
-
-
-async def wait_state(up: Upstairs, ok: Callable[[list[str]], bool]) -> None:
-    for _ in range(600):
-        states = [d.state for d in up.info().downstairs]
-        if ok(states):
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"downstairs states stayed {states}")
 
 
 async def _replay(c: Cluster, rng: random.Random) -> None:
@@ -44,10 +34,10 @@ async def _replay(c: Cluster, rng: random.Random) -> None:
         await up.flush()
         await write_some(50)  # unflushed: must be replayed to the one that drops
         c.stop(1, signal.SIGKILL)
-        await wait_state(up, lambda s: s[1] != "active")
+        await until(lambda: states(up)[1] != "active", "downstairs 1 to drop")
         await write_some(50)  # held for it while it is away
         c.start(1)
-        await wait_state(up, lambda s: s == ["active"] * 3)
+        await until(lambda: states(up) == ["active"] * 3, "downstairs 1 to come back")
         await write_some(50)
         await up.flush()
         for block, data in expect.items():
