@@ -85,34 +85,57 @@ class RegionDefinition:
 
     @classmethod
     def from_json(cls, obj: Any) -> RegionDefinition:
-        try:
-            es = obj["extent_size"]
-            d = cls(
-                block_size=_int(obj["block_size"]),
-                extent_size=_int(es["value"]),
-                extent_count=_int(obj["extent_count"]),
-                uuid=uuid.UUID(str(obj["uuid"])),
-                encrypted=_bool(obj["encrypted"]),
-                database_read_version=_int(obj["database_read_version"]),
-                database_write_version=_int(obj["database_write_version"]),
-            )
-            if _int(es["shift"]) != d.shift:
-                raise RegionError(
-                    f"extent_size.shift {es['shift']} does not match block size {d.block_size}"
-                )
-        except (KeyError, TypeError, ValueError) as e:
-            raise RegionError(f"region definition is malformed: {e!r}") from None
+        """Every field checked; an error names the field and what is wrong."""
+        top = _object(obj, "the definition")
+        es = _object(_field(top, "extent_size"), "extent_size")
+        d = cls(
+            block_size=_int(top, "block_size"),
+            extent_size=_int(es, "value", "extent_size."),
+            extent_count=_int(top, "extent_count"),
+            uuid=_uuid(top),
+            encrypted=_bool(top, "encrypted"),
+            database_read_version=_int(top, "database_read_version"),
+            database_write_version=_int(top, "database_write_version"),
+        )
         d.validate()
+        if _int(es, "shift", "extent_size.") != d.shift:
+            raise RegionError(
+                f"extent_size.shift {es['shift']} does not match block size {d.block_size}"
+            )
         return d
 
 
-def _int(v: Any) -> int:
+def _object(v: Any, what: str) -> dict[str, Any]:
+    if not isinstance(v, dict):
+        raise RegionError(f"{what} must be a JSON object, not {type(v).__name__}")
+    return v
+
+
+def _field(obj: dict[str, Any], name: str, prefix: str = "") -> Any:
+    if name not in obj:
+        raise RegionError(f"field {prefix}{name} is missing")
+    return obj[name]
+
+
+def _int(obj: dict[str, Any], name: str, prefix: str = "") -> int:
+    v = _field(obj, name, prefix)
     if isinstance(v, bool) or not isinstance(v, int):
-        raise ValueError(f"expected an integer, got {v!r}")
+        raise RegionError(f"field {prefix}{name} must be an integer, not {v!r:.40}")
     return v
 
 
-def _bool(v: Any) -> bool:
+def _bool(obj: dict[str, Any], name: str) -> bool:
+    v = _field(obj, name)
     if not isinstance(v, bool):
-        raise ValueError(f"expected true or false, got {v!r}")
+        raise RegionError(f"field {name} must be true or false, not {v!r:.40}")
     return v
+
+
+def _uuid(obj: dict[str, Any]) -> uuid.UUID:
+    v = _field(obj, "uuid")
+    if isinstance(v, str):
+        try:
+            return uuid.UUID(v)
+        except ValueError:
+            pass
+    raise RegionError(f"field uuid must be a UUID string, not {v!r:.40}")

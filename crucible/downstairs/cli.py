@@ -8,7 +8,6 @@ then runs it.
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import math
 import os
@@ -30,7 +29,7 @@ from crucible.cli_util import (
 )
 from crucible.common.definition import RegionDefinition, RegionError
 from crucible.common.errors import CrucibleError
-from crucible.downstairs.server import IDLE_TIMEOUT, DownstairsServer
+from crucible.downstairs.server import IDLE_TIMEOUT, DownstairsServer, ListenError
 from crucible.region.inspect import dump_block, dump_extent_blocks, dump_extents, verify_region
 from crucible.region.region import Region
 from crucible.region.transfer import export_file, import_file
@@ -243,12 +242,8 @@ async def _serve(region: Region, args: argparse.Namespace) -> int:
     )
     try:
         await server.start()
-    except OSError as e:
-        if e.errno == errno.EADDRINUSE:
-            raise ValueError(
-                f"port {args.port} or {server.repair_port} on {args.address} is already in use"
-            ) from None
-        raise ValueError(f"cannot listen on {args.address}:{args.port}: {e.strerror}") from None
+    except ListenError as e:
+        raise ValueError(str(e)) from None
     await wait_for_stop_signal()
     log.info("shutting down")
     await server.stop()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import socket
 import time
@@ -47,6 +48,16 @@ INLINE_BYTES = 64 * 1024  # smaller IO runs on the loop: a thread hop costs more
 PAUSE_BYTES = 256 << 20  # stop reading sockets while this much data waits for disk
 RESUME_BYTES = 64 << 20
 IDLE_TIMEOUT = 45.0
+HELLO_TIMEOUT = 5.0  # an upstairs says HereIAm as soon as it connects
+
+
+class ListenError(Exception):
+    """A port that cannot be listened on; says which and why."""
+
+    def __init__(self, what: str, address: str, port: int, err: OSError) -> None:
+        in_use = err.errno == errno.EADDRINUSE
+        why = "is already in use" if in_use else f"cannot be listened on: {err.strerror}"
+        super().__init__(f"{what} port {port} on {address} {why}")
 
 
 class _Connection(asyncio.BufferedProtocol):
@@ -56,7 +67,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.decoder = FrameDecoder()
         self.transport: asyncio.Transport | None = None
         self.out: OutputBatcher | None = None
-        self.last_rx = time.monotonic()
+        self.last_rx = self.since = time.monotonic()
         self.closing = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -77,13 +88,17 @@ class _Connection(asyncio.BufferedProtocol):
             return
         self.last_rx = time.monotonic()
         self.decoder.advance(nbytes)
+        decoder = self.decoder
         try:
-            while (msg := self.decoder.next_message()) is not None:
+            while (msg := decoder.next_message()) is not None:
                 self.server.apply(self.server.core.received(self.id, msg))
                 if self.closing:
                     return
         except ProtocolError as e:
-            self.close(str(e))
+            if decoder.greeted:
+                self.close(str(e))
+            else:
+                self.close(f"not a Crucible upstairs (it sent {decoder.first_bytes()!r})")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connection_lost(self)
@@ -143,14 +158,18 @@ class DownstairsServer:
         # has been told its address, right after connecting.
         self._runner = web.AppRunner(make_app(self.region, self.capabilities), access_log=None)
         await self._runner.setup()
+        what = "repair"
         try:
             await web.TCPSite(self._runner, self.address, self.repair_port).start()
+            what = "downstairs"
             self._server = await loop.create_server(
                 lambda: self._new_connection(), self.address, self.port, reuse_address=True
             )
-        except OSError:
+        except OSError as e:
             await self.stop()
-            raise
+            raise ListenError(
+                what, self.address, self.repair_port if what == "repair" else self.port, e
+            ) from None
         self._tasks = [
             asyncio.create_task(self._disk_worker()),
             asyncio.create_task(self._idle_checker()),
@@ -271,13 +290,16 @@ class DownstairsServer:
             self.apply(self.core.finished(conn_id, work, outcome))
 
     async def _idle_checker(self) -> None:
-        period = max(0.05, min(5.0, self.idle_timeout / 3))
+        period = max(0.05, min(1.0, self.idle_timeout / 3))
         while True:
             await asyncio.sleep(period)
             now = time.monotonic()
             for c in list(self.conns.values()):
                 if now - c.last_rx > self.idle_timeout:
                     c.close(f"no message for {self.idle_timeout:g} s")
+                elif not c.decoder.greeted and now - c.since > HELLO_TIMEOUT:
+                    # Another protocol's client waiting for us to speak first (NBD).
+                    c.close(f"no Crucible hello in {HELLO_TIMEOUT:g} s: not an upstairs")
 
 
 _WRITES = (m.Write, m.WriteUnwritten)

@@ -50,15 +50,16 @@ def main() -> None:
 async def serve(args: argparse.Namespace) -> int:
     up = Upstairs(args.target, Options(read_only=args.read_only))
     try:
-        gen = await activate(up, args.gen, args.activate_timeout)
         export = Export(up, args.export_name, args.read_only)
         server = NbdServer(export, args.bind, args.port)
         try:
-            await server.start()
+            await server.bind()  # before activating: never take over a volume and then fail
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
                 raise ValueError(f"port {args.port} on {args.bind} is already in use") from None
             raise ValueError(f"cannot listen on {args.bind}:{args.port}: {e.strerror}") from None
+        gen = await activate(up, args.gen, args.activate_timeout)
+        await server.serve()
         host = f"[{args.bind}]" if ":" in args.bind else args.bind
         uri = f"nbd://{host}:{server.port}/{args.export_name}"
         print(

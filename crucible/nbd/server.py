@@ -85,11 +85,20 @@ class NbdServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._next_id = 1
 
-    async def start(self) -> None:
+    async def bind(self) -> None:
+        """Take the port without accepting anyone yet: a port in use is found
+        before the volume is taken over (activated)."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._new_connection, self.host, self.port)
+        self._server = await loop.create_server(
+            self._new_connection, self.host, self.port, start_serving=False
+        )
         sock = self._server.sockets[0].getsockname()
         self.port = sock[1]
+
+    async def serve(self) -> None:
+        """Accept clients (after bind, once the volume is active)."""
+        assert self._server is not None
+        await self._server.start_serving()
 
     def _new_connection(self) -> _Connection:
         conn = _Connection(self, self._next_id)

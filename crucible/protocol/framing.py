@@ -17,6 +17,9 @@ Goals and costs, for whoever changes it:
   peer may send, and a length over the limit is refused before any growth.
 * A frame that is short, too long or does not decode raises ProtocolError;
   the caller closes the connection. Nothing here ever blocks.
+* Until a peer has sent one valid message, frames over HELLO_MAX_FRAME are
+  refused (`greeted` lifts the limit): a peer that speaks another protocol
+  is told apart by its first bytes, and a stranger cannot make a buffer grow.
 """
 
 from __future__ import annotations
@@ -25,15 +28,25 @@ from crucible.protocol.codec import decode_body
 from crucible.protocol.messages import MAX_FRAME_LEN, Message
 from crucible.protocol.wire import U32, ProtocolError
 
+HELLO_MAX_FRAME = 4096  # the largest first message (a hello) a peer may send
+
 
 class FrameDecoder:
     SIZE = 256 << 10
     MIN_FREE = 64 << 10  # offered to each receive
 
-    def __init__(self, max_frame: int = MAX_FRAME_LEN) -> None:
+    def __init__(self, max_frame: int = MAX_FRAME_LEN, greeted: bool = False) -> None:
+        """`greeted`: the peer is known already (no hello limit)."""
         self._buf = bytearray(self.SIZE)
         self._start = self._end = 0  # unparsed bytes are _buf[_start:_end]
-        self._max = max_frame
+        self._limit = max_frame
+        self._max = max_frame if greeted else min(max_frame, HELLO_MAX_FRAME)
+        self.greeted = greeted  # a valid message has arrived
+
+    def first_bytes(self, n: int = 16) -> bytes:
+        """What the peer sent first, while no message has been taken (to say
+        what a peer that does not speak the protocol is)."""
+        return bytes(self._buf[self._start : min(self._end, self._start + n)])
 
     def get_buffer(self) -> memoryview:
         """Free space to receive into; say how much arrived with `advance`."""
@@ -83,7 +96,11 @@ class FrameDecoder:
         if avail < n:
             return None
         frame = self._buf[start + 4 : start + n]  # one copy, owned by this message
+        msg = decode_body(memoryview(frame))
         self._start = start + n
         if self._start == self._end:
             self._start = self._end = 0
-        return decode_body(memoryview(frame))
+        if not self.greeted:
+            self.greeted = True
+            self._max = self._limit
+        return msg

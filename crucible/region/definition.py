@@ -26,6 +26,8 @@ def load_definition(directory: Path) -> RegionDefinition:
         raise RegionError(f"no region at {directory}: {path} does not exist") from None
     except OSError as e:
         raise RegionError(f"cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise RegionError(f"{path} is not a region definition (not UTF-8 text)") from None
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:

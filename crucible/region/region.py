@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +35,7 @@ from crucible.region.layout import (
 
 Progress = Callable[[int], None]
 FLUSH_THREADS = 8
+_EXTENT_NAME = re.compile(r"[0-9A-F]{2}/[0-9A-F]{3}/[0-9A-F]{3}")
 
 
 def block_hash(ctx: BlockContext, block: bytes | memoryview) -> int:
@@ -71,6 +75,7 @@ class Region:
         # sees the same count before and after (repair.py checks).
         self.close_counts: dict[int, int] = {}
         self._flush_pool: ThreadPoolExecutor | None = None
+        self._lock_fd: int | None = None
 
     # ---- create / open / close ------------------------------------------------
 
@@ -104,21 +109,66 @@ class Region:
 
     @classmethod
     def open(cls, directory: Path, read_only: bool = False) -> Region:
+        """Open a region; unless read-only, it is locked against every other
+        writable open (a second downstairs on it) until closed."""
         definition = load_definition(directory)
         region = cls(directory, definition, read_only)
         try:
+            if not read_only:
+                region._lock()
+            region._check_no_extra_extents()
             for eid in range(definition.extent_count):
                 if not read_only:
                     region._settle_staging(eid)
                 region.extents.append(region._open_extent(eid))
         except CrucibleError as e:
             region.close()
-            raise RegionError(f"cannot open region at {directory}: {e.detail or e}") from None
+            d = definition
+            said = f"{directory / REGION_JSON} says bs:{d.block_size} es:{d.extent_size}"
+            detail = e.detail or str(e)
+            if e.kind == ErrorKind.BadMetadata and "bytes, expected" in detail:
+                detail += f" ({said}: the definition does not match the extent files)"
+            raise RegionError(f"cannot open region at {directory}: {detail}") from None
+        except RegionError:
+            region.close()
+            raise
         except OSError as e:
             region.close()
             raise RegionError(f"cannot open region at {directory}: {e}") from None
         region.dirty_extents = {i for i, e in enumerate(region.extents) if e and e.dirty}
         return region
+
+    def _lock(self) -> None:
+        fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise RegionError(
+                    f"region at {self.dir} is in use by another process "
+                    "(a downstairs already serving it?)"
+                ) from None
+            raise
+        self._lock_fd = fd
+
+    def _check_no_extra_extents(self) -> None:
+        """Extent files beyond extent_count mean region.json was changed under
+        the data (serving it would silently drop what they hold)."""
+        count = self.definition.extent_count
+        extra = []
+        for sub, _, files in os.walk(self.dir):
+            rel = os.path.relpath(sub, self.dir)
+            for name in files:
+                path = f"{rel}/{name}"
+                if _EXTENT_NAME.fullmatch(path) and int(path.replace("/", ""), 16) >= count:
+                    extra.append(path)
+        if extra:
+            raise RegionError(
+                f"cannot open region at {self.dir}: {self.dir / REGION_JSON} says {count} "
+                f"extents, but {len(extra)} more extent files are there (e.g. {min(extra)}): "
+                "the definition does not match the extent files"
+            )
 
     def _open_extent(self, eid: int) -> Extent:
         return Extent.open(eid, extent_path(self.dir, eid), self.layout, self.read_only)
@@ -131,6 +181,9 @@ class Region:
             if ext is not None:
                 ext.close()
         self.extents = []
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the lock
+            self._lock_fd = None
 
     # ---- geometry ----------------------------------------------------------------
 

@@ -149,20 +149,32 @@ class Client:
 
     # ---- connection --------------------------------------------------------------------
 
+    def note_error(self, err: str) -> bool:
+        """Remember why it is not working; True when that was said already
+        (said once: a downstairs may stay down for long)."""
+        repeat = err == self.last_error
+        self.last_error = err
+        return repeat
+
+    @property
+    def _retry_level(self) -> str:
+        """Retries after a failure are logged quietly; the failure was said."""
+        return "debug" if self.last_error else "info"
+
     def connect(self, mode: Mode | None = None) -> list[Action]:
         """Connect now, rejoining in `mode` (default: the mode it has)."""
         self.set_state(DsState(Stage.CONNECT, mode or self.mode))
         self.reconnect_at = None
-        return [Log(f"[{self.id}] connecting to {self.name}"), Connect(self.id, self.target)]
+        line = f"[{self.id}] connecting to {self.name}"
+        return [Log(line, self._retry_level), Connect(self.id, self.target)]
 
     def connect_failed(self, reason: str, now: float, opts: Options) -> list[Action]:
-        err = f"cannot connect to {self.name}: {reason}"
-        repeat = err == self.last_error  # said once; a downstairs may stay down for long
-        self.last_error = err
+        repeat = self.note_error(f"cannot connect to {self.name}: {reason}")
         if self.stage is not Stage.CONNECT:
             return []
         self.reconnect_at = now + opts.reconnect_delay
-        return [Log(f"[{self.id}] {err}; retrying", "debug" if repeat else "warning")]
+        # Info, not a warning: while it is away, the volume's state says so.
+        return [Log(f"[{self.id}] {self.last_error}; retrying", "debug" if repeat else "info")]
 
     def connected(self, session: Session, now: float) -> list[Action]:
         if self.stage is not Stage.CONNECT:
@@ -179,7 +191,8 @@ class Client:
             False,
             [],
         )
-        return [Log(f"[{self.id}] ok, connected to {self.name}"), Send(self.id, hello)]
+        line = f"[{self.id}] ok, connected to {self.name}"
+        return [Log(line, self._retry_level), Send(self.id, hello)]
 
     def fall_back(self, now: float, opts: Options, mode: Mode | None = None) -> None:
         """Lost (or dropped): connect again after the reconnect delay."""
@@ -194,6 +207,13 @@ class Client:
             return []
         if self.stage not in CONNECTED:
             return []
+        if self.stage is Stage.HELLO and now - self.last_rx > opts.hello_timeout:
+            err = f"{self.name} answered nothing to the Crucible hello in {opts.hello_timeout:g} s"
+            repeat = self.note_error(err + " (is it a downstairs?)")
+            return [
+                Log(f"[{self.id}] {self.last_error}", "debug" if repeat else "error"),
+                Drop(self.id, err),
+            ]
         if now - self.last_rx > opts.timeout:
             self.last_error = f"no message for {opts.timeout:g} s"
             return [Drop(self.id, self.last_error)]

@@ -296,7 +296,8 @@ class UpstairsCore:
         if stage in (Stage.IDLE, Stage.DISABLED, Stage.CONNECT):
             return []  # we dropped it on purpose, or it was not connected
         ds = self.ds
-        acts: list[Action] = [Log(f"[{c.id}] {c.name} disconnected ({prev.name})", "warning")]
+        level = "debug" if stage is Stage.HELLO and c.last_error else "warning"
+        acts: list[Action] = [Log(f"[{c.id}] {c.name} disconnected ({prev.name})", level)]
         if stage is Stage.RECONCILE:
             acts += self.activation.abort(ds, f"downstairs {c.name} went away", now)
         elif stage in (Stage.REPAIR_READY, Stage.LIVE_REPAIR):
@@ -330,6 +331,17 @@ class UpstairsCore:
             c.set_state(IDLE)
             c.reconnect_at = None
         return acts + self._maintain(now)
+
+    def bad_frame(self, cid: int, why: str, first: bytes | None) -> list[Action]:
+        """A frame that does not decode; `first`: what the peer sent, when it
+        never sent a valid message (then it is no downstairs at all)."""
+        c = self.clients[cid]
+        if first is not None:
+            err = f"{c.name} does not speak the Crucible protocol (it sent {first!r})"
+        else:
+            err = f"bad frame from {c.name}: {why}"
+        repeat = c.note_error(err)
+        return [Log(f"[{cid}] {err}", "debug" if repeat else "error"), Drop(cid, err)]
 
     def received(self, cid: int, msg: m.Message, now: float) -> list[Action]:
         c = self.clients[cid]

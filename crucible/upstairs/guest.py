@@ -342,10 +342,10 @@ class Upstairs:
             self._drain_backlog()
         return True
 
-    def bad_frame(self, conn: Connection, why: str) -> None:
+    def bad_frame(self, conn: Connection, why: str, first: bytes | None) -> None:
         cid = conn.cid
         if self._conns.get(cid) is conn:
-            self._apply([Log(f"[{cid}] bad frame from downstairs: {why}", "error"), Drop(cid, why)])
+            self._apply(self.core.bad_frame(cid, why, first))
 
     def lost(self, conn: Connection) -> None:
         cid = conn.cid
@@ -447,6 +447,7 @@ class Upstairs:
             del self._connecting[cid]
             self._conns[cid] = conn
             self._apply(self.core.connected(cid, self._now()))
+            conn.attach()
 
         task = loop.create_task(connect())
         self._connecting[cid] = task

@@ -11,6 +11,7 @@ class Options:
     flush_timeout: float = 0.5
     ping_interval: float = 5.0
     timeout: float = 45.0
+    hello_timeout: float = 10.0  # for YesItsMe: a downstairs answers HereIAm at once
     reconnect_delay: float = 1.0
     max_jobs: int = 1500  # in flight per downstairs before the guest waits
     offline_max_jobs: int = 1000  # held for an offline downstairs before it is faulted

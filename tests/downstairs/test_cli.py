@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from crucible.region.layout import extent_path
-from tests.support import Client, downstairs, pattern, run_cli
+from tests.support import Client, downstairs, free_port, pattern, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -173,16 +173,51 @@ def test_run_truncated_extent(tmp_path: Path) -> None:
     one_line_error(run_cli("run", "-d", str(tmp_path / "r"), "-p", "0"), "truncated", "004")
 
 
-def test_run_port_in_use(tmp_path: Path) -> None:
+@pytest.mark.parametrize("which", ["downstairs", "repair"])
+def test_run_port_in_use_says_which(tmp_path: Path, which: str) -> None:
     assert run_cli("create", "-d", str(tmp_path / "r")).returncode == 0
+    port = free_port()
+    taken = port if which == "downstairs" else port + 4000
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("127.0.0.1", taken))
         s.listen()
-        port = s.getsockname()[1]
         one_line_error(
             run_cli("run", "-d", str(tmp_path / "r"), "-p", str(port), "-a", "127.0.0.1"),
-            "already in use",
+            f"{which} port {taken} on 127.0.0.1 is already in use",
         )
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (b"\xff\xfe\x00garbage", "not UTF-8 text"),
+        (b"[]", "must be a JSON object, not list"),
+        (b"{}", "field extent_size is missing"),
+    ],
+)
+def test_run_bad_region_json_names_the_file(tmp_path: Path, content: bytes, says: str) -> None:
+    assert run_cli("create", "-d", str(tmp_path / "r")).returncode == 0
+    (tmp_path / "r" / "region.json").write_bytes(content)
+    r = run_cli("run", "-d", str(tmp_path / "r"), "-p", "0")
+    one_line_error(r, str(tmp_path / "r" / "region.json"), says)
+
+
+def test_run_refuses_a_definition_that_does_not_match_the_extents(tmp_path: Path) -> None:
+    args = ("--extent-size", "64", "--extent-count", "4")
+    assert run_cli("create", "-d", str(tmp_path / "r"), *args).returncode == 0
+    path = tmp_path / "r" / "region.json"
+    obj = json.loads(path.read_text())
+    path.write_text(json.dumps({**obj, "extent_count": 2}))  # the data beyond would vanish
+    r = run_cli("run", "-d", str(tmp_path / "r"), "-p", "0")
+    one_line_error(r, "says 2 extents, but 2 more extent files", "does not match")
+
+
+def test_run_second_downstairs_on_a_region_refused(tmp_path: Path) -> None:
+    assert run_cli("create", "-d", str(tmp_path / "r")).returncode == 0
+    with downstairs(tmp_path / "r") as ds:
+        r = run_cli("run", "-d", str(tmp_path / "r"), "-p", str(free_port()))
+        one_line_error(r, "in use by another process")
+        assert ds.alive()
 
 
 @pytest.mark.parametrize("args", [["-p", "70000"], ["-p", "x"], ["--mode", "rx"], []])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import uuid
@@ -241,24 +242,71 @@ def test_open_missing_region(tmp_path: Path) -> None:
         Region.open(tmp_path / "nothing")
 
 
+GOOD_JSON = {
+    "block_size": 512,
+    "extent_size": {"value": 16, "shift": 9},
+    "extent_count": 4,
+    "uuid": "00000000-0000-0000-0000-000000000000",
+    "encrypted": False,
+    "database_read_version": 1,
+    "database_write_version": 1,
+}
+
+
 @pytest.mark.parametrize(
-    "text",
+    ("text", "says"),
     [
-        "{not json",
-        '{"block_size": 512}',
-        "[]",
-        '{"block_size": 500, "extent_size": {"value": 1, "shift": 9},'
-        '"extent_count": 1, "uuid": "00000000-0000-0000-0000-000000000000",'
-        '"encrypted": false, "database_read_version": 1,'
-        '"database_write_version": 1}',
+        (b"{not json", "not valid JSON"),
+        (b"\x00\xff\xfe binary", "not UTF-8 text"),
+        (b"[]", "must be a JSON object, not list"),
+        (b'{"block_size": 512}', "field extent_size is missing"),
+        (json.dumps({**GOOD_JSON, "block_size": 500}).encode(), "block size 500"),
+        (json.dumps({**GOOD_JSON, "block_size": "512"}).encode(), "block_size must be an integer"),
+        (json.dumps({**GOOD_JSON, "extent_size": 16}).encode(), "extent_size must be a JSON"),
+        (json.dumps({**GOOD_JSON, "uuid": 7}).encode(), "uuid must be a UUID"),
+        (json.dumps({**GOOD_JSON, "encrypted": 0}).encode(), "encrypted must be true or false"),
     ],
 )
-def test_open_corrupt_region_json(make_region: MakeRegion, text: str) -> None:
+def test_open_corrupt_region_json(make_region: MakeRegion, text: bytes, says: str) -> None:
     r = make_region()
     r.close()
-    (r.dir / "region.json").write_text(text)
-    with pytest.raises(RegionError, match=r"region\.json"):
+    (r.dir / "region.json").write_bytes(text)
+    with pytest.raises(RegionError) as e:
         Region.open(r.dir)
+    assert str(r.dir / "region.json") in str(e.value) and says in str(e.value), e.value
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        (
+            {"extent_count": 2},
+            "says 2 extents, but 2 more extent files are there (e.g. 00/000/002)",
+        ),
+        ({"extent_size": {"value": 8, "shift": 9}}, "says bs:512 es:8"),
+        ({"block_size": 4096, "extent_size": {"value": 16, "shift": 12}}, "says bs:4096 es:16"),
+    ],
+)
+def test_definition_not_matching_the_extent_files(
+    make_region: MakeRegion, change: dict[str, object], says: str
+) -> None:
+    r = make_region()
+    r.close()
+    obj = {**json.loads((r.dir / "region.json").read_text()), **change}
+    (r.dir / "region.json").write_text(json.dumps(obj))
+    for read_only in (False, True):
+        with pytest.raises(RegionError) as e:
+            Region.open(r.dir, read_only=read_only)
+        assert says in str(e.value) and "does not match the extent files" in str(e.value)
+
+
+def test_one_writer_at_a_time(make_region: MakeRegion) -> None:
+    r = make_region()
+    with pytest.raises(RegionError, match="in use by another process"):
+        Region.open(r.dir)
+    Region.open(r.dir, read_only=True).close()  # reading (dump, export) is allowed
+    r.close()
+    Region.open(r.dir).close()  # closed: free again
 
 
 def test_open_truncated_extent(make_region: MakeRegion) -> None:
