@@ -7,16 +7,20 @@ stops everything cleanly. Each run activates with the next generation."""
 from __future__ import annotations
 
 import argparse
+import fcntl
+import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import IO
 
 from crucible.cli_util import fail, port_number, positive_int, stop_process
-from crucible.tools.dsc import region_ports
+from crucible.protocol.wire import SocketAddr
+from crucible.tools.common import target
+from crucible.tools.dsc import DscError, region_ports, request
 
 PROG = "scripts/demo"
 BIN = Path(sys.executable).parent
@@ -54,25 +58,23 @@ def main() -> None:
     elif not all(present):
         missing = ", ".join(str(r) for r, ok in zip(regions, present, strict=True) if not ok)
         fail(PROG, f"{args.dir} holds only some of the regions (missing {missing})")
+    lock = _lock(args.dir)
     control = f"127.0.0.1:{args.control_port}"
-    procs: list[subprocess.Popen[bytes]] = []
-    logs: list[IO[bytes]] = []
+    servers: list[Server] = []
+    # Ctrl-C and kill -INT/-TERM stop everything in order, even when started
+    # from a script that left SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        procs.append(
-            _spawn(
-                [BIN / "dsc", "start", "--output-dir", args.dir, "--port-base", args.port,
-                 "--control", control],
-                args.dir / "dsc.log",
-                logs,
-            )
-        )  # fmt: skip
+        dsc_cmd = [BIN / "dsc", "start", "--output-dir", args.dir, "--port-base", args.port,
+                   "--control", control]  # fmt: skip
+        servers.append(Server("dsc", dsc_cmd, args.dir / "dsc.log"))
         targets = [a for port in ports for a in ("-t", f"127.0.0.1:{port}")]
-        nbd_log = args.dir / "nbd.log"
-        procs.append(
-            _spawn([BIN / "crucible-nbd", *targets, "-p", str(args.nbd_port)], nbd_log, logs)
-        )
-        uri = _wait_serving(nbd_log, procs, args)
+        nbd_cmd = [BIN / "crucible-nbd", *targets, "-p", str(args.nbd_port)]
+        # Each downstairs's log, from where this run starts, for what went wrong.
+        ds_logs = {port: _offset(args.dir / f"downstairs-{port}.log") for port in ports}
+        servers.append(Server("crucible-nbd", nbd_cmd, args.dir / "nbd.log"))
+        uri = _wait_serving(servers, ds_logs, args.dir, target(control))
         print(
             f"three downstairs serve {args.dir} on ports {', '.join(map(str, ports))} "
             f"under dsc (control API http://{control}/); logs in {args.dir}/*.log"
@@ -81,9 +83,10 @@ def main() -> None:
         print("try:")
         print(f"  nbdinfo {uri}")
         print(f"  nbdinfo --map {uri}")
-        print(f"  qemu-img convert -n -f raw -O raw disk.raw {uri}")
         print(f"  qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' {uri}")
-        print(f"  nbdcopy --connections=4 {uri} copy.raw")
+        print(f"  qemu-img convert -p -f raw -O raw {uri} disk.raw    # the volume to a file")
+        print(f"  qemu-img compare -f raw -F raw {uri} disk.raw")
+        print(f"  nbdcopy --connections=4 disk.raw {uri}    # and back")
         print(f"  .venv/bin/crucible-downstairs dump {' '.join(f'-d {r}' for r in regions)}")
         print(
             f"  .venv/bin/dsc cmd --control {control} stop 1   "
@@ -92,20 +95,20 @@ def main() -> None:
         if args.once:
             _check(uri)
             return
-        print("Ctrl-C stops everything.", flush=True)
-        while all(p.poll() is None for p in procs):
+        print(f"Ctrl-C (or kill -INT {os.getpid()}) stops everything.", flush=True)
+        while all(s.proc.poll() is None for s in servers):
             time.sleep(0.5)
-        fail(PROG, "a server exited; see the logs in " + str(args.dir))
+        gone = next(s for s in servers if s.proc.poll() is not None)
+        fail(PROG, f"{gone.name} exited: {gone.cause()}")
     except KeyboardInterrupt:
         pass
     finally:
         # crucible-nbd first: it flushes and deactivates while the downstairs still run;
         # then dsc, which stops them.
-        for proc in reversed(procs):
-            stop_process(proc, timeout=60)
-        for log in logs:
-            log.close()
+        for s in reversed(servers):
+            s.stop()
         print("stopped")
+        os.close(lock)
 
 
 def _run_dsc(*args: object) -> None:
@@ -114,29 +117,94 @@ def _run_dsc(*args: object) -> None:
         fail(PROG, r.stderr.strip() or "dsc failed")
 
 
-def _spawn(cmd: list[object], log_path: Path, logs: list[IO[bytes]]) -> subprocess.Popen[bytes]:
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    log = open(log_path, "ab")  # noqa: SIM115 - kept open while the server runs
-    logs.append(log)
-    return subprocess.Popen([str(c) for c in cmd], stdout=log, stderr=subprocess.STDOUT)
+def _lock(directory: Path) -> int:
+    """One demo per directory: a lock held while it runs, naming its pid."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "demo.pid"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        fail(
+            PROG,
+            f"the demo is already running on {directory} (pid {pid}); stop it with Ctrl-C "
+            f"where it runs, or kill -INT {pid}",
+        )
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _offset(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
+
+
+def first_error(path: Path, offset: int) -> str:
+    """What a server that failed said: its first line that reports an error
+    (one-line CLI errors, logged errors), else its last line."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            lines = [x.strip() for x in f.read().decode(errors="replace").splitlines()]
+    except OSError:
+        return f"(no log at {path})"
+    lines = [x for x in lines if x]
+    for line in lines:
+        if re.search(r"\berror\b|\bERROR\b", line):
+            return line
+    return lines[-1] if lines else "(it printed nothing)"
+
+
+class Server:
+    """One process the demo runs, with its log."""
+
+    def __init__(self, name: str, cmd: list[object], log: Path) -> None:
+        self.name = name
+        self.log = log
+        self.offset = _offset(log)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "ab") as out:
+            # Its own session: a Ctrl-C at the terminal reaches the demo alone,
+            # which stops the servers in order.
+            self.proc = subprocess.Popen(
+                [str(c) for c in cmd], stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+    def cause(self) -> str:
+        return f"{first_error(self.log, self.offset)} (see {self.log})"
+
+    def stop(self) -> None:
+        stop_process(self.proc, timeout=60)
 
 
 def _wait_serving(
-    nbd_log: Path, procs: list[subprocess.Popen[bytes]], args: argparse.Namespace
+    servers: list[Server], ds_logs: dict[int, int], directory: Path, control: SocketAddr
 ) -> str:
-    start = nbd_log.stat().st_size if nbd_log.exists() else 0
+    """The export's URI once crucible-nbd serves; or the first failure, said
+    as soon as a server (dsc, a downstairs, crucible-nbd) has exited."""
+    nbd = servers[-1]
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
-        for proc in procs:
-            if proc.poll() is not None:
-                fail(PROG, f"a server exited at start; see the logs in {args.dir}")
-        text = nbd_log.read_text()[start:] if nbd_log.exists() else ""
-        for line in text.splitlines():
+        for s in servers:
+            if s.proc.poll() is not None:
+                fail(PROG, f"{s.name} exited at start: {s.cause()}")
+        try:
+            fleet = request(control, "GET", "/list")
+        except DscError:
+            fleet = []  # dsc is not answering yet
+        for d in fleet:
+            if str(d.get("state", "")).startswith("exited"):
+                log = directory / f"downstairs-{d['port']}.log"
+                line = first_error(log, ds_logs.get(d["port"], 0))
+                fail(PROG, f"downstairs {d['cid']} (port {d['port']}) exited at start: {line}")
+        for line in nbd.log.read_text(errors="replace")[nbd.offset :].splitlines():
             if line.startswith("serving ") and " at nbd://" in line:
                 print(line)
                 return line.rsplit(" at ", 1)[1]
         time.sleep(0.2)
-    fail(PROG, f"crucible-nbd did not start; see {nbd_log}")
+    fail(PROG, f"crucible-nbd did not start in 90 s: {nbd.cause()}")
 
 
 def _check(uri: str) -> None:
