@@ -20,8 +20,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 SIZE = 32 * 4096 * 512  # the fixture's volume: 64 MiB
 
 
-def run(*cmd: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+def run(
+    *cmd: str, timeout: float = 300, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd)
     assert r.returncode == 0, f"{cmd}: {r.stdout}{r.stderr}"
     return r
 
@@ -167,7 +169,7 @@ verify_fatal=1
 [randwrite]
 rw=randwrite
 """)
-    r = run("fio", str(job), "--output-format=json")
+    r = run("fio", str(job), "--output-format=json", cwd=tmp_path)  # its state files go there
     result = json.loads(r.stdout[r.stdout.index("{") :])
     assert result["jobs"][0]["error"] == 0
 

@@ -61,3 +61,13 @@ def test_nbd_client_at_a_downstairs_port_is_dropped(nbd: Nbd) -> None:
     assert r.returncode != 0
     assert "not an upstairs" in ds.output()
     assert ds.alive()
+
+
+def test_quiet_hides_connection_retries() -> None:
+    base = free_port(run=3)
+    args = [a for i in range(3) for a in ("-t", f"127.0.0.1:{base + i}")]
+    r = nbd_cli(*args, "-p", str(free_port()), "-q", "--activate-timeout", "3")
+    assert r.returncode == 1
+    assert r.stdout == "", r.stdout
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Connection refused" in lines[0], r.stderr
