@@ -95,6 +95,10 @@ class Conn:
     work: WorkQueue = field(default_factory=WorkQueue)
 
 
+# Work that stamps a generation on extents: never above the negotiated one.
+_STAMPS_GEN = (m.Flush, m.ExtentLiveFlushClose, m.ExtentFlush)
+
+
 class DownstairsCore:
     def __init__(
         self,
@@ -112,6 +116,11 @@ class DownstairsCore:
         self.log_jobs = True
 
     # ---- queries for the driver ---------------------------------------------------
+
+    def promoted(self, cid: int) -> bool:
+        """The connection is a promoted upstairs (negotiation is done)."""
+        c = self.conns.get(cid)
+        return c is not None and c.phase not in (Phase.START, Phase.NEGOTIATED)
 
     def wants(self, conn_id: int) -> bool:
         """Should work queued for this connection still run? False once it has
@@ -259,6 +268,15 @@ class DownstairsCore:
 
     def _running(self, conn: Conn, msg: m.Message) -> list[Action]:
         cid = conn.id
+        if isinstance(msg, _STAMPS_GEN) and msg.gen_number > conn.gen:
+            # Stored, it would outrank every later activation: the region would be lost.
+            why = f"generation {msg.gen_number} is above the session's {conn.gen}"
+            err = CrucibleError(ErrorKind.GenerationNumberInvalid, why)
+            work_id = msg.repair_id if isinstance(msg, m.ExtentFlush) else msg.job_id
+            return [
+                Send(cid, m.ErrorReport(conn.upstairs_id, conn.session_id, work_id, err)),
+                Disconnect(cid, f"{type(msg).__name__} {work_id}: {why}"),
+            ]
         if is_job(msg):
             return self._job(conn, msg)
         if is_reconcile_op(msg):

@@ -64,7 +64,7 @@ class _Connection(asyncio.BufferedProtocol):
     def __init__(self, server: DownstairsServer, conn_id: int) -> None:
         self.server = server
         self.id = conn_id
-        self.decoder = FrameDecoder()
+        self.decoder = FrameDecoder(hello_limit=True)  # until it is the promoted upstairs
         self.transport: asyncio.Transport | None = None
         self.out: OutputBatcher | None = None
         self.last_rx = self.since = time.monotonic()
@@ -94,6 +94,8 @@ class _Connection(asyncio.BufferedProtocol):
                 self.server.apply(self.server.core.received(self.id, msg))
                 if self.closing:
                     return
+                if decoder.limited and self.server.core.promoted(self.id):
+                    decoder.unlimit()
         except ProtocolError as e:
             if decoder.greeted:
                 self.close(str(e))

@@ -10,16 +10,18 @@ Goals and costs, for whoever changes it:
   it, never copied again). The unparsed tail moves to the front only when
   free space runs short: amortised, each byte moves at most once per buffer
   length received.
-* The buffer starts at 256 KiB and grows (doubling) to hold one whole large
-  frame once its length is known, at most the frame limit (100 MiB) plus what
-  was already buffered. After such a frame, once drained, it shrinks back.
-  So memory per connection is bounded by about twice the largest frame a
-  peer may send, and a length over the limit is refused before any growth.
+* The buffer starts at 256 KiB and grows (doubling) with what arrives of a
+  large frame, never ahead of it: a peer that claims a huge frame and sends
+  little costs little. After a frame over SHRINK_ABOVE, once drained, it
+  shrinks back. So memory per connection is bounded by about twice the
+  largest frame a peer has actually sent, and a length over the limit is
+  refused before any growth.
 * A frame that is short, too long or does not decode raises ProtocolError;
   the caller closes the connection. Nothing here ever blocks.
-* Until a peer has sent one valid message, frames over HELLO_MAX_FRAME are
-  refused (`greeted` lifts the limit): a peer that speaks another protocol
-  is told apart by its first bytes, and a stranger cannot make a buffer grow.
+* With `hello_limit`, frames over HELLO_MAX_FRAME are refused until the
+  owner calls `unlimit` (a downstairs, once negotiation is done): a stranger
+  cannot make a buffer grow. `greeted` says a valid message has arrived;
+  before that, `first_bytes` tells what a peer speaking another protocol sent.
 """
 
 from __future__ import annotations
@@ -28,20 +30,28 @@ from crucible.protocol.codec import decode_body
 from crucible.protocol.messages import MAX_FRAME_LEN, Message
 from crucible.protocol.wire import U32, ProtocolError
 
-HELLO_MAX_FRAME = 4096  # the largest first message (a hello) a peer may send
+HELLO_MAX_FRAME = 64 << 10  # frames a peer may send before negotiation is done
 
 
 class FrameDecoder:
     SIZE = 256 << 10
     MIN_FREE = 64 << 10  # offered to each receive
+    SHRINK_ABOVE = 16 * SIZE
 
-    def __init__(self, max_frame: int = MAX_FRAME_LEN, greeted: bool = False) -> None:
-        """`greeted`: the peer is known already (no hello limit)."""
+    def __init__(self, max_frame: int = MAX_FRAME_LEN, hello_limit: bool = False) -> None:
         self._buf = bytearray(self.SIZE)
         self._start = self._end = 0  # unparsed bytes are _buf[_start:_end]
         self._limit = max_frame
-        self._max = max_frame if greeted else min(max_frame, HELLO_MAX_FRAME)
-        self.greeted = greeted  # a valid message has arrived
+        self._max = min(max_frame, HELLO_MAX_FRAME) if hello_limit else max_frame
+        self.greeted = False  # a valid message has arrived
+
+    def unlimit(self) -> None:
+        """Negotiation is done: frames up to the full limit from now on."""
+        self._max = self._limit
+
+    @property
+    def limited(self) -> bool:
+        return self._max < self._limit
 
     def first_bytes(self, n: int = 16) -> bytes:
         """What the peer sent first, while no message has been taken (to say
@@ -70,7 +80,9 @@ class FrameDecoder:
         if avail >= 4:
             (n,) = U32.unpack_from(buf, start)
             if n <= self._max:  # a bad length is refused by next_message
-                want = max(want, n - avail)
+                # The rest of the frame, but at most as much again as has
+                # arrived: growth follows the data, not the claim.
+                want = max(want, min(n - avail, max(avail, self.SIZE)))
         if len(buf) - end >= want:
             return
         if start:
@@ -85,7 +97,7 @@ class FrameDecoder:
         start = self._start
         avail = self._end - start
         if avail < 4:
-            if not avail and len(self._buf) > 4 * self.SIZE:
+            if not avail and len(self._buf) > self.SHRINK_ABOVE:
                 self._buf, self._start, self._end = bytearray(self.SIZE), 0, 0  # after a huge frame
             return None
         (n,) = U32.unpack_from(self._buf, start)
@@ -100,7 +112,5 @@ class FrameDecoder:
         self._start = start + n
         if self._start == self._end:
             self._start = self._end = 0
-        if not self.greeted:
-            self.greeted = True
-            self._max = self._limit
+        self.greeted = True
         return msg

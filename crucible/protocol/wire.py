@@ -34,10 +34,21 @@ def cached_uuid(raw: bytes) -> uuid.UUID:
     return found
 
 
-@functools.lru_cache(maxsize=128)
+CACHED_RUN = 2048  # longer runs are built each time: a peer picks the lengths
+
+
 def struct_run(item: str, count: int) -> struct.Struct:
     """`count` little-endian repetitions of a struct format (the per-count
-    layouts of lists on the wire and on disk, built once each)."""
+    layouts of lists on the wire and on disk). Short ones, the usual sizes,
+    are built once each; a cached Struct costs memory in proportion to its
+    count, so long ones are not kept."""
+    if count <= CACHED_RUN:
+        return _cached_run(item, count)
+    return struct.Struct(f"<{item * count}")
+
+
+@functools.lru_cache(maxsize=128)
+def _cached_run(item: str, count: int) -> struct.Struct:
     return struct.Struct("<" + item * count)
 
 

@@ -8,6 +8,7 @@ import logging
 
 from crucible.common.errors import CrucibleError, ErrorKind
 from crucible.protocol.wire import SocketAddr
+from crucible.upstairs.core import MAX_GEN
 from crucible.upstairs.guest import Upstairs
 
 log = logging.getLogger("crucible.tools")
@@ -71,6 +72,12 @@ async def activate(up: Upstairs, gen: int | None, timeout: float) -> int:
         except CrucibleError as e:
             if gen is None and e.kind == ErrorKind.GenerationNumberInvalid and e.values:
                 floor = int(e.values[1])
+                if floor >= MAX_GEN:
+                    raise CrucibleError(
+                        ErrorKind.GenerationNumberInvalid,
+                        f"the downstairs hold generation {floor}, the highest there is: "
+                        "no upstairs can activate above it",
+                    ) from None
                 log.info("downstairs hold generation %d; activating with %d", floor, floor + 1)
                 want = floor + 1
                 continue

@@ -81,6 +81,8 @@ class Allocation:
         # Runs touching or overlapping [start, end) merge with it (or are cut by it).
         lo = bisect.bisect_left(ends, start)
         hi = bisect.bisect_right(starts, end)
+        if allocated and lo < hi and starts[lo] <= start and ends[lo] >= end:
+            return  # already inside one run: the common case of rewrites
         keep_starts: list[int] = []
         keep_ends: list[int] = []
         if allocated:

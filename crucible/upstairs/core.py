@@ -51,6 +51,8 @@ from crucible.upstairs.state import (
 )
 from crucible.upstairs.status import UpstairsStatus
 
+MAX_GEN = (1 << 64) - 1  # generations are u64 on the wire
+
 
 class UpstairsCore:
     def __init__(
@@ -110,6 +112,9 @@ class UpstairsCore:
         if gen < 1:
             err = CrucibleError(ErrorKind.GenerationNumberInvalid, "generation 0 is not allowed")
             return [Complete(token, err)]
+        if gen > MAX_GEN:
+            why = f"generation {gen} is above the highest there is ({MAX_GEN})"
+            return [Complete(token, CrucibleError(ErrorKind.GenerationNumberInvalid, why))]
         self._set_state(UpState.GO_ACTIVE)
         # A fresh session: the downstairs know none of our earlier job ids.
         self.ds.session = Session(self.upstairs_id, uuid.uuid4(), gen, self.opts.read_only)

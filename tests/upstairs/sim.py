@@ -35,7 +35,7 @@ from crucible.upstairs.options import Options
 
 def _wire(msg: m.Message) -> m.Message:
     """Through the codec, as on a real socket."""
-    dec = FrameDecoder(greeted=True)
+    dec = FrameDecoder()
     dec.feed(codec.encode(msg))
     out = dec.next_message()
     assert out is not None

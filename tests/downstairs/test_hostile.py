@@ -1,0 +1,126 @@
+"""A real downstairs against peers that mean harm or are broken: each bound
+asserted (memory, the connection closed with a logged reason, the region
+still usable by a normal upstairs)."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from pathlib import Path
+
+import pytest
+
+from crucible.protocol import messages as m
+from crucible.protocol.framing import HELLO_MAX_FRAME
+from tests.support import Client, Downstairs, cluster, downstairs, run_tool
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+MiB = 1 << 20
+MAX_GEN = (1 << 64) - 1
+
+
+def rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def closed(s: socket.socket) -> bool:
+    """Wait until the peer closes (True) -- anything it sends is dropped."""
+    s.settimeout(60)
+    try:
+        while s.recv(1 << 16):
+            pass
+    except ConnectionResetError:
+        pass
+    return True
+
+
+def rx_drained(server_port: int, client: socket.socket) -> bool:
+    """The server process has read everything this client sent: its socket's
+    receive queue (in /proc/net/tcp) is empty."""
+    port = client.getsockname()[1]
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        f = line.split()
+        local, remote = f[1], f[2]
+        if int(local.split(":")[1], 16) == server_port and int(remote.split(":")[1], 16) == port:
+            return int(f[4].split(":")[1], 16) == 0
+    return False
+
+
+def until(ok: object, what: str) -> None:
+    deadline = time.monotonic() + 60
+    while not ok():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_strangers_claiming_huge_frames_cost_nothing(ds: Downstairs) -> None:
+    base = rss(ds.proc.pid)
+    socks = []
+    for _ in range(20):
+        s = socket.create_connection(("127.0.0.1", ds.port))
+        s.sendall(struct.pack("<I", 100 * MiB) + bytes(1024))
+        socks.append(s)
+    for s in socks:
+        assert closed(s)
+        s.close()
+    assert "not a Crucible upstairs" in ds.output()
+    assert rss(ds.proc.pid) < base + 32 * MiB
+    # Before promotion, frames are held to the hello limit.
+    c = Client(ds.port)
+    assert isinstance(c.hello(), m.YesItsMe)
+    c.send_raw(struct.pack("<I", HELLO_MAX_FRAME + 1) + bytes(16))
+    assert c.closed_by_peer()
+
+
+def test_negotiated_peer_claims_are_not_allocated_ahead(region: Path) -> None:
+    """Read-only, so that twenty upstairs can be promoted at once."""
+    with downstairs(region, "--mode", "ro") as ds:
+        _claims(ds)
+
+
+def _claims(ds: Downstairs) -> None:
+    clients = []
+    base = rss(ds.proc.pid)
+    for _ in range(20):
+        c = Client(ds.port, gen=1, read_only=True)
+        c.negotiate()
+        clients.append(c)
+    for c in clients:  # the header alone, then a little of the body
+        for piece in (struct.pack("<I", 100 * MiB), bytes(1024)):
+            c.send_raw(piece)
+            until(lambda c=c: rx_drained(ds.port, c.sock), "the server to read what was sent")
+    # 20 claims of 100 MiB, 1 KiB each sent: nowhere near 2 GiB.
+    assert rss(ds.proc.pid) < base + 64 * MiB
+    for c in clients:
+        c.close()
+
+
+def test_flush_with_a_generation_above_the_session_is_refused(tmp_path: Path) -> None:
+    with cluster(tmp_path) as fleet:
+        ds = fleet.ds[0]
+        assert ds is not None
+        c = Client(ds.port, gen=1)
+        c.negotiate()
+        c.gen = MAX_GEN  # the Flush carries it; the session was negotiated with 1
+        reply = c.flush(1)
+        assert isinstance(reply, m.ErrorReport), reply
+        assert c.closed_by_peer()
+        assert "is above the session's 1" in ds.output()
+        # The region is not poisoned: an upstairs activates it as usual.
+        r = run_tool("crutest", "one", *fleet.target_args(), "-q")
+        assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_highest_generation_stored_gives_a_clear_error(tmp_path: Path) -> None:
+    with cluster(tmp_path) as fleet:
+        r = run_tool("crutest", "one", *fleet.target_args(), "-q", "--gen", str(MAX_GEN))
+        assert r.returncode == 0, r.stderr
+        r = run_tool("crutest", "one", *fleet.target_args(), "-q")
+        assert r.returncode == 1
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and "the highest there is" in lines[0], r.stderr
+        assert "Traceback" not in r.stderr and "negotiating" not in r.stderr
