@@ -8,6 +8,7 @@ then runs it.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import math
 import os
@@ -244,9 +245,13 @@ async def _serve(region: Region, args: argparse.Namespace) -> int:
         await server.start()
     except ListenError as e:
         raise ValueError(str(e)) from None
-    await wait_for_stop_signal()
+    stop = asyncio.ensure_future(wait_for_stop_signal())
+    await asyncio.wait([stop, server.died], return_when=asyncio.FIRST_COMPLETED)
+    stop.cancel()
     log.info("shutting down")
     await server.stop()
+    if server.died.done():
+        raise ValueError(f"the server stopped working: {server.death}")
     return 0
 
 

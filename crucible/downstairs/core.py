@@ -95,6 +95,9 @@ class Conn:
     work: WorkQueue = field(default_factory=WorkQueue)
 
 
+REPLY_BLOCK_OVERHEAD = 64  # a block's context in a ReadResponse, with room to spare
+REPLY_HEADER = 4096
+
 # Work that stamps a generation on extents: never above the negotiated one.
 _STAMPS_GEN = (m.Flush, m.ExtentLiveFlushClose, m.ExtentFlush)
 
@@ -114,6 +117,9 @@ class DownstairsCore:
         self.conns: dict[int, Conn] = {}
         self.active: set[int] = set()  # read-write: at most one
         self.log_jobs = True
+        # Its data plus each block's context (at most REPLY_BLOCK_OVERHEAD), in one frame.
+        per_block = definition.block_size + REPLY_BLOCK_OVERHEAD
+        self.max_read_blocks = (m.MAX_FRAME_LEN - REPLY_HEADER) // per_block
 
     # ---- queries for the driver ---------------------------------------------------
 
@@ -303,6 +309,16 @@ class DownstairsCore:
             ]
         if self.read_only and type(job) in MUTATING:
             return self._refuse_change(conn, job, job.job_id)
+        if isinstance(job, m.ReadRequest) and job.count > self.max_read_blocks:
+            err = CrucibleError(
+                ErrorKind.IoError,
+                f"a read of {job.count} blocks would not fit in one reply "
+                f"(at most {self.max_read_blocks})",
+            )
+            return [
+                Send(cid, m.ErrorReport(conn.upstairs_id, conn.session_id, job.job_id, err)),
+                Disconnect(cid, f"read {job.job_id}: {err.detail}"),
+            ]
         if isinstance(job, _WRITES):
             bad = self._bad_write(job)
             if bad:

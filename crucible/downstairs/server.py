@@ -16,6 +16,7 @@ import logging
 import socket
 import time
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import cast
 
@@ -153,6 +154,15 @@ class DownstairsServer:
         self._tasks: list[asyncio.Task[None]] = []
         self._server: asyncio.Server | None = None
         self._runner: web.AppRunner | None = None
+        self._died: asyncio.Future[None] | None = None
+        self.death = ""  # why, once `died` is done
+
+    @property
+    def died(self) -> asyncio.Future[None]:
+        """Done if the server stopped working on its own (`death` says why)."""
+        if self._died is None:
+            self._died = asyncio.get_running_loop().create_future()
+        return self._died
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -173,9 +183,11 @@ class DownstairsServer:
                 what, self.address, self.repair_port if what == "repair" else self.port, e
             ) from None
         self._tasks = [
-            asyncio.create_task(self._disk_worker()),
-            asyncio.create_task(self._idle_checker()),
+            asyncio.create_task(self._disk_worker(), name="the disk worker"),
+            asyncio.create_task(self._idle_checker(), name="the idle checker"),
         ]
+        for t in self._tasks:
+            t.add_done_callback(self._task_done)
         log.info("listening on %s:%d", self.address, self.port)
         log.info("repair server listening on %s:%d", self.address, self.repair_port)
 
@@ -248,8 +260,9 @@ class DownstairsServer:
                 self._queue.popleft()
                 self._queued_bytes -= nbytes
                 if self.core.wants(conn_id):  # not fenced meanwhile
-                    outcome = ops.run(self.region, work, fetch_extent)
-                    self.apply(self.core.finished(conn_id, work, outcome))
+                    with self._failing(conn_id, work):
+                        outcome = ops.run(self.region, work, fetch_extent)
+                        self.apply(self.core.finished(conn_id, work, outcome))
         finally:
             self._draining = False
 
@@ -282,14 +295,38 @@ class DownstairsServer:
             self._queued_bytes -= nbytes
             if not self.core.wants(conn_id):
                 continue  # its upstairs was replaced or went away: never touch the disk
-            self._busy = True
-            try:
-                outcome = await loop.run_in_executor(
-                    self._pool, ops.run, self.region, work, fetch_extent
-                )
-            finally:
-                self._busy = False
-            self.apply(self.core.finished(conn_id, work, outcome))
+            with self._failing(conn_id, work):
+                self._busy = True
+                try:
+                    outcome = await loop.run_in_executor(
+                        self._pool, ops.run, self.region, work, fetch_extent
+                    )
+                finally:
+                    self._busy = False
+                self.apply(self.core.finished(conn_id, work, outcome))
+
+    @contextlib.contextmanager
+    def _failing(self, conn_id: int, work: Work) -> Iterator[None]:
+        """Work that fails unexpectedly (a bug, not a disk error: those are
+        outcomes) is logged and its connection closed, so its upstairs sees it
+        fail; the server goes on with everyone else's work."""
+        try:
+            yield
+        except Exception:
+            log.exception("%s for connection %d failed", type(work).__name__, conn_id)
+            c = self.conns.get(conn_id)
+            if c is not None:
+                c.close(f"{type(work).__name__} failed in the server (logged above)")
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        """A background task must never end on its own: if one does, the
+        server is not working, and `died` says so (the process exits)."""
+        if task.cancelled() or self.died.done():
+            return
+        err = task.exception()
+        log.critical("%s ended: %r", task.get_name(), err, exc_info=err)
+        self.death = f"{task.get_name()} ended: {err!r}"
+        self.died.set_result(None)
 
     async def _idle_checker(self) -> None:
         period = max(0.05, min(1.0, self.idle_timeout / 3))

@@ -76,6 +76,7 @@ class Client:
     offline_since: float | None = None
     last_flush_done: int | None = None
     inflight_jobs: int = 0
+    last_progress: float = 0.0  # a job finished, or the first was sent after none
     inflight_bytes: int = 0
     skipped: set[int] = field(default_factory=set)
     # Jobs below this id were never sent on the current session (live repair

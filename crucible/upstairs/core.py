@@ -392,7 +392,7 @@ class UpstairsCore:
         if isinstance(msg, m.RegionInfo) and c.region is msg.region_def:
             ds.region = c.region  # accepted: the volume's geometry
         if step is Negotiated.RESUME:
-            return acts + ds.replay(c)
+            return acts + ds.replay(c, now)
         if step is not Negotiated.VERSIONS:
             return acts
         return acts + self.activation.placed(ds, c, now) + self._maintain(now)
@@ -459,6 +459,8 @@ class UpstairsCore:
             ):
                 why = f"offline {opts.degraded_timeout:g} s, fewer than two active"
                 acts += self.ds.fault(c, why, now)
+        if self.state is UpState.ACTIVE:
+            acts += self.ds.fault_stalled(now)
         table = self.ds.table
         if (
             self.state is UpState.ACTIVE

@@ -129,6 +129,8 @@ class Downstairs:
                 stage is Stage.LIVE_REPAIR and rep is not None and rep.sends_to_target(job.op)
             ):
                 job.state[c.id] = IOState.IN_PROGRESS
+                if not c.inflight_jobs:
+                    c.last_progress = now
                 c.inflight_jobs += 1
                 c.inflight_bytes += job.nbytes
                 if own or stage is Stage.LIVE_REPAIR or c.skipped:
@@ -170,9 +172,10 @@ class Downstairs:
     def _deps_for(self, c: Client, job: Job) -> list[int]:
         return deps_for_client(job.deps, c.skipped, c.first_job, self.table.deps_of)
 
-    def replay(self, c: Client) -> list[Action]:
+    def replay(self, c: Client, now: float) -> list[Action]:
         """Send a client back from offline every job since its last flush."""
         jobs = self.table.replay_to(c.id, c.last_flush_done)
+        c.last_progress = now
         for job in jobs:
             c.inflight_jobs += 1
             c.inflight_bytes += job.nbytes
@@ -211,6 +214,7 @@ class Downstairs:
                 return [Drop(c.id, f"unexpected {type(msg).__name__} for job {jid}")]
         c.inflight_jobs -= 1
         c.inflight_bytes -= job.nbytes
+        c.last_progress = now
         acts: list[Action] = []
         if err is not None:
             job.state[c.id] = IOState.ERROR
@@ -392,6 +396,22 @@ class Downstairs:
         for c in self.clients:
             if c.holds_jobs and self._held_too_much(c):
                 acts += self.fault_held(c, now)
+        return acts
+
+    def fault_stalled(self, now: float) -> list[Action]:
+        """Fault a downstairs that has jobs out but finished none for
+        progress_timeout while another finished some since: it may answer
+        pings, but the guest would wait on it (a full in-flight window, or a
+        flush). When all are slow alike, none is."""
+        limit = self.opts.progress_timeout
+        working = [c for c in self.clients if c.state.stage in TAKES_IO]
+        acts: list[Action] = []
+        for c in working:
+            if not c.inflight_jobs or now - c.last_progress < limit:
+                continue
+            if any(o is not c and o.last_progress > c.last_progress for o in working):
+                why = f"no job finished in {now - c.last_progress:.0f} s while the others kept on"
+                acts += self.fault(c, why, now)
         return acts
 
     def replay_impossible(self) -> bool:

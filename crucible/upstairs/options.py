@@ -12,6 +12,9 @@ class Options:
     ping_interval: float = 5.0
     timeout: float = 45.0
     hello_timeout: float = 10.0  # for YesItsMe: a downstairs answers HereIAm at once
+    # A downstairs that completes no job for this long while another does is
+    # faulted: it answers pings but has stopped working, or is far behind.
+    progress_timeout: float = 10.0
     reconnect_delay: float = 1.0
     max_jobs: int = 1500  # in flight per downstairs before the guest waits
     offline_max_jobs: int = 1000  # held for an offline downstairs before it is faulted

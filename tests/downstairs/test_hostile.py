@@ -13,7 +13,7 @@ import pytest
 
 from crucible.protocol import messages as m
 from crucible.protocol.framing import HELLO_MAX_FRAME
-from tests.support import Client, Downstairs, cluster, downstairs, run_tool
+from tests.support import Client, Downstairs, cluster, create_region, downstairs, run_tool
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 MiB = 1 << 20
@@ -124,3 +124,23 @@ def test_highest_generation_stored_gives_a_clear_error(tmp_path: Path) -> None:
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and "the highest there is" in lines[0], r.stderr
         assert "Traceback" not in r.stderr and "negotiating" not in r.stderr
+
+
+def test_read_whose_reply_cannot_fit_is_refused(tmp_path: Path) -> None:
+    region = tmp_path / "big"
+    create_region(region, "--block-size", "4096", "--extent-size", "4096", "--extent-count", "8")
+    with downstairs(region) as ds:
+        c = Client(ds.port, gen=1)
+        c.negotiate()
+        reply = c.read(0, 26_000)  # a 106 MB reply: over the frame limit
+        assert isinstance(reply, m.ErrorReport), reply
+        assert "would not fit in one reply" in str(reply.error)
+        assert c.closed_by_peer()
+        # Nothing is wedged: the next upstairs does large IO at once.
+        c = Client(ds.port, gen=2)
+        c.negotiate()
+        data = bytes(range(256)) * 4096  # 1 MiB
+        assert isinstance(c.write(0, data, block_size=4096), m.WriteAck)
+        r = c.read(0, 256)
+        assert isinstance(r, m.ReadResponse) and bytes(r.data) == data
+        c.close()

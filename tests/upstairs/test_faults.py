@@ -252,3 +252,43 @@ def test_replace_refusals(tmp_path: Path, rng: random.Random) -> None:
             asyncio.run(_replace_refusals(rng, c, odd))
     finally:
         odd.stop()
+
+
+async def _stalled(rng: random.Random, c: Cluster) -> None:
+    """A downstairs that stops (SIGSTOP: its connection stays open, the
+    kernel even acks what is sent) is faulted once the others finish jobs
+    and it finishes none, long before the keepalive timeout would."""
+    opts = Options(progress_timeout=2.0, timeout=3600.0)  # only progress can fault it
+    async with Upstairs(c.targets, opts) as up:
+        await up.activate(1)
+        g = Guest(up, rng)
+        for _ in range(10):
+            await g.write()
+        await up.flush()
+        ds = c.ds[1]
+        assert ds is not None
+        ds.proc.send_signal(signal.SIGSTOP)
+        try:
+            stop = asyncio.Event()
+            io = asyncio.create_task(g.busy(stop))
+            await until(
+                lambda: up.info().downstairs[1].mode == "faulted", "the stopped one faulted"
+            )
+            assert "no job finished in" in up.info().downstairs[1].last_error
+            stop.set()
+            await io
+            for _ in range(20):  # the guest goes on with the two others
+                await g.write()
+            await up.flush()
+        finally:
+            ds.proc.send_signal(signal.SIGCONT)
+        await until(
+            lambda: states(up) == ["active"] * 3 and up.info().live_repair is None,
+            "it to come back through live repair",
+        )
+        await g.verify()
+        await up.deactivate()
+
+
+def test_stalled_downstairs_is_faulted(tmp_path: Path, rng: random.Random) -> None:
+    run_on_cluster(tmp_path, lambda c: _stalled(rng, c))
