@@ -36,6 +36,14 @@ async def until(ok: Callable[[], bool], what: str, poll: float = 0.01) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def rss(pid: int) -> int:
+    """A process's resident memory, in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
 def states(up: Any) -> list[str]:
     """The state of each downstairs of an Upstairs."""
     return [d.state for d in up.info().downstairs]

@@ -43,6 +43,7 @@ RX_BUFFER = 256 << 10  # request headers and small write payloads land here
 REQ_SIZE = p.REQUEST.size
 MAX_INFLIGHT = 512  # requests of one client in flight before reading pauses
 MAX_INFLIGHT_BYTES = 128 << 20
+MAX_SERVER_INFLIGHT_BYTES = 256 << 20  # the same, over every client together
 
 
 @dataclass
@@ -84,6 +85,15 @@ class NbdServer:
         self.connections: set[_Connection] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._next_id = 1
+        self.inflight_bytes = 0  # over every connection
+        self.waiting: set[_Connection] = set()  # held back by that total alone
+
+    def add_inflight(self, nbytes: int) -> None:
+        self.inflight_bytes += nbytes
+        if nbytes < 0 and self.waiting and self.inflight_bytes < MAX_SERVER_INFLIGHT_BYTES:
+            waiting, self.waiting = self.waiting, set()
+            for c in waiting:
+                c.resume()
 
     async def bind(self) -> None:
         """Take the port without accepting anyone yet: a port in use is found
@@ -147,6 +157,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._pending_bytes = 0
         self._reading = True
         self._writing_paused = False
+        self._parsing = False
 
     # ---- transport events -----------------------------------------------------------
 
@@ -196,6 +207,12 @@ class _Connection(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self._writing_paused = False
+        self.resume()
+
+    def resume(self) -> None:
+        """Room again: requests already received go on, then reading."""
+        if self._handshake is None and self._payload is None:
+            self._parse()
         self._flow()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -221,14 +238,24 @@ class _Connection(asyncio.BufferedProtocol):
         if self.transport is not None:
             self.transport.close()
 
+    def _room(self) -> bool:
+        """May another request start? Only while replies drain and what is in
+        flight, of this client and of all, is bounded."""
+        if self._writing_paused or self._pending >= MAX_INFLIGHT:
+            return False
+        if self._pending_bytes >= MAX_INFLIGHT_BYTES:
+            return False
+        if self.server.inflight_bytes >= MAX_SERVER_INFLIGHT_BYTES:
+            self.server.waiting.add(self)
+            return False
+        return True
+
     def _flow(self) -> None:
-        """Read requests only while replies drain and what is in flight is bounded."""
-        want = not (
-            self._writing_paused
-            or self._disconnecting
-            or self._pending >= MAX_INFLIGHT
-            or self._pending_bytes >= MAX_INFLIGHT_BYTES
-            or self._end - self._start >= len(self._rx)  # nothing parsed yet: no room
+        """Read requests only while there is room for them."""
+        want = (
+            not self._disconnecting
+            and self._room()
+            and self._end - self._start < len(self._rx)  # else nothing parsed yet: no room
         )
         if want != self._reading and self.transport is not None and not self._closed:
             self._reading = want
@@ -267,9 +294,22 @@ class _Connection(asyncio.BufferedProtocol):
     # ---- transmission ---------------------------------------------------------------
 
     def _parse(self) -> None:
-        """Handle every complete request in the receive buffer."""
+        """Handle the complete requests in the receive buffer while there is
+        room for them (the rest wait there: `resume`)."""
+        if self._parsing:
+            return  # a request finished inside the loop below: it goes on by itself
+        self._parsing = True
+        try:
+            self._parse_requests()
+        finally:
+            self._parsing = False
+        self._flow()
+
+    def _parse_requests(self) -> None:
         rx = self._rx
         while not self._closed and not self._disconnecting and self._payload is None:
+            if not self._room():
+                break
             start = self._start
             avail = self._end - start
             if avail < REQ_SIZE:
@@ -376,15 +416,17 @@ class _Connection(asyncio.BufferedProtocol):
     def _started(self, nbytes: int) -> None:
         self._pending += 1
         self._pending_bytes += nbytes
-        if self._pending >= MAX_INFLIGHT or self._pending_bytes >= MAX_INFLIGHT_BYTES:
-            self._flow()
+        self.server.add_inflight(nbytes)
 
     def _ended(self, nbytes: int) -> None:
         self._pending -= 1
         self._pending_bytes -= nbytes
-        if not self._reading or self._disconnecting:
+        self.server.add_inflight(-nbytes)
+        if self._disconnecting:
             self._flow()
             self._maybe_finish()
+        elif not self._reading or self._start != self._end:
+            self.resume()
 
     def _maybe_finish(self) -> None:
         """After DISC, close once every request in flight has been answered."""

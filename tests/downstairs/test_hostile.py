@@ -13,18 +13,19 @@ import pytest
 
 from crucible.protocol import messages as m
 from crucible.protocol.framing import HELLO_MAX_FRAME
-from tests.support import Client, Downstairs, cluster, create_region, downstairs, run_tool
+from tests.support import (
+    Client,
+    Downstairs,
+    cluster,
+    create_region,
+    downstairs,
+    rss,
+    run_tool,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 MiB = 1 << 20
 MAX_GEN = (1 << 64) - 1
-
-
-def rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
 
 
 def closed(s: socket.socket) -> bool:

@@ -256,13 +256,18 @@ def test_malformed_frames_close_only_that_connection(ds: Downstairs, rng: random
         rng.randbytes(4096),
     ]
     for data in bad_inputs:
-        c = Client(ds.port)
-        c.send_raw(data)
-        c.sock.shutdown(socket.SHUT_WR)
-        assert c.closed_by_peer()
+        for hello_first in (False, True):
+            c = Client(ds.port)
+            if hello_first:
+                assert isinstance(c.hello(), m.YesItsMe)
+            c.send_raw(data)
+            c.sock.shutdown(socket.SHUT_WR)
+            assert c.closed_by_peer()
     r = good.read(0, 1)
     assert isinstance(r, m.ReadResponse)
-    assert "malformed frame" in ds.output() or "frame length" in ds.output()
+    out = ds.output()
+    assert "not a Crucible upstairs (it sent b'" in out  # its first bytes are shown
+    assert "malformed frame" in out and "frame length" in out
 
 
 def test_repair_addr_and_reconciliation_steps(tmp_path: Path) -> None:

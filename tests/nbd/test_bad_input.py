@@ -12,6 +12,7 @@ import pytest
 
 from crucible.nbd import protocol as p
 from tests.nbd.conftest import Nbd
+from tests.support import rss
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -177,3 +178,25 @@ def test_read_only_export_refuses_writes(tmp_path: Path) -> None:
         assert c.request(p.Cmd.READ, 0, 512) == 0
     finally:
         assert n.stop() == 0, n.output()
+
+
+def test_requests_past_the_in_flight_caps_wait(nbd: Nbd) -> None:
+    """100 reads of 32 MiB sent at once (2.8 KB of requests) and never read
+    back: what is in flight stays within the caps, memory stays bounded,
+    and another client is served meanwhile."""
+    base = rss(nbd.proc.pid)
+    hog = Raw(nbd.port)
+    hog.go()
+    size = 32 << 20
+    reqs = b"".join(
+        p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.Cmd.READ, i, (i % 2) * size, size) for i in range(100)
+    )
+    hog.s.sendall(reqs)
+    other = Raw(nbd.port)
+    other.go()
+    assert other.request(p.Cmd.READ, 0, 4) == 0  # served while the hog waits
+    still_serves(nbd)
+    # In flight: at most 128 MiB of reads for the hog, each read held three
+    # times (one reply per replica), plus the reply backlog; far from 3.2 GiB.
+    assert rss(nbd.proc.pid) < base + (1 << 30)
+    hog.s.close()
