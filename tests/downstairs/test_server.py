@@ -279,7 +279,7 @@ def test_repair_addr_and_reconciliation_steps(tmp_path: Path) -> None:
             capture_output=True,
         )
     with downstairs(src_dir) as src, downstairs(dst_dir) as dst:
-        s = Client(src.port)
+        s = Client(src.port, gen=3)  # an extent flush stamps at most its gen
         s.negotiate()
         s.write(101, pattern(101, 8))
         s.send(m.ExtentFlush(1, 1, 0, 7, 3))
