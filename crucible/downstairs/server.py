@@ -33,6 +33,7 @@ from crucible.downstairs.core import (
     Send,
     Work,
 )
+from crucible.downstairs.http_guard import GuardedFactory
 from crucible.downstairs.repair import REPAIR_PORT_OFFSET, fetch_extent, make_app
 from crucible.netio import OutputBatcher
 from crucible.protocol import messages as m
@@ -154,6 +155,7 @@ class DownstairsServer:
         self._tasks: list[asyncio.Task[None]] = []
         self._server: asyncio.Server | None = None
         self._runner: web.AppRunner | None = None
+        self._repair: asyncio.Server | None = None
         self._died: asyncio.Future[None] | None = None
         self.death = ""  # why, once `died` is done
 
@@ -170,18 +172,19 @@ class DownstairsServer:
         # has been told its address, right after connecting.
         self._runner = web.AppRunner(make_app(self.region, self.capabilities), access_log=None)
         await self._runner.setup()
-        what = "repair"
+        what, port = "repair", self.repair_port
         try:
-            await web.TCPSite(self._runner, self.address, self.repair_port).start()
-            what = "downstairs"
+            handler = self._runner.server
+            assert handler is not None  # set up above
+            guard = GuardedFactory(handler)
+            self._repair = await loop.create_server(guard, self.address, port)
+            what, port = "downstairs", self.port
             self._server = await loop.create_server(
-                lambda: self._new_connection(), self.address, self.port, reuse_address=True
+                lambda: self._new_connection(), self.address, port, reuse_address=True
             )
         except OSError as e:
             await self.stop()
-            raise ListenError(
-                what, self.address, self.repair_port if what == "repair" else self.port, e
-            ) from None
+            raise ListenError(what, self.address, port, e) from None
         self._tasks = [
             asyncio.create_task(self._disk_worker(), name="the disk worker"),
             asyncio.create_task(self._idle_checker(), name="the idle checker"),
@@ -197,8 +200,9 @@ class DownstairsServer:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
-        if self._server is not None:
-            self._server.close()
+        for server in (self._server, self._repair):
+            if server is not None:
+                server.close()
         for c in list(self.conns.values()):
             c.close("server shutting down")
         if self._runner is not None:

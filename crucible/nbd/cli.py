@@ -7,9 +7,16 @@ import errno
 import logging
 import sys
 
-from crucible.cli_util import fail, port_number, run_async, setup_logging, wait_for_stop_signal
+from crucible.cli_util import (
+    fail,
+    port_number,
+    positive_int,
+    run_async,
+    setup_logging,
+    wait_for_stop_signal,
+)
 from crucible.common.errors import CrucibleError
-from crucible.nbd.server import Export, NbdServer
+from crucible.nbd.server import HANDSHAKE_TIMEOUT, MAX_CONNECTIONS, Export, NbdServer
 from crucible.tools.common import activate, add_target_options, check_targets
 from crucible.upstairs.guest import Upstairs
 from crucible.upstairs.options import Options
@@ -28,6 +35,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--read-only",
         action="store_true",
         help="read-only export (the downstairs run with --mode ro)",
+    )
+    p.add_argument(
+        "--handshake-timeout",
+        type=positive_int,
+        default=int(HANDSHAKE_TIMEOUT),
+        metavar="SECONDS",
+        help=f"time a client has for the handshake ({HANDSHAKE_TIMEOUT:g})",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=positive_int,
+        default=MAX_CONNECTIONS,
+        help=f"clients at once; more are refused ({MAX_CONNECTIONS})",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="log only warnings")
     return p
@@ -51,7 +71,9 @@ async def serve(args: argparse.Namespace) -> int:
     up = Upstairs(args.target, Options(read_only=args.read_only))
     try:
         export = Export(up, args.export_name, args.read_only)
-        server = NbdServer(export, args.bind, args.port)
+        server = NbdServer(
+            export, args.bind, args.port, args.handshake_timeout, args.max_connections
+        )
         try:
             await server.bind()  # before activating: never take over a volume and then fail
         except OSError as e:

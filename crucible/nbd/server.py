@@ -44,6 +44,8 @@ REQ_SIZE = p.REQUEST.size
 MAX_INFLIGHT = 512  # requests of one client in flight before reading pauses
 MAX_INFLIGHT_BYTES = 128 << 20
 MAX_SERVER_INFLIGHT_BYTES = 256 << 20  # the same, over every client together
+HANDSHAKE_TIMEOUT = 30.0  # a client must be through the handshake by then
+MAX_CONNECTIONS = 128
 
 
 @dataclass
@@ -76,10 +78,19 @@ class Export:
 
 
 class NbdServer:
-    def __init__(self, export: Export, host: str = "127.0.0.1", port: int = 10809) -> None:
+    def __init__(
+        self,
+        export: Export,
+        host: str = "127.0.0.1",
+        port: int = 10809,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
         self.export = export
         self.host = host
         self.port = port
+        self.handshake_timeout = handshake_timeout
+        self.max_connections = max_connections
         self.disk = Disk(export.upstairs, self.spawn)
         self._server: asyncio.Server | None = None
         self.connections: set[_Connection] = set()
@@ -158,6 +169,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._reading = True
         self._writing_paused = False
         self._parsing = False
+        self._deadline: asyncio.TimerHandle | None = None
 
     # ---- transport events -----------------------------------------------------------
 
@@ -165,8 +177,17 @@ class _Connection(asyncio.BufferedProtocol):
         self.transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(high=REPLY_BACKLOG)
         self.out = OutputBatcher(self.transport)
+        peer = transport.get_extra_info("peername")
+        if len(self.server.connections) >= self.server.max_connections:
+            n = len(self.server.connections)
+            log.warning("nbd client %d from %s refused: %d clients already", self.cid, peer, n)
+            self._closed = True
+            self.transport.close()
+            return
         self.server.connections.add(self)
-        log.info("nbd client %d connected from %s", self.cid, transport.get_extra_info("peername"))
+        log.info("nbd client %d connected from %s", self.cid, peer)
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.call_later(self.server.handshake_timeout, self._too_slow)
         self._handshake = Handshake(self.export.info())
         self.out.write(self._handshake.data_to_send())
 
@@ -215,7 +236,13 @@ class _Connection(asyncio.BufferedProtocol):
             self._parse()
         self._flow()
 
+    def _too_slow(self) -> None:
+        if self._handshake is not None:
+            self.close(f"no handshake in {self.server.handshake_timeout:g} s")
+
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
         self.server.connections.discard(self)
         self._went_away()
         log.info("nbd client %d closed", self.cid)
@@ -284,6 +311,8 @@ class _Connection(asyncio.BufferedProtocol):
             return
         self.settings = cast(Negotiated, hs.result)
         self._handshake = None
+        if self._deadline is not None:
+            self._deadline.cancel()
         log.info(
             "nbd client %d entered transmission (structured replies: %s)",
             self.cid,

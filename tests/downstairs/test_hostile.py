@@ -7,6 +7,7 @@ from __future__ import annotations
 import socket
 import struct
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -145,3 +146,30 @@ def test_read_whose_reply_cannot_fit_is_refused(tmp_path: Path) -> None:
         r = c.read(0, 256)
         assert isinstance(r, m.ReadResponse) and bytes(r.data) == data
         c.close()
+
+
+def test_idle_repair_connections_are_capped(tmp_path: Path) -> None:
+    region = tmp_path / "r"
+    create_region(region, "--extent-count", "4")
+    with downstairs(region) as ds:
+        held = [socket.create_connection(("127.0.0.1", ds.repair_port)) for _ in range(64)]
+        extra = socket.create_connection(("127.0.0.1", ds.repair_port))
+        assert closed(extra)
+        until(lambda: "repair server: refused" in ds.output(), "the refusal logged")
+        c = Client(ds.port)  # the data port is not starved
+        c.negotiate()
+        c.close()
+        for s in held:
+            s.close()
+
+        def served() -> bool:
+            try:
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{ds.repair_port}/region-mode", timeout=30
+                ) as r:
+                    return bool(r.read() == b"false")
+            except OSError:
+                return False
+
+        until(served, "the repair server to serve again")
+        assert ds.alive()

@@ -26,6 +26,7 @@ class Nbd:
         read_only: bool = False,
         plain_v13: tuple[int, ...] = (),
         log_jobs: bool = False,
+        nbd_args: tuple[str, ...] = (),
     ) -> None:
         """`plain_v13`: the downstairs that run as plain Crucible V13 ones
         (no extensions: a Trim drops the connection, no map of allocation)."""
@@ -35,7 +36,7 @@ class Nbd:
         for i in plain_v13:
             self.cluster.stop(i)
             self.cluster.start(i, "--no-extensions")
-        extra = []
+        extra = list(nbd_args)
         if read_only:
             self.cluster.stop()
             self.cluster.start(None, "--mode", "ro")

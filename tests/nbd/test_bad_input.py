@@ -200,3 +200,18 @@ def test_requests_past_the_in_flight_caps_wait(nbd: Nbd) -> None:
     # times (one reply per replica), plus the reply backlog; far from 3.2 GiB.
     assert rss(nbd.proc.pid) < base + (1 << 30)
     hog.s.close()
+
+
+def test_handshake_timeout_and_connection_cap(tmp_path: Path) -> None:
+    nbd = Nbd(tmp_path, nbd_args=("--handshake-timeout", "2", "--max-connections", "4"))
+    try:
+        idle = [Raw(nbd.port) for _ in range(4)]  # greeted, then silent
+        extra = socket.create_connection(("127.0.0.1", nbd.port), timeout=60)
+        assert extra.recv(1) == b"", "a fifth client was let in"
+        for c in idle:
+            assert c.closed()
+        out = nbd.output()
+        assert "refused: 4 clients already" in out and "no handshake in 2 s" in out
+        still_serves(nbd)
+    finally:
+        assert nbd.stop() == 0, nbd.output()
