@@ -1,5 +1,6 @@
 """The C library, for the few calls Python's os module lacks (fallocate hole
-punching, sync_file_range, mallopt). Errors are read with ctypes.get_errno()."""
+punching, sync_file_range, mallopt, malloc_trim). Errors are read with
+ctypes.get_errno()."""
 
 from __future__ import annotations
 
@@ -7,3 +8,11 @@ import ctypes
 import ctypes.util
 
 libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+def trim_heap() -> None:
+    """Return the heap's free memory to the system now, not at the trim
+    threshold (see cli_util.tune_allocator): after a peer's large buffers die."""
+    trim = getattr(libc, "malloc_trim", None)
+    if trim is not None:  # glibc only
+        trim(0)

@@ -93,10 +93,12 @@ class Conn:
     session_id: uuid.UUID = NIL_UUID
     gen: int = 0
     work: WorkQueue = field(default_factory=WorkQueue)
+    load: int = 0  # bytes its accepted, unanswered jobs hold or will send back
 
 
 REPLY_BLOCK_OVERHEAD = 64  # a block's context in a ReadResponse, with room to spare
 REPLY_HEADER = 4096
+JOB_OVERHEAD = 512  # what a queued job costs besides its data, roughly
 
 # Work that stamps a generation on extents: never above the negotiated one.
 _STAMPS_GEN = (m.Flush, m.ExtentLiveFlushClose, m.ExtentFlush)
@@ -127,6 +129,20 @@ class DownstairsCore:
         """The connection is a promoted upstairs (negotiation is done)."""
         c = self.conns.get(cid)
         return c is not None and c.phase not in (Phase.START, Phase.NEGOTIATED)
+
+    def load(self, conn_id: int) -> int:
+        """Bytes the connection's accepted, unanswered jobs hold (write data)
+        or will send back (read data): the driver stops reading it past a limit."""
+        c = self.conns.get(conn_id)
+        return 0 if c is None else c.load
+
+    def stuck(self, conn_id: int) -> int:
+        """How many jobs wait on dependencies while none runs: jobs that only
+        a job never sent could start."""
+        c = self.conns.get(conn_id)
+        if c is None or c.work.started:
+            return 0
+        return len(c.work.waiting)
 
     def wants(self, conn_id: int) -> bool:
         """Should work queued for this connection still run? False once it has
@@ -168,6 +184,7 @@ class DownstairsCore:
         if failed:
             acts.append(Log(f"{type(work).__name__} {work_id(work)} failed: {outcome}"))
         if is_job(work):
+            conn.load -= self._cost(work)
             for job in conn.work.finish(work, not failed):
                 acts.append(Execute(conn_id, job))
         return acts
@@ -328,10 +345,18 @@ class DownstairsCore:
                 ]
         if conn.work.knows(job.job_id):
             return [Log(f"connection {cid}: duplicate job {job.job_id} ignored")]
+        conn.load += self._cost(job)
         acts: list[Action] = [Execute(cid, j) for j in conn.work.add(job)]
         if self.log_jobs:
             acts.insert(0, JobLog(job))
         return acts
+
+    def _cost(self, job: Job) -> int:
+        if isinstance(job, _WRITES):
+            return JOB_OVERHEAD + len(job.data)
+        if isinstance(job, m.ReadRequest):
+            return JOB_OVERHEAD + job.count * self.definition.block_size
+        return JOB_OVERHEAD
 
     def _refuse_change(self, conn: Conn, msg: Job | ReconcileOp, work_id: int) -> list[Action]:
         err = CrucibleError(ErrorKind.ModifyingReadOnlyRegion)

@@ -35,6 +35,7 @@ from crucible.downstairs.core import (
 )
 from crucible.downstairs.http_guard import GuardedFactory
 from crucible.downstairs.repair import REPAIR_PORT_OFFSET, fetch_extent, make_app
+from crucible.libc import trim_heap
 from crucible.netio import OutputBatcher
 from crucible.protocol import messages as m
 from crucible.protocol.capabilities import NONE, OURS
@@ -49,6 +50,10 @@ joblog = logging.getLogger("crucible.downstairs.jobs")
 INLINE_BYTES = 64 * 1024  # smaller IO runs on the loop: a thread hop costs more
 PAUSE_BYTES = 256 << 20  # stop reading sockets while this much data waits for disk
 RESUME_BYTES = 64 << 20
+# One connection stops being read while its unanswered jobs and unsent replies
+# hold this much (its jobs keep running), and is read again below half of it.
+CONN_LOAD_LIMIT = 64 << 20
+REPLY_BACKLOG = 4 << 20  # the transport's high-water mark: resume_writing below a quarter
 IDLE_TIMEOUT = 45.0
 HELLO_TIMEOUT = 5.0  # an upstairs says HereIAm as soon as it connects
 
@@ -71,9 +76,12 @@ class _Connection(asyncio.BufferedProtocol):
         self.out: OutputBatcher | None = None
         self.last_rx = self.since = time.monotonic()
         self.closing = False
+        self.held = False  # not read: its load is over CONN_LOAD_LIMIT
+        self.ever_held = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.transport.set_write_buffer_limits(high=REPLY_BACKLOG)
         self.out = OutputBatcher(self.transport)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -90,19 +98,37 @@ class _Connection(asyncio.BufferedProtocol):
             return
         self.last_rx = time.monotonic()
         self.decoder.advance(nbytes)
+        self.parse()
+
+    def parse(self) -> None:
+        """Take the whole messages received, until the connection is held."""
         decoder = self.decoder
+        server = self.server
         try:
-            while (msg := decoder.next_message()) is not None:
-                self.server.apply(self.server.core.received(self.id, msg))
+            while not self.held and (msg := decoder.next_message()) is not None:
+                server.apply(server.core.received(self.id, msg))
                 if self.closing:
                     return
-                if decoder.limited and self.server.core.promoted(self.id):
+                if decoder.limited and server.core.promoted(self.id):
                     decoder.unlimit()
+                if self.load() > CONN_LOAD_LIMIT:
+                    server.hold(self)
         except ProtocolError as e:
             if decoder.greeted:
                 self.close(str(e))
             else:
                 self.close(f"not a Crucible upstairs (it sent {decoder.first_bytes()!r})")
+
+    def load(self) -> int:
+        backlog = self.out.backlog() if self.out is not None else 0
+        return self.server.core.load(self.id) + backlog
+
+    def resume_writing(self) -> None:
+        if self.held:
+            self.server.release_held()
+
+    def reading_wanted(self) -> bool:
+        return not (self.held or self.closing or self.server.paused)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connection_lost(self)
@@ -119,7 +145,10 @@ class _Connection(asyncio.BufferedProtocol):
         if self.out is not None:
             self.out.flush()  # what was said before closing still goes out
         if self.transport is not None:
-            self.transport.close()
+            if self.transport.get_write_buffer_size() > REPLY_BACKLOG:
+                self.transport.abort()  # a peer that does not read: hold nothing for it
+            else:
+                self.transport.close()
 
 
 class DownstairsServer:
@@ -150,7 +179,8 @@ class DownstairsServer:
         self._busy = False  # the disk thread runs an item: nothing else may start
         self._draining = False
         self._block_size = region.definition.block_size
-        self._paused = False
+        self.paused = False  # no connection is read: too much write data waits for disk
+        self._held: set[_Connection] = set()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="disk")
         self._tasks: list[asyncio.Task[None]] = []
         self._server: asyncio.Server | None = None
@@ -218,13 +248,45 @@ class DownstairsServer:
 
     def connection_made(self, conn: _Connection, peer: str) -> None:
         self.conns[conn.id] = conn
-        if self._paused and conn.transport is not None:
+        if self.paused and conn.transport is not None:
             conn.transport.pause_reading()
         self.apply(self.core.connected(conn.id, peer))
 
     def connection_lost(self, conn: _Connection) -> None:
+        self._held.discard(conn)
+        if conn.ever_held:  # it held tens of MiB: give them back once they are freed
+            asyncio.get_running_loop().call_soon(trim_heap)
         if self.conns.pop(conn.id, None) is not None:
             self.apply(self.core.disconnected(conn.id))
+        # Its queued work will never run: let its data go now.
+        kept = deque(item for item in self._queue if item[0] != conn.id)
+        if len(kept) != len(self._queue):
+            self._queue = kept
+            self._queued_bytes = sum(item[2] for item in kept)
+            self._flow_control()
+
+    def hold(self, conn: _Connection) -> None:
+        """Stop reading a connection whose jobs and replies hold too much; its
+        jobs go on, and it is read again once they are mostly answered."""
+        if not conn.ever_held:
+            conn.ever_held = True
+            mib = conn.load() >> 20
+            log.info(
+                "connection %d not read for now: %d MiB of its work is unanswered", conn.id, mib
+            )
+        conn.held = True
+        self._held.add(conn)
+        if conn.transport is not None:
+            conn.transport.pause_reading()
+
+    def release_held(self) -> None:
+        for c in list(self._held):
+            if c.load() < CONN_LOAD_LIMIT // 2:
+                self._held.discard(c)
+                c.held = False
+                c.parse()  # whole messages already received first
+                if c.reading_wanted() and c.transport is not None:
+                    c.transport.resume_reading()
 
     def apply(self, actions: list[Action]) -> None:
         for a in actions:
@@ -245,6 +307,8 @@ class DownstairsServer:
             elif isinstance(a, Log):
                 log.info("%s", a.text)
         self._flow_control()
+        if self._held:
+            self.release_held()
         if self._queue and not self._busy:
             self._drain()
 
@@ -271,15 +335,15 @@ class DownstairsServer:
             self._draining = False
 
     def _flow_control(self) -> None:
-        if not self._paused and self._queued_bytes > PAUSE_BYTES:
-            self._paused = True
+        if not self.paused and self._queued_bytes > PAUSE_BYTES:
+            self.paused = True
             for c in self.conns.values():
                 if c.transport is not None:
                     c.transport.pause_reading()
-        elif self._paused and self._queued_bytes < RESUME_BYTES:
-            self._paused = False
+        elif self.paused and self._queued_bytes < RESUME_BYTES:
+            self.paused = False
             for c in self.conns.values():
-                if c.transport is not None and not c.closing:
+                if c.transport is not None and c.reading_wanted():
                     c.transport.resume_reading()
 
     # ---- background tasks -----------------------------------------------------------
@@ -338,7 +402,14 @@ class DownstairsServer:
             await asyncio.sleep(period)
             now = time.monotonic()
             for c in list(self.conns.values()):
-                if now - c.last_rx > self.idle_timeout:
+                if c.held:
+                    waiting = self.core.stuck(c.id)
+                    if waiting:
+                        # Nothing runs, so nothing will free it: jobs wait on jobs never sent.
+                        why = "never sent, or failed"
+                        c.close(f"{waiting} jobs wait on jobs that never completed ({why})")
+                    c.last_rx = now  # held by us: its silence is ours
+                elif now - c.last_rx > self.idle_timeout:
                     c.close(f"no message for {self.idle_timeout:g} s")
                 elif not c.decoder.greeted and now - c.since > HELLO_TIMEOUT:
                     # Another protocol's client waiting for us to speak first (NBD).

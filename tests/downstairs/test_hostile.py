@@ -4,14 +4,17 @@ still usable by a normal upstairs)."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
+import threading
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
+from crucible.protocol import codec
 from crucible.protocol import messages as m
 from crucible.protocol.framing import HELLO_MAX_FRAME
 from tests.support import (
@@ -173,3 +176,67 @@ def test_idle_repair_connections_are_capped(tmp_path: Path) -> None:
 
         until(served, "the repair server to serve again")
         assert ds.alive()
+
+
+def peak_rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def big_region(tmp_path: Path) -> Path:
+    region = tmp_path / "big"
+    create_region(region, "--block-size", "4096", "--extent-size", "4096", "--extent-count", "4")
+    return region
+
+
+def test_replies_a_peer_does_not_read_are_bounded(tmp_path: Path) -> None:
+    with downstairs(big_region(tmp_path)) as ds:
+        c = Client(ds.port, gen=1)
+        c.negotiate()
+        base = rss(ds.proc.pid)
+        reads = 2000  # of 1 MiB each: 2 GiB of replies asked for in 200 KB
+        msgs = [
+            codec.encode(m.ReadRequest(c.upstairs_id, c.session_id, 1 + i, [], i % 64 * 256, 256))
+            for i in range(reads)
+        ]
+        sender = threading.Thread(target=c.sock.sendall, args=(b"".join(msgs),), daemon=True)
+        sender.start()
+        until(lambda: "not read for now" in ds.output(), "the connection held")
+        # Reading now lets the server go on: every reply arrives, in bounded memory.
+        for i in range(reads):
+            r = c.recv()
+            assert isinstance(r, m.ReadResponse) and r.job_id == 1 + i, r
+        sender.join(60)
+        assert peak_rss(ds.proc.pid) < base + 256 * MiB
+        assert ds.alive()
+        c.close()
+
+
+def test_jobs_waiting_on_jobs_never_sent_are_bounded(tmp_path: Path) -> None:
+    with downstairs(big_region(tmp_path)) as ds:
+        c = Client(ds.port, gen=1)
+        c.negotiate()
+        base = rss(ds.proc.pid)
+        data = bytes(range(256)) * 4096  # 1 MiB
+        write = c.write_msg(0, data, deps=[1], block_size=4096)  # job 1 is never sent
+
+        def send_all() -> None:
+            with contextlib.suppress(OSError):
+                for i in range(1500):  # 1.5 GiB, if it were all taken
+                    write.job_id = 2 + i
+                    c.send(write)
+
+        sender = threading.Thread(target=send_all, daemon=True)
+        sender.start()
+        assert c.closed_by_peer()
+        sender.join(60)
+        assert "jobs wait on jobs that never completed" in ds.output()
+        assert peak_rss(ds.proc.pid) < base + 256 * MiB
+        # Its memory is given back, and the next upstairs works as usual.
+        until(lambda: rss(ds.proc.pid) < base + 64 * MiB, "the memory given back")
+        c = Client(ds.port, gen=2)
+        c.negotiate()
+        assert isinstance(c.write(0, data, block_size=4096), m.WriteAck)
+        c.close()
