@@ -84,6 +84,9 @@ class Client:
     first_job: int = 0
     last_error: str = ""
     connects: int = 0
+    # Live repairs of it that failed in a row, and when the next may start.
+    repair_failures: int = 0
+    repair_after: float = 0.0
 
     _name: tuple[SocketAddr, str] | None = field(default=None, repr=False, compare=False)
 

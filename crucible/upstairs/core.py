@@ -306,6 +306,10 @@ class UpstairsCore:
         if stage is Stage.RECONCILE:
             acts += self.activation.abort(ds, f"downstairs {c.name} went away", now)
         elif stage in (Stage.REPAIR_READY, Stage.LIVE_REPAIR):
+            if stage is Stage.REPAIR_READY and c.repair_failures:
+                # It restarted while waiting to be repaired again: perhaps
+                # fixed; try at once when it is back.
+                c.repair_failures, c.repair_after = 0, 0.0
             acts += ds.fault(c, "disconnected during live repair", now)
         elif (
             stage is Stage.ACTIVE

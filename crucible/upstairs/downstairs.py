@@ -48,6 +48,12 @@ from crucible.upstairs.options import Options
 from crucible.upstairs.state import ACTIVE, LIVE_REPAIR, TAKES_IO, DsState, Mode, Stage, UpState
 from crucible.upstairs.verify import check_read_reply, first_difference
 
+# A failed live repair is tried again after 1, 2, 4 ... s; after
+# REPAIR_ATTEMPTS failures in a row, every REPAIR_BACKOFF_MAX.
+REPAIR_BACKOFF = 1.0
+REPAIR_BACKOFF_MAX = 600.0
+REPAIR_ATTEMPTS = 10
+
 
 class Downstairs:
     def __init__(self, targets: list[SocketAddr], opts: Options) -> None:
@@ -424,7 +430,9 @@ class Downstairs:
         """Begin a repair if a client is ready for one and a healthy source exists."""
         if self.up_state is not UpState.ACTIVE or self.repair is not None or self.opts.read_only:
             return []
-        ready = [c for c in self.clients if c.state.stage is Stage.REPAIR_READY]
+        ready = [
+            c for c in self.clients if c.state.stage is Stage.REPAIR_READY and c.repair_after <= now
+        ]
         healthy = [c for c in self.clients if c.state.stage is Stage.ACTIVE]
         if not ready or not healthy or self.region is None:
             return []
@@ -475,12 +483,16 @@ class Downstairs:
         if rep.aborting:
             self.live_repairs_aborted += 1
             err = CrucibleError(ErrorKind.IoError, f"live repair aborted: {rep.abort_reason}")
-            return [Complete(w, err) for w in waiters]
+            acts: list[Action] = [Complete(w, err) for w in waiters]
+            for t in rep.targets:
+                acts += self._back_off(self.clients[t], rep.abort_reason or "aborted", now)
+            return acts
         for t in rep.targets:
             c = self.clients[t]
             if c.state.stage is Stage.LIVE_REPAIR:
                 c.set_state(ACTIVE)
                 c.last_error = ""
+                c.repair_failures, c.repair_after = 0, 0.0
         self.live_repairs += 1
         took = now - rep.started
         line = (
@@ -488,6 +500,23 @@ class Downstairs:
             f"{rep.confirmed} matched"
         )
         return [Log(line, "warning"), *[Complete(w, None) for w in waiters]]
+
+    def _back_off(self, c: Client, reason: str, now: float) -> list[Action]:
+        """A failed repair is tried again later each time (a full disk does not
+        empty itself in a second); after REPAIR_ATTEMPTS in a row, only every
+        REPAIR_BACKOFF_MAX, or at once if the downstairs is restarted."""
+        c.repair_failures += 1
+        n = c.repair_failures
+        delay = min(REPAIR_BACKOFF * 2 ** (n - 1), REPAIR_BACKOFF_MAX)
+        if n >= REPAIR_ATTEMPTS:
+            delay = REPAIR_BACKOFF_MAX
+        c.repair_after = now + delay
+        c.last_error = f"live repair failed {n} times in a row ({reason}); next try in {delay:g} s"
+        level = "error" if n >= REPAIR_ATTEMPTS else "warning"
+        line = f"[{c.id}] {c.name}: {c.last_error}"
+        if n >= REPAIR_ATTEMPTS:
+            line += "; restart that downstairs to try at once"
+        return [Log(line, level)]
 
     def abort_repair(self, reason: str, now: float) -> list[Action]:
         """Fault the targets; the extent in progress still gets its jobs, as no-ops."""

@@ -6,6 +6,8 @@ copies, and at the end the three regions hold exactly the guest's data."""
 
 from __future__ import annotations
 
+import errno
+import itertools
 import random
 import tempfile
 import uuid
@@ -16,6 +18,7 @@ from hypothesis import strategies as st
 
 from crucible.common.errors import CrucibleError
 from crucible.protocol import messages as m
+from crucible.upstairs.downstairs import REPAIR_ATTEMPTS, REPAIR_BACKOFF, REPAIR_BACKOFF_MAX
 from crucible.upstairs.options import Options
 from crucible.upstairs.state import Mode, Stage
 from tests.upstairs.guest_model import GuestModel, Token
@@ -223,5 +226,51 @@ def test_all_three_faulted_are_reconciled(tmp_path: Path) -> None:
         assert blocks[0] == blocks[1] == blocks[2], "replicas differ after reconciliation"
         versions = [d.region.extent_versions() for d in sim.ds]
         assert versions[0] == versions[1] == versions[2]
+    finally:
+        sim.close()
+
+
+def test_failing_repair_backs_off(tmp_path: Path) -> None:
+    """A target whose repair fails every time (its disk is full) is tried
+    again after 1, 2, 4 ... s, then only every REPAIR_BACKOFF_MAX, with the
+    reason in its status; restarting it makes the next try immediate."""
+    sim = Sim(tmp_path, es=ES, ec=EC, options=Options(offline_max_jobs=3, log_jobs=False))
+    sim.allow_drops = True
+    good_fetch = sim.ds[0].fetch
+
+    def full(addr: object, eid: int, out: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    try:
+        sim.activate()
+        sim.kill(2)
+        for i in range(6):
+            sim.apply(sim.up.write(Token("write"), i, b"a" * BS, sim.now))
+            sim.settle()
+        for d in sim.ds:
+            d.fetch = full
+        sim.revive(2)
+        starts: list[float] = []  # when each try failed
+        while sim.now < 4000:
+            sim.tick(0.25)
+            sim.settle()
+            if sim.up.ds.live_repairs_aborted > len(starts):
+                starts.append(sim.now)
+        gaps = [b - a for a, b in itertools.pairwise(starts)]
+        assert 10 <= len(starts) < 20, starts  # not once a second: 4000 tries
+        for n, gap in enumerate(gaps[: REPAIR_ATTEMPTS - 1]):
+            assert gap >= REPAIR_BACKOFF * 2**n, (n, gaps)
+        assert all(g >= REPAIR_BACKOFF_MAX for g in gaps[REPAIR_ATTEMPTS - 1 :]), gaps
+        status = sim.up.clients[2].last_error
+        assert "live repair failed" in status and "No space left" in status, status
+        # Space appears and the downstairs is restarted: repaired at once.
+        for d in sim.ds:
+            d.fetch = good_fetch
+        sim.kill(2)
+        sim.revive(2)
+        for _ in range(40):
+            sim.tick(0.25)
+            sim.settle()
+        assert _states(sim) == [Stage.ACTIVE] * 3, _states(sim)
     finally:
         sim.close()
