@@ -46,6 +46,7 @@ import os
 import struct
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import xxhash
 
@@ -220,12 +221,18 @@ class Extent:
         b = pread_exact(self.fd, SLOT_SIZE * n, lay.slot_offset(1, start))
         return a, b
 
-    def _decode(self, raw: bytes, i: int) -> SlotContext | None:
+    def where(self, block: int) -> str:
+        """A block of this extent as an operator looks for it."""
+        return f"block {block} (region block {self.number * self.layout.blocks + block})"
+
+    def _decode(self, raw: bytes, i: int, block: int) -> SlotContext | None:
+        """The i-th slot in `raw`, which is that of `block`."""
         try:
             return decode_slot(raw, SLOT_SIZE * i)
         except BadSlot as e:
+            where = self.where(block)
             raise CrucibleError(
-                ErrorKind.BadContextSlot, f"extent {self.number} block {i}: {e}"
+                ErrorKind.BadContextSlot, f"extent {self.number} {where}: {e}"
             ) from None
 
     def _recover_slots(self, start: int, n: int) -> None:
@@ -238,7 +245,7 @@ class Extent:
             block = start + i
             chunk = data[i * bs : (i + 1) * bs]
             h = xxhash.xxh64_intdigest(chunk)
-            slots = (self._decode(raw_a, i), self._decode(raw_b, i))
+            slots = (self._decode(raw_a, i, block), self._decode(raw_b, i, block))
             current = self.active[block]
             order = (current, 1 - current)
             chosen = next(
@@ -261,9 +268,9 @@ class Extent:
             # All in one slot array (the usual case): one read, not two.
             slot = act[start] if n else 0
             raw = pread_exact(self.fd, SLOT_SIZE * n, self.layout.slot_offset(slot, start))
-            return [self._decode(raw, i) for i in range(n)]
+            return [self._decode(raw, i, start + i) for i in range(n)]
         raw_a, raw_b = self._slot_arrays(start, n)
-        return [self._decode(raw_b if act[start + i] else raw_a, i) for i in range(n)]
+        return [self._decode(raw_b if act[start + i] else raw_a, i, start + i) for i in range(n)]
 
     # ---- IO -----------------------------------------------------------------
 
@@ -422,23 +429,45 @@ class Extent:
 
     def verify(self) -> list[str]:
         """Every block against its active context; an empty slot must hold zeros."""
-        problems = [f"block {b}: data matches neither context slot" for b in sorted(self.damaged)]
+        where = self.where
+        problems = [f"{where(b)}: data matches neither context slot" for b in sorted(self.damaged)]
         bs = self.layout.block_size
         step = max(1, (8 << 20) // bs)
         zero = bytes(bs)
         for start in range(0, self.layout.blocks, step):
             n = min(step, self.layout.blocks - start)
             data = pread_exact(self.fd, n * bs, start * bs)
-            for i, sc in enumerate(self.active_slots(start, n)):
+            for i, sc in enumerate(self._slots_or_problems(start, n, problems)):
                 block = start + i
-                if block in self.damaged:
+                if block in self.damaged or sc is False:
                     continue
                 chunk = data[i * bs : (i + 1) * bs]
                 if sc is None:
                     if chunk != zero:
-                        problems.append(f"block {block}: never written but holds data")
+                        problems.append(f"{where(block)}: never written but holds data")
                 elif xxhash.xxh64_intdigest(chunk) != sc.on_disk_hash:
-                    problems.append(f"block {block}: data does not match its context hash")
+                    problems.append(f"{where(block)}: data does not match its context hash")
                 elif sc.context.encryption is None and sc.context.hash != sc.on_disk_hash:
-                    problems.append(f"block {block}: context hash differs from on-disk hash")
+                    problems.append(f"{where(block)}: context hash differs from on-disk hash")
         return problems
+
+    def _slots_or_problems(
+        self, start: int, n: int, problems: list[str]
+    ) -> list[SlotContext | Literal[False] | None]:
+        """The active slots; a slot that cannot be decoded is False, and said
+        in `problems` (every one of them, not only the first)."""
+        try:
+            return list(self.active_slots(start, n))
+        except CrucibleError:
+            pass
+        out: list[SlotContext | Literal[False] | None] = []
+        for block in range(start, start + n):
+            raw = pread_exact(
+                self.fd, SLOT_SIZE, self.layout.slot_offset(self.active[block], block)
+            )
+            try:
+                out.append(decode_slot(raw, 0))
+            except BadSlot as e:
+                problems.append(f"{self.where(block)}: bad context slot: {e}")
+                out.append(False)
+        return out

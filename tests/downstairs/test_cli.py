@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from crucible.region.layout import extent_path
+from crucible.region.layout import ExtentLayout, extent_path
 from tests.support import Client, downstairs, free_port, pattern, run_cli
 
 pytestmark = pytest.mark.slow
@@ -151,7 +151,31 @@ def test_verify_detects_corruption(tmp_path: Path) -> None:
         f.write(b"X")
     r = run_cli("verify", "-d", str(region))
     assert r.returncode == 1
-    assert "extent 0 block 7: data does not match its context hash" in r.stdout
+    assert "extent 0 block 7 (region block 7): data does not match its context hash" in r.stdout
+
+
+def test_verify_lists_every_bad_context_slot(tmp_path: Path) -> None:
+    region = tmp_path / "r"
+    es = 16
+    assert run_cli("create", "-d", str(region), "--extent-size", str(es)).returncode == 0
+    with downstairs(region) as d:
+        c = Client(d.port)
+        c.negotiate()
+        for b in (es + 2, es + 5):
+            c.write(b, pattern(b, 1))
+        c.flush(1)
+    layout = ExtentLayout(es, 512)
+    with open(extent_path(region, 1), "r+b") as f:
+        for block in (2, 5):
+            for slot in (0, 1):
+                f.seek(layout.slot_offset(slot, block))
+                f.write(b"\x07")  # not a slot tag
+    r = run_cli("verify", "-d", str(region))
+    assert r.returncode == 1
+    for block in (2, 5):
+        line = f"extent 1 block {block} (region block {es + block}): bad context slot"
+        assert line in r.stdout, r.stdout + r.stderr
+    assert "2 problems" in r.stdout
 
 
 def test_run_missing_region(tmp_path: Path) -> None:
