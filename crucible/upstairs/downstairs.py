@@ -46,7 +46,7 @@ from crucible.upstairs.jobs import (
 from crucible.upstairs.live_repair import LiveRepair
 from crucible.upstairs.options import Options
 from crucible.upstairs.state import ACTIVE, LIVE_REPAIR, TAKES_IO, DsState, Mode, Stage, UpState
-from crucible.upstairs.verify import check_read_reply, first_difference
+from crucible.upstairs.verify import bad_blocks, check_read_reply, first_difference
 
 # A failed live repair is tried again after 1, 2, 4 ... s; after
 # REPAIR_ATTEMPTS failures in a row, every REPAIR_BACKOFF_MAX.
@@ -228,6 +228,8 @@ class Downstairs:
             acts.append(Log(f"[{c.id}] job {jid} ({job.kind}) failed on {c.name}: {err}", "error"))
             if not isinstance(job.op, ReadOp):
                 acts += self.fault(c, f"{job.kind} {jid} failed: {err}", now)
+            elif job.read_data is not None:
+                acts += self._maybe_ack(job)  # made whole from good blocks of several replies
         else:
             job.state[c.id] = IOState.DONE
             if isinstance(job.op, FlushOp):
@@ -246,7 +248,7 @@ class Downstairs:
         err = check_read_reply(job.op.start, job.op.count, bs, c.name, msg.blocks, msg.data)
         if err is not None:
             if err.kind is not ErrorKind.InvalidNumberOfBlocks:
-                self.integrity_errors += 1
+                self._assemble(c, job, msg)
             return err
         if job.read_contexts is None:
             job.read_contexts = list(msg.blocks)
@@ -257,6 +259,30 @@ class Downstairs:
             self.integrity_errors += 1
             job.errors.append(f"{c.name} disagrees at block {job.op.start + bad}")
         return None
+
+    def _assemble(self, c: Client, job: Job, msg: m.ReadResponse) -> None:
+        """A reply with bad blocks: its good blocks still serve, with those of
+        other replicas, so the guest gets every block that has a good copy."""
+        assert isinstance(job.op, ReadOp) and self.region is not None
+        assert not isinstance(msg.blocks, CrucibleError)
+        bs = self.region.block_size
+        bad = bad_blocks(job.op.start, bs, c.name, msg.blocks, msg.data)
+        self.integrity_errors += len(bad)
+        job.errors += [str(e) for _, e in bad]
+        if job.read_data is not None:
+            return  # already served whole by another replica
+        broken = {i for i, _ in bad}
+        if job.read_pieces is None:
+            job.read_pieces = (bytearray(msg.data), list(msg.blocks), broken)
+            return
+        data, contexts, missing = job.read_pieces
+        for i in missing - broken:
+            data[i * bs : (i + 1) * bs] = msg.data[i * bs : (i + 1) * bs]
+            contexts[i] = msg.blocks[i]
+        missing &= broken
+        if not missing:
+            job.read_contexts, job.read_data = contexts, bytes(data)
+            job.read_pieces = None
 
     # ---- acks and completion ------------------------------------------------------
 

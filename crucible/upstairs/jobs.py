@@ -125,6 +125,9 @@ class Job:
     replay: bool = False
     read_contexts: list[m.ReadBlockContext] | None = None
     read_data: m.Data | None = None
+    # A read whose replies each had bad blocks: the blocks that verified so far,
+    # and which are still missing. Acked once none are.
+    read_pieces: tuple[bytearray, list[m.ReadBlockContext], set[int]] | None = None
     errors: list[str] = field(default_factory=list)
     nbytes: int = 0  # write payload: what backpressure and barriers count
     # A live close's (gen, flush, dirty) from each client.

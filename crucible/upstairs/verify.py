@@ -2,8 +2,8 @@
 
 Every block is verified on its own: a plain block against its xxh64 hash, a
 never-written (Empty) block must be all zeros; encrypted blocks need the key,
-which this upstairs does not hold. Any failure is an integrity error: that
-reply is not used.
+which this upstairs does not hold. A block that fails is an integrity error:
+it is taken from another replica whose copy verifies.
 """
 
 from __future__ import annotations
@@ -39,28 +39,49 @@ def check_read_reply(
             ErrorKind.InvalidNumberOfBlocks,
             f"read reply has {len(blocks)} blocks, {len(data)} bytes",
         )
+    bad = bad_blocks(start, block_size, source, blocks, data, first_only=True)
+    return bad[0][1] if bad else None
+
+
+def bad_blocks(
+    start: int,
+    block_size: int,
+    source: str,
+    blocks: list[m.ReadBlockContext],
+    data: m.Data,
+    first_only: bool = False,
+) -> list[tuple[int, CrucibleError]]:
+    """Each block of a well-formed reply that does not verify: (its index in
+    the reply, why)."""
+    bs = block_size
     view = memoryview(data)
     zero = _zeros(bs)
+    out: list[tuple[int, CrucibleError]] = []
     for i, ctx in enumerate(blocks):
         block = view[i * bs : (i + 1) * bs]
         if ctx is None:
-            if block != zero:
-                return CrucibleError(
-                    ErrorKind.MissingBlockContext,
-                    f"block {start + i} from {source} has data but no context",
-                )
+            if block == zero:
+                continue
+            err = CrucibleError(
+                ErrorKind.MissingBlockContext,
+                f"block {start + i} from {source} has data but no context",
+            )
         elif isinstance(ctx, int):
-            if xxhash.xxh64_intdigest(block) != ctx:
-                return CrucibleError(
-                    ErrorKind.HashMismatch,
-                    f"block {start + i} from {source} does not match its hash: corrupt replica",
-                )
+            if xxhash.xxh64_intdigest(block) == ctx:
+                continue
+            err = CrucibleError(
+                ErrorKind.HashMismatch,
+                f"block {start + i} from {source} does not match its hash: corrupt replica",
+            )
         else:
-            return CrucibleError(
+            err = CrucibleError(
                 ErrorKind.DecryptionError,
                 f"block {start + i} is encrypted, and this upstairs has no key",
             )
-    return None
+        out.append((i, err))
+        if first_only:
+            break
+    return out
 
 
 @functools.lru_cache(maxsize=4)

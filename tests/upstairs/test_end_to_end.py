@@ -217,3 +217,33 @@ def test_corrupt_replica_detected_never_returned(tmp_path: Path) -> None:
         _corrupt(c.regions[0], 205)
         _corrupt(c.regions[2], 205)
         asyncio.run(_with_upstairs(c, read_fails, gen=3))
+
+
+def test_each_block_from_a_replica_whose_copy_verifies(tmp_path: Path) -> None:
+    """Every replica has a different bad block inside one read: the guest
+    still gets every block (each has two good copies), and each bad one is
+    counted; only a block bad everywhere fails the read."""
+    data = bytes(range(256)) * 2 * 8  # blocks 300..307
+
+    async def write_it(up: Upstairs) -> None:
+        await up.write(300, data)
+        await up.flush()
+
+    async def read_it(up: Upstairs) -> None:
+        assert await up.read(300, 8) == data
+        await until(lambda: up.info().integrity_errors >= 3, "every bad block counted")
+        assert up.info().integrity_errors == 3
+
+    async def read_fails(up: Upstairs) -> None:
+        with pytest.raises(CrucibleError) as e:
+            await up.read(300, 8)
+        assert "block 304" in str(e.value) and "match its hash" in str(e.value)
+
+    with cluster(tmp_path) as c:
+        asyncio.run(_with_upstairs(c, write_it))
+        for region, block in zip(c.regions, (302, 305, 306), strict=True):
+            _corrupt(region, block)
+        asyncio.run(_with_upstairs(c, read_it, gen=2))
+        for region in c.regions:
+            _corrupt(region, 304)
+        asyncio.run(_with_upstairs(c, read_fails, gen=3))
