@@ -1,5 +1,6 @@
-"""Random and mutated frames sent to a live downstairs never crash it, and the
-region stays consistent."""
+"""Random and mutated frames, and sequences of well-framed messages, sent to
+a live downstairs before and after negotiation never crash it nor grow it
+without bound, and the region stays consistent."""
 
 from __future__ import annotations
 
@@ -16,11 +17,13 @@ from hypothesis import strategies as st
 from crucible.protocol import codec
 from crucible.protocol import messages as m
 from tests.protocol.strategies import messages
-from tests.support import Client, Downstairs, create_region, pattern, run_cli
+from tests.support import Client, Downstairs, create_region, pattern, rss, run_cli
 
 pytestmark = pytest.mark.slow
 
 GENS = itertools.count(10)
+BASE_RSS: dict[int, int] = {}
+RSS_ROOM = 128 << 20  # what the fuzzing may add to the server's memory, at most
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +36,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Downstairs]:
     c.write(0, pattern(0, 1))
     c.flush(1)
     c.close()
+    BASE_RSS[d.proc.pid] = rss(d.proc.pid)
     yield d
     assert d.alive(), d.output()
     assert d.stop() == 0
@@ -52,7 +56,7 @@ def _valid_frames(c: Client) -> list[bytes]:
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
-    mode=st.sampled_from(["random", "mutated", "message"]),
+    mode=st.sampled_from(["random", "mutated", "message", "sequence"]),
     negotiate=st.booleans(),
     data=st.data(),
 )
@@ -66,6 +70,9 @@ def test_fuzz_live_server(
         payload = data.draw(st.binary(min_size=1, max_size=300))
     elif mode == "message":
         payload = codec.encode(data.draw(messages))
+    elif mode == "sequence":
+        payload = b"".join(codec.encode(x) for x in data.draw(st.lists(messages, max_size=20)))
+        payload = payload or b"\0"
     else:
         frame = bytearray(data.draw(st.sampled_from(_valid_frames(c))))
         for _ in range(data.draw(st.integers(1, 6))):
@@ -84,3 +91,4 @@ def test_fuzz_live_server(
     r = probe.read(0, 1)
     assert isinstance(r, m.ReadResponse) and bytes(r.data) == pattern(0, 1)
     probe.close()
+    assert rss(live.proc.pid) < BASE_RSS[live.proc.pid] + RSS_ROOM
