@@ -136,18 +136,25 @@ def _run(sim: Sim, rnd: random.Random, victim: int, trouble: str, steps: int) ->
     assert versions[0] == versions[1] == versions[2]
 
 
+def _faulted_2(tmp_path: Path) -> Sim:
+    """An active volume whose downstairs 2 is down and missed writes (it
+    will need a live repair when it returns)."""
+    sim = Sim(tmp_path, es=ES, ec=EC, options=Options(offline_max_jobs=3, log_jobs=False))
+    sim.allow_drops = True
+    sim.activate()
+    sim.kill(2)
+    for i in range(6):
+        sim.apply(sim.up.write(Token("write"), i, b"a" * BS, sim.now))
+        sim.settle()
+    return sim
+
+
 def test_takeover_during_repair_answers_parked_flushes(tmp_path: Path) -> None:
     """Two downstairs out, one being repaired: a guest flush waits for the
     repair. If another upstairs takes over meanwhile, the flush fails (it does
     not hang), and a later activation starts from a clean slate."""
-    sim = Sim(tmp_path, es=ES, ec=EC, options=Options(offline_max_jobs=3, log_jobs=False))
-    sim.allow_drops = True
+    sim = _faulted_2(tmp_path)
     try:
-        sim.activate()
-        sim.kill(2)
-        for i in range(6):
-            sim.apply(sim.up.write(Token("write"), i, b"a" * BS, sim.now))
-            sim.settle()
         sim.revive(2)
         sim.tick(2.0)
         for _ in range(10_000):  # until the repair has begun
@@ -234,19 +241,13 @@ def test_failing_repair_backs_off(tmp_path: Path) -> None:
     """A target whose repair fails every time (its disk is full) is tried
     again after 1, 2, 4 ... s, then only every REPAIR_BACKOFF_MAX, with the
     reason in its status; restarting it makes the next try immediate."""
-    sim = Sim(tmp_path, es=ES, ec=EC, options=Options(offline_max_jobs=3, log_jobs=False))
-    sim.allow_drops = True
+    sim = _faulted_2(tmp_path)
     good_fetch = sim.ds[0].fetch
 
     def full(addr: object, eid: int, out: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
     try:
-        sim.activate()
-        sim.kill(2)
-        for i in range(6):
-            sim.apply(sim.up.write(Token("write"), i, b"a" * BS, sim.now))
-            sim.settle()
         for d in sim.ds:
             d.fetch = full
         sim.revive(2)
