@@ -78,6 +78,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.closing = False
         self.held = False  # not read: its load is over CONN_LOAD_LIMIT
         self.ever_held = False
+        self.held_low = 0  # the least load seen while held: less means progress
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -275,6 +276,7 @@ class DownstairsServer:
                 "connection %d not read for now: %d MiB of its work is unanswered", conn.id, mib
             )
         conn.held = True
+        conn.held_low = conn.load()
         self._held.add(conn)
         if conn.transport is not None:
             conn.transport.pause_reading()
@@ -404,11 +406,16 @@ class DownstairsServer:
             for c in list(self.conns.values()):
                 if c.held:
                     waiting = self.core.stuck(c.id)
+                    load = c.load()
                     if waiting:
                         # Nothing runs, so nothing will free it: jobs wait on jobs never sent.
                         why = "never sent, or failed"
                         c.close(f"{waiting} jobs wait on jobs that never completed ({why})")
-                    c.last_rx = now  # held by us: its silence is ours
+                    elif load < c.held_low:
+                        c.held_low = load
+                        c.last_rx = now  # held by us: its silence is ours while work goes on
+                    elif now - c.last_rx > self.idle_timeout:
+                        c.close(f"its replies were not read for {self.idle_timeout:g} s")
                 elif now - c.last_rx > self.idle_timeout:
                     c.close(f"no message for {self.idle_timeout:g} s")
                 elif not c.decoder.greeted and now - c.since > HELLO_TIMEOUT:

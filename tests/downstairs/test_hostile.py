@@ -214,6 +214,21 @@ def test_replies_a_peer_does_not_read_are_bounded(tmp_path: Path) -> None:
         c.close()
 
 
+def test_peer_that_never_reads_its_replies_is_closed(tmp_path: Path) -> None:
+    with downstairs(big_region(tmp_path), "--idle-timeout", "2") as ds:
+        c = Client(ds.port, gen=1)
+        c.negotiate()
+        c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        reads = [
+            codec.encode(m.ReadRequest(c.upstairs_id, c.session_id, 1 + i, [], 0, 256))
+            for i in range(200)  # 200 MiB of replies
+        ]
+        c.sock.sendall(b"".join(reads))
+        until(lambda: "its replies were not read for 2 s" in ds.output(), "the connection closed")
+        assert ds.alive()
+        c.close()
+
+
 def test_jobs_waiting_on_jobs_never_sent_are_bounded(tmp_path: Path) -> None:
     with downstairs(big_region(tmp_path)) as ds:
         c = Client(ds.port, gen=1)
