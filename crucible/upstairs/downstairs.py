@@ -253,6 +253,7 @@ class Downstairs:
         if job.read_contexts is None:
             job.read_contexts = list(msg.blocks)
             job.read_data = msg.data  # a view into its frame, which nothing reuses
+            job.read_pieces = None  # whole from one replica: pieces of others not needed
             return None
         bad = first_difference(job.read_contexts, msg.blocks, zero_hash(bs))
         if bad is not None:
