@@ -273,6 +273,7 @@ class UpstairsCore:
             reconcile_needed=self.activation.needed,
             reconcile_done=self.activation.done,
             integrity_errors=ds.integrity_errors,
+            blocks_rewritten=ds.blocks_rewritten,
             retired=ds.table.retired,
         )
 

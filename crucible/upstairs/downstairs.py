@@ -45,6 +45,7 @@ from crucible.upstairs.jobs import (
 )
 from crucible.upstairs.live_repair import LiveRepair
 from crucible.upstairs.options import Options
+from crucible.upstairs.rewrite import rewrites, runs, touched_after
 from crucible.upstairs.state import ACTIVE, LIVE_REPAIR, TAKES_IO, DsState, Mode, Stage, UpState
 from crucible.upstairs.verify import bad_blocks, check_read_reply, first_difference
 
@@ -68,6 +69,7 @@ class Downstairs:
         self.live_repairs = 0
         self.live_repairs_aborted = 0
         self.integrity_errors = 0
+        self.blocks_rewritten = 0  # bad blocks of a replica rewritten from a good copy
 
     # ---- capacity ------------------------------------------------------------------
 
@@ -129,9 +131,14 @@ class Downstairs:
         shared: m.Message | None = None  # one message object when deps agree: encoded once
         over: list[Client] = []  # offline ones holding too much: faulted once the job is placed
         own = isinstance(job.op, PER_CLIENT)  # a message of its own for each client
+        op = job.op
+        only = op.to if isinstance(op, WriteOp) else None  # a rewrite: one client
+        avoid = op.mend if isinstance(op, ReadOp) else None  # its read: the others
         for c in self.clients:
             stage = c.state.stage
-            if stage is Stage.ACTIVE or (
+            if (only is not None and c.id != only) or c.id == avoid:
+                c.skipped.add(job.id)
+            elif stage is Stage.ACTIVE or (
                 stage is Stage.LIVE_REPAIR and rep is not None and rep.sends_to_target(job.op)
             ):
                 job.state[c.id] = IOState.IN_PROGRESS
@@ -195,9 +202,10 @@ class Downstairs:
         if job is None or job.state[c.id] is not IOState.IN_PROGRESS:
             return [Log(f"[{c.id}] reply for unknown or finished job {jid}", "debug")]
         err: CrucibleError | None
+        bad: list[int] = []
         match msg:
             case m.ReadResponse():
-                err = self._check_read(c, job, msg)
+                err, bad = self._check_read(c, job, msg)
             case (
                 m.WriteAck()
                 | m.WriteUnwrittenAck()
@@ -229,53 +237,59 @@ class Downstairs:
             if not isinstance(job.op, ReadOp):
                 acts += self.fault(c, f"{job.kind} {jid} failed: {err}", now)
             elif job.read_data is not None:
-                acts += self._maybe_ack(job)  # made whole from good blocks of several replies
+                acts += self._maybe_ack(job, now)  # made whole from good blocks of several replies
         else:
             job.state[c.id] = IOState.DONE
             if isinstance(job.op, FlushOp):
                 c.last_flush_done = max(c.last_flush_done or 0, job.id)
-            acts += self._maybe_ack(job)
+            acts += self._maybe_ack(job, now)
         if job.complete and not job.finished:
             acts += self._finish(job, now)
+        if bad and isinstance(job.op, ReadOp) and job.op.mend is None:
+            acts += self._mend(c, job.op.start, bad, now)
         return acts
 
-    def _check_read(self, c: Client, job: Job, msg: m.ReadResponse) -> CrucibleError | None:
-        """Verify a read reply; keep the first good one, compare later ones with it."""
+    def _check_read(
+        self, c: Client, job: Job, msg: m.ReadResponse
+    ) -> tuple[CrucibleError | None, list[int]]:
+        """Verify a read reply; keep the first good one, compare later ones
+        with it. Also: the reply's blocks that failed their check."""
         assert isinstance(job.op, ReadOp) and self.region is not None
         if isinstance(msg.blocks, CrucibleError):
-            return msg.blocks
+            return msg.blocks, []
         bs = self.region.block_size
         err = check_read_reply(job.op.start, job.op.count, bs, c.name, msg.blocks, msg.data)
         if err is not None:
-            if err.kind is not ErrorKind.InvalidNumberOfBlocks:
-                self._assemble(c, job, msg)
-            return err
+            if err.kind is ErrorKind.InvalidNumberOfBlocks:
+                return err, []
+            return err, self._assemble(c, job, msg)
         if job.read_contexts is None:
             job.read_contexts = list(msg.blocks)
             job.read_data = msg.data  # a view into its frame, which nothing reuses
             job.read_pieces = None  # whole from one replica: pieces of others not needed
-            return None
+            return None, []
         bad = first_difference(job.read_contexts, msg.blocks, zero_hash(bs))
         if bad is not None:
             self.integrity_errors += 1
             job.errors.append(f"{c.name} disagrees at block {job.op.start + bad}")
-        return None
+        return None, []
 
-    def _assemble(self, c: Client, job: Job, msg: m.ReadResponse) -> None:
+    def _assemble(self, c: Client, job: Job, msg: m.ReadResponse) -> list[int]:
         """A reply with bad blocks: its good blocks still serve, with those of
-        other replicas, so the guest gets every block that has a good copy."""
+        other replicas, so the guest gets every block that has a good copy.
+        Returns the bad blocks' indices in the reply."""
         assert isinstance(job.op, ReadOp) and self.region is not None
         assert not isinstance(msg.blocks, CrucibleError)
         bs = self.region.block_size
         bad = bad_blocks(job.op.start, bs, c.name, msg.blocks, msg.data)
         self.integrity_errors += len(bad)
         job.errors += [str(e) for _, e in bad]
-        if job.read_data is not None:
-            return  # already served whole by another replica
         broken = {i for i, _ in bad}
+        if job.read_data is not None:
+            return sorted(broken)  # already served whole by another replica
         if job.read_pieces is None:
             job.read_pieces = (bytearray(msg.data), list(msg.blocks), broken)
-            return
+            return sorted(broken)
         data, contexts, missing = job.read_pieces
         for i in missing - broken:
             data[i * bs : (i + 1) * bs] = msg.data[i * bs : (i + 1) * bs]
@@ -284,21 +298,52 @@ class Downstairs:
         if not missing:
             job.read_contexts, job.read_data = contexts, bytes(data)
             job.read_pieces = None
+        return sorted(broken)
+
+    # ---- rewriting bad blocks ------------------------------------------------------
+
+    def _mend(self, c: Client, start: int, bad: list[int], now: float) -> list[Action]:
+        """Blocks that failed their check on `c`: read them from the others,
+        to be rewritten on `c` (rewrite.py)."""
+        where = f"{len(bad)} bad blocks from {start + bad[0]} on {c.name}"
+        if self.opts.read_only or self.up_state is not UpState.ACTIVE:
+            return [Log(f"[{c.id}] {where} left as they are: this upstairs does not write")]
+        if c.state.stage is not Stage.ACTIVE:
+            return []
+        acts: list[Action] = [Log(f"[{c.id}] {where}: rewriting from a good copy", "warning")]
+        for first, n in runs(bad):
+            acts += self.enqueue(ReadOp(start + first, n, mend=c.id), None, now)
+        return acts
+
+    def _rewrite(self, job: Job) -> list[Op]:
+        """A mending read has good data: the writes that put it on the bad copy."""
+        op = job.op
+        assert isinstance(op, ReadOp) and op.mend is not None and self.region is not None
+        if self.clients[op.mend].state.stage is not Stage.ACTIVE:
+            return []  # it left: it comes back through live repair
+        newer = touched_after(self.table, job.id, op.start, op.count)
+        return list(rewrites(job, op.mend, self.region.block_size, newer))
 
     # ---- acks and completion ------------------------------------------------------
 
-    def _maybe_ack(self, job: Job) -> list[Action]:
+    def _maybe_ack(self, job: Job, now: float) -> list[Action]:
         if job.acked:
             return []
         result = acks.early_ack(job, self.up_state is UpState.DEACTIVATING)
         if result is acks.NOT_YET:
             return []
         job.acked = True
+        acts: list[Action] = []
         if isinstance(job.op, ReadOp):
+            if job.op.mend is not None:
+                for w in self._rewrite(job):
+                    acts += self.enqueue(w, None, now)
             # The job stays until a flush retires it; its data is the guest's now
             # (later replies are compared by their contexts).
             job.read_data = b""
-        return [Complete(job.guest, result)] if job.guest is not None else []
+        if job.guest is not None:
+            acts.append(Complete(job.guest, result))
+        return acts
 
     def _finish(self, job: Job, now: float) -> list[Action]:
         """Every client has answered (or been skipped) for this job."""
@@ -314,6 +359,13 @@ class Downstairs:
             elif job.guest is not None:
                 acts.append(Complete(job.guest, acks.final_result(job)))
         self.table.mark_finished(job)
+        op = job.op
+        if isinstance(op, WriteOp) and op.to is not None and job.state[op.to] is IOState.DONE:
+            c = self.clients[op.to]
+            n = len(op.contexts)
+            self.blocks_rewritten += n
+            line = f"[{c.id}] rewrote {n} bad blocks from {op.start} on {c.name} from a good copy"
+            acts.append(Log(line, "warning"))
         if job.is_flush_like:
             acts += self._retire(job.id)
         rep = self.repair
@@ -370,7 +422,7 @@ class Downstairs:
             if job.state[c.id] is IOState.IN_PROGRESS:
                 job.state[c.id] = IOState.SKIPPED
                 c.skipped.add(job.id)
-                acts += self._maybe_ack(job)
+                acts += self._maybe_ack(job, now)
                 if job.complete and not job.finished:
                     finished.append(job)
         c.inflight_jobs = c.inflight_bytes = 0

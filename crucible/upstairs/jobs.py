@@ -27,12 +27,16 @@ class WriteOp:
     contexts: list[m.BlockContext]
     data: bytes | bytearray | memoryview
     unwritten: bool = False
+    to: int | None = None  # a rewrite of bad blocks: this client only (rewrite.py)
 
 
 @dataclass(slots=True)
 class ReadOp:
     start: int
     count: int
+    # Fetches a good copy of blocks that are bad on this client, which it
+    # skips (rewrite.py).
+    mend: int | None = None
 
 
 @dataclass(slots=True)
@@ -151,9 +155,11 @@ class Job:
         op = self.op
         match op:
             case WriteOp():
+                if op.to is not None:
+                    return "rewrite"
                 return "write_unwritten" if op.unwritten else "write"
             case ReadOp():
-                return "read"
+                return "read" if op.mend is None else "mending read"
             case TrimOp():
                 return "trim"
             case FlushOp():

@@ -52,6 +52,7 @@ class UpstairsStatus:
     reconcile_needed: int  # extents the latest reconciliation had to repair
     reconcile_done: int
     integrity_errors: int
+    blocks_rewritten: int  # bad blocks of a replica rewritten from a good copy
     retired: int  # jobs retired so far
 
     def as_dict(self) -> dict[str, Any]:

@@ -135,6 +135,17 @@ class Sim:
     def revive(self, i: int) -> None:
         self.ds[i].down = False
 
+    def corrupt(self, i: int, block: int) -> None:
+        """Flip a byte of one block's data in downstairs i's extent file, as
+        a failing disk would."""
+        d = self.ds[i].region
+        es, bs = d.definition.extent_size, d.definition.block_size
+        with open(extent_path(d.dir, block // es), "r+b") as f:
+            f.seek((block % es) * bs + 7)
+            byte = f.read(1)
+            f.seek(-1, 1)
+            f.write(bytes([byte[0] ^ 0x5A]))
+
     def tick(self, dt: float) -> None:
         self.now += dt
         self.apply(self.up.tick(self.now))

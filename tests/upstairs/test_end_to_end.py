@@ -12,7 +12,7 @@ import pytest
 from crucible.common.errors import CrucibleError, ErrorKind
 from crucible.region.layout import extent_path
 from crucible.upstairs.guest import Upstairs
-from tests.support import Cluster, cluster, free_port, run_tool, until
+from tests.support import Cluster, cluster, free_port, run_cli, run_tool, until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -192,7 +192,16 @@ def _corrupt(region: Path, block: int) -> None:
         f.write(b"\xff\xee")
 
 
-def test_corrupt_replica_detected_never_returned(tmp_path: Path) -> None:
+def _verify(c: Cluster) -> list[int]:
+    """Stop the downstairs and check every region's blocks against their
+    contexts: the exit status of each."""
+    c.stop()
+    codes = [run_cli("verify", "-d", str(r)).returncode for r in c.regions]
+    c.start()
+    return codes
+
+
+def test_corrupt_replica_detected_never_returned_and_rewritten(tmp_path: Path) -> None:
     data = bytes(range(256)) * 2
 
     async def write_it(up: Upstairs) -> None:
@@ -202,8 +211,10 @@ def test_corrupt_replica_detected_never_returned(tmp_path: Path) -> None:
     async def read_it(up: Upstairs) -> None:
         for _ in range(5):
             assert await up.read(205, 1) == data
-        # The other replies arrive and are compared after the first answered.
-        await until(lambda: up.info().integrity_errors >= 1, "the bad copy to be seen")
+        # The other replies arrive and are compared after the first answered;
+        # the bad copy is then rewritten from a good one.
+        await until(lambda: up.info().blocks_rewritten >= 1, "the bad copy to be rewritten")
+        assert up.info().integrity_errors >= 1
 
     async def read_fails(up: Upstairs) -> None:
         with pytest.raises(CrucibleError) as e:
@@ -213,9 +224,11 @@ def test_corrupt_replica_detected_never_returned(tmp_path: Path) -> None:
     with cluster(tmp_path) as c:
         asyncio.run(_with_upstairs(c, write_it))
         _corrupt(c.regions[1], 205)
+        assert _verify(c) == [0, 1, 0]
         asyncio.run(_with_upstairs(c, read_it, gen=2))
-        _corrupt(c.regions[0], 205)
-        _corrupt(c.regions[2], 205)
+        assert _verify(c) == [0, 0, 0]  # the rewrite was flushed on deactivation
+        for region in c.regions:
+            _corrupt(region, 205)
         asyncio.run(_with_upstairs(c, read_fails, gen=3))
 
 
@@ -231,8 +244,9 @@ def test_each_block_from_a_replica_whose_copy_verifies(tmp_path: Path) -> None:
 
     async def read_it(up: Upstairs) -> None:
         assert await up.read(300, 8) == data
-        await until(lambda: up.info().integrity_errors >= 3, "every bad block counted")
+        await until(lambda: up.info().blocks_rewritten >= 3, "every bad block rewritten")
         assert up.info().integrity_errors == 3
+        assert up.info().blocks_rewritten == 3
 
     async def read_fails(up: Upstairs) -> None:
         with pytest.raises(CrucibleError) as e:
@@ -244,6 +258,7 @@ def test_each_block_from_a_replica_whose_copy_verifies(tmp_path: Path) -> None:
         for region, block in zip(c.regions, (302, 305, 306), strict=True):
             _corrupt(region, block)
         asyncio.run(_with_upstairs(c, read_it, gen=2))
+        assert _verify(c) == [0, 0, 0]
         for region in c.regions:
             _corrupt(region, 304)
         asyncio.run(_with_upstairs(c, read_fails, gen=3))

@@ -52,6 +52,33 @@ def random_step(sim: Sim, g: GuestModel, data: st.DataObject, kinds: list[str]) 
 MIX = ["write", "read", "flush", "trim", "net", "net", "net"]
 
 
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_bad_block_rewritten_from_a_good_copy(data: st.DataObject) -> None:
+    """A block goes bad on one replica; guest IO goes on around it. A read
+    that meets it is served from a good copy, and the bad copy is rewritten
+    with the data current at that point (never over a newer write): in the
+    end every replica holds the guest's data."""
+    with tempfile.TemporaryDirectory() as tmp:
+        sim = Sim(Path(tmp))
+        try:
+            g = GuestModel(sim, TOTAL)
+            sim.activate()
+            for _ in range(data.draw(st.integers(0, 10), label="writes")):
+                random_step(sim, g, data, ["write", "write", "flush", "net"])
+            sim.settle()
+            block = data.draw(st.integers(0, TOTAL - 1), label="block")
+            sim.corrupt(data.draw(st.integers(0, 2), label="replica"), block)
+            for _ in range(data.draw(st.integers(0, 30), label="steps")):
+                random_step(sim, g, data, MIX)
+            g.read(block, 1)
+            sim.settle(lambda n: data.draw(st.integers(0, n - 1)))
+            g.check()
+            g.finish()
+        finally:
+            sim.close()
+
+
 def _run(sim: Sim, data: st.DataObject) -> None:
     g = GuestModel(sim, TOTAL)
     sim.activate()

@@ -1,0 +1,70 @@
+"""Rewriting a replica's bad blocks from a good copy.
+
+A read that finds a block failing its check on one replica (a flipped bit,
+a torn sector) still serves the guest from another. The bad copy is then
+mended in two jobs: a read of those blocks from the other replicas, and a
+write of what it returns to the bad replica alone. The read is queued after
+the guest's, so it sees every write before it; blocks that a write queued
+after that read changes are left out (that write replaced the bad copy on
+every replica anyway).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+from crucible.protocol import messages as m
+from crucible.upstairs.jobs import WRITE_LIKE, Job, ReadOp, WriteOp, zero_hash
+
+
+def runs(indices: Iterable[int]) -> Iterator[tuple[int, int]]:
+    """Consecutive runs of block indices as (first, count), in order."""
+    first = prev = -2
+    for i in sorted(set(indices)):
+        if i != prev + 1:
+            if first >= 0:
+                yield first, prev - first + 1
+            first = i
+        prev = i
+    if first >= 0:
+        yield first, prev - first + 1
+
+
+def touched_after(jobs: Iterable[Job], after: int, start: int, count: int) -> set[int]:
+    """Blocks of [start, start+count) that a write or trim queued after job
+    `after` changes."""
+    out: set[int] = set()
+    end = start + count
+    for job in jobs:
+        op = job.op
+        if job.id <= after or not isinstance(op, WRITE_LIKE):
+            continue
+        n = len(op.contexts) if isinstance(op, WriteOp) else op.count
+        lo, hi = max(start, op.start), min(end, op.start + n)
+        out.update(range(lo, hi))
+    return out
+
+
+def rewrites(read: Job, target: int, block_size: int, skip: set[int]) -> list[WriteOp]:
+    """The writes that put a mending read's good data on `target`, leaving
+    out the blocks in `skip` and those whose context it cannot restore
+    (encrypted: the hash is not in a read's context)."""
+    op = read.op
+    assert isinstance(op, ReadOp)
+    contexts, data = read.read_contexts, read.read_data
+    assert contexts is not None and data is not None
+    bs = block_size
+    keep = []
+    for i, ctx in enumerate(contexts):
+        if op.start + i not in skip and (ctx is None or isinstance(ctx, int)):
+            keep.append(i)
+    view = memoryview(data)
+    out = []
+    for first, n in runs(keep):
+        chunk = bytes(view[first * bs : (first + n) * bs])
+        ctxs = [
+            m.BlockContext(c if isinstance(c, int) else zero_hash(bs))
+            for c in contexts[first : first + n]
+        ]
+        out.append(WriteOp(op.start + first, ctxs, chunk, to=target))
+    return out
