@@ -1,24 +1,36 @@
 """End-to-end benchmark through NBD with fio (ioengine=nbd): our export over
 three local downstairs against qemu-nbd serving a raw file, in the same run.
 
-    .venv/bin/python -m bench.nbd [--runtime 8] [--size-mib 512] [--dir DIR] [--out DIR]
+    .venv/bin/python -m bench.nbd [--repeat 3] [--runtime 8] [--size-mib 512]
+                                  [--dir DIR] [--out DIR] [-- CRUCIBLE-NBD FLAGS]
 
 Runs sequential write and read at 1 MiB queue depth 8, then random write and
-read at 4 KiB queue depth 32; prints MB/s, IOPS, p99 latency and the ratio to
-qemu-nbd; saves JSON and a PNG chart under --out (default bench/results).
+read at 4 KiB queue depth 32. For each test: MB/s, IOPS, p99 latency, and the
+CPU time (user + system, from /proc) of every process serving it -- our
+crucible-nbd and its three downstairs, or qemu-nbd -- per IO and per MiB.
+CPU per IO is the headline: unlike MB/s it barely moves with the load of a
+shared machine. Each round runs both servers; --repeat N rounds report the
+median and spread of the same-run ratios against the targets. JSON and a PNG
+chart go under --out (default bench/results). Flags after `--` go to
+crucible-nbd (e.g. `-- --read-all-replicas`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from crucible.cli_util import stop_process
 from tests.support import BIN, Cluster, free_port, wait_listening
@@ -29,21 +41,56 @@ TESTS = [
     ("rand-write-4k-qd32", "randwrite", "4k", 32),
     ("rand-read-4k-qd32", "randread", "4k", 32),
 ]
-TARGETS = {"seq-write-1M-qd8": 0.5, "rand-write-4k-qd32": 0.25, "rand-read-4k-qd32": 0.3}
+# Same-run ratios to qemu-nbd: throughput at least, CPU (per IO) at most.
+THROUGHPUT_TARGETS = {
+    "seq-write-1M-qd8": 0.5,
+    "seq-read-1M-qd8": 0.5,
+    "rand-write-4k-qd32": 0.35,
+    "rand-read-4k-qd32": 0.5,
+}
+CPU_TARGETS = {
+    "seq-write-1M-qd8": 3.0,
+    "seq-read-1M-qd8": 2.0,
+    "rand-write-4k-qd32": 4.0,
+    "rand-read-4k-qd32": 2.0,
+}
+TICK = os.sysconf("SC_CLK_TCK")
+MIB = 1 << 20
 
 
 @dataclass
 class Result:
+    round: int
     test: str
     server: str
     mb_s: float
     iops: float
     p99_ms: float
+    ios: int
+    mib: float
+    cpu_s: float  # user + system of every serving process during the test
+
+    @property
+    def cpu_us_per_io(self) -> float:
+        return self.cpu_s / self.ios * 1e6 if self.ios else 0.0
+
+    @property
+    def cpu_ms_per_mib(self) -> float:
+        return self.cpu_s / self.mib * 1e3 if self.mib else 0.0
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system time so far of these processes (all their threads)."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / TICK
 
 
 def fio(
     uri: str, name: str, rw: str, bs: str, depth: int, size_mib: int, runtime: float
-) -> tuple[float, float, float]:
+) -> dict[str, float]:
     cmd = [
         "fio",
         "--name",
@@ -63,122 +110,215 @@ def fio(
     job = json.loads(out[out.index("{") :])["jobs"][0]
     side = job["write"] if "write" in rw else job["read"]
     pct = side["clat_ns"].get("percentile", {})
-    p99 = float(pct.get("99.000000", 0)) / 1e6
-    return side["bw_bytes"] / 1e6, side["iops"], p99
+    return {
+        "mb_s": side["bw_bytes"] / 1e6,
+        "iops": side["iops"],
+        "p99_ms": float(pct.get("99.000000", 0)) / 1e6,
+        "ios": side["total_ios"],
+        "mib": side["io_bytes"] / MIB,
+    }
 
 
-def run_all(uri: str, server: str, size_mib: int, runtime: float) -> list[Result]:
+def run_all(
+    uri: str, server: str, pids: list[int], rnd: int, size_mib: int, runtime: float
+) -> list[Result]:
     results = []
     for name, rw, bs, depth in TESTS:
-        mb, iops, p99 = fio(uri, name, rw, bs, depth, size_mib, runtime)
-        results.append(Result(name, server, mb, iops, p99))
+        before = cpu_seconds(pids)
+        f = fio(uri, name, rw, bs, depth, size_mib, runtime)
+        cpu = cpu_seconds(pids) - before
+        r = Result(
+            rnd, name, server, f["mb_s"], f["iops"], f["p99_ms"], int(f["ios"]), f["mib"], cpu
+        )
+        results.append(r)
         print(
-            f"  {server:9} {name:20} {mb:9.1f} MB/s {iops:9.0f} IOPS  p99 {p99:8.2f} ms", flush=True
+            f"  {server:9} {name:20} {r.mb_s:8.1f} MB/s {r.iops:8.0f} IOPS "
+            f"p99 {r.p99_ms:7.2f} ms  CPU {r.cpu_us_per_io:8.1f} us/IO "
+            f"{r.cpu_ms_per_mib:6.2f} ms/MiB",
+            flush=True,
         )
     return results
 
 
-def chart(results: list[Result], path: Path) -> None:
+@contextmanager
+def crucible_server(base: Path, size: int, extra: list[str]) -> Iterator[tuple[str, list[int]]]:
+    es = 8192
+    ec = -(-size // (4096 * es))
+    cluster = Cluster(
+        base, "--block-size", "4096", "--extent-size", str(es), "--extent-count", str(ec)
+    )
+    try:
+        port = free_port()
+        nbd = subprocess.Popen(
+            [str(BIN / "crucible-nbd"), *cluster.target_args(), "-p", str(port), "-q", *extra]
+        )
+        try:
+            wait_listening(port, nbd, timeout=60)
+            pids = [nbd.pid] + [d.proc.pid for d in cluster.ds if d is not None]
+            yield f"nbd://127.0.0.1:{port}/", pids
+        finally:
+            stop_process(nbd, timeout=60)
+    finally:
+        cluster.stop()
+        for r in cluster.regions:
+            shutil.rmtree(r, ignore_errors=True)
+
+
+@contextmanager
+def qemu_server(base: Path, size: int) -> Iterator[tuple[str, list[int]]]:
+    raw = base / "raw.img"
+    subprocess.run(["truncate", "-s", str(size), str(raw)], check=True)
+    port = free_port()
+    # Its log takes the readiness probe's connection as a failed client.
+    with open(base / "qemu-nbd.log", "wb") as log:
+        qemu = subprocess.Popen(
+            ["qemu-nbd", "-f", "raw", "-t", "-b", "127.0.0.1", "-p", str(port), "-x", "", str(raw)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_listening(port, qemu, timeout=30)
+            yield f"nbd://127.0.0.1:{port}/", [qemu.pid]
+        finally:
+            stop_process(qemu)
+            raw.unlink()
+
+
+def _median_spread(vals: list[float]) -> str:
+    med = statistics.median(vals)
+    if len(vals) == 1:
+        return f"{med:6.2f}x"
+    return f"{med:6.2f}x ({min(vals):.2f}-{max(vals):.2f})"
+
+
+def summarize(results: list[Result], rounds: int) -> list[dict[str, Any]]:
+    """Per test: the median (and spread) over rounds of each same-run ratio."""
+
+    def pair(name: str, rnd: int) -> tuple[Result, Result]:
+        def one(server: str) -> Result:
+            return next(
+                r for r in results if r.test == name and r.server == server and r.round == rnd
+            )
+
+        return one("crucible"), one("qemu-nbd")
+
+    def ratios(name: str, f: Callable[[Result], float]) -> list[float]:
+        out = []
+        for rnd in range(rounds):
+            ours, theirs = pair(name, rnd)
+            out.append(f(ours) / f(theirs) if f(theirs) else 0.0)
+        return out
+
+    print(
+        f"\n{'test':20} {'MB/s ratio':>22} {'target':>8}   {'CPU/IO ratio':>22} {'target':>8}"
+        f"   {'our CPU/IO':>11} {'p99 ms':>15}"
+    )
+    summary: list[dict[str, Any]] = []
+    for name, *_ in TESTS:
+        thr = ratios(name, lambda r: r.mb_s)
+        cpu = ratios(name, lambda r: r.cpu_us_per_io)
+        tt, ct = THROUGHPUT_TARGETS[name], CPU_TARGETS[name]
+        ours = [pair(name, k)[0] for k in range(rounds)]
+        theirs = [pair(name, k)[1] for k in range(rounds)]
+        us = statistics.median(r.cpu_us_per_io for r in ours)
+        them = statistics.median(r.cpu_us_per_io for r in theirs)
+        p99 = statistics.median(r.p99_ms for r in ours)
+        qp99 = statistics.median(r.p99_ms for r in theirs)
+        thr_ok = "ok" if statistics.median(thr) >= tt else "MISS"
+        cpu_ok = "ok" if statistics.median(cpu) <= ct else "MISS"
+        print(
+            f"{name:20} {_median_spread(thr):>22} {'>=' + str(tt):>5} {thr_ok:4}"
+            f" {_median_spread(cpu):>22} {'<=' + str(ct):>5} {cpu_ok:4}"
+            f" {us:8.0f} us {p99:6.1f} vs {qp99:5.1f}"
+        )
+        summary.append(
+            {
+                "test": name,
+                "throughput_ratio": statistics.median(thr),
+                "throughput_ratios": thr,
+                "throughput_target": tt,
+                "cpu_ratio": statistics.median(cpu),
+                "cpu_ratios": cpu,
+                "cpu_target": ct,
+                "cpu_us_per_io": us,
+                "qemu_cpu_us_per_io": them,
+                "cpu_ms_per_mib": statistics.median(r.cpu_ms_per_mib for r in ours),
+                "qemu_cpu_ms_per_mib": statistics.median(r.cpu_ms_per_mib for r in theirs),
+                "p99_ms": p99,
+                "qemu_p99_ms": qp99,
+            }
+        )
+    return summary
+
+
+def chart(summary: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tests = [t[0] for t in TESTS]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, metric, label in ((axes[0], "mb_s", "MB/s"), (axes[1], "iops", "IOPS")):
-        for k, server in enumerate(("crucible", "qemu-nbd")):
-            vals = [
-                next(r for r in results if r.test == t and r.server == server).__dict__[metric]
-                for t in tests
-            ]
-            ax.bar([i + 0.4 * k for i in range(len(tests))], vals, 0.4, label=server)
-        ax.set_xticks([i + 0.2 for i in range(len(tests))], tests, rotation=20, fontsize=8)
-        ax.set_ylabel(label)
-        ax.legend()
-    fig.suptitle("fio through NBD: crucible (3 replicas) vs qemu-nbd (raw file)")
+    tests = [str(s["test"]) for s in summary]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    panels = (
+        (
+            axes[0],
+            "throughput_ratio",
+            "throughput_target",
+            "MB/s, ratio to qemu-nbd (higher is better)",
+        ),
+        (axes[1], "cpu_ratio", "cpu_target", "CPU per IO, ratio to qemu-nbd (lower is better)"),
+    )
+    for ax, key, target, label in panels:
+        xs = range(len(tests))
+        ax.bar(xs, [float(s[key]) for s in summary], 0.5, label="crucible (median)")
+        ax.scatter(
+            xs, [float(s[target]) for s in summary], marker="_", s=600, c="red", label="target"
+        )
+        ax.set_xticks(list(xs), tests, rotation=20, fontsize=8)
+        ax.set_title(label, fontsize=9)
+        ax.legend(fontsize=8)
+    fig.suptitle("fio through NBD: crucible-nbd + 3 downstairs vs qemu-nbd on a raw file")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--repeat", type=int, default=1, help="rounds of the whole comparison")
     ap.add_argument("--runtime", type=float, default=8.0, help="seconds per random test")
     ap.add_argument("--size-mib", type=int, default=512, help="bytes each test covers")
     ap.add_argument("--dir", type=Path, default=None, help="scratch directory")
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
+    ap.add_argument("extra", nargs="*", help="flags for crucible-nbd, after --")
     args = ap.parse_args()
+    if args.repeat < 1 or args.size_mib < 1 or args.runtime <= 0:
+        sys.exit("bench.nbd: --repeat, --size-mib and --runtime must be positive")
     for tool in ("fio", "qemu-nbd"):
         if shutil.which(tool) is None:
             sys.exit(f"bench.nbd: {tool} is missing; run scripts/setup")
     base = Path(tempfile.mkdtemp(prefix="crucible-bench-", dir=args.dir))
     size = max(args.size_mib, 64) << 20
-    es = 8192
-    ec = -(-size // (4096 * es))
     results: list[Result] = []
     try:
-        cluster = Cluster(
-            base, "--block-size", "4096", "--extent-size", str(es), "--extent-count", str(ec)
-        )
-        port = free_port()
-        nbd = subprocess.Popen(
-            [str(BIN / "crucible-nbd"), *cluster.target_args(), "-p", str(port), "-q"]
-        )
-        try:
-            wait_listening(port, nbd, timeout=60)
-            print("crucible-nbd over three downstairs:")
-            results += run_all(f"nbd://127.0.0.1:{port}/", "crucible", args.size_mib, args.runtime)
-        finally:
-            stop_process(nbd, timeout=60)
-            cluster.stop()
-        raw = base / "raw.img"
-        subprocess.run(["truncate", "-s", str(ec * es * 4096), str(raw)], check=True)
-        qport = free_port()
-        # Its log takes the readiness probe's connection as a failed client.
-        qemu_log = open(base / "qemu-nbd.log", "wb")  # noqa: SIM115 - closed below
-        qemu = subprocess.Popen(
-            [
-                "qemu-nbd",
-                "-f",
-                "raw",
-                "-t",
-                "-b",
-                "127.0.0.1",
-                "-p",
-                str(qport),
-                "-x",
-                "",
-                str(raw),
-            ],
-            stdout=qemu_log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            wait_listening(qport, qemu, timeout=30)
-            print("qemu-nbd on a raw file:")
-            results += run_all(f"nbd://127.0.0.1:{qport}/", "qemu-nbd", args.size_mib, args.runtime)
-        finally:
-            stop_process(qemu)
-            qemu_log.close()
+        for rnd in range(args.repeat):
+            print(f"round {rnd + 1} of {args.repeat}")
+            with crucible_server(base, size, args.extra) as (uri, pids):
+                results += run_all(uri, "crucible", pids, rnd, args.size_mib, args.runtime)
+            with qemu_server(base, size) as (uri, pids):
+                results += run_all(uri, "qemu-nbd", pids, rnd, args.size_mib, args.runtime)
     finally:
         shutil.rmtree(base, ignore_errors=True)
-
-    print(f"\n{'test':20} {'crucible':>12} {'qemu-nbd':>12} {'ratio':>7} {'target':>7}")
-    summary = []
-    for name, *_ in TESTS:
-        ours = next(r for r in results if r.test == name and r.server == "crucible")
-        theirs = next(r for r in results if r.test == name and r.server == "qemu-nbd")
-        ratio = ours.mb_s / theirs.mb_s if theirs.mb_s else 0.0
-        target = TARGETS.get(name)
-        mark = "" if target is None else f">={target}" + (" ok" if ratio >= target else " MISS")
-        print(f"{name:20} {ours.mb_s:9.1f} MB {theirs.mb_s:9.1f} MB {ratio:6.2f}x {mark}")
-        summary.append({"test": name, "ratio": ratio, "target": target})
+    summary = summarize(results, args.repeat)
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    rows = [
+        {**asdict(r), "cpu_us_per_io": r.cpu_us_per_io, "cpu_ms_per_mib": r.cpu_ms_per_mib}
+        for r in results
+    ]
     (args.out / f"nbd-{stamp}.json").write_text(
-        json.dumps({"results": [asdict(r) for r in results], "summary": summary}, indent=2) + "\n"
+        json.dumps({"args": sys.argv[1:], "results": rows, "summary": summary}, indent=2) + "\n"
     )
-    chart(results, args.out / f"nbd-{stamp}.png")
+    chart(summary, args.out / f"nbd-{stamp}.png")
     print(f"saved {args.out}/nbd-{stamp}.json and .png")
 
 
