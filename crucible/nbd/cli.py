@@ -17,9 +17,8 @@ from crucible.cli_util import (
 )
 from crucible.common.errors import CrucibleError
 from crucible.nbd.server import HANDSHAKE_TIMEOUT, MAX_CONNECTIONS, Export, NbdServer
-from crucible.tools.common import activate, add_target_options, check_targets
+from crucible.tools.common import activate, add_target_options, check_targets, upstairs_options
 from crucible.upstairs.guest import Upstairs
-from crucible.upstairs.options import Options
 
 PROG = "crucible-nbd"
 log = logging.getLogger("crucible.nbd")
@@ -68,7 +67,7 @@ def main() -> None:
 
 
 async def serve(args: argparse.Namespace) -> int:
-    up = Upstairs(args.target, Options(read_only=args.read_only))
+    up = Upstairs(args.target, upstairs_options(args))
     try:
         export = Export(up, args.export_name, args.read_only)
         server = NbdServer(

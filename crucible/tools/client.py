@@ -9,7 +9,7 @@ import sys
 
 from crucible.cli_util import fail, run_async
 from crucible.common.errors import CrucibleError, ErrorKind
-from crucible.tools.common import activate, add_target_options, check_targets
+from crucible.tools.common import activate, add_target_options, check_targets, upstairs_options
 from crucible.upstairs.guest import Upstairs
 
 PROG = "crucible"
@@ -35,7 +35,7 @@ def main() -> None:
 
 
 async def _run(args: argparse.Namespace) -> None:
-    async with Upstairs(args.target) as up:
+    async with Upstairs(args.target, upstairs_options(args)) as up:
         gen = await activate(up, args.gen, args.activate_timeout)
         bs = up.block_size
         # The last block of extent 0 and the first of extent 1: with the seed's

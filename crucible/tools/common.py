@@ -10,6 +10,7 @@ from crucible.common.errors import CrucibleError, ErrorKind
 from crucible.protocol.wire import SocketAddr
 from crucible.upstairs.core import MAX_GEN
 from crucible.upstairs.guest import Upstairs
+from crucible.upstairs.options import Options
 
 log = logging.getLogger("crucible.tools")
 
@@ -51,6 +52,21 @@ def add_target_options(p: argparse.ArgumentParser) -> None:
         type=float,
         default=30.0,
         help="seconds to wait for all downstairs (default 30)",
+    )
+    p.add_argument(
+        "--read-all-replicas",
+        action="store_true",
+        help="send every read to all three downstairs and compare them (default: "
+        "one, another when it fails)",
+    )
+
+
+def upstairs_options(args: argparse.Namespace) -> Options:
+    """The upstairs' options from the flags add_target_options (and
+    --read-only, where a tool has it) added."""
+    return Options(
+        read_only=getattr(args, "read_only", False),
+        read_all_replicas=args.read_all_replicas,
     )
 
 

@@ -12,7 +12,13 @@ from pathlib import Path
 
 from crucible.cli_util import fail, positive_int, run_async
 from crucible.common.errors import CrucibleError
-from crucible.tools.common import activate, add_target_options, check_targets, target
+from crucible.tools.common import (
+    activate,
+    add_target_options,
+    check_targets,
+    target,
+    upstairs_options,
+)
 from crucible.tools.fault_workloads import repair, replace, replay
 from crucible.tools.verify_log import VerifyLog
 from crucible.tools.workloads import (
@@ -33,7 +39,6 @@ from crucible.tools.workloads import (
     verify,
 )
 from crucible.upstairs.guest import Upstairs
-from crucible.upstairs.options import Options
 
 PROG = "crutest"
 log = logging.getLogger("crucible.crutest")
@@ -151,7 +156,7 @@ def main() -> None:
 
 async def _main(args: argparse.Namespace) -> int:
     seed = args.seed if args.seed is not None else random.randrange(1 << 32)
-    async with Upstairs(args.target, Options(read_only=args.read_only)) as up:
+    async with Upstairs(args.target, upstairs_options(args)) as up:
         gen = await activate(up, args.gen, args.activate_timeout)
         info = up.info()
         if args.verify_in is not None:

@@ -324,6 +324,7 @@ class UpstairsCore:
                 c.offline_since = now
                 line = f"[{c.id}] {c.name} is offline; IO continues on the others"
                 acts.append(Log(line, "warning"))
+                acts += ds.went_offline(c, now)
         elif (
             stage is Stage.PROMOTE
             and c.mode is not Mode.OFFLINE
@@ -511,8 +512,12 @@ class UpstairsCore:
                     return acts + self._disable(err, now)
             if barrier(self.opts.barrier_jobs, self.opts.barrier_bytes):
                 acts += ds.enqueue(BarrierOp(), None, now)
-        if self.state is UpState.DEACTIVATING and not len(ds.table):
-            acts += self._finish_deactivate()
+        if self.state is UpState.DEACTIVATING:
+            if not len(ds.table):
+                acts += self._finish_deactivate()
+            elif not ds.table.flushes_pending:
+                # A read queued again after the final flush: one more retires it.
+                acts += self._flush_job(None, now)
         return acts
 
     def _finish_deactivate(self) -> list[Action]:

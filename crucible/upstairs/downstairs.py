@@ -5,6 +5,14 @@ take it, their replies, the ack rules, faults, and live repair's jobs.
   to a client under live repair when the repair says so, is held for an
   OFFLINE one, and is skipped for the rest. Dependencies are rewritten per
   client: a job it skipped stands for that job's own dependencies.
+* A read goes to one ACTIVE client (the one with the fewest jobs in flight,
+  taking turns among equals). When its reply fails a check or carries an
+  error, or the client leaves, the guest's request is queued again as a new
+  job for another client (a downstairs takes each job id once, and counts
+  every id below a flush it finished as done). That read may see a write
+  queued after the first to the same blocks: the two were in flight
+  together, and either order is what a disk allows. With
+  `read_all_replicas` it goes to all three and the replies are compared.
 * Writes are acked to the guest when queued (by the caller); reads on the
   first reply that verifies (later replies must agree); flushes when two
   clients holding every block are done (three with a snapshot, or while
@@ -70,6 +78,8 @@ class Downstairs:
         self.live_repairs_aborted = 0
         self.integrity_errors = 0
         self.blocks_rewritten = 0  # bad blocks of a replica rewritten from a good copy
+        self.reads_retried = 0
+        self.turn = 0  # the client a read tries first among equals (then the next)
 
     # ---- capacity ------------------------------------------------------------------
 
@@ -114,8 +124,12 @@ class Downstairs:
 
     # ---- sending -------------------------------------------------------------------
 
-    def enqueue(self, op: Op, guest: object | None, now: float) -> list[Action]:
+    def enqueue(
+        self, op: Op, guest: object | None, now: float, avoid: tuple[int, ...] = ()
+    ) -> list[Action]:
+        """A new job; a read is not sent to the clients in `avoid`."""
         job = self.table.new_job(op, guest, now)
+        job.avoid = avoid
         acts = self.add_job(job, now)
         if self.opts.log_jobs:
             line = f"gw_id:{job.gw_id} {job.kind} {_describe(op)} ds_id:{job.id} deps:{job.deps}"
@@ -133,10 +147,13 @@ class Downstairs:
         own = isinstance(job.op, PER_CLIENT)  # a message of its own for each client
         op = job.op
         only = op.to if isinstance(op, WriteOp) else None  # a rewrite: one client
-        avoid = op.mend if isinstance(op, ReadOp) else None  # its read: the others
+        avoid = job.avoid
+        if isinstance(op, ReadOp) and not self.opts.read_all_replicas:
+            reader = self._reader(job)
+            only = reader.id if reader is not None else None
         for c in self.clients:
             stage = c.state.stage
-            if (only is not None and c.id != only) or c.id == avoid:
+            if (only is not None and c.id != only) or c.id in avoid:
                 c.skipped.add(job.id)
             elif stage is Stage.ACTIVE or (
                 stage is Stage.LIVE_REPAIR and rep is not None and rep.sends_to_target(job.op)
@@ -146,7 +163,7 @@ class Downstairs:
                     c.last_progress = now
                 c.inflight_jobs += 1
                 c.inflight_bytes += job.nbytes
-                if own or stage is Stage.LIVE_REPAIR or c.skipped:
+                if own or stage is Stage.LIVE_REPAIR or self._own_deps(c, job):
                     acts.append(Send(c.id, self._message_for(c, job)))
                 else:
                     if shared is None:
@@ -184,6 +201,62 @@ class Downstairs:
 
     def _deps_for(self, c: Client, job: Job) -> list[int]:
         return deps_for_client(job.deps, c.skipped, c.first_job, self.table.deps_of)
+
+    @staticmethod
+    def _own_deps(c: Client, job: Job) -> bool:
+        """Whether this client's dependencies for the job differ from the job's."""
+        deps = job.deps
+        if not deps:
+            return False
+        return deps[0] < c.first_job or (bool(c.skipped) and not c.skipped.isdisjoint(deps))
+
+    # ---- reads from one replica -------------------------------------------------------
+
+    def _reader(self, job: Job) -> Client | None:
+        """The ACTIVE client a read goes to: not one it avoids; the fewest
+        jobs in flight, taking turns among equals."""
+        first = self.turn
+        self.turn = (first + 1) % 3
+        best: Client | None = None
+        for k in range(3):
+            c = self.clients[(first + k) % 3]
+            if (
+                c.state.stage is Stage.ACTIVE
+                and c.id not in job.avoid
+                and (best is None or c.inflight_jobs < best.inflight_jobs)
+            ):
+                best = c
+        return best
+
+    def _retry_read(self, job: Job, failed: Client, now: float) -> list[Action]:
+        """A read not yet served that `failed` could not serve: its guest
+        waits on a new read for another client, which also gets the blocks
+        that verified so far. None left: the job finishes with what it has."""
+        if self.opts.read_all_replicas or job.acked or job.read_data is not None:
+            return []
+        if job.guest is None and self.up_state is not UpState.ACTIVE:
+            return []  # a mending read: not while deactivating
+        avoid = (*job.avoid, failed.id)
+        if not any(c.state.stage is Stage.ACTIVE and c.id not in avoid for c in self.clients):
+            return []
+        op = job.op
+        new = self.table.new_job(op, job.guest, now)
+        job.guest, job.acked = None, True  # its guest waits on the new job
+        new.avoid, new.retried, new.errors = avoid, True, list(job.errors)
+        new.read_pieces, job.read_pieces = job.read_pieces, None
+        self.reads_retried += 1
+        line = f"[{failed.id}] read {job.id} not served by {failed.name}: read {new.id} instead"
+        return [Log(line, "debug"), *self.add_job(new, now)]
+
+    def went_offline(self, c: Client, now: float) -> list[Action]:
+        """An ACTIVE client was lost and holds its jobs for its return: its
+        reads not yet served go to another client instead (its own are
+        still replayed, and answer nobody)."""
+        acts: list[Action] = []
+        for job in list(self.table):
+            if job.state[c.id] is IOState.IN_PROGRESS and isinstance(job.op, ReadOp):
+                acts += self._retry_read(job, c, now)
+        return acts
 
     def replay(self, c: Client, now: float) -> list[Action]:
         """Send a client back from offline every job since its last flush."""
@@ -238,6 +311,8 @@ class Downstairs:
                 acts += self.fault(c, f"{job.kind} {jid} failed: {err}", now)
             elif job.read_data is not None:
                 acts += self._maybe_ack(job, now)  # made whole from good blocks of several replies
+            else:
+                acts += self._retry_read(job, c, now)
         else:
             job.state[c.id] = IOState.DONE
             if isinstance(job.op, FlushOp):
@@ -312,7 +387,7 @@ class Downstairs:
             return []
         acts: list[Action] = [Log(f"[{c.id}] {where}: rewriting from a good copy", "warning")]
         for first, n in runs(bad):
-            acts += self.enqueue(ReadOp(start + first, n, mend=c.id), None, now)
+            acts += self.enqueue(ReadOp(start + first, n, mend=c.id), None, now, (c.id,))
         return acts
 
     def _rewrite(self, job: Job) -> list[Op]:
@@ -418,11 +493,13 @@ class Downstairs:
         if rep is not None and not rep.aborting and (c.id == rep.source or c.id in rep.targets):
             acts += self.abort_repair(f"{c.name} faulted: {reason}", now)
         finished = []
-        for job in self.table:
+        for job in list(self.table):  # (retried reads and rewrites join the table)
             if job.state[c.id] is IOState.IN_PROGRESS:
                 job.state[c.id] = IOState.SKIPPED
                 c.skipped.add(job.id)
                 acts += self._maybe_ack(job, now)
+                if isinstance(job.op, ReadOp):
+                    acts += self._retry_read(job, c, now)
                 if job.complete and not job.finished:
                     finished.append(job)
         c.inflight_jobs = c.inflight_bytes = 0

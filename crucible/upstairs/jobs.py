@@ -34,8 +34,8 @@ class WriteOp:
 class ReadOp:
     start: int
     count: int
-    # Fetches a good copy of blocks that are bad on this client, which it
-    # skips (rewrite.py).
+    # Fetches a good copy of blocks that are bad on this client, for them to
+    # be rewritten there (rewrite.py).
     mend: int | None = None
 
 
@@ -127,6 +127,8 @@ class Job:
     acked: bool = False
     finished: bool = False  # complete on all three and counted as such
     replay: bool = False
+    retried: bool = False  # a read queued again for another replica after one failed it
+    avoid: tuple[int, ...] = ()  # clients a read must not go to (they failed it)
     read_contexts: list[m.ReadBlockContext] | None = None
     read_data: m.Data | None = None
     # A read whose replies each had bad blocks: the blocks that verified so far,

@@ -8,6 +8,9 @@ from dataclasses import dataclass
 @dataclass
 class Options:
     read_only: bool = False
+    # Every read to all three replicas and compared (Rust Crucible's way);
+    # otherwise to one, retried on another when it fails.
+    read_all_replicas: bool = False
     flush_timeout: float = 0.5
     ping_interval: float = 5.0
     timeout: float = 45.0

@@ -113,6 +113,7 @@ class Sim:
         self.on_deliver: Callable[[int, m.Message], None] | None = None
         self.allow_drops = False
         self.asked: list[ua.FetchAllocation] = []  # maps of allocation asked for
+        self.retried: set[object] = set()  # requests whose read went to a second replica
 
     def _fetch(self, addr: SocketAddr, eid: int, out: BinaryIO) -> None:
         src = next(d for d in self.ds if d.repair_addr == addr)
@@ -169,6 +170,8 @@ class Sim:
             elif isinstance(a, ua.Complete):
                 assert a.token not in self.completed, "a request completed twice"
                 self.completed[a.token] = a.result
+                if any(j.guest is a.token and j.retried for j in self.up.ds.table):
+                    self.retried.add(a.token)
             elif isinstance(a, ua.Drop):
                 if not self.allow_drops:
                     raise AssertionError(f"upstairs dropped downstairs {a.client}: {a.reason}")

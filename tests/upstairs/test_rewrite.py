@@ -46,6 +46,7 @@ def test_write_queued_during_the_mending_read_is_kept(tmp_path: Path) -> None:
         g.flush()
         sim.settle()
         sim.corrupt(1, 3)
+        sim.up.ds.turn = 1  # the read goes to the bad copy
         g.read(3, 1)
 
         def mending() -> bool:

@@ -43,6 +43,7 @@ def random_step(sim: Sim, g: GuestModel, data: st.DataObject, kinds: list[str]) 
         assert g.trim(start, data.draw(st.integers(1, min(6, g.total - start)))) is None
     elif what == "read":
         start = data.draw(st.integers(0, g.total - 1))
+        sim.up.ds.turn = data.draw(st.integers(0, 2))  # which replica it tries first
         g.read(start, data.draw(st.integers(1, min(6, g.total - start))))
     else:
         g.flush()
@@ -68,9 +69,12 @@ def test_bad_block_rewritten_from_a_good_copy(data: st.DataObject) -> None:
                 random_step(sim, g, data, ["write", "write", "flush", "net"])
             sim.settle()
             block = data.draw(st.integers(0, TOTAL - 1), label="block")
-            sim.corrupt(data.draw(st.integers(0, 2), label="replica"), block)
+            bad = data.draw(st.integers(0, 2), label="replica")
+            sim.corrupt(bad, block)
             for _ in range(data.draw(st.integers(0, 30), label="steps")):
                 random_step(sim, g, data, MIX)
+            sim.settle(lambda n: data.draw(st.integers(0, n - 1)))
+            sim.up.ds.turn = bad  # nothing in flight: the read goes there
             g.read(block, 1)
             sim.settle(lambda n: data.draw(st.integers(0, n - 1)))
             g.check()
