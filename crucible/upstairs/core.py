@@ -245,6 +245,14 @@ class UpstairsCore:
         op = FlushOp(self.ds.table.take_flush_number(), self.gen, snapshot)
         return self.ds.enqueue(op, token, now)
 
+    def verify_replicas(self, token: object, rate: float, now: float) -> list[Action]:
+        """Compare the replicas over the whole volume at `rate` bytes/s (0: no
+        limit), rewriting a replica that differs from the two others; answers
+        `token` with the VerifyStatus when the pass is done."""
+        if self.state is not UpState.ACTIVE:
+            return [Complete(token, CrucibleError(ErrorKind.UpstairsInactive))]
+        return self.ds.request_verify(token, rate, now)
+
     def replace(self, token: object, old: SocketAddr, new: SocketAddr, now: float) -> list[Action]:
         """Swap the downstairs at `old` for a new region at `new`; live repair fills it."""
         return self.ds.replace(token, old, new, now)
@@ -274,6 +282,8 @@ class UpstairsCore:
             reconcile_done=self.activation.done,
             integrity_errors=ds.integrity_errors,
             blocks_rewritten=ds.blocks_rewritten,
+            reads_retried=ds.reads_retried,
+            verify=ds.scrub.status(r.total_blocks if r else 0),
             retired=ds.table.retired,
         )
 
@@ -467,6 +477,7 @@ class UpstairsCore:
                 acts += self.ds.fault(c, why, now)
         if self.state is UpState.ACTIVE:
             acts += self.ds.fault_stalled(now)
+            acts += self.ds.scrub_tick(now)
         table = self.ds.table
         if (
             self.state is UpState.ACTIVE

@@ -54,6 +54,7 @@ from crucible.upstairs.jobs import (
 from crucible.upstairs.live_repair import LiveRepair
 from crucible.upstairs.options import Options
 from crucible.upstairs.rewrite import rewrites, runs, touched_after
+from crucible.upstairs.scrub import Scrub, compare
 from crucible.upstairs.state import ACTIVE, LIVE_REPAIR, TAKES_IO, DsState, Mode, Stage, UpState
 from crucible.upstairs.verify import bad_blocks, check_read_reply, first_difference
 
@@ -79,6 +80,7 @@ class Downstairs:
         self.integrity_errors = 0
         self.blocks_rewritten = 0  # bad blocks of a replica rewritten from a good copy
         self.reads_retried = 0
+        self.scrub = Scrub(rate=opts.verify_rate)
         self.turn = 0  # the client a read tries first among equals (then the next)
 
     # ---- capacity ------------------------------------------------------------------
@@ -148,7 +150,7 @@ class Downstairs:
         op = job.op
         only = op.to if isinstance(op, WriteOp) else None  # a rewrite: one client
         avoid = job.avoid
-        if isinstance(op, ReadOp) and not self.opts.read_all_replicas:
+        if isinstance(op, ReadOp) and not self.opts.read_all_replicas and not op.compare:
             reader = self._reader(job)
             only = reader.id if reader is not None else None
         for c in self.clients:
@@ -324,6 +326,79 @@ class Downstairs:
             acts += self._mend(c, job.op.start, bad, now)
         return acts
 
+    # ---- the background verify -------------------------------------------------------
+
+    def scrub_tick(self, now: float) -> list[Action]:
+        """Queue the next chunk for the replicas to be compared, if due (only
+        while all three are active: a repair or replay compares for itself)."""
+        scrub, r = self.scrub, self.region
+        if scrub.outstanding is not None and self.table.get(scrub.outstanding) is None:
+            scrub.outstanding = None  # gone with a failed volume
+        if r is None or self.up_state is not UpState.ACTIVE or not self.all_active:
+            return []
+        chunk = scrub.next_chunk(now, r.total_blocks, r.extent_size, r.block_size)
+        if chunk is None:
+            return []
+        scrub.outstanding = self.table.next_id
+        return self.enqueue(ReadOp(*chunk, compare=True), None, now)
+
+    def request_verify(self, token: object, rate: float, now: float) -> list[Action]:
+        """A whole pass of the verify at `rate` bytes/s (0: no limit);
+        `token` is answered with its VerifyStatus at the end."""
+        self.scrub.request(token, rate, now)
+        return self.scrub_tick(now)
+
+    def _compared(self, job: Job, now: float) -> list[Action]:
+        """Every replica answered a comparing read: rewrite a replica that
+        differs from the two others, report what no majority settles."""
+        op = job.op
+        assert isinstance(op, ReadOp) and self.region is not None
+        bs = self.region.block_size
+        found = compare(job.replies, zero_hash(bs))
+        replies, job.replies = job.replies, {}
+        scrub = self.scrub
+        acts: list[Action] = []
+        newer = touched_after(self.table, job.id, op.start, op.count)
+        for target, sources in found.fixes.items():
+            c = self.clients[target]
+            scrub.divergent += len(sources)
+            first = op.start + min(sources)
+            line = (
+                f"[{c.id}] verify: {len(sources)} blocks from {first} on {c.name} "
+                "differ from the two other replicas: rewriting them"
+            )
+            acts.append(Log(line, "error"))
+            if self.opts.read_only or c.state.stage is not Stage.ACTIVE:
+                continue
+            by_source: dict[int, list[int]] = {}
+            for i, src in sources.items():
+                if op.start + i not in newer:
+                    by_source.setdefault(src, []).append(i)
+            for src, indices in by_source.items():
+                ctxs, data, _ = replies[src]
+                for w in rewrites(op.start, ctxs, data, indices, target, bs):
+                    acts += self.enqueue(w, None, now)
+        if found.unresolved:
+            n = len(found.unresolved)
+            scrub.divergent += n
+            scrub.unresolved += n
+            first = op.start + found.unresolved[0]
+            line = f"verify: {n} blocks from {first} differ on all replicas: left as they are"
+            acts.append(Log(line, "error"))
+        total = self.region.total_blocks
+        if scrub.chunk_done(op.count, total):
+            took = now - scrub.pass_started
+            line = (
+                f"verify pass {scrub.passes} done in {took:.1f} s: {scrub.divergent} blocks "
+                f"found differing so far, {scrub.unresolved} unresolved"
+            )
+            acts.append(Log(line, "warning" if scrub.divergent else "info"))
+            if scrub.asked_rate is not None:
+                waiters, _ = scrub.end_pass()
+                status = scrub.status(total)
+                acts += [Complete(w, status) for w in waiters]
+        return acts + self.scrub_tick(now)
+
     def _check_read(
         self, c: Client, job: Job, msg: m.ReadResponse
     ) -> tuple[CrucibleError | None, list[int]]:
@@ -337,16 +412,23 @@ class Downstairs:
         if err is not None:
             if err.kind is ErrorKind.InvalidNumberOfBlocks:
                 return err, []
-            return err, self._assemble(c, job, msg)
+            bad = self._assemble(c, job, msg)
+            if job.op.compare:
+                job.replies[c.id] = (list(msg.blocks), msg.data, set(bad))
+            return err, bad
+        if job.op.compare:
+            job.replies[c.id] = (list(msg.blocks), msg.data, set())
         if job.read_contexts is None:
             job.read_contexts = list(msg.blocks)
             job.read_data = msg.data  # a view into its frame, which nothing reuses
             job.read_pieces = None  # whole from one replica: pieces of others not needed
             return None, []
-        bad = first_difference(job.read_contexts, msg.blocks, zero_hash(bs))
-        if bad is not None:
+        if job.op.compare:
+            return None, []  # compared when all are in
+        differs = first_difference(job.read_contexts, msg.blocks, zero_hash(bs))
+        if differs is not None:
             self.integrity_errors += 1
-            job.errors.append(f"{c.name} disagrees at block {job.op.start + bad}")
+            job.errors.append(f"{c.name} disagrees at block {job.op.start + differs}")
         return None, []
 
     def _assemble(self, c: Client, job: Job, msg: m.ReadResponse) -> list[int]:
@@ -397,7 +479,10 @@ class Downstairs:
         if self.clients[op.mend].state.stage is not Stage.ACTIVE:
             return []  # it left: it comes back through live repair
         newer = touched_after(self.table, job.id, op.start, op.count)
-        return list(rewrites(job, op.mend, self.region.block_size, newer))
+        assert job.read_contexts is not None and job.read_data is not None
+        keep = [i for i in range(op.count) if op.start + i not in newer]
+        bs = self.region.block_size
+        return list(rewrites(op.start, job.read_contexts, job.read_data, keep, op.mend, bs))
 
     # ---- acks and completion ------------------------------------------------------
 
@@ -435,6 +520,8 @@ class Downstairs:
                 acts.append(Complete(job.guest, acks.final_result(job)))
         self.table.mark_finished(job)
         op = job.op
+        if isinstance(op, ReadOp) and op.compare:
+            acts += self._compared(job, now)
         if isinstance(op, WriteOp) and op.to is not None and job.state[op.to] is IOState.DONE:
             c = self.clients[op.to]
             n = len(op.contexts)

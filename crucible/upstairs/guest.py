@@ -323,6 +323,16 @@ class Upstairs:
         the swap has begun; live repair then fills the new one (see `info()`)."""
         await self._call(lambda tok, now: self.core.replace(tok, old, new, now))
 
+    async def verify_replicas(self, rate: float = 0.0) -> VerifyStatus:
+        """Compare the three replicas over the whole volume at `rate` bytes/s
+        (0: no limit); a replica that differs from the two others is
+        rewritten. Returns when the pass is done; `info().verify` shows its
+        progress meanwhile."""
+        status: VerifyStatus = await self._call(
+            lambda tok, now: self.core.verify_replicas(tok, rate, now)
+        )
+        return status
+
     async def _call(self, fn: Callable[[object, float], list[Action]]) -> Any:
         """Hand a request to the core now; the result of the request."""
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()

@@ -37,6 +37,8 @@ class ReadOp:
     # Fetches a good copy of blocks that are bad on this client, for them to
     # be rewritten there (rewrite.py).
     mend: int | None = None
+    # To all three, the replies' contexts compared (the background verify).
+    compare: bool = False
 
 
 @dataclass(slots=True)
@@ -116,6 +118,11 @@ def zero_hash(block_size: int) -> int:
     return xxhash.xxh64_intdigest(bytes(block_size))
 
 
+# What one replica said for a comparing read: contexts, data, and the blocks
+# that failed their own check.
+Reply = tuple[list[m.ReadBlockContext], m.Data, set[int]]
+
+
 @dataclass(slots=True)
 class Job:
     id: int
@@ -129,6 +136,7 @@ class Job:
     replay: bool = False
     retried: bool = False  # a read queued again for another replica after one failed it
     avoid: tuple[int, ...] = ()  # clients a read must not go to (they failed it)
+    replies: dict[int, Reply] = field(default_factory=dict)  # of a comparing read
     read_contexts: list[m.ReadBlockContext] | None = None
     read_data: m.Data | None = None
     # A read whose replies each had bad blocks: the blocks that verified so far,
@@ -161,6 +169,8 @@ class Job:
                     return "rewrite"
                 return "write_unwritten" if op.unwritten else "write"
             case ReadOp():
+                if op.compare:
+                    return "comparing read"
                 return "read" if op.mend is None else "mending read"
             case TrimOp():
                 return "trim"

@@ -11,6 +11,9 @@ class Options:
     # Every read to all three replicas and compared (Rust Crucible's way);
     # otherwise to one, retried on another when it fails.
     read_all_replicas: bool = False
+    # The background verify of the replicas, in bytes of the volume per
+    # second (each read from all three); 0: off.
+    verify_rate: float = 0.0
     flush_timeout: float = 0.5
     ping_interval: float = 5.0
     timeout: float = 45.0

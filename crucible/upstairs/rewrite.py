@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 from crucible.protocol import messages as m
-from crucible.upstairs.jobs import WRITE_LIKE, Job, ReadOp, WriteOp, zero_hash
+from crucible.upstairs.jobs import WRITE_LIKE, Job, WriteOp, zero_hash
 
 
 def runs(indices: Iterable[int]) -> Iterator[tuple[int, int]]:
@@ -45,19 +45,19 @@ def touched_after(jobs: Iterable[Job], after: int, start: int, count: int) -> se
     return out
 
 
-def rewrites(read: Job, target: int, block_size: int, skip: set[int]) -> list[WriteOp]:
-    """The writes that put a mending read's good data on `target`, leaving
-    out the blocks in `skip` and those whose context it cannot restore
-    (encrypted: the hash is not in a read's context)."""
-    op = read.op
-    assert isinstance(op, ReadOp)
-    contexts, data = read.read_contexts, read.read_data
-    assert contexts is not None and data is not None
+def rewrites(
+    start: int,
+    contexts: list[m.ReadBlockContext],
+    data: m.Data,
+    indices: Iterable[int],
+    target: int,
+    block_size: int,
+) -> list[WriteOp]:
+    """The writes that put the blocks at `indices` of a good read reply
+    (blocks [start, ...)) on `target`, leaving out those whose context it
+    cannot restore (encrypted: the hash is not in a read's context)."""
     bs = block_size
-    keep = []
-    for i, ctx in enumerate(contexts):
-        if op.start + i not in skip and (ctx is None or isinstance(ctx, int)):
-            keep.append(i)
+    keep = [i for i in indices if contexts[i] is None or isinstance(contexts[i], int)]
     view = memoryview(data)
     out = []
     for first, n in runs(keep):
@@ -66,5 +66,5 @@ def rewrites(read: Job, target: int, block_size: int, skip: set[int]) -> list[Wr
             m.BlockContext(c if isinstance(c, int) else zero_hash(bs))
             for c in contexts[first : first + n]
         ]
-        out.append(WriteOp(op.start + first, ctxs, chunk, to=target))
+        out.append(WriteOp(start + first, ctxs, chunk, to=target))
     return out

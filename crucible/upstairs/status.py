@@ -20,6 +20,19 @@ class LiveRepairStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class VerifyStatus:
+    """The background verify of the replicas (scrub.py)."""
+
+    running: bool
+    rate: float  # bytes of the volume per second (0 while a pass asked for runs unlimited)
+    position: int  # the next block to compare
+    total: int  # blocks in the volume
+    passes: int  # whole passes done
+    divergent: int  # blocks found differing between replicas, in all
+    unresolved: int  # of those, blocks no two replicas agreed on
+
+
+@dataclass(frozen=True, slots=True)
 class DownstairsStatus:
     target: str  # host:port
     state: str  # active, offline, faulted, live-repair, ... (state.py)
@@ -52,6 +65,8 @@ class UpstairsStatus:
     reconcile_needed: int  # extents the latest reconciliation had to repair
     reconcile_done: int
     integrity_errors: int
+    reads_retried: int  # reads sent to another replica after one failed them
+    verify: VerifyStatus
     blocks_rewritten: int  # bad blocks of a replica rewritten from a good copy
     retired: int  # jobs retired so far
 
