@@ -45,6 +45,16 @@ def non_negative_int(text: str) -> int:
     return _int_at_least(text, 0, "must not be negative")
 
 
+def non_negative_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number, not negative")
+    return v
+
+
 def port_number(text: str) -> int:
     v = non_negative_int(text)
     if v > 65535:

@@ -26,7 +26,7 @@ log = logging.getLogger("crucible.nbd")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__)
-    add_target_options(p)
+    add_target_options(p, verify_rate=1.0)
     p.add_argument("-b", "--bind", default="127.0.0.1", help="address to serve on")
     p.add_argument("-p", "--port", type=port_number, default=10809, help="NBD port (10809)")
     p.add_argument("--export-name", default="", help="export name (the default export is '')")

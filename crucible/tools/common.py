@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 
+from crucible.cli_util import non_negative_float
 from crucible.common.errors import CrucibleError, ErrorKind
 from crucible.protocol.wire import SocketAddr
 from crucible.upstairs.core import MAX_GEN
@@ -30,7 +31,9 @@ def target(text: str) -> SocketAddr:
     return host, p
 
 
-def add_target_options(p: argparse.ArgumentParser) -> None:
+def add_target_options(p: argparse.ArgumentParser, verify_rate: float = 0.0) -> None:
+    """-t (three times) and the upstairs' flags; `verify_rate`: the default MiB/s of
+    the background verify (0: off)."""
     p.add_argument(
         "-t",
         "--target",
@@ -59,6 +62,14 @@ def add_target_options(p: argparse.ArgumentParser) -> None:
         help="send every read to all three downstairs and compare them (default: "
         "one, another when it fails)",
     )
+    p.add_argument(
+        "--verify-rate",
+        type=non_negative_float,
+        default=verify_rate,
+        metavar="MIB_S",
+        help="compare the replicas in the background at this many MiB of the volume "
+        f"per second, rewriting one that differs from the others (0: off; default {verify_rate:g})",
+    )
 
 
 def upstairs_options(args: argparse.Namespace) -> Options:
@@ -67,6 +78,7 @@ def upstairs_options(args: argparse.Namespace) -> Options:
     return Options(
         read_only=getattr(args, "read_only", False),
         read_all_replicas=args.read_all_replicas,
+        verify_rate=args.verify_rate * (1 << 20),
     )
 
 

@@ -37,6 +37,7 @@ from crucible.tools.workloads import (
     rand,
     span,
     verify,
+    verify_replicas,
 )
 from crucible.upstairs.guest import Upstairs
 
@@ -58,6 +59,7 @@ WORKLOADS: dict[str, Workload] = {
     "replay": replay,
     "repair": repair,
     "replace": replace,
+    "verify-replicas": verify_replicas,
 }
 
 

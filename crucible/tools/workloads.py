@@ -14,6 +14,8 @@ from crucible.cli_util import progress
 from crucible.tools.verify_log import VerifyLog
 from crucible.upstairs.guest import MAX_IO_BYTES, Upstairs
 
+MIB = 1 << 20
+
 
 class VerifyError(Exception):
     pass
@@ -282,3 +284,32 @@ async def _perf_phase(
         await run.up.flush()  # honest: the data is durable when the clock stops
         run.flushes += 1
     return done, time.monotonic() - t0
+
+
+async def verify_replicas(run: Run) -> None:
+    """Compare the three replicas over the whole volume (--verify-rate MiB/s,
+    0: no limit); a replica differing from the two others is rewritten.
+    Fails if blocks were found on which no two replicas agree."""
+    up = run.up
+    rate = run.args.verify_rate * MIB
+    t0 = time.monotonic()
+    pass_ = asyncio.ensure_future(up.verify_replicas(rate))
+    with progress(run.total, "block", "verify-replicas") as bar:
+        while not pass_.done():
+            await asyncio.wait([pass_], timeout=0.2)
+            v = up.info().verify
+            bar.n = run.total if pass_.done() else v.position
+            bar.refresh()
+    status = pass_.result()
+    await run.flush()  # the rewrites are done once it is
+    secs = time.monotonic() - t0
+    info = up.info()
+    run.notes.append(
+        f"verify-replicas: {run.total} blocks compared on 3 replicas in {secs:.2f} s: "
+        f"{status.divergent} differing, {info.blocks_rewritten} rewritten, "
+        f"{status.unresolved} on which no two replicas agree"
+    )
+    if status.unresolved:
+        raise WorkloadError(
+            f"{status.unresolved} blocks differ on every replica: see the log for where"
+        )

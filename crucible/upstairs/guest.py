@@ -39,7 +39,7 @@ from crucible.upstairs.actions import (
 )
 from crucible.upstairs.core import UpstairsCore
 from crucible.upstairs.options import Options
-from crucible.upstairs.status import UpstairsStatus
+from crucible.upstairs.status import UpstairsStatus, VerifyStatus
 from crucible.upstairs.transport import Connection, fetch_allocation, fetch_capabilities
 
 log = logging.getLogger("crucible.upstairs")
