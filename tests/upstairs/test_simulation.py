@@ -3,7 +3,9 @@ replies: ack, dependency and retirement rules hold after every step."""
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
@@ -62,6 +64,22 @@ def test_bad_block_rewritten_from_a_good_copy(data: st.DataObject) -> None:
     that meets it is served from a good copy, and the bad copy is rewritten
     with the data current at that point (never over a newer write): in the
     end every replica holds the guest's data."""
+    with _written(data) as (sim, g, block, bad):
+        sim.corrupt(bad, block)
+        for _ in range(data.draw(st.integers(0, 30), label="steps")):
+            random_step(sim, g, data, MIX)
+        sim.settle(lambda n: data.draw(st.integers(0, n - 1)))
+        sim.up.ds.turn = bad  # nothing in flight: the read goes there
+        g.read(block, 1)
+        sim.settle(lambda n: data.draw(st.integers(0, n - 1)))
+        g.check()
+        g.finish()
+
+
+@contextlib.contextmanager
+def _written(data: st.DataObject) -> Iterator[tuple[Sim, GuestModel, int, int]]:
+    """An active volume after some writes have settled, with a block and a
+    replica drawn."""
     with tempfile.TemporaryDirectory() as tmp:
         sim = Sim(Path(tmp))
         try:
@@ -71,16 +89,7 @@ def test_bad_block_rewritten_from_a_good_copy(data: st.DataObject) -> None:
                 random_step(sim, g, data, ["write", "write", "flush", "net"])
             sim.settle()
             block = data.draw(st.integers(0, TOTAL - 1), label="block")
-            bad = data.draw(st.integers(0, 2), label="replica")
-            sim.corrupt(bad, block)
-            for _ in range(data.draw(st.integers(0, 30), label="steps")):
-                random_step(sim, g, data, MIX)
-            sim.settle(lambda n: data.draw(st.integers(0, n - 1)))
-            sim.up.ds.turn = bad  # nothing in flight: the read goes there
-            g.read(block, 1)
-            sim.settle(lambda n: data.draw(st.integers(0, n - 1)))
-            g.check()
-            g.finish()
+            yield sim, g, block, data.draw(st.integers(0, 2), label="replica")
         finally:
             sim.close()
 
@@ -103,32 +112,21 @@ def test_verify_rewrites_a_replica_that_silently_diverged(data: st.DataObject) -
     a verify pass, with guest IO going on, finds it and rewrites it from the
     two others, never over a newer write: in the end every replica holds the
     guest's data."""
-    with tempfile.TemporaryDirectory() as tmp:
-        sim = Sim(Path(tmp))
-        try:
-            g = GuestModel(sim, TOTAL)
-            sim.activate()
-            for _ in range(data.draw(st.integers(0, 10), label="writes")):
-                random_step(sim, g, data, ["write", "write", "flush", "net"])
-            sim.settle()
-            block = data.draw(st.integers(0, TOTAL - 1), label="block")
-            victim = data.draw(st.integers(0, 2), label="replica")
-            other = bytes(b ^ 0xA5 for b in g.data[block * BS : (block + 1) * BS])
-            sim.ds[victim].region.write(block, contexts_for(other), other)
-            tok = object()
-            sim.apply(sim.up.verify_replicas(tok, 0.0, sim.now))
-            steps = data.draw(st.integers(0, 30), label="steps")
-            for _ in range(steps):
-                # No reads: one sent to the diverged replica would get its data,
-                # which verifies (what only the comparison can find).
-                random_step(sim, g, data, ["write", "flush", "trim", "net", "net", "net"])
-            sim.settle(lambda n: data.draw(st.integers(0, n - 1)))
-            status = sim.completed[tok]
-            assert isinstance(status, VerifyStatus) and status.passes == 1
-            if steps == 0:  # nothing else changed the block
-                assert (status.divergent, status.unresolved) == (1, 0)
-                assert sim.up.ds.blocks_rewritten == 1
-            g.check()
-            g.finish()
-        finally:
-            sim.close()
+    with _written(data) as (sim, g, block, victim):
+        other = bytes(b ^ 0xA5 for b in g.data[block * BS : (block + 1) * BS])
+        sim.ds[victim].region.write(block, contexts_for(other), other)
+        tok = object()
+        sim.apply(sim.up.verify_replicas(tok, 0.0, sim.now))
+        steps = data.draw(st.integers(0, 30), label="steps")
+        for _ in range(steps):
+            # No reads: one sent to the diverged replica would get its data,
+            # which verifies (what only the comparison can find).
+            random_step(sim, g, data, ["write", "flush", "trim", "net", "net", "net"])
+        sim.settle(lambda n: data.draw(st.integers(0, n - 1)))
+        status = sim.completed[tok]
+        assert isinstance(status, VerifyStatus) and status.passes == 1
+        if steps == 0:  # nothing else changed the block
+            assert (status.divergent, status.unresolved) == (1, 0)
+            assert sim.up.ds.blocks_rewritten == 1
+        g.check()
+        g.finish()
