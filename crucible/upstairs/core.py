@@ -204,10 +204,8 @@ class UpstairsCore:
         bs = region.block_size
         count = len(data) // bs
         view = memoryview(data)
-        contexts = [
-            m.BlockContext(xxhash.xxh64_intdigest(view[i * bs : (i + 1) * bs]))
-            for i in range(count)
-        ]
+        ctx, digest = m.BlockContext, xxhash.xxh64_intdigest
+        contexts = [ctx(digest(view[i : i + bs])) for i in range(0, count * bs, bs)]
         # Fast ack: durability is promised by the next flush, not by the write.
         acts = self.ds.enqueue(WriteOp(start, contexts, data, unwritten), None, now)
         self.ds.allocation.mark(start, count, True)
