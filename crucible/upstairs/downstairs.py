@@ -236,6 +236,8 @@ class Downstairs:
         that verified so far. None left: the job finishes with what it has."""
         if self.opts.read_all_replicas or job.acked or job.read_data is not None:
             return []
+        if isinstance(job.op, ReadOp) and job.op.compare:
+            return []  # it compares what the replicas that answered said
         if job.guest is None and self.up_state is not UpState.ACTIVE:
             return []  # a mending read: not while deactivating
         avoid = (*job.avoid, failed.id)

@@ -108,25 +108,32 @@ def _run(sim: Sim, data: st.DataObject) -> None:
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
 def test_verify_rewrites_a_replica_that_silently_diverged(data: st.DataObject) -> None:
-    """One replica holds other data under a valid hash (so its reads verify);
-    a verify pass, with guest IO going on, finds it and rewrites it from the
-    two others, never over a newer write: in the end every replica holds the
-    guest's data."""
+    """One replica holds other data under a valid hash (so its reads verify),
+    or a corrupt block; a verify pass, with guest IO going on, finds it and
+    rewrites it from the two others, never over a newer write: in the end
+    every replica holds the guest's data."""
     with _written(data) as (sim, g, block, victim):
-        other = bytes(b ^ 0xA5 for b in g.data[block * BS : (block + 1) * BS])
-        sim.ds[victim].region.write(block, contexts_for(other), other)
+        corrupt = data.draw(st.booleans(), label="corrupt")
+        mix = MIX
+        if corrupt:
+            sim.corrupt(victim, block)
+        else:
+            other = bytes(b ^ 0xA5 for b in g.data[block * BS : (block + 1) * BS])
+            sim.ds[victim].region.write(block, contexts_for(other), other)
+            # No reads: one sent to the diverged replica would get its data,
+            # which verifies (what only the comparison can find).
+            mix = ["write", "flush", "trim", "net", "net", "net"]
         tok = object()
         sim.apply(sim.up.verify_replicas(tok, 0.0, sim.now))
         steps = data.draw(st.integers(0, 30), label="steps")
         for _ in range(steps):
-            # No reads: one sent to the diverged replica would get its data,
-            # which verifies (what only the comparison can find).
-            random_step(sim, g, data, ["write", "flush", "trim", "net", "net", "net"])
+            random_step(sim, g, data, mix)
         sim.settle(lambda n: data.draw(st.integers(0, n - 1)))
         status = sim.completed[tok]
         assert isinstance(status, VerifyStatus) and status.passes == 1
         if steps == 0:  # nothing else changed the block
-            assert (status.divergent, status.unresolved) == (1, 0)
+            found = 0 if corrupt else 1  # a bad block is rewritten as a read's is
+            assert (status.divergent, status.unresolved) == (found, 0)
             assert sim.up.ds.blocks_rewritten == 1
         g.check()
         g.finish()
