@@ -3,8 +3,8 @@
 Reads go to one replica and are checked against that replica's own
 contexts, so a replica whose block is wrong but consistent (a valid hash
 over other data: a lost write, a copy from elsewhere) would go unnoticed.
-The scrub walks the volume a chunk at a time (at most 1 MiB, never across
-an extent) at a limited rate: each chunk is read from all three replicas as
+The scrub walks the volume a chunk at a time (at most 128 KiB, never
+across an extent: a small job delays the guest's behind it little) at a limited rate: each chunk is read from all three replicas as
 one job, so every replica answers at the same point in the job order, and
 their block contexts are compared. Where two agree and the third differs,
 the third is rewritten from one of the two (rewrite.py); where all three
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from crucible.upstairs.jobs import Reply
 from crucible.upstairs.status import VerifyStatus
 
-CHUNK_BYTES = 1 << 20
+CHUNK_BYTES = 128 << 10
 
 
 @dataclass(frozen=True, slots=True)

@@ -43,25 +43,29 @@ def test_chunks_stay_in_an_extent_and_cover_the_volume() -> None:
     s.request("t", 0.0, 0.0)
     seen = []
     while True:
-        chunk = s.next_chunk(0.0, total=1000, extent_size=300, block_size=512)
+        chunk = s.next_chunk(0.0, total=1000, extent_size=300, block_size=4096)
         assert chunk is not None
         seen.append(chunk)
         s.outstanding = 1
-        assert s.next_chunk(0.0, 1000, 300, 512) is None  # one at a time
+        assert s.next_chunk(0.0, 1000, 300, 4096) is None  # one at a time
         if s.chunk_done(chunk[1], 1000):
             break
-    assert seen == [(0, 300), (300, 300), (600, 300), (900, 100)]
+    n = CHUNK_BYTES // 4096  # 32 blocks: chunks end at extents' ends too
+    assert seen[:2] == [(0, n), (n, n)]
+    assert all(start // 300 == (start + count - 1) // 300 for start, count in seen)
+    assert sum(count for _, count in seen) == 1000 and seen[-1] == (996, 4)
     assert s.end_pass() == (["t"], 1000) and not s.running
 
 
 def test_rate_paces_chunks() -> None:
-    s = Scrub(rate=CHUNK_BYTES)  # one chunk of 1 MiB a second
+    s = Scrub(rate=CHUNK_BYTES)  # one chunk a second
+    n = CHUNK_BYTES // 4096
     assert s.next_chunk(0.0, 10_000, 8192, 4096) is None  # nothing paid for yet
     assert s.next_chunk(0.5, 10_000, 8192, 4096) is None
-    assert s.next_chunk(1.0, 10_000, 8192, 4096) == (0, 256)
-    s.chunk_done(256, 10_000)
+    assert s.next_chunk(1.0, 10_000, 8192, 4096) == (0, n)
+    s.chunk_done(n, 10_000)
     assert s.next_chunk(1.5, 10_000, 8192, 4096) is None
-    assert s.next_chunk(2.0, 10_000, 8192, 4096) == (256, 256)
+    assert s.next_chunk(2.0, 10_000, 8192, 4096) == (n, n)
 
 
 def test_off_by_default() -> None:
