@@ -3,10 +3,11 @@
 Reads go to one replica and are checked against that replica's own
 contexts, so a replica whose block is wrong but consistent (a valid hash
 over other data: a lost write, a copy from elsewhere) would go unnoticed.
-The scrub walks the volume a chunk at a time (at most 128 KiB, never
-across an extent: a small job delays the guest's behind it little) at a limited rate: each chunk is read from all three replicas as
-one job, so every replica answers at the same point in the job order, and
-their block contexts are compared. Where two agree and the third differs,
+The scrub walks the volume a chunk at a time (at most 128 KiB, so the
+guest's jobs queued behind one wait little; never across an extent) at a
+limited rate: each chunk is read from all three replicas as one job, so
+every replica answers at the same point in the job order, and their block
+contexts are compared. Where two agree and the third differs,
 the third is rewritten from one of the two (rewrite.py); where all three
 differ, or only two answered and they differ, it is reported and left.
 
