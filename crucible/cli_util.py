@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import gc
 import logging
+import math
 import signal
 import subprocess
 import sys
@@ -50,7 +51,7 @@ def non_negative_float(text: str) -> float:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not v >= 0 or v == float("inf"):
+    if not math.isfinite(v) or v < 0:
         raise argparse.ArgumentTypeError(f"{text} must be a finite number, not negative")
     return v
 

@@ -360,7 +360,8 @@ class Downstairs:
         replies, job.replies = job.replies, {}
         scrub = self.scrub
         acts: list[Action] = []
-        newer = touched_after(self.table, job.id, op.start, op.count)
+        # (a walk of the table: only when there is something to rewrite)
+        newer = touched_after(self.table, job.id, op.start, op.count) if found.fixes else set()
         for target, sources in found.fixes.items():
             c = self.clients[target]
             scrub.divergent += len(sources)
@@ -385,7 +386,7 @@ class Downstairs:
             scrub.divergent += n
             scrub.unresolved += n
             first = op.start + found.unresolved[0]
-            line = f"verify: {n} blocks from {first} differ on all replicas: left as they are"
+            line = f"verify: {n} blocks from {first} differ, no two replicas agreeing: left"
             acts.append(Log(line, "error"))
         total = self.region.total_blocks
         if scrub.chunk_done(op.count, total):
@@ -474,7 +475,7 @@ class Downstairs:
             acts += self.enqueue(ReadOp(start + first, n, mend=c.id), None, now, (c.id,))
         return acts
 
-    def _rewrite(self, job: Job) -> list[Op]:
+    def _rewrite(self, job: Job) -> list[WriteOp]:
         """A mending read has good data: the writes that put it on the bad copy."""
         op = job.op
         assert isinstance(op, ReadOp) and op.mend is not None and self.region is not None
@@ -484,7 +485,7 @@ class Downstairs:
         assert job.read_contexts is not None and job.read_data is not None
         keep = [i for i in range(op.count) if op.start + i not in newer]
         bs = self.region.block_size
-        return list(rewrites(op.start, job.read_contexts, job.read_data, keep, op.mend, bs))
+        return rewrites(op.start, job.read_contexts, job.read_data, keep, op.mend, bs)
 
     # ---- acks and completion ------------------------------------------------------
 

@@ -79,6 +79,11 @@ class Scrub:
     def running(self) -> bool:
         return self.rate > 0 or self.asked_rate is not None
 
+    @property
+    def current_rate(self) -> float:
+        """A requested pass's rate while one runs, else the background one."""
+        return self.asked_rate if self.asked_rate is not None else self.rate
+
     def request(self, token: object, rate: float, now: float) -> None:
         """A pass from block 0 at `rate` (0: as fast as one chunk at a time
         goes); `token` is answered when it ends."""
@@ -92,7 +97,7 @@ class Scrub:
         self, now: float, total: int, extent_size: int, block_size: int
     ) -> tuple[int, int] | None:
         """The chunk (start, count) to compare now, if one is due."""
-        rate = self.asked_rate if self.asked_rate is not None else self.rate
+        rate = self.current_rate
         if self.outstanding is not None or total <= 0 or not self.running:
             self.last = now
             return None
@@ -131,10 +136,9 @@ class Scrub:
         return waiters, done
 
     def status(self, total: int) -> VerifyStatus:
-        rate = self.asked_rate if self.asked_rate is not None else self.rate
         return VerifyStatus(
             running=self.running,
-            rate=rate,
+            rate=self.current_rate,
             position=self.position,
             total=total,
             passes=self.passes,
