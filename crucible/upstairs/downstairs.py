@@ -437,7 +437,8 @@ class Downstairs:
     def _assemble(self, c: Client, job: Job, msg: m.ReadResponse) -> list[int]:
         """A reply with bad blocks: its good blocks still serve, with those of
         other replicas, so the guest gets every block that has a good copy.
-        Returns the bad blocks' indices in the reply."""
+        Returns the indices of the blocks whose copy on this replica is bad
+        (not those it cannot decrypt: that says nothing of the copy)."""
         assert isinstance(job.op, ReadOp) and self.region is not None
         assert not isinstance(msg.blocks, CrucibleError)
         bs = self.region.block_size
@@ -445,11 +446,12 @@ class Downstairs:
         self.integrity_errors += len(bad)
         job.errors += [str(e) for _, e in bad]
         broken = {i for i, _ in bad}
+        damaged = [i for i, e in bad if e.kind is not ErrorKind.DecryptionError]
         if job.read_data is not None:
-            return sorted(broken)  # already served whole by another replica
+            return damaged  # already served whole by another replica
         if job.read_pieces is None:
             job.read_pieces = (bytearray(msg.data), list(msg.blocks), broken)
-            return sorted(broken)
+            return damaged
         data, contexts, missing = job.read_pieces
         for i in missing - broken:
             data[i * bs : (i + 1) * bs] = msg.data[i * bs : (i + 1) * bs]
@@ -458,7 +460,7 @@ class Downstairs:
         if not missing:
             job.read_contexts, job.read_data = contexts, bytes(data)
             job.read_pieces = None
-        return sorted(broken)
+        return damaged
 
     # ---- rewriting bad blocks ------------------------------------------------------
 

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import xxhash
+
+from crucible.common.errors import CrucibleError
 from crucible.protocol import messages as m
 from crucible.upstairs.jobs import IOState, Job, ReadOp, TrimOp, WriteOp
 from crucible.upstairs.rewrite import runs, touched_after
@@ -62,5 +65,28 @@ def test_write_queued_during_the_mending_read_is_kept(tmp_path: Path) -> None:
         g.check()
         g.finish()  # every replica holds \x02: the rewrite left block 3 alone
         assert sim.up.ds.integrity_errors == 1
+    finally:
+        sim.close()
+
+
+def test_a_block_this_upstairs_cannot_decrypt_is_not_rewritten(tmp_path: Path) -> None:
+    """No key is no proof of a bad copy: the read fails, nothing is mended."""
+    sim = Sim(tmp_path)
+    try:
+        sim.activate()
+        data = bytes(range(256)) * 2
+        enc = m.EncryptionContext(b"n" * 12, b"t" * 16)
+        h = xxhash.xxh64(enc.nonce)
+        h.update(enc.tag)
+        h.update(data)
+        for d in sim.ds:
+            d.region.write(3, [m.BlockContext(h.intdigest(), enc)], data)
+        tok = object()
+        sim.apply(sim.up.read(tok, 3, 1, sim.now))
+        sim.settle()
+        result = sim.completed[tok]
+        assert isinstance(result, CrucibleError) and "no key" in str(result)
+        assert not any(isinstance(j.op, ReadOp) and j.op.mend is not None for j in sim.up.ds.table)
+        assert sim.up.ds.blocks_rewritten == 0
     finally:
         sim.close()
