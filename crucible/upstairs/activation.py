@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from crucible.common.errors import CrucibleError, ErrorKind
+from crucible.observe.probes import UP
 from crucible.protocol import messages as m
 from crucible.upstairs.actions import Action, Complete, Drop, Log, Send
 from crucible.upstairs.client import Client
@@ -137,12 +138,18 @@ class Activation:
     def reconcile(self, ds: Downstairs, repairs: list[Repair], now: float) -> list[Action]:
         if not repairs:
             return self.go_active(ds, now)
+        if UP.on:
+            UP.fire("up__reconcile__start", len(repairs))
         acts, done = self._start(ds, repairs, now)
         return acts + (self.go_active(ds, now) if done else [])
 
     def go_active(self, ds: Downstairs, now: float) -> list[Action]:
         ds.up_state = UpState.ACTIVE
         ds.table.last_io = now
+        if UP.on:
+            if self.needed:
+                UP.fire("up__reconcile__done", self.done, self.needed)
+            UP.fire("up__activate__done", ds.session.gen, None)
         for c in ds.clients:
             if c.state.stage is Stage.WAIT_QUORUM:
                 c.set_state(ACTIVE)

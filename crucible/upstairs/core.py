@@ -31,6 +31,7 @@ import xxhash
 
 from crucible.common.definition import RegionDefinition
 from crucible.common.errors import CrucibleError, ErrorKind
+from crucible.observe.probes import UP
 from crucible.protocol import messages as m
 from crucible.protocol.capabilities import Capabilities
 from crucible.protocol.roles import JOB_REPLY_TYPES
@@ -123,6 +124,8 @@ class UpstairsCore:
         self.ds.allocation.forget()
         self.activation.begin(token)
         self.disabled_error = None
+        if UP.on:
+            UP.fire("up__activate__start", gen)
         acts: list[Action] = [Log(f"upstairs {self.upstairs_id} activating with gen {gen}")]
         for c in self.clients:
             c.last_flush_done = None
@@ -424,6 +427,8 @@ class UpstairsCore:
         if self.state is not UpState.GO_ACTIVE:
             return self._disable(err, now)
         self._set_state(UpState.INIT)
+        if UP.on:
+            UP.fire("up__activate__done", self.gen, reason)
         acts: list[Action] = [Log(f"activation failed: {reason}", "error")]
         acts += self._drop_all("activation failed")
         if self.activation.token is not None:

@@ -30,6 +30,7 @@ import uuid
 
 from crucible.common.definition import RegionDefinition
 from crucible.common.errors import CrucibleError, ErrorKind
+from crucible.observe.probes import UP
 from crucible.protocol import messages as m
 from crucible.protocol.wire import SocketAddr
 from crucible.upstairs import acks
@@ -53,6 +54,7 @@ from crucible.upstairs.jobs import (
 )
 from crucible.upstairs.live_repair import LiveRepair
 from crucible.upstairs.options import Options
+from crucible.upstairs.probing import extent_of, is_live, job_bytes, op_name
 from crucible.upstairs.rewrite import rewrites, runs, touched_after
 from crucible.upstairs.scrub import Scrub, compare
 from crucible.upstairs.state import ACTIVE, LIVE_REPAIR, TAKES_IO, DsState, Mode, Stage, UpState
@@ -141,6 +143,8 @@ class Downstairs:
     def add_job(self, job: Job, now: float) -> list[Action]:
         """Put a job in the table and send it to every client that takes it."""
         self.table.insert(job)
+        if UP.on:
+            self._fire_start(job)
         rep = self.repair
         sess = self.session
         acts: list[Action] = []
@@ -165,6 +169,8 @@ class Downstairs:
                     c.last_progress = now
                 c.inflight_jobs += 1
                 c.inflight_bytes += job.nbytes
+                if UP.on:
+                    UP.fire(_client_probe(job, "start"), job.id, c.id)
                 if own or stage is Stage.LIVE_REPAIR or self._own_deps(c, job):
                     acts.append(Send(c.id, self._message_for(c, job)))
                 else:
@@ -266,6 +272,8 @@ class Downstairs:
         """Send a client back from offline every job since its last flush."""
         jobs = self.table.replay_to(c.id, c.last_flush_done)
         c.last_progress = now
+        if UP.on:
+            UP.fire("up__replay", c.id, len(jobs))
         for job in jobs:
             c.inflight_jobs += 1
             c.inflight_bytes += job.nbytes
@@ -306,6 +314,8 @@ class Downstairs:
         c.inflight_jobs -= 1
         c.inflight_bytes -= job.nbytes
         c.last_progress = now
+        if UP.on:
+            UP.fire(_client_probe(job, "done"), job.id, c.id, err)
         acts: list[Action] = []
         if err is not None:
             job.state[c.id] = IOState.ERROR
@@ -498,6 +508,8 @@ class Downstairs:
         if result is acks.NOT_YET:
             return []
         job.acked = True
+        if UP.on:
+            self._fire_done(job)
         acts: list[Action] = []
         if isinstance(job.op, ReadOp):
             if job.op.mend is not None:
@@ -517,6 +529,8 @@ class Downstairs:
             acts.append(Log(f"INTEGRITY: read job {job.id}: {'; '.join(job.errors)}", "error"))
         if not job.acked:
             job.acked = True
+            if UP.on:
+                self._fire_done(job)
             rep = self.repair
             if job.guest is not None and rep and not rep.aborting and acks.parkable(job):
                 self.table.parked.append(job.guest)  # acked when the repair is done
@@ -524,6 +538,8 @@ class Downstairs:
             elif job.guest is not None:
                 acts.append(Complete(job.guest, acks.final_result(job)))
         self.table.mark_finished(job)
+        if UP.on:
+            UP.fire("up__job__finished", job.id)
         op = job.op
         if isinstance(op, ReadOp) and op.compare:
             acts += self._compared(job, now)
@@ -540,6 +556,29 @@ class Downstairs:
             acts += self._repair_step(rep, job, now)
         return acts
 
+    def _fire_start(self, job: Job) -> None:
+        op = op_name(job)
+        if is_live(job):
+            UP.fire(f"gw__{op}__start", job.id, self._extent(job))
+            return
+        UP.fire(f"gw__{op}__start", job.id, job_bytes(job, self._block_size))
+        if op != "noop":
+            UP.fire(f"up__to__ds__{op}__start", job.id)
+
+    def _fire_done(self, job: Job) -> None:
+        op = op_name(job)
+        if is_live(job):
+            UP.fire(f"gw__{op}__done", job.id, self._extent(job))
+        else:
+            UP.fire(f"gw__{op}__done", job.id, job_bytes(job, self._block_size))
+
+    @property
+    def _block_size(self) -> int:
+        return self.region.block_size if self.region else 0
+
+    def _extent(self, job: Job) -> int | None:
+        return extent_of(job, self.region.extent_size if self.region else 0)
+
     def _retire(self, upto: int) -> list[Action]:
         gone = self.table.retire(upto)
         for c in self.clients:
@@ -555,6 +594,8 @@ class Downstairs:
         for job in self.table:
             if job.guest is not None and not job.acked:
                 job.acked = True
+                if UP.on:
+                    self._fire_done(job)
                 acts.append(Complete(job.guest, err))
         acts += [Complete(w, err) for w in self.table.parked]  # flushes parked for a repair
         self.table.parked = []
@@ -578,6 +619,8 @@ class Downstairs:
         c.offline_since = None
         serving = self.up_state is UpState.ACTIVE
         c.reconnect_at = now + self.opts.reconnect_delay if serving else None
+        if UP.on:
+            UP.fire("up__fault", c.id, reason)
         acts: list[Action] = [Log(f"[{c.id}] {c.name} faulted: {reason}", "error")]
         if was not in (Stage.IDLE, Stage.DISABLED):
             acts.append(Drop(c.id, reason))  # the connection, or a connect under way
@@ -775,6 +818,12 @@ class Downstairs:
         for t in rep.targets:
             acts += self.fault(self.clients[t], "live repair aborted", now)
         return acts
+
+
+def _client_probe(job: Job, end: str) -> str:
+    """ds__write__client__start and the like; live-repair jobs: ds__close__start."""
+    op = op_name(job)
+    return f"ds__{op}__{end}" if is_live(job) else f"ds__{op}__client__{end}"
 
 
 def _write_args(op: WriteOp) -> tuple[int, list[m.BlockContext], m.Data]:

@@ -1,0 +1,128 @@
+"""Probes: named hook points with the names of Crucible's DTrace probes.
+
+Crucible's upstairs and downstairs fire USDT probes (`gw__write__start`,
+`os__read__done`, ...) that DTrace scripts watch. Linux here has no DTrace,
+so a probe is a plain hook: the code fires it at the same point with the
+same leading arguments (the job id, then the client id where Crucible passes
+one), and whatever is attached (metrics, tracing, a test) is called in the
+firing thread. Arguments after Crucible's are ours (a message, a byte count).
+
+A probe with nothing attached costs one attribute test at its site: every
+site checks its provider's `on` flag before looking a probe up or building
+arguments (`if UP.on: UP.fire("gw__read__start", job_id)`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+Handler = Callable[..., None]
+
+
+class Provider:
+    """A set of probes under one name (crucible_upstairs, crucible_downstairs)."""
+
+    def __init__(self, name: str, probes: list[str]) -> None:
+        self.name = name
+        self.names = frozenset(probes)
+        self.on = False  # anything attached to any probe of this provider
+        self._handlers: dict[str, list[Handler]] = {}
+
+    def attach(self, probe: str, handler: Handler) -> None:
+        if probe not in self.names:
+            raise KeyError(f"{self.name} has no probe {probe!r}")
+        self._handlers.setdefault(probe, []).append(handler)
+        self.on = True
+
+    def detach(self, probe: str, handler: Handler) -> None:
+        hs = self._handlers.get(probe, [])
+        if handler in hs:
+            hs.remove(handler)
+        if not hs:
+            self._handlers.pop(probe, None)
+        self.on = bool(self._handlers)
+
+    def attached(self, probe: str) -> bool:
+        return probe in self._handlers
+
+    def fire(self, probe: str, *args: Any) -> None:
+        for h in self._handlers.get(probe, ()):
+            h(*args)
+
+
+def _pairs(stems: list[str], ends: tuple[str, ...] = ("start", "done")) -> list[str]:
+    return [f"{s}__{e}" for s in stems for e in ends]
+
+
+# Guest-work job kinds as Crucible's probes name them (the job's kind in
+# upstairs/jobs.py maps onto these).
+GW_OPS = ["read", "write", "write_unwritten", "flush", "barrier", "trim"]
+GW_LIVE = ["close", "repair", "reopen", "noop"]
+DS_OPS = ["read", "write", "write_unwritten", "flush", "barrier", "trim"]
+DS_LIVE = ["close", "repair", "reopen", "noop"]
+
+UP = Provider(
+    "crucible_upstairs",
+    [
+        "up__status",  # ("stats", the DtraceInfo-shaped dict), every second
+        # a job was created (start) and acked to the guest (done): (job id, bytes
+        # read or written); live-repair jobs: (job id, extent)
+        *_pairs([f"gw__{op}" for op in GW_OPS + GW_LIVE]),
+        # queued for the three clients: (job id)
+        *[f"up__to__ds__{op}__start" for op in GW_OPS],
+        # the message for one client: (job id, client id); its reply handled:
+        # (job id, client id, the error or None)
+        *_pairs([f"ds__{op}__client" for op in DS_OPS]),
+        *_pairs([f"ds__{op}" for op in DS_LIVE]),
+        # ours: every client has answered the job (job id)
+        "up__job__finished",
+        # activation and its reconciliation
+        "up__activate__start",  # (generation)
+        "up__activate__done",  # (generation, error text or None)
+        "up__reconcile__start",  # (extents to repair)
+        "up__reconcile__done",  # (extents repaired, extents needed)
+        "up__fault",  # (client id, reason)
+        "up__replay",  # (client id, jobs replayed)
+    ],
+)
+
+DS = Provider(
+    "crucible_downstairs",
+    [
+        # an IO message from the upstairs accepted: (job id, the message)
+        *[
+            f"submit__{op}__start"
+            for op in ["read", "write", "writeunwritten", "flush", "barrier", "trim"]
+        ],
+        *[
+            f"submit__el__{op}__start"
+            for op in ["close", "flush_close", "repair", "reopen", "noop"]
+        ],
+        # its reply about to be sent: (job id, the message, the error or None)
+        *[
+            f"submit__{op}__done"
+            for op in ["read", "write", "writeunwritten", "flush", "barrier", "trim"]
+        ],
+        "submit__el__close__done",
+        "submit__el__repair__done",
+        "submit__el__done",
+        "work__start",  # (job id): dependencies met, about to run
+        "work__done",  # (job id)
+        # around the region's read, write or flush: (job id, the message)
+        *_pairs([f"os__{op}" for op in ["read", "write", "writeunwritten", "flush", "trim"]]),
+        # ours
+        "connection__open",  # (connection id, peer)
+        "connection__close",  # (connection id, peer)
+        "repair__served",  # (extent, bytes): an extent file sent to another downstairs
+    ],
+)
+
+NBD = Provider(
+    "crucible_nbd",
+    [
+        "nbd__connection__open",  # (peer)
+        "nbd__connection__close",  # (peer)
+        "nbd__request",  # (command name, length)
+    ],
+)
