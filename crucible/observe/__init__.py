@@ -1,0 +1,1 @@
+"""Probes, metrics, tracing and logs: what a running process tells about itself."""
