@@ -21,7 +21,9 @@ from typing import Any, assert_never
 
 from crucible.common.definition import RegionDefinition
 from crucible.common.errors import CrucibleError, ErrorKind
+from crucible.downstairs.probing import SUBMIT, moved_bytes
 from crucible.downstairs.work import WorkQueue
+from crucible.observe.probes import DS
 from crucible.protocol import messages as m
 from crucible.protocol.capabilities import OURS, Capabilities
 from crucible.protocol.roles import (
@@ -153,6 +155,8 @@ class DownstairsCore:
 
     def connected(self, conn_id: int, peer: str) -> list[Action]:
         self.conns[conn_id] = Conn(conn_id, peer)
+        if DS.on:
+            DS.fire("connection__open", conn_id, peer)
         return [Log(f"connection {conn_id} from {peer}")]
 
     def disconnected(self, conn_id: int) -> list[Action]:
@@ -160,6 +164,8 @@ class DownstairsCore:
         self.active.discard(conn_id)
         if conn is None:
             return []
+        if DS.on:
+            DS.fire("connection__close", conn_id, conn.peer)
         dropped = len(conn.work)
         extra = f", {dropped} jobs dropped" if dropped else ""
         return [Log(f"connection {conn_id} from {conn.peer} closed{extra}")]
@@ -180,6 +186,9 @@ class DownstairsCore:
         if conn is None or conn_id not in self.active:
             return []  # fenced or gone: the reply would go nowhere
         failed = isinstance(outcome, CrucibleError)
+        if DS.on and is_job(work):
+            err = outcome if failed else None
+            DS.fire(SUBMIT[type(work)][1], work.job_id, work, err, moved_bytes(work, outcome))
         acts: list[Action] = [Send(conn_id, self._reply(conn, work, outcome))]
         if failed:
             acts.append(Log(f"{type(work).__name__} {work_id(work)} failed: {outcome}"))
@@ -346,6 +355,8 @@ class DownstairsCore:
         if conn.work.knows(job.job_id):
             return [Log(f"connection {cid}: duplicate job {job.job_id} ignored")]
         conn.load += self._cost(job)
+        if DS.on:
+            DS.fire(SUBMIT[type(job)][0], job.job_id, job)
         acts: list[Action] = [Execute(cid, j) for j in conn.work.add(job)]
         if self.log_jobs:
             acts.insert(0, JobLog(job))

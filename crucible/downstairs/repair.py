@@ -17,6 +17,7 @@ from typing import BinaryIO
 from aiohttp import web
 
 from crucible.common.errors import CrucibleError, ErrorKind
+from crucible.observe.probes import DS
 from crucible.protocol.capabilities import (
     ALLOCATION_PATH,
     CAPABILITIES_PATH,
@@ -50,6 +51,8 @@ def make_app(region: Region, capabilities: Capabilities = OURS) -> web.Applicati
         path = extent_path(region.dir, extent_id(request))
         if not path.is_file() or path.is_symlink():
             raise web.HTTPBadRequest(text="EBADF: extent data file missing\n")
+        if DS.on:
+            DS.fire("repair__served", extent_id(request), path.stat().st_size)
         return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
 
     async def repair_ready(request: web.Request) -> web.Response:

@@ -34,13 +34,16 @@ from crucible.downstairs.core import (
     Work,
 )
 from crucible.downstairs.http_guard import GuardedFactory
+from crucible.downstairs.probing import OS
 from crucible.downstairs.repair import REPAIR_PORT_OFFSET, fetch_extent, make_app
 from crucible.libc import trim_heap
 from crucible.netio import OutputBatcher
+from crucible.observe.probes import DS
 from crucible.protocol import messages as m
 from crucible.protocol.capabilities import NONE, OURS
 from crucible.protocol.codec import encode_parts
 from crucible.protocol.framing import FrameDecoder
+from crucible.protocol.roles import is_job
 from crucible.protocol.wire import ProtocolError
 from crucible.region.region import Region
 
@@ -331,7 +334,11 @@ class DownstairsServer:
                 self._queued_bytes -= nbytes
                 if self.core.wants(conn_id):  # not fenced meanwhile
                     with self._failing(conn_id, work):
+                        if DS.on:
+                            _work_started(work)
                         outcome = ops.run(self.region, work, fetch_extent)
+                        if DS.on:
+                            _work_done(work)
                         self.apply(self.core.finished(conn_id, work, outcome))
         finally:
             self._draining = False
@@ -368,9 +375,13 @@ class DownstairsServer:
             with self._failing(conn_id, work):
                 self._busy = True
                 try:
+                    if DS.on:
+                        _work_started(work)
                     outcome = await loop.run_in_executor(
                         self._pool, ops.run, self.region, work, fetch_extent
                     )
+                    if DS.on:
+                        _work_done(work)
                 finally:
                     self._busy = False
                 self.apply(self.core.finished(conn_id, work, outcome))
@@ -425,6 +436,22 @@ class DownstairsServer:
 
 _WRITES = (m.Write, m.WriteUnwritten)
 _NO_DISK = (m.Barrier, m.ExtentLiveNoOp, m.ExtentVersionsPlease)
+
+
+def _work_started(work: Work) -> None:
+    if is_job(work):
+        DS.fire("work__start", work.job_id)
+        names = OS.get(type(work))
+        if names:
+            DS.fire(names[0], work.job_id, work)
+
+
+def _work_done(work: Work) -> None:
+    if is_job(work):
+        names = OS.get(type(work))
+        if names:
+            DS.fire(names[1], work.job_id, work)
+        DS.fire("work__done", work.job_id)
 
 
 def _work_bytes(work: Work) -> int:

@@ -67,7 +67,8 @@ UP = Provider(
     [
         "up__status",  # ("stats", the DtraceInfo-shaped dict), every second
         # a job was created (start) and acked to the guest (done): (job id, bytes
-        # read or written); live-repair jobs: (job id, extent)
+        # read or written, a guest's job or one of ours); live-repair jobs:
+        # (job id, extent)
         *_pairs([f"gw__{op}" for op in GW_OPS + GW_LIVE]),
         # queued for the three clients: (job id)
         *[f"up__to__ds__{op}__start" for op in GW_OPS],
@@ -87,30 +88,30 @@ UP = Provider(
     ],
 )
 
+# Each job a downstairs takes: its submit probes (start: accepted, with (job id,
+# the message); done: its reply about to be sent, with (job id, the message,
+# the error or None, bytes read or written)). Live-repair jobs share done probes.
+DS_JOBS: dict[str, tuple[str, str]] = {
+    **{
+        op: (f"submit__{op}__start", f"submit__{op}__done")
+        for op in ["read", "write", "writeunwritten", "flush", "barrier", "trim"]
+    },
+    "el_close": ("submit__el__close__start", "submit__el__close__done"),
+    "el_flush_close": ("submit__el__flush_close__start", "submit__el__close__done"),
+    "el_repair": ("submit__el__repair__start", "submit__el__repair__done"),
+    "el_reopen": ("submit__el__reopen__start", "submit__el__done"),
+    "el_noop": ("submit__el__noop__start", "submit__el__done"),
+}
+DS_DISK = ["read", "write", "writeunwritten", "flush", "trim"]  # os__*__start/done
+
 DS = Provider(
     "crucible_downstairs",
     [
-        # an IO message from the upstairs accepted: (job id, the message)
-        *[
-            f"submit__{op}__start"
-            for op in ["read", "write", "writeunwritten", "flush", "barrier", "trim"]
-        ],
-        *[
-            f"submit__el__{op}__start"
-            for op in ["close", "flush_close", "repair", "reopen", "noop"]
-        ],
-        # its reply about to be sent: (job id, the message, the error or None)
-        *[
-            f"submit__{op}__done"
-            for op in ["read", "write", "writeunwritten", "flush", "barrier", "trim"]
-        ],
-        "submit__el__close__done",
-        "submit__el__repair__done",
-        "submit__el__done",
+        *sorted({name for pair in DS_JOBS.values() for name in pair}),
         "work__start",  # (job id): dependencies met, about to run
         "work__done",  # (job id)
         # around the region's read, write or flush: (job id, the message)
-        *_pairs([f"os__{op}" for op in ["read", "write", "writeunwritten", "flush", "trim"]]),
+        *_pairs([f"os__{op}" for op in DS_DISK]),
         # ours
         "connection__open",  # (connection id, peer)
         "connection__close",  # (connection id, peer)

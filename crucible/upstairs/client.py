@@ -87,6 +87,11 @@ class Client:
     # Live repairs of it that failed in a row, and when the next may start.
     repair_failures: int = 0
     repair_after: float = 0.0
+    # Live repairs of it, as Crucible's per-client counters count them.
+    live_repairs: int = 0
+    live_repairs_aborted: int = 0
+    extents_repaired: int = 0
+    extents_confirmed: int = 0
 
     _name: tuple[SocketAddr, str] | None = field(default=None, repr=False, compare=False)
 
@@ -149,6 +154,10 @@ class Client:
             last_error=self.last_error,
             connections=self.connects,
             trim=None if self.capabilities is None else self.capabilities.trim,
+            live_repairs=self.live_repairs,
+            live_repairs_aborted=self.live_repairs_aborted,
+            extents_repaired=self.extents_repaired,
+            extents_confirmed=self.extents_confirmed,
         )
 
     # ---- connection --------------------------------------------------------------------

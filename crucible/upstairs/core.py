@@ -25,6 +25,7 @@ holds jobs for too long is faulted.
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 
 import xxhash
@@ -286,6 +287,7 @@ class UpstairsCore:
             reads_retried=ds.reads_retried,
             verify=ds.scrub.status(r.total_blocks if r else 0),
             retired=ds.table.retired,
+            guest={k: dataclasses.replace(v) for k, v in ds.guest_counts.items()},
         )
 
     # ---- connection events ----------------------------------------------------------

@@ -54,10 +54,11 @@ from crucible.upstairs.jobs import (
 )
 from crucible.upstairs.live_repair import LiveRepair
 from crucible.upstairs.options import Options
-from crucible.upstairs.probing import extent_of, is_live, job_bytes, op_name
+from crucible.upstairs.probing import GUEST_OPS, extent_of, is_live, job_bytes, op_name
 from crucible.upstairs.rewrite import rewrites, runs, touched_after
 from crucible.upstairs.scrub import Scrub, compare
 from crucible.upstairs.state import ACTIVE, LIVE_REPAIR, TAKES_IO, DsState, Mode, Stage, UpState
+from crucible.upstairs.status import GuestCount
 from crucible.upstairs.verify import bad_blocks, check_read_reply, first_difference
 
 # A failed live repair is tried again after 1, 2, 4 ... s; after
@@ -84,6 +85,7 @@ class Downstairs:
         self.reads_retried = 0
         self.scrub = Scrub(rate=opts.verify_rate)
         self.turn = 0  # the client a read tries first among equals (then the next)
+        self.guest_counts = {op: GuestCount() for op in GUEST_OPS}
 
     # ---- capacity ------------------------------------------------------------------
 
@@ -508,8 +510,7 @@ class Downstairs:
         if result is acks.NOT_YET:
             return []
         job.acked = True
-        if UP.on:
-            self._fire_done(job)
+        self._acked(job)
         acts: list[Action] = []
         if isinstance(job.op, ReadOp):
             if job.op.mend is not None:
@@ -529,8 +530,7 @@ class Downstairs:
             acts.append(Log(f"INTEGRITY: read job {job.id}: {'; '.join(job.errors)}", "error"))
         if not job.acked:
             job.acked = True
-            if UP.on:
-                self._fire_done(job)
+            self._acked(job)
             rep = self.repair
             if job.guest is not None and rep and not rep.aborting and acks.parkable(job):
                 self.table.parked.append(job.guest)  # acked when the repair is done
@@ -561,16 +561,26 @@ class Downstairs:
         if is_live(job):
             UP.fire(f"gw__{op}__start", job.id, self._extent(job))
             return
-        UP.fire(f"gw__{op}__start", job.id, job_bytes(job, self._block_size))
+        n = job_bytes(job, self._block_size)
+        UP.fire(f"gw__{op}__start", job.id, n, job.gw_id != 0, self._extent(job))
         if op != "noop":
             UP.fire(f"up__to__ds__{op}__start", job.id)
 
-    def _fire_done(self, job: Job) -> None:
+    def _acked(self, job: Job) -> None:
+        """A job is acked to its guest (or, for one of ours, done with)."""
+        if job.gw_id:
+            op = op_name(job)
+            n = job_bytes(job, self._block_size)
+            count = self.guest_counts[op]
+            count.ops += 1
+            count.bytes += n
+        if not UP.on:
+            return
         op = op_name(job)
         if is_live(job):
             UP.fire(f"gw__{op}__done", job.id, self._extent(job))
         else:
-            UP.fire(f"gw__{op}__done", job.id, job_bytes(job, self._block_size))
+            UP.fire(f"gw__{op}__done", job.id, job_bytes(job, self._block_size), job.gw_id != 0)
 
     @property
     def _block_size(self) -> int:
@@ -594,8 +604,7 @@ class Downstairs:
         for job in self.table:
             if job.guest is not None and not job.acked:
                 job.acked = True
-                if UP.on:
-                    self._fire_done(job)
+                self._acked(job)
                 acts.append(Complete(job.guest, err))
         acts += [Complete(w, err) for w in self.table.parked]  # flushes parked for a repair
         self.table.parked = []
@@ -771,6 +780,14 @@ class Downstairs:
         assert rep is not None
         self.repair = None
         waiters, self.table.parked = self.table.parked, []
+        for t in rep.targets:
+            c = self.clients[t]
+            if rep.aborting:
+                c.live_repairs_aborted += 1
+            else:
+                c.live_repairs += 1
+                c.extents_repaired += rep.repaired
+                c.extents_confirmed += rep.confirmed
         if rep.aborting:
             self.live_repairs_aborted += 1
             err = CrucibleError(ErrorKind.IoError, f"live repair aborted: {rep.abort_reason}")

@@ -12,7 +12,9 @@ move, so that no event has to walk the table.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator
+from typing import Any
 
 from crucible.upstairs.deps import BlockMap
 from crucible.upstairs.jobs import (
@@ -26,8 +28,10 @@ from crucible.upstairs.jobs import (
     TrimOp,
     WriteOp,
 )
+from crucible.upstairs.report import work_summary
 
 FIRST_JOB_ID = 1000
+RECENT_RETIRED = 8
 
 
 class JobTable:
@@ -42,6 +46,8 @@ class JobTable:
         self.done_jobs = 0  # finished, not yet retired
         self.done_bytes = 0
         self.retired = 0
+        # The last jobs retired, as the control API's /work shows them.
+        self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_RETIRED)
         self.last_io = 0.0  # when the last job was queued
         self.need_flush = False  # guest IO since the last flush or barrier: the idle flush
         # Guest flushes done on one full copy and on copies under live repair:
@@ -118,6 +124,8 @@ class JobTable:
         """Forget finished and acked jobs up to a flush or barrier that finished
         on all three; how many went."""
         gone = [jid for jid, j in self.jobs.items() if jid <= upto and j.complete and j.acked]
+        for jid in gone[-RECENT_RETIRED:]:
+            self.recent.append(work_summary(self.jobs[jid]))
         for jid in gone:
             job = self.jobs.pop(jid)
             self.done_jobs -= 1

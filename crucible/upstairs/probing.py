@@ -26,6 +26,8 @@ _OP = {
     LiveNoOp: "noop",
     LiveReopenOp: "reopen",
 }
+# The kinds of guest job, as counted (Downstairs.guest_counts) and reported.
+GUEST_OPS = ("read", "write", "write_unwritten", "flush", "barrier", "trim")
 _LIVE = (LiveCloseOp, LiveRepairOp, LiveNoOp, LiveReopenOp)
 
 

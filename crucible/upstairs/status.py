@@ -32,6 +32,12 @@ class VerifyStatus:
     unresolved: int  # of those, blocks no two replicas agreed on
 
 
+@dataclass(slots=True)
+class GuestCount:
+    ops: int = 0
+    bytes: int = 0
+
+
 @dataclass(frozen=True, slots=True)
 class DownstairsStatus:
     target: str  # host:port
@@ -42,6 +48,10 @@ class DownstairsStatus:
     last_error: str
     connections: int  # connections made so far
     trim: bool | None  # takes the Trim message (None: not known yet)
+    live_repairs: int  # live repairs of this downstairs finished
+    live_repairs_aborted: int
+    extents_repaired: int  # by those live repairs: extents copied to it
+    extents_confirmed: int  # and extents that already matched
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +79,7 @@ class UpstairsStatus:
     verify: VerifyStatus
     blocks_rewritten: int  # bad blocks of a replica rewritten from a good copy
     retired: int  # jobs retired so far
+    guest: dict[str, GuestCount]  # guest jobs acked, by kind (read, write, flush, ...)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

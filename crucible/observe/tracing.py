@@ -1,0 +1,408 @@
+"""Tracing: spans built from the probes (probes.py), exported in the
+background to a Jaeger agent (UDP, compact thrift) or an OTLP collector
+(HTTP or gRPC).
+
+Spans are made whole when their work ends (as the SDK's ReadableSpan) and
+handed to a BatchSpanProcessor, whose thread encodes and sends them: the
+IO path only records times. Nothing here runs unless an endpoint is given.
+
+How a downstairs' span joins the upstairs' trace: the V13 wire format has
+no room for a trace context and must stay byte-compatible with Crucible, so
+both sides derive the ids of a job's trace from what they share, the
+upstairs id, the session id and the job id: the trace id is their 128-bit
+XXH3, the id of the upstairs' job span their 64-bit XXH3. A downstairs' span
+names that job span as its parent. Sampling decides on the trace id the
+same way on both sides, so a sampled job is sampled everywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import xxhash
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import Event, ReadableSpan
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    SpanExporter,
+    SpanExportResult,
+)
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+
+from crucible.observe.jaeger import JaegerAgentExporter
+from crucible.observe.probes import DS, DS_DISK, DS_JOBS, DS_LIVE, DS_OPS, GW_OPS, UP
+
+log = logging.getLogger("crucible.tracing")
+
+MAX_OPEN = 100_000  # spans begun and not yet ended, at most
+EXPORT_TIMEOUT = 2.0  # seconds an export may take before it counts as failed
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+_SCOPE = InstrumentationScope("crucible")
+_LOW64 = (1 << 64) - 1
+
+
+class TraceError(Exception):
+    """A --trace-endpoint that cannot be used (one line for the command to print)."""
+
+
+def parse_endpoint(endpoint: str) -> tuple[str, str, int, str]:
+    """(scheme, host, port, path): jaeger (also bare HOST:PORT), http or grpc."""
+    scheme, sep, rest = endpoint.partition("://")
+    if not sep:
+        scheme, rest = "jaeger", endpoint
+    scheme = scheme.lower()
+    if scheme not in ("jaeger", "http", "https", "grpc"):
+        raise TraceError(
+            f"--trace-endpoint {endpoint!r}: use HOST:PORT or jaeger://HOST:PORT (a Jaeger "
+            "agent), http://HOST:PORT (OTLP/HTTP) or grpc://HOST:PORT (OTLP/gRPC)"
+        )
+    hostport, _, path = rest.partition("/")
+    host, sep, port_text = hostport.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise TraceError(f"--trace-endpoint {endpoint!r}: expected HOST:PORT after the scheme")
+    return scheme, host, int(port_text), path
+
+
+def exporter_for(endpoint: str) -> SpanExporter:
+    scheme, host, port, path = parse_endpoint(endpoint)
+    if scheme == "jaeger":
+        return JaegerAgentExporter(host, port)
+    if scheme == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+            OTLPSpanExporter as GrpcExporter,
+        )
+
+        return GrpcExporter(endpoint=f"{host}:{port}", insecure=True, timeout=EXPORT_TIMEOUT)
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    url = f"{scheme}://{endpoint.partition('://')[2].partition('/')[0]}/{path or 'v1/traces'}"
+    return OTLPSpanExporter(endpoint=url, timeout=EXPORT_TIMEOUT)
+
+
+class _Quiet(SpanExporter):
+    """An exporter that never raises and says once that spans are not getting
+    through (then nothing until they do again): a collector that is down
+    must not fill the log or touch IO."""
+
+    def __init__(self, inner: SpanExporter, endpoint: str) -> None:
+        self.inner = inner
+        self.endpoint = endpoint
+        self.failing = False
+        self.sent = 0  # spans the endpoint took
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        try:
+            result = self.inner.export(spans)
+            why = "the collector did not take them"
+        except Exception as e:  # an exporter's bug or a network error it let through
+            result, why = SpanExportResult.FAILURE, str(e) or type(e).__name__
+        if result is SpanExportResult.SUCCESS:
+            self.sent += len(spans)
+            if self.failing:
+                self.failing = False
+                log.info("traces reach %s again", self.endpoint)
+        elif not self.failing:
+            self.failing = True
+            log.warning(
+                "traces are not reaching %s (%s); dropping them until it answers",
+                self.endpoint,
+                why,
+            )
+        return result
+
+    def shutdown(self) -> None:
+        try:
+            self.inner.shutdown()
+        except Exception:
+            pass
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return True
+
+
+class Tracing:
+    """Where spans go, and which are kept."""
+
+    def __init__(self, endpoint: str, sample: float, service: str, **attrs: str) -> None:
+        self.endpoint = endpoint
+        self.exporter = _Quiet(exporter_for(endpoint), endpoint)
+        # The SDK's own loggers would repeat every failure with a traceback.
+        for name in ("opentelemetry.sdk", "opentelemetry.exporter"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+        self.processor = BatchSpanProcessor(
+            self.exporter,
+            max_queue_size=8192,
+            schedule_delay_millis=500,
+            export_timeout_millis=EXPORT_TIMEOUT * 1000,
+        )
+        self.resource = Resource.create({"service.name": service, **attrs})
+        self.bound = int(min(max(sample, 0.0), 1.0) * (1 << 64))  # keep low 64 bits below it
+
+    def sampled(self, trace_id: int) -> bool:
+        return (trace_id & _LOW64) < self.bound
+
+    def emit(
+        self,
+        name: str,
+        trace_id: int,
+        span_id: int,
+        parent_id: int | None,
+        start_ns: int,
+        end_ns: int,
+        attrs: dict[str, Any],
+        events: Sequence[Event] = (),
+        links: Sequence[Link] = (),
+        error: str | None = None,
+        kind: SpanKind = SpanKind.INTERNAL,
+    ) -> None:
+        parent = None
+        if parent_id is not None:
+            parent = SpanContext(trace_id, parent_id, False, _SAMPLED)
+        span = ReadableSpan(
+            name=name,
+            context=SpanContext(trace_id, span_id, False, _SAMPLED),
+            parent=parent,
+            resource=self.resource,
+            attributes=attrs,
+            events=events,
+            links=links,
+            kind=kind,
+            status=Status(StatusCode.ERROR, error) if error else Status(StatusCode.UNSET),
+            start_time=start_ns,
+            end_time=end_ns,
+            instrumentation_scope=_SCOPE,
+        )
+        self.processor.on_end(span)
+
+    def shutdown(self) -> None:
+        """Send what is queued (within the export timeout) and stop."""
+        self.processor.shutdown()  # type: ignore[no-untyped-call]
+
+
+def random_id(bits: int) -> int:
+    return uuid.uuid4().int >> (128 - bits) or 1
+
+
+def job_ids(upstairs_id: uuid.UUID, session_id: uuid.UUID, job_id: int) -> tuple[int, int]:
+    """(trace id, id of the upstairs' job span) of a job: both sides compute it."""
+    key = upstairs_id.bytes + session_id.bytes + job_id.to_bytes(8, "little")
+    return xxhash.xxh3_128_intdigest(key) or 1, xxhash.xxh3_64_intdigest(key) or 1
+
+
+def _job_attrs(upstairs_id: uuid.UUID, session_id: uuid.UUID, job_id: int) -> dict[str, Any]:
+    return {
+        "crucible.upstairs_id": str(upstairs_id),
+        "crucible.session_id": str(session_id),
+        "crucible.job_id": job_id,
+    }
+
+
+class UpstairsTracer:
+    """Spans of the upstairs: a job ("gw-write": queued to done on every
+    downstairs, with the guest's ack as an event), each downstairs' part of it
+    ("ds-write-client": sent to answered), activation, reconciliation and
+    each live-repair extent."""
+
+    def __init__(
+        self,
+        tracing: Tracing,
+        session: Callable[[], tuple[uuid.UUID, uuid.UUID]],
+    ) -> None:
+        self.t = tracing
+        self.session = session
+        # job id -> [start ns, op, bytes, extent, acked ns]
+        self.jobs: dict[int, list[Any]] = {}
+        self.clients: dict[tuple[int, int], int] = {}  # (job, client) -> sent ns
+        self.extents: dict[int, int] = {}  # extent under live repair -> start ns
+        self.activation: tuple[int, int, int] | None = None  # (trace, span, start ns)
+        self.reconcile: tuple[int, int] | None = None  # (start ns, extents)
+        for op in GW_OPS:
+            UP.attach(f"gw__{op}__start", self._job_start(op))
+            UP.attach(f"gw__{op}__done", self._job_acked)
+        for op in DS_OPS:
+            UP.attach(f"ds__{op}__client__start", self._client_start)
+            UP.attach(f"ds__{op}__client__done", self._client_done(f"ds-{op}-client"))
+        for op in DS_LIVE:
+            UP.attach(f"ds__{op}__start", self._client_start)
+            UP.attach(f"ds__{op}__done", self._client_done(f"ds-{op}"))
+            UP.attach(f"gw__{op}__start", self._live_start(op))
+            UP.attach(f"gw__{op}__done", self._job_acked)
+        UP.attach("gw__reopen__done", self._extent_done)
+        UP.attach("up__job__finished", self._job_finished)
+        UP.attach("up__activate__start", self._activate_start)
+        UP.attach("up__activate__done", self._activate_done)
+        UP.attach("up__reconcile__start", self._reconcile_start)
+        UP.attach("up__reconcile__done", self._reconcile_done)
+
+    def _job_start(self, op: str) -> Callable[..., None]:
+        def start(jid: int, nbytes: int, guest: bool, extent: int | None) -> None:
+            if len(self.jobs) > MAX_OPEN:  # jobs never finished (a session that ended)
+                self.jobs.clear()
+            self.jobs[jid] = [time.time_ns(), op, nbytes, extent, 0]
+
+        return start
+
+    def _live_start(self, op: str) -> Callable[..., None]:
+        def start(jid: int, extent: int | None) -> None:
+            now = time.time_ns()
+            self.jobs[jid] = [now, op, 0, extent, 0]
+            if op == "close" and extent is not None:
+                self.extents[extent] = now
+
+        return start
+
+    def _job_acked(self, jid: int, *_: Any) -> None:
+        rec = self.jobs.get(jid)
+        if rec is not None:
+            rec[4] = time.time_ns()
+
+    def _job_finished(self, jid: int) -> None:
+        rec = self.jobs.pop(jid, None)
+        if rec is None:
+            return
+        up, sess = self.session()
+        trace_id, span_id = job_ids(up, sess, jid)
+        if not self.t.sampled(trace_id):
+            return
+        start, op, nbytes, extent, acked = rec
+        attrs = _job_attrs(up, sess, jid)
+        if extent is not None:
+            attrs["crucible.extent"] = extent
+        if nbytes:
+            attrs["crucible.bytes"] = nbytes
+        events = [Event("acked", timestamp=acked)] if acked else []
+        self.t.emit(f"gw-{op}", trace_id, span_id, None, start, time.time_ns(), attrs, events)
+
+    def _client_start(self, jid: int, cid: int) -> None:
+        if len(self.clients) > MAX_OPEN:  # sent to a client that went away
+            self.clients.clear()
+        self.clients[(jid, cid)] = time.time_ns()
+
+    def _client_done(self, name: str) -> Callable[..., None]:
+        def done(jid: int, cid: int, err: object) -> None:
+            start = self.clients.pop((jid, cid), None)
+            if start is None:
+                return
+            up, sess = self.session()
+            trace_id, job_span = job_ids(up, sess, jid)
+            if not self.t.sampled(trace_id):
+                return
+            attrs = _job_attrs(up, sess, jid)
+            attrs["crucible.client"] = cid
+            error = None if err is None else str(err)
+            self.t.emit(
+                name,
+                trace_id,
+                random_id(64),
+                job_span,
+                start,
+                time.time_ns(),
+                attrs,
+                error=error,
+                kind=SpanKind.CLIENT,
+            )
+
+        return done
+
+    def _extent_done(self, jid: int, extent: int | None) -> None:
+        start = self.extents.pop(extent, None) if extent is not None else None
+        if start is None:
+            return
+        up, _ = self.session()
+        trace_id = random_id(128)
+        if self.t.sampled(trace_id):
+            attrs = {"crucible.upstairs_id": str(up), "crucible.extent": extent}
+            self.t.emit(
+                "live-repair-extent", trace_id, random_id(64), None, start, time.time_ns(), attrs
+            )
+
+    def _activate_start(self, gen: int) -> None:
+        self.activation = (random_id(128), random_id(64), time.time_ns())
+
+    def _activate_done(self, gen: int, error: str | None) -> None:
+        if self.activation is None:
+            return
+        trace_id, span_id, start = self.activation
+        self.activation = None
+        up, sess = self.session()
+        attrs = {**_job_attrs(up, sess, 0), "crucible.generation": gen}
+        del attrs["crucible.job_id"]
+        self.t.emit("activate", trace_id, span_id, None, start, time.time_ns(), attrs, error=error)
+
+    def _reconcile_start(self, needed: int) -> None:
+        self.reconcile = (time.time_ns(), needed)
+
+    def _reconcile_done(self, done: int, needed: int) -> None:
+        if self.reconcile is None or self.activation is None:
+            return
+        start, _ = self.reconcile
+        self.reconcile = None
+        trace_id, parent, _ = self.activation
+        attrs = {"crucible.extents_repaired": done, "crucible.extents_needed": needed}
+        self.t.emit("reconcile", trace_id, random_id(64), parent, start, time.time_ns(), attrs)
+
+
+class DownstairsTracer:
+    """A span per job ("submit-write": received to answered), in the trace of
+    the upstairs' job, with the region's work as events."""
+
+    def __init__(self, tracing: Tracing, extent_size: int) -> None:
+        self.t = tracing
+        self.extent_size = extent_size
+        self.begun: dict[int, list[Any]] = {}  # id(message) -> [start ns, events]
+        for op, (start, done) in DS_JOBS.items():
+            DS.attach(start, self._start)
+            if not DS.attached(done):  # (live-repair jobs share done probes)
+                DS.attach(done, self._done(f"submit-{op.replace('_', '-')}"))
+        for op in DS_DISK:
+            DS.attach(f"os__{op}__start", self._event(f"os-{op}-start"))
+            DS.attach(f"os__{op}__done", self._event(f"os-{op}-done"))
+
+    def _start(self, jid: int, msg: Any) -> None:
+        if len(self.begun) > MAX_OPEN:  # jobs of connections that went away
+            self.begun.clear()
+        self.begun[id(msg)] = [time.time_ns(), []]
+
+    def _event(self, name: str) -> Callable[..., None]:
+        def event(jid: int, msg: Any) -> None:
+            rec = self.begun.get(id(msg))
+            if rec is not None:
+                rec[1].append(Event(name, timestamp=time.time_ns()))
+
+        return event
+
+    def _done(self, name: str) -> Callable[..., None]:
+        def done(jid: int, msg: Any, err: object, nbytes: int) -> None:
+            rec = self.begun.pop(id(msg), None)
+            if rec is None:
+                return
+            trace_id, job_span = job_ids(msg.upstairs_id, msg.session_id, jid)
+            if not self.t.sampled(trace_id):
+                return
+            attrs = _job_attrs(msg.upstairs_id, msg.session_id, jid)
+            start = getattr(msg, "start", None)
+            if start is not None and self.extent_size:
+                attrs["crucible.extent"] = start // self.extent_size
+            if nbytes:
+                attrs["crucible.bytes"] = nbytes
+            error = None if err is None else str(err)
+            self.t.emit(
+                name,
+                trace_id,
+                random_id(64),
+                job_span,
+                rec[0],
+                time.time_ns(),
+                attrs,
+                rec[1],
+                error=error,
+                kind=SpanKind.SERVER,
+            )
+
+        return done
