@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from crucible.common.definition import RegionError, validate_block_size
 from crucible.libc import libc
+from crucible.observe import logs
 
 
 class CliError(Exception):
@@ -84,13 +85,9 @@ def progress(total: int, unit: str, desc: str) -> tqdm:
     )
 
 
-def setup_logging(quiet_jobs: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)-5s %(message)s",
-        stream=sys.stdout,
-        force=True,
-    )
+def setup_logging(quiet_jobs: bool = False, fmt: str = "text") -> None:
+    """Log to stdout, as text lines or JSON objects (`--log-format`)."""
+    logs.setup(fmt)
     if quiet_jobs:
         logging.getLogger("crucible.downstairs.jobs").setLevel(logging.WARNING)
 

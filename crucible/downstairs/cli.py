@@ -31,6 +31,10 @@ from crucible.cli_util import (
 from crucible.common.definition import RegionDefinition, RegionError
 from crucible.common.errors import CrucibleError
 from crucible.downstairs.server import IDLE_TIMEOUT, DownstairsServer, ListenError
+from crucible.observe import logs, options
+from crucible.observe.metrics import DownstairsMetrics
+from crucible.observe.options import Observing
+from crucible.observe.tracing import DownstairsTracer
 from crucible.region.inspect import dump_block, dump_extent_blocks, dump_extents, verify_region
 from crucible.region.region import Region
 from crucible.region.transfer import export_file, import_file
@@ -60,6 +64,7 @@ def _add_run_options(p: argparse.ArgumentParser, port_required: bool) -> None:
         action="store_true",
         help="behave as a plain Crucible V13 downstairs: no Trim, no capabilities page",
     )
+    options.add_options(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,7 +206,7 @@ def _create(directory: Path, definition: RegionDefinition) -> Region:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    setup_logging(args.quiet)
+    setup_logging(args.quiet, args.log_format)
     log.info(
         "options: data=%s address=%s port=%d mode=%s", args.data, args.address, args.port, args.mode
     )
@@ -213,6 +218,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         _create(args.data, definition).close()
     region = Region.open(args.data, read_only=read_only)
     d = region.definition
+    logs.context["downstairs_id"] = lambda: str(d.uuid)
     log.info("opened region %s at %s (%s)", d.uuid, args.data, args.mode)
     log.info(
         "bs:%d es:%d ec:%d encrypted:%s", d.block_size, d.extent_size, d.extent_count, d.encrypted
@@ -234,6 +240,18 @@ def _preview(values: list[int] | list[bool], limit: int = 16) -> str:
 
 
 async def _serve(region: Region, args: argparse.Namespace) -> int:
+    obs = Observing(args, "crucible-downstairs", **{"crucible.region": str(region.definition.uuid)})
+    try:
+        return await _run_server(region, args, obs)
+    finally:
+        await asyncio.to_thread(obs.close)
+
+
+async def _run_server(region: Region, args: argparse.Namespace, obs: Observing) -> int:
+    if obs.registry is not None:
+        DownstairsMetrics(obs.registry, lambda: len(region.dirty_extents))
+    if obs.tracing is not None:
+        DownstairsTracer(obs.tracing, region.definition.extent_size)
     server = DownstairsServer(
         region,
         args.address,

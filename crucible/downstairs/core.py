@@ -157,7 +157,8 @@ class DownstairsCore:
         self.conns[conn_id] = Conn(conn_id, peer)
         if DS.on:
             DS.fire("connection__open", conn_id, peer)
-        return [Log(f"connection {conn_id} from {peer}")]
+        # (the seed's console line, two spaces and all)
+        return [Log(f"connection from {peer}  connections count:{len(self.conns)}")]
 
     def disconnected(self, conn_id: int) -> list[Action]:
         conn = self.conns.pop(conn_id, None)
@@ -167,8 +168,9 @@ class DownstairsCore:
         if DS.on:
             DS.fire("connection__close", conn_id, conn.peer)
         dropped = len(conn.work)
-        extra = f", {dropped} jobs dropped" if dropped else ""
-        return [Log(f"connection {conn_id} from {conn.peer} closed{extra}")]
+        if not dropped:
+            return [Log(f"OK: connection({conn_id}): all done")]
+        return [Log(f"connection({conn_id}) from {conn.peer} closed, {dropped} jobs dropped")]
 
     def received(self, conn_id: int, msg: m.Message) -> list[Action]:
         conn = self.conns.get(conn_id)

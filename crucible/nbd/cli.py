@@ -17,7 +17,14 @@ from crucible.cli_util import (
 )
 from crucible.common.errors import CrucibleError
 from crucible.nbd.server import HANDSHAKE_TIMEOUT, MAX_CONNECTIONS, Export, NbdServer
-from crucible.tools.common import activate, add_target_options, check_targets, upstairs_options
+from crucible.tools.common import (
+    activate,
+    add_observe_options,
+    add_target_options,
+    check_targets,
+    observed,
+    upstairs_options,
+)
 from crucible.upstairs.guest import Upstairs
 
 PROG = "crucible-nbd"
@@ -49,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"clients at once; more are refused ({MAX_CONNECTIONS})",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="log only warnings")
+    add_observe_options(p)
     return p
 
 
@@ -56,7 +64,7 @@ def main() -> None:
     p = build_parser()
     args = p.parse_args()
     check_targets(p, args.target)
-    setup_logging()
+    setup_logging(fmt=args.log_format)
     logging.getLogger().setLevel(logging.WARNING if args.quiet else logging.INFO)
     try:
         sys.exit(run_async(serve(args)))
@@ -69,34 +77,37 @@ def main() -> None:
 async def serve(args: argparse.Namespace) -> int:
     up = Upstairs(args.target, upstairs_options(args))
     try:
-        export = Export(up, args.export_name, args.read_only)
-        server = NbdServer(
-            export, args.bind, args.port, args.handshake_timeout, args.max_connections
-        )
-        try:
-            await server.bind()  # before activating: never take over a volume and then fail
-        except OSError as e:
-            if e.errno == errno.EADDRINUSE:
-                raise ValueError(f"port {args.port} on {args.bind} is already in use") from None
-            raise ValueError(f"cannot listen on {args.bind}:{args.port}: {e.strerror}") from None
-        gen = await activate(up, args.gen, args.activate_timeout)
-        await server.serve()
-        host = f"[{args.bind}]" if ":" in args.bind else args.bind
-        uri = f"nbd://{host}:{server.port}/{args.export_name}"
-        print(
-            f"serving {export.size} bytes ({up.total_blocks} blocks of {up.block_size}) "
-            f"with generation {gen}{' read-only' if args.read_only else ''} at {uri}",
-            flush=True,
-        )
-        await wait_for_stop_signal()
-        log.info("stopping: closing clients, flushing")
-        await server.stop()
-        if up.info().state == "active":
-            await up.deactivate()
-        print("stopped", flush=True)
-        return 0
+        async with observed(args, up, "crucible-nbd", nbd=True):
+            return await _serve(args, up)
     finally:
         await up.close()
+
+
+async def _serve(args: argparse.Namespace, up: Upstairs) -> int:
+    export = Export(up, args.export_name, args.read_only)
+    server = NbdServer(export, args.bind, args.port, args.handshake_timeout, args.max_connections)
+    try:
+        await server.bind()  # before activating: never take over a volume and then fail
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise ValueError(f"port {args.port} on {args.bind} is already in use") from None
+        raise ValueError(f"cannot listen on {args.bind}:{args.port}: {e.strerror}") from None
+    gen = await activate(up, args.gen, args.activate_timeout)
+    await server.serve()
+    host = f"[{args.bind}]" if ":" in args.bind else args.bind
+    uri = f"nbd://{host}:{server.port}/{args.export_name}"
+    print(
+        f"serving {export.size} bytes ({up.total_blocks} blocks of {up.block_size}) "
+        f"with generation {gen}{' read-only' if args.read_only else ''} at {uri}",
+        flush=True,
+    )
+    await wait_for_stop_signal()
+    log.info("stopping: closing clients, flushing")
+    await server.stop()
+    if up.info().state == "active":
+        await up.deactivate()
+    print("stopped", flush=True)
+    return 0
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from crucible.nbd import protocol as p
 from crucible.nbd.disk import Disk
 from crucible.nbd.handshake import ExportInfo, Handshake, HandshakeError, Negotiated
 from crucible.netio import OutputBatcher
+from crucible.observe.probes import NBD
 from crucible.upstairs.guest import Upstairs
 
 log = logging.getLogger("crucible.nbd")
@@ -152,6 +153,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.export = server.export
         self.disk = server.disk
         self.cid = cid
+        self.peer = ""
         self.settings = Negotiated(structured=False, allocation=False)
         self.transport: asyncio.Transport | None = None
         self.out: OutputBatcher | None = None
@@ -185,6 +187,9 @@ class _Connection(asyncio.BufferedProtocol):
             self.transport.close()
             return
         self.server.connections.add(self)
+        self.peer = str(peer)
+        if NBD.on:
+            NBD.fire("nbd__connection__open", self.peer)
         log.info("nbd client %d connected from %s", self.cid, peer)
         loop = asyncio.get_running_loop()
         self._deadline = loop.call_later(self.server.handshake_timeout, self._too_slow)
@@ -243,7 +248,10 @@ class _Connection(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._deadline is not None:
             self._deadline.cancel()
-        self.server.connections.discard(self)
+        if self in self.server.connections:
+            self.server.connections.discard(self)
+            if NBD.on:
+                NBD.fire("nbd__connection__close", self.peer)
         self._went_away()
         log.info("nbd client %d closed", self.cid)
 
@@ -379,6 +387,8 @@ class _Connection(asyncio.BufferedProtocol):
             self._flow()
             self._maybe_finish()
             return
+        if NBD.on:
+            NBD.fire("nbd__request", _COMMANDS.get(cmd, str(cmd)), length)
         error = self.check(flags, cmd, offset, length)
         if error:
             self.send_error(cookie, error, "request refused")
@@ -510,6 +520,9 @@ class _Connection(asyncio.BufferedProtocol):
             self.send(p.error_chunk(cookie, error, message))
         else:
             self.send(p.simple_reply(cookie, error))
+
+
+_COMMANDS = {int(c): c.name.lower() for c in p.Cmd}
 
 
 def _errno(e: BaseException) -> int:

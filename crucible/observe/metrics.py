@@ -14,7 +14,14 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    start_http_server,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -33,6 +40,7 @@ class MetricsError(Exception):
 
 def serve(host: str, port: int, registry: CollectorRegistry) -> None:
     """Serve /metrics on a thread of its own (prometheus_client's server)."""
+    disable_created_metrics()  # type: ignore[no-untyped-call]  # (a *_created per series)
     try:
         start_http_server(port, host, registry)
     except OSError as e:
@@ -186,7 +194,7 @@ class StatusCollector(Collector):
         g = GaugeMetricFamily
         c = CounterMetricFamily
         up = g("crucible_upstairs_state", "1 for the upstairs' state", labels=["state"])
-        up.add_metric([s["upstairs_state"]], 1)
+        up.add_metric([s["state"]], 1)
         yield up
         yield g("crucible_upstairs_generation", "Generation it activated with", s["generation"])
         ds = s["downstairs"]

@@ -9,7 +9,15 @@ import sys
 
 from crucible.cli_util import fail, run_async
 from crucible.common.errors import CrucibleError, ErrorKind
-from crucible.tools.common import activate, add_target_options, check_targets, upstairs_options
+from crucible.observe import logs
+from crucible.tools.common import (
+    activate,
+    add_observe_options,
+    add_target_options,
+    check_targets,
+    observed,
+    upstairs_options,
+)
 from crucible.upstairs.guest import Upstairs
 
 PROG = "crucible"
@@ -18,14 +26,11 @@ PROG = "crucible"
 def main() -> None:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__)
     add_target_options(p)
+    add_observe_options(p)
     p.add_argument("-q", "--quiet", action="store_true", help="only errors and the result")
     args = p.parse_args()
     check_targets(p, args.target)
-    logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.DEBUG,
-        format="%(message)s",
-        stream=sys.stdout,
-    )
+    logs.setup(args.log_format, logging.WARNING if args.quiet else logging.DEBUG, "%(message)s")
     try:
         run_async(_run(args))
     except CrucibleError as e:
@@ -35,7 +40,10 @@ def main() -> None:
 
 
 async def _run(args: argparse.Namespace) -> None:
-    async with Upstairs(args.target, upstairs_options(args)) as up:
+    async with (
+        Upstairs(args.target, upstairs_options(args)) as up,
+        observed(args, up, "crucible"),
+    ):
         gen = await activate(up, args.gen, args.activate_timeout)
         bs = up.block_size
         # The last block of extent 0 and the first of extent 1: with the seed's

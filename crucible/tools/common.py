@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 
 from crucible.cli_util import non_negative_float
 from crucible.common.errors import CrucibleError, ErrorKind
+from crucible.observe import logs, options
+from crucible.observe.metrics import NbdMetrics, UpstairsMetrics
+from crucible.observe.options import Observing
+from crucible.observe.tracing import UpstairsTracer
 from crucible.protocol.wire import SocketAddr
+from crucible.tools import control
 from crucible.upstairs.core import MAX_GEN
 from crucible.upstairs.guest import Upstairs
 from crucible.upstairs.options import Options
@@ -70,6 +77,43 @@ def add_target_options(p: argparse.ArgumentParser, verify_rate: float = 0.0) -> 
         help="compare the replicas in the background at this many MiB of the volume "
         f"per second, rewriting one that differs from the others (0: off; default {verify_rate:g})",
     )
+
+
+def add_observe_options(p: argparse.ArgumentParser, control: bool = True) -> None:
+    """--trace-endpoint, --trace-sample, --metrics, --log-format, and --control."""
+    options.add_options(p)
+    if control:
+        p.add_argument(
+            "--control",
+            type=options.listen_address,
+            metavar="ADDR:PORT",
+            help="serve the control API (GET /info, GET /work, /openapi.json) there",
+        )
+
+
+@contextlib.asynccontextmanager
+async def observed(
+    args: argparse.Namespace, up: Upstairs, service: str, nbd: bool = False
+) -> AsyncIterator[Observing]:
+    """Metrics, tracing, log ids and the control API of an upstairs, for as
+    long as the block runs; queued spans are sent at its end."""
+    obs = Observing(args, service)
+    logs.context["upstairs_id"] = lambda: str(up.session_ids()[0])
+    logs.context["session_id"] = lambda: str(up.session_ids()[1])
+    if obs.registry is not None:
+        UpstairsMetrics(obs.registry)
+        if nbd:
+            NbdMetrics(obs.registry)
+    if obs.tracing is not None:
+        UpstairsTracer(obs.tracing, up.session_ids)
+    addr = getattr(args, "control", None)
+    runner = await control.serve(up, *addr) if addr else None
+    try:
+        yield obs
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        await asyncio.to_thread(obs.close)
 
 
 def upstairs_options(args: argparse.Namespace) -> Options:

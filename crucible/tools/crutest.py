@@ -12,10 +12,13 @@ from pathlib import Path
 
 from crucible.cli_util import fail, positive_int, run_async
 from crucible.common.errors import CrucibleError
+from crucible.observe import logs
 from crucible.tools.common import (
     activate,
+    add_observe_options,
     add_target_options,
     check_targets,
+    observed,
     target,
     upstairs_options,
 )
@@ -67,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__)
     p.add_argument("workload", choices=sorted(WORKLOADS), help="what to run")
     add_target_options(p)
+    add_observe_options(p)
     p.add_argument(
         "-c",
         "--count",
@@ -130,11 +134,8 @@ def main() -> None:
     p = build_parser()
     args = p.parse_args()
     check_targets(p, args.target)
-    logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
-        format="%(asctime)s %(message)s",
-        stream=sys.stdout,
-    )
+    level = logging.WARNING if args.quiet else logging.INFO
+    logs.setup(args.log_format, level, "%(asctime)s %(message)s")
     if args.verify_out is not None and args.workload == "perf":
         p.error("perf writes data the verify log does not track; drop --verify-out")
     if args.workload in ("replay", "repair") and args.dsc is None:
@@ -158,7 +159,10 @@ def main() -> None:
 
 async def _main(args: argparse.Namespace) -> int:
     seed = args.seed if args.seed is not None else random.randrange(1 << 32)
-    async with Upstairs(args.target, upstairs_options(args)) as up:
+    async with (
+        Upstairs(args.target, upstairs_options(args)) as up,
+        observed(args, up, "crutest"),
+    ):
         gen = await activate(up, args.gen, args.activate_timeout)
         info = up.info()
         if args.verify_in is not None:

@@ -24,9 +24,11 @@ from typing import Any, cast
 
 from crucible.common.definition import RegionDefinition
 from crucible.common.errors import CrucibleError, ErrorKind
+from crucible.observe.probes import UP
 from crucible.protocol import messages as m
 from crucible.protocol.codec import encode_parts
 from crucible.protocol.wire import SocketAddr
+from crucible.upstairs import report
 from crucible.upstairs.actions import (
     Action,
     Complete,
@@ -53,6 +55,7 @@ _Callback = Callable[[Any], None]  # built once: a cast to it costs nothing per 
 MAX_IO_BYTES = 1 << 20  # guest IO is split into jobs of at most this size
 CONNECT_TIMEOUT = 10.0
 TICK = 0.05
+STATUS_INTERVAL = 1.0  # the up__status probe, as Crucible's
 _LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
@@ -93,10 +96,17 @@ class Upstairs:
         return self._loop.time()
 
     async def _tick_loop(self) -> None:
+        next_status = 0.0
         while True:
             await asyncio.sleep(TICK)
-            self._apply(self.core.tick(self._now()))
+            now = self._now()
+            self._apply(self.core.tick(now))
             self._drain_backlog()
+            if UP.on and now >= next_status and UP.attached("up__status"):
+                next_status = now + STATUS_INTERVAL
+                s = self.info()
+                record = report.dtrace_info(s, report.io_count(list(self.core.ds.table)))
+                UP.fire("up__status", "stats", record, s.as_dict())
 
     async def close(self) -> None:
         """Drop every connection and stop the timers (no flush: see deactivate)."""
@@ -135,6 +145,20 @@ class Upstairs:
 
     def info(self) -> UpstairsStatus:
         return self.core.info()
+
+    def work(self) -> dict[str, Any]:
+        """Jobs in flight and the last few retired (the control API's /work)."""
+        table = self.core.ds.table
+        jobs = sorted(table, key=lambda j: j.id)
+        return {
+            "jobs": [report.work_summary(j) for j in jobs],
+            "completed": list(table.recent),
+        }
+
+    def session_ids(self) -> tuple[uuid.UUID, uuid.UUID]:
+        """(upstairs id, session id): a new session id at each activation."""
+        s = self.core.ds.session
+        return s.upstairs_id, s.session_id
 
     # ---- the one path: callbacks ------------------------------------------------------
 

@@ -57,7 +57,9 @@ def test_seed_command_line(tmp_path: Path) -> None:
         "bs:512 es:100 ec:10",
         "current flush numbers",
         f"listening on 0.0.0.0:{port}",
-        "connection 1 from 127.0.0.1",
+        "connection from 127.0.0.1:",  # the seed's console lines
+        "  connections count:1",
+        "OK: connection(1): all done",
         "Write rn:1000 eid:0 dep:[] bo:99",
         "flush rn:1001 dep:[1000] fln:1",
         "Read rn:1002 eid:0 dep:[1001] bo:99",

@@ -1,0 +1,99 @@
+"""The flags every long-running command shares for what it tells about
+itself (--trace-endpoint, --trace-sample, --metrics, --log-format), and
+their start and end."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+
+from prometheus_client import CollectorRegistry
+
+from crucible.observe import logs
+from crucible.observe.metrics import MetricsError, serve
+from crucible.observe.tracing import TraceError, Tracing
+
+log = logging.getLogger("crucible.observe")
+
+
+def listen_address(text: str) -> tuple[str, int]:
+    """ADDR:PORT ([ADDR]:PORT for IPv6)."""
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host:
+        raise argparse.ArgumentTypeError(f"{text!r} is not ADDR:PORT")
+    if not port.isdigit() or not 0 <= int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r}: port {port!r} is not 0..65535")
+    return host, int(port)
+
+
+def ratio(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(v) or not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1")
+    return v
+
+
+def add_options(p: argparse.ArgumentParser, metrics: bool = True) -> None:
+    g = p.add_argument_group("observability")
+    g.add_argument(
+        "--trace-endpoint",
+        metavar="ENDPOINT",
+        help="send traces to a Jaeger agent (HOST:PORT or jaeger://HOST:PORT, UDP, e.g. "
+        "localhost:6831) or an OTLP collector (http://HOST:4318 or grpc://HOST:4317)",
+    )
+    g.add_argument(
+        "--trace-sample",
+        type=ratio,
+        default=1.0,
+        metavar="RATIO",
+        help="share of jobs traced, 0 to 1 (default 1.0)",
+    )
+    if metrics:
+        g.add_argument(
+            "--metrics",
+            type=listen_address,
+            metavar="ADDR:PORT",
+            help="serve Prometheus metrics at http://ADDR:PORT/metrics",
+        )
+    g.add_argument(
+        "--log-format",
+        choices=logs.FORMATS,
+        default="text",
+        help="log lines as text (default) or one JSON object each",
+    )
+
+
+class Observing:
+    """What the flags asked for. Neither a bad endpoint nor a busy metrics port
+    stops the command: each is said once, and it runs without that part."""
+
+    def __init__(self, args: argparse.Namespace, service: str, **attrs: str) -> None:
+        self.registry: CollectorRegistry | None = None
+        self.tracing: Tracing | None = None
+        addr = getattr(args, "metrics", None)
+        if addr is not None:
+            registry = CollectorRegistry()
+            try:
+                serve(addr[0], addr[1], registry)
+                self.registry = registry
+                log.info("metrics at http://%s:%d/metrics", addr[0], addr[1])
+            except MetricsError as e:
+                log.warning("%s; running without metrics", e)
+        endpoint = getattr(args, "trace_endpoint", None)
+        if endpoint:
+            try:
+                self.tracing = Tracing(endpoint, args.trace_sample, service, **attrs)
+                log.info("traces to %s (sampling %g)", endpoint, args.trace_sample)
+            except TraceError as e:
+                log.warning("%s; running without tracing", e)
+
+    def close(self) -> None:
+        """Send the spans still queued (bounded by the export timeout)."""
+        if self.tracing is not None:
+            self.tracing.shutdown()
+            self.tracing = None

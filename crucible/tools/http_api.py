@@ -1,0 +1,68 @@
+"""What the HTTP JSON APIs of the tools share (the upstairs' control API,
+dsc's): JSON everywhere, errors included, a small request body limit, and
+the OpenAPI document at /openapi.json."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+MAX_BODY = 1024  # every request body these APIs take is tiny (as Crucible's)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error(status: int, code: str, message: str) -> web.Response:
+    """An error as dropshot (Crucible's HTTP servers) words it."""
+    return web.json_response({"error_code": code, "message": message}, status=status)
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.content_type == "application/json":
+            raise
+        text = e.text or e.reason
+        if text.startswith(f"{e.status}: "):  # aiohttp's own "404: Not Found"
+            text = text.split(": ", 1)[1]
+        return error(e.status, e.reason.replace(" ", ""), text.strip())
+
+
+def json_app(routes: list[web.RouteDef], openapi: dict[str, Any]) -> web.Application:
+    async def document(request: web.Request) -> web.Response:
+        return web.json_response(openapi)
+
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[_json_errors])
+    app.add_routes([*routes, web.get("/openapi.json", document)])
+    return app
+
+
+async def start(app: web.Application, host: str, port: int) -> web.AppRunner:
+    """Serve `app`; OSError (with the errno) when the address cannot be had."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError:
+        await runner.cleanup()
+        raise
+    return runner
+
+
+def schema_ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def json_content(schema: dict[str, Any], description: str = "successful operation") -> Any:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["error_code", "message"],
+    "properties": {"error_code": {"type": "string"}, "message": {"type": "string"}},
+}
