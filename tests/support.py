@@ -338,3 +338,46 @@ def cluster(base: Path, *create_args: str) -> Iterator[Cluster]:
 
 def run_tool(name: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(BIN / name), *args], capture_output=True, text=True, timeout=timeout)
+
+
+GEOMETRY = ("--block-size", "4096", "--extent-size", "256", "--extent-count", "16")
+
+
+@contextlib.contextmanager
+def dsc_fleet(out: Path, *start_args: str) -> Iterator[tuple[str, list[str]]]:
+    """Three regions under dsc (`dsc start ... *start_args`): (control address,
+    -t arguments)."""
+    base = free_port(run=3, step=10)
+    r = run_tool("dsc", "create", "--output-dir", str(out), "--port-base", str(base), *GEOMETRY)
+    assert r.returncode == 0, r.stderr
+    cport = free_port()
+    control = f"127.0.0.1:{cport}"
+    log = open(out / "dsc.log", "wb")  # noqa: SIM115 - closed below
+    dsc = subprocess.Popen(
+        [
+            BIN / "dsc",
+            "start",
+            "--output-dir",
+            out,
+            "--port-base",
+            str(base),
+            "--control",
+            control,
+            *start_args,
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_listening(cport, dsc)
+        for i in range(3):
+            wait_listening(base + 10 * i)
+        yield control, [a for i in range(3) for a in ("-t", f"127.0.0.1:{base + 10 * i}")]
+    finally:
+        run_tool("dsc", "cmd", "--control", control, "shutdown")
+        try:
+            dsc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            dsc.kill()
+            dsc.wait()
+        log.close()

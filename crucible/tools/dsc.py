@@ -35,7 +35,10 @@ from crucible.cli_util import (
     stop_process,
     wait_for_stop_signal,
 )
+from crucible.observe import options
+from crucible.tools import http_api
 from crucible.tools.common import target
+from crucible.tools.http_api import ERROR_SCHEMA, json_app, json_content, schema_ref
 
 PROG = "dsc"
 BIN = Path(sys.executable).parent
@@ -49,10 +52,11 @@ def region_ports(port_base: int, count: int) -> list[int]:
 class Downstairs:
     """One managed downstairs process."""
 
-    def __init__(self, cid: int, region: Path, port: int) -> None:
+    def __init__(self, cid: int, region: Path, port: int, extra: tuple[str, ...] = ()) -> None:
         self.cid = cid
         self.region = region
         self.port = port
+        self.extra = extra  # flags for its crucible-downstairs run (tracing, metrics, logs)
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = region.parent / f"downstairs-{port}.log"
 
@@ -78,6 +82,7 @@ class Downstairs:
                     "-a",
                     "127.0.0.1",
                     "-q",
+                    *self.extra,
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -102,7 +107,7 @@ def make_app(fleet: list[Downstairs], stop: asyncio.Event) -> web.Application:
     def one(request: web.Request) -> Downstairs:
         cid = int(request.match_info["cid"])
         if cid >= len(fleet):
-            raise web.HTTPNotFound(text=f"no downstairs {cid}\n")
+            raise web.HTTPNotFound(text=f"no downstairs {cid}")
         return fleet[cid]
 
     async def state(request: web.Request) -> web.Response:
@@ -131,7 +136,7 @@ def make_app(fleet: list[Downstairs], stop: asyncio.Event) -> web.Application:
     async def stop_rand(request: web.Request) -> web.Response:
         running = [d for d in fleet if d.state == "running"]
         if not running:
-            raise web.HTTPConflict(text="no downstairs is running\n")
+            raise web.HTTPConflict(text="no downstairs is running")
         d = random.choice(running)
         await asyncio.to_thread(d.stop)
         return web.json_response(d.describe())
@@ -140,9 +145,8 @@ def make_app(fleet: list[Downstairs], stop: asyncio.Event) -> web.Application:
         stop.set()
         return web.json_response(True)
 
-    app = web.Application(client_max_size=1024)
     cid = r"{cid:\d{1,4}}"
-    app.add_routes(
+    return json_app(
         [
             web.get("/list", listing),
             web.get(f"/state/cid/{cid}", state),
@@ -153,9 +157,9 @@ def make_app(fleet: list[Downstairs], stop: asyncio.Event) -> web.Application:
             web.post("/start/all", start_all),
             web.post("/stop/rand", stop_rand),
             web.post("/shutdown", shutdown),
-        ]
+        ],
+        OPENAPI,
     )
-    return app
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,6 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=target,
         default=target(DEFAULT_CONTROL),
         help=f"control API address (default {DEFAULT_CONTROL})",
+    )
+    options.add_options(s, metrics=False)
+    s.add_argument(
+        "--metrics",
+        type=options.listen_address,
+        metavar="ADDR:PORT",
+        help="downstairs i serves Prometheus metrics on ADDR:PORT+i",
     )
     m = sub.add_parser("cmd", help="ask a running dsc to do something")
     m.add_argument("--control", type=target, default=target(DEFAULT_CONTROL))
@@ -233,22 +244,30 @@ def main() -> None:
     sys.exit(_cmd(args))
 
 
+def _downstairs_flags(args: argparse.Namespace, i: int) -> tuple[str, ...]:
+    """What downstairs i is told of tracing, metrics and the log format."""
+    flags = ["--log-format", args.log_format]
+    if args.trace_endpoint:
+        flags += ["--trace-endpoint", args.trace_endpoint, "--trace-sample", str(args.trace_sample)]
+    if args.metrics:
+        host, port = args.metrics
+        flags += ["--metrics", f"{host}:{port + i}"]
+    return tuple(flags)
+
+
 async def _start(args: argparse.Namespace) -> int:
     fleet = [
-        Downstairs(i, args.output_dir / str(port), port)
+        Downstairs(i, args.output_dir / str(port), port, _downstairs_flags(args, i))
         for i, port in enumerate(region_ports(args.port_base, args.region_count))
     ]
     missing = [str(d.region) for d in fleet if not (d.region / "region.json").exists()]
     if missing:
         fail(PROG, f"no region at {', '.join(missing)}: run dsc create first")
     stop = asyncio.Event()
-    runner = web.AppRunner(make_app(fleet, stop), access_log=None)
-    await runner.setup()
     host, port = args.control
     try:
-        await web.TCPSite(runner, host, port).start()
+        runner = await http_api.start(make_app(fleet, stop), host, port)
     except OSError as e:
-        await runner.cleanup()
         fail(PROG, f"cannot listen on {host}:{port}: {e.strerror}")
     for d in fleet:
         d.start()
@@ -280,7 +299,12 @@ def request(control: tuple[str, int], method: str, path: str) -> Any:
         with urllib.request.urlopen(req, timeout=60) as r:
             return json.loads(r.read())
     except urllib.error.HTTPError as e:
-        raise DscError(e.read().decode().strip() or str(e.reason)) from None
+        body = e.read().decode().strip()
+        try:
+            body = json.loads(body)["message"]
+        except (ValueError, KeyError, TypeError):
+            pass
+        raise DscError(body or str(e.reason)) from None
     except (urllib.error.URLError, OSError) as e:
         raise DscError(f"no dsc answers at {host}:{port}: {getattr(e, 'reason', e)}") from None
 
@@ -307,3 +331,62 @@ def _cmd(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     main()
+
+
+_CID = {"name": "cid", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 0}}
+
+
+def _op(summary: str, op_id: str, schema: dict[str, Any], one: bool = False) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "summary": summary,
+        "operationId": op_id,
+        "responses": {"200": json_content(schema)},
+    }
+    if one:
+        doc["parameters"] = [_CID]
+        doc["responses"]["404"] = json_content(schema_ref("Error"), "no such downstairs")
+    return doc
+
+
+_ONE = schema_ref("Downstairs")
+_ALL = {"type": "array", "items": schema_ref("Downstairs")}
+
+OPENAPI: dict[str, Any] = {
+    "openapi": "3.0.3",
+    "info": {"title": "dsc control", "version": "0.0.1"},
+    "paths": {
+        "/list": {"get": _op("Every downstairs", "dsc_list", _ALL)},
+        "/state/cid/{cid}": {"get": _op("One downstairs", "dsc_get_ds_state", _ONE, True)},
+        "/stop/cid/{cid}": {"post": _op("Stop one (SIGTERM)", "dsc_stop", _ONE, True)},
+        "/start/cid/{cid}": {"post": _op("Start one", "dsc_start", _ONE, True)},
+        "/kill/cid/{cid}": {"post": _op("SIGKILL one", "dsc_stop_kill", _ONE, True)},
+        "/stop/all": {"post": _op("Stop every one", "dsc_stop_all", _ALL)},
+        "/start/all": {"post": _op("Start every one", "dsc_start_all", _ALL)},
+        "/stop/rand": {
+            "post": {
+                **_op("Stop one picked at random", "dsc_stop_rand", _ONE),
+                "responses": {
+                    "200": json_content(_ONE),
+                    "409": json_content(schema_ref("Error"), "none is running"),
+                },
+            }
+        },
+        "/shutdown": {"post": _op("Stop them all and exit", "dsc_shutdown", {"type": "boolean"})},
+    },
+    "components": {
+        "schemas": {
+            "Error": ERROR_SCHEMA,
+            "Downstairs": {
+                "type": "object",
+                "required": ["cid", "port", "region", "state", "pid"],
+                "properties": {
+                    "cid": {"type": "integer"},
+                    "port": {"type": "integer"},
+                    "region": {"type": "string"},
+                    "state": {"type": "string", "description": "running, stopped or exited(N)"},
+                    "pid": {"type": "integer", "nullable": True},
+                },
+            },
+        }
+    },
+}

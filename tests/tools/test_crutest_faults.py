@@ -5,48 +5,14 @@ the verify log, and at the end the replicas are identical."""
 
 from __future__ import annotations
 
-import contextlib
 import random
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support import BIN, Downstairs, create_region, free_port, run_tool, wait_listening
+from tests.support import GEOMETRY, Downstairs, create_region, dsc_fleet, run_tool
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
-
-GEOMETRY = ("--block-size", "4096", "--extent-size", "256", "--extent-count", "16")
-
-
-@contextlib.contextmanager
-def dsc_fleet(out: Path) -> Iterator[tuple[str, list[str]]]:
-    """Three regions under dsc: (control address, -t arguments)."""
-    base = free_port(run=3, step=10)
-    r = run_tool("dsc", "create", "--output-dir", str(out), "--port-base", str(base), *GEOMETRY)
-    assert r.returncode == 0, r.stderr
-    cport = free_port()
-    control = f"127.0.0.1:{cport}"
-    log = open(out / "dsc.log", "wb")  # noqa: SIM115 - closed below
-    dsc = subprocess.Popen(
-        [BIN / "dsc", "start", "--output-dir", out, "--port-base", str(base), "--control", control],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_listening(cport, dsc)
-        for i in range(3):
-            wait_listening(base + 10 * i)
-        yield control, [a for i in range(3) for a in ("-t", f"127.0.0.1:{base + 10 * i}")]
-    finally:
-        run_tool("dsc", "cmd", "--control", control, "shutdown")
-        try:
-            dsc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            dsc.kill()
-            dsc.wait()
-        log.close()
 
 
 def crutest(rng: random.Random, *args: str) -> str:
