@@ -141,13 +141,21 @@ def run_all(
 
 
 @contextmanager
-def crucible_server(base: Path, size: int, extra: list[str]) -> Iterator[tuple[str, list[int]]]:
+def crucible_server(
+    base: Path, size: int, extra: list[str], ds_extra: list[list[str]] | None = None
+) -> Iterator[tuple[str, list[int]]]:
+    """crucible-nbd (with `extra` flags) over three fresh downstairs (downstairs
+    i with `ds_extra[i]`)."""
     es = 8192
     ec = -(-size // (4096 * es))
     cluster = Cluster(
         base, "--block-size", "4096", "--extent-size", str(es), "--extent-count", str(ec)
     )
     try:
+        if ds_extra:
+            cluster.stop()
+            for i, flags in enumerate(ds_extra):
+                cluster.start(i, *flags)
         port = free_port()
         nbd = subprocess.Popen(
             [str(BIN / "crucible-nbd"), *cluster.target_args(), "-p", str(port), "-q", *extra]

@@ -10,19 +10,24 @@ upstairs' tables from the server's thread.
 from __future__ import annotations
 
 import errno
+import math
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
-    Counter,
     Gauge,
-    Histogram,
     disable_created_metrics,
     start_http_server,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from crucible.observe.probes import DS, DS_DISK, DS_LIVE, DS_OPS, GW_OPS, NBD, UP
@@ -32,6 +37,9 @@ LATENCY_BUCKETS = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
+
+
+MAX_OPEN = 100_000  # timings begun and not yet done, at most
 
 
 class MetricsError(Exception):
@@ -49,18 +57,89 @@ def serve(host: str, port: int, registry: CollectorRegistry) -> None:
         raise MetricsError(f"--metrics: cannot listen on {host}:{port}: {e.strerror}") from None
 
 
+class Tally(Collector):
+    """Counters and latency histograms kept as plain numbers.
+
+    prometheus_client's own take a lock and walk their buckets on every
+    update: a few microseconds, several times per guest IO. These are bumped
+    by one thread only (the event loop's, where the probes fire), so they
+    need no lock; a scrape from the server's thread reads them as they are.
+    """
+
+    def __init__(self) -> None:
+        self.counters: dict[str, tuple[str, list[str], dict[tuple[str, ...], list[float]]]] = {}
+        self.histograms: dict[str, tuple[str, list[str], dict[tuple[str, ...], Hist]]] = {}
+
+    def counter(self, name: str, doc: str, labels: list[str]) -> Callable[..., list[float]]:
+        """A counter family; call it with label values for a child: a [value]
+        to add to."""
+        children: dict[tuple[str, ...], list[float]] = {}
+        self.counters[name] = (doc, labels, children)
+
+        def child(*values: str) -> list[float]:
+            return children.setdefault(values, [0.0])
+
+        return child
+
+    def histogram(self, name: str, doc: str, labels: list[str]) -> Callable[..., Hist]:
+        children: dict[tuple[str, ...], Hist] = {}
+        self.histograms[name] = (doc, labels, children)
+
+        def child(*values: str) -> Hist:
+            return children.setdefault(values, Hist())
+
+        return child
+
+    def collect(self) -> Iterator[Metric]:
+        for name, (doc, labels, counters) in self.counters.items():
+            fam = CounterMetricFamily(name, doc, labels=labels)
+            for values, cell in list(counters.items()):
+                fam.add_metric(list(values), cell[0])
+            yield fam
+        for name, (doc, labels, hists) in self.histograms.items():
+            hfam = HistogramMetricFamily(name, doc, labels=labels)
+            for values, h in list(hists.items()):
+                buckets, total = h.snapshot()
+                hfam.add_metric(list(values), buckets, total)
+            yield hfam
+
+
+class Hist:
+    """One histogram's buckets (LATENCY_BUCKETS, then +Inf) and sum."""
+
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.sum += seconds
+
+    def snapshot(self) -> tuple[list[tuple[str, float]], float]:
+        """Cumulative buckets, as the text format has them."""
+        out, running = [], 0
+        for le, n in zip((*LATENCY_BUCKETS, math.inf), list(self.counts), strict=True):
+            running += n
+            out.append(("+Inf" if le == math.inf else repr(le), float(running)))
+        return out, self.sum
+
+
 def _timer(
-    observe: Callable[[float], None], key: Callable[..., Any]
-) -> tuple[Callable[..., None], Callable[..., None]]:
-    """Handlers that time start -> done of the same key."""
+    observe: Callable[[float], None],
+) -> tuple[Callable[[Any], None], Callable[[Any], None]]:
+    """(start, done) handlers that time a key from start to done."""
     begun: dict[Any, float] = {}
     clock = time.perf_counter
 
-    def on_start(*args: Any) -> None:
-        begun[key(*args)] = clock()
+    def on_start(key: Any) -> None:
+        if len(begun) > MAX_OPEN:  # keys that never saw their done (a connection lost)
+            begun.clear()
+        begun[key] = clock()
 
-    def on_done(*args: Any) -> None:
-        t0 = begun.pop(key(*args), None)
+    def on_done(key: Any) -> None:
+        t0 = begun.pop(key, None)
         if t0 is not None:
             observe(clock() - t0)
 
@@ -71,50 +150,35 @@ class UpstairsMetrics:
     """crucible_upstairs_*: attach once per process (the probes are global)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.ops = Counter(
-            "crucible_upstairs_guest_ops", "Guest jobs acked, by kind", ["op"], registry=registry
+        t = Tally()
+        self.ops = t.counter("crucible_upstairs_guest_ops", "Guest jobs acked, by kind", ["op"])
+        self.bytes = t.counter(
+            "crucible_upstairs_guest_bytes", "Guest bytes read or written (acked)", ["op"]
         )
-        self.bytes = Counter(
-            "crucible_upstairs_guest_bytes",
-            "Guest bytes read or written (acked)",
-            ["op"],
-            registry=registry,
+        self.latency = t.histogram(
+            "crucible_upstairs_guest_latency_seconds", "Guest job, queued to acked", ["op"]
         )
-        self.latency = Histogram(
-            "crucible_upstairs_guest_latency_seconds",
-            "Guest job, queued to acked",
-            ["op"],
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
-        )
-        self.ds_latency = Histogram(
+        self.ds_latency = t.histogram(
             "crucible_upstairs_downstairs_job_latency_seconds",
             "A job on one downstairs, sent to answered",
             ["client", "op"],
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
         )
-        self.ds_errors = Counter(
+        self.ds_errors = t.counter(
             "crucible_upstairs_downstairs_errors",
             "Jobs a downstairs answered with an error",
             ["client"],
-            registry=registry,
         )
-        self.faults = Counter(
-            "crucible_upstairs_faults", "Downstairs faulted", ["client"], registry=registry
-        )
-        self.replays = Counter(
+        self.faults = t.counter("crucible_upstairs_faults", "Downstairs faulted", ["client"])
+        self.replays = t.counter(
             "crucible_upstairs_replays",
             "Downstairs back from offline, their jobs replayed",
             ["client"],
-            registry=registry,
         )
-        self.replayed = Counter(
-            "crucible_upstairs_replayed_jobs", "Jobs replayed", ["client"], registry=registry
-        )
-        self.activations = Counter(
-            "crucible_upstairs_activations", "Activations that succeeded", registry=registry
-        )
+        self.replayed = t.counter("crucible_upstairs_replayed_jobs", "Jobs replayed", ["client"])
+        self.activations = t.counter(
+            "crucible_upstairs_activations", "Activations that succeeded", []
+        )()
+        registry.register(t)
         self.status = StatusCollector()
         registry.register(self.status)
         self._attach()
@@ -123,19 +187,17 @@ class UpstairsMetrics:
         for op in GW_OPS:
             self._attach_guest(op)
         for op in DS_OPS:
-            for client in range(3):
-                self._attach_client(op, client)
+            self._attach_clients(f"ds__{op}__client", op)
         for op in DS_LIVE:
-            for client in range(3):
-                self._attach_client(op, client, live=True)
-        UP.attach("up__fault", lambda cid, why: self.faults.labels(str(cid)).inc())
+            self._attach_clients(f"ds__{op}", op)
+        UP.attach("up__fault", self._fault)
         UP.attach("up__replay", self._replayed)
         UP.attach("up__activate__done", self._activated)
         UP.attach("up__status", self.status.update)
 
     def _attach_guest(self, op: str) -> None:
-        ops, nbytes = self.ops.labels(op), self.bytes.labels(op)
-        on_start, on_done = _timer(self.latency.labels(op).observe, lambda jid: jid)
+        ops, nbytes = self.ops(op), self.bytes(op)
+        on_start, on_done = _timer(self.latency(op).observe)
 
         def start(jid: int, n: int, guest: bool, extent: int | None) -> None:
             if guest:
@@ -144,38 +206,37 @@ class UpstairsMetrics:
         def done(jid: int, n: int, guest: bool) -> None:
             if guest:
                 on_done(jid)
-                ops.inc()
-                nbytes.inc(n)
+                ops[0] += 1
+                nbytes[0] += n
 
         UP.attach(f"gw__{op}__start", start)
         UP.attach(f"gw__{op}__done", done)
 
-    def _attach_client(self, op: str, client: int, live: bool = False) -> None:
-        name = f"ds__{op}" if live else f"ds__{op}__client"
-        errors = self.ds_errors.labels(str(client))
-        observe = self.ds_latency.labels(str(client), op).observe
-        on_start, on_done = _timer(observe, lambda jid, cid, *_: jid)
+    def _attach_clients(self, probe: str, op: str) -> None:
+        errors = [self.ds_errors(str(c)) for c in range(3)]
+        timers = [_timer(self.ds_latency(str(c), op).observe) for c in range(3)]
 
         def start(jid: int, cid: int) -> None:
-            if cid == client:
-                on_start(jid, cid)
+            timers[cid][0](jid)
 
         def done(jid: int, cid: int, err: object) -> None:
-            if cid == client:
-                on_done(jid, cid)
-                if err is not None:
-                    errors.inc()
+            timers[cid][1](jid)
+            if err is not None:
+                errors[cid][0] += 1
 
-        UP.attach(f"{name}__start", start)
-        UP.attach(f"{name}__done", done)
+        UP.attach(f"{probe}__start", start)
+        UP.attach(f"{probe}__done", done)
+
+    def _fault(self, cid: int, why: str) -> None:
+        self.faults(str(cid))[0] += 1
 
     def _replayed(self, cid: int, jobs: int) -> None:
-        self.replays.labels(str(cid)).inc()
-        self.replayed.labels(str(cid)).inc(jobs)
+        self.replays(str(cid))[0] += 1
+        self.replayed(str(cid))[0] += jobs
 
     def _activated(self, gen: int, error: str | None) -> None:
         if error is None:
-            self.activations.inc()
+            self.activations[0] += 1
 
 
 class StatusCollector(Collector):
@@ -258,43 +319,37 @@ class DownstairsMetrics:
     """crucible_downstairs_*."""
 
     def __init__(self, registry: CollectorRegistry, dirty_extents: Callable[[], int]) -> None:
-        self.connections = Gauge(
-            "crucible_downstairs_connections", "Upstairs connected now", registry=registry
+        t = Tally()
+        self.connected = t.counter(
+            "crucible_downstairs_connects", "Upstairs connections accepted", []
+        )()
+        self.closed = [0]
+        self.jobs = t.counter("crucible_downstairs_jobs", "Jobs answered, by kind", ["op"])
+        self.errors = t.counter("crucible_downstairs_errors", "Jobs answered with an error", ["op"])
+        self.read_bytes = t.counter(
+            "crucible_downstairs_read_bytes", "Bytes read for upstairs", []
+        )()
+        self.write_bytes = t.counter(
+            "crucible_downstairs_write_bytes", "Bytes written for upstairs", []
+        )()
+        self.latency = t.histogram(
+            "crucible_downstairs_job_latency_seconds", "A job, received to answered", ["op"]
         )
-        self.connects = Counter(
-            "crucible_downstairs_connects", "Upstairs connections accepted", registry=registry
-        )
-        self.jobs = Counter(
-            "crucible_downstairs_jobs", "Jobs answered, by kind", ["op"], registry=registry
-        )
-        self.errors = Counter(
-            "crucible_downstairs_errors", "Jobs answered with an error", ["op"], registry=registry
-        )
-        self.read_bytes = Counter(
-            "crucible_downstairs_read_bytes", "Bytes read for upstairs", registry=registry
-        )
-        self.write_bytes = Counter(
-            "crucible_downstairs_write_bytes", "Bytes written for upstairs", registry=registry
-        )
-        self.latency = Histogram(
-            "crucible_downstairs_job_latency_seconds",
-            "A job, received to answered",
-            ["op"],
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
-        )
-        self.disk = Histogram(
+        self.disk = t.histogram(
             "crucible_downstairs_disk_latency_seconds",
             "The region's read, write or flush of a job",
             ["op"],
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
         )
-        self.repair_bytes = Counter(
+        self.repair_bytes = t.counter(
             "crucible_downstairs_repair_bytes_served",
             "Extent bytes served to other downstairs for repair",
-            registry=registry,
+            [],
+        )()
+        registry.register(t)
+        gauge = Gauge(
+            "crucible_downstairs_connections", "Upstairs connected now", registry=registry
         )
+        gauge.set_function(lambda: self.connected[0] - self.closed[0])
         dirty = Gauge(
             "crucible_downstairs_dirty_extents",
             "Extents written since their last flush",
@@ -307,58 +362,67 @@ class DownstairsMetrics:
         for op in ["read", "write", "writeunwritten", "flush", "barrier", "trim"]:
             self._attach_job(op)
         for op in DS_DISK:
-            start, done = _timer(self.disk.labels(op).observe, lambda jid, msg: id(msg))
-            DS.attach(f"os__{op}__start", start)
-            DS.attach(f"os__{op}__done", done)
+            start, done = _timer(self.disk(op).observe)
+            DS.attach(f"os__{op}__start", lambda jid, msg, start=start: start(id(msg)))
+            DS.attach(f"os__{op}__done", lambda jid, msg, done=done: done(id(msg)))
         DS.attach("connection__open", self._opened)
-        DS.attach("connection__close", lambda cid, peer: self.connections.dec())
-        DS.attach("repair__served", lambda extent, n: self.repair_bytes.inc(n))
+        DS.attach("connection__close", self._closed)
+        DS.attach("repair__served", self._served)
 
     def _attach_job(self, op: str) -> None:
-        jobs, errors = self.jobs.labels(op), self.errors.labels(op)
-        on_start, on_done = _timer(self.latency.labels(op).observe, lambda jid, msg, *_: id(msg))
+        jobs, errors = self.jobs(op), self.errors(op)
+        on_start, on_done = _timer(self.latency(op).observe)
         counted = self.read_bytes if op == "read" else self.write_bytes
 
-        def done(jid: int, msg: Any, err: object, nbytes: int) -> None:
-            on_done(jid, msg)
-            jobs.inc()
-            if err is not None:
-                errors.inc()
-            elif nbytes:
-                counted.inc(nbytes)
+        def start(jid: int, msg: Any) -> None:
+            on_start(id(msg))
 
-        DS.attach(f"submit__{op}__start", on_start)
+        def done(jid: int, msg: Any, err: object, nbytes: int) -> None:
+            on_done(id(msg))
+            jobs[0] += 1
+            if err is not None:
+                errors[0] += 1
+            elif nbytes:
+                counted[0] += nbytes
+
+        DS.attach(f"submit__{op}__start", start)
         DS.attach(f"submit__{op}__done", done)
 
     def _opened(self, cid: int, peer: str) -> None:
-        self.connections.inc()
-        self.connects.inc()
+        self.connected[0] += 1
+
+    def _closed(self, cid: int, peer: str) -> None:
+        self.closed[0] += 1
+
+    def _served(self, extent: int, nbytes: int) -> None:
+        self.repair_bytes[0] += nbytes
 
 
 class NbdMetrics:
     """crucible_nbd_*."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
+        t = Tally()
+        accepted = t.counter("crucible_nbd_connects", "NBD clients accepted", [])()
+        closed = [0]
+        requests = t.counter("crucible_nbd_requests", "NBD requests, by command", ["command"])
+        nbytes = t.counter(
+            "crucible_nbd_request_bytes", "Bytes NBD requests asked for, by command", ["command"]
+        )
+        registry.register(t)
         conns = Gauge("crucible_nbd_connections", "NBD clients connected now", registry=registry)
-        total = Counter("crucible_nbd_connects", "NBD clients accepted", registry=registry)
-        requests = Counter(
-            "crucible_nbd_requests", "NBD requests, by command", ["command"], registry=registry
-        )
-        nbytes = Counter(
-            "crucible_nbd_request_bytes",
-            "Bytes NBD requests asked for, by command",
-            ["command"],
-            registry=registry,
-        )
+        conns.set_function(lambda: accepted[0] - closed[0])
 
         def opened(peer: str) -> None:
-            conns.inc()
-            total.inc()
+            accepted[0] += 1
+
+        def gone(peer: str) -> None:
+            closed[0] += 1
 
         def request(command: str, length: int) -> None:
-            requests.labels(command).inc()
-            nbytes.labels(command).inc(length)
+            requests(command)[0] += 1
+            nbytes(command)[0] += length
 
         NBD.attach("nbd__connection__open", opened)
-        NBD.attach("nbd__connection__close", lambda peer: conns.dec())
+        NBD.attach("nbd__connection__close", gone)
         NBD.attach("nbd__request", request)

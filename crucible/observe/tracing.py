@@ -18,6 +18,7 @@ same way on both sides, so a sampled job is sampled everywhere.
 from __future__ import annotations
 
 import logging
+import random
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -186,7 +187,8 @@ class Tracing:
 
 
 def random_id(bits: int) -> int:
-    return uuid.uuid4().int >> (128 - bits) or 1
+    # (the random module's generator: a span id needs to be unique, not secret)
+    return random.getrandbits(bits) or 1
 
 
 def job_ids(upstairs_id: uuid.UUID, session_id: uuid.UUID, job_id: int) -> tuple[int, int]:
@@ -242,20 +244,30 @@ class UpstairsTracer:
 
     def _job_start(self, op: str) -> Callable[..., None]:
         def start(jid: int, nbytes: int, guest: bool, extent: int | None) -> None:
-            if len(self.jobs) > MAX_OPEN:  # jobs never finished (a session that ended)
-                self.jobs.clear()
-            self.jobs[jid] = [time.time_ns(), op, nbytes, extent, 0]
+            self._begin(jid, op, nbytes, extent)
 
         return start
 
     def _live_start(self, op: str) -> Callable[..., None]:
         def start(jid: int, extent: int | None) -> None:
-            now = time.time_ns()
-            self.jobs[jid] = [now, op, 0, extent, 0]
+            self._begin(jid, op, 0, extent)
             if op == "close" and extent is not None:
-                self.extents[extent] = now
+                self.extents[extent] = time.time_ns()
 
         return start
+
+    def _begin(self, jid: int, op: str, nbytes: int, extent: int | None) -> None:
+        """A job to trace if its trace is sampled: its ids are worked out once."""
+        up, sess = self.session()
+        trace_id, span_id = job_ids(up, sess, jid)
+        if not self.t.sampled(trace_id):
+            return
+        if len(self.jobs) > MAX_OPEN:  # jobs never finished (a session that ended)
+            self.jobs.clear()
+        attrs = _job_attrs(up, sess, jid)
+        if extent is not None:
+            attrs["crucible.extent"] = extent
+        self.jobs[jid] = [time.time_ns(), op, nbytes, attrs, 0, trace_id, span_id]
 
     def _job_acked(self, jid: int, *_: Any) -> None:
         rec = self.jobs.get(jid)
@@ -264,22 +276,18 @@ class UpstairsTracer:
 
     def _job_finished(self, jid: int) -> None:
         rec = self.jobs.pop(jid, None)
-        if rec is None:
+        if rec is None:  # not sampled
             return
-        up, sess = self.session()
-        trace_id, span_id = job_ids(up, sess, jid)
-        if not self.t.sampled(trace_id):
-            return
-        start, op, nbytes, extent, acked = rec
-        attrs = _job_attrs(up, sess, jid)
-        if extent is not None:
-            attrs["crucible.extent"] = extent
+        start, op, nbytes, attrs, acked, trace_id, span_id = rec
+        attrs = dict(attrs)
         if nbytes:
             attrs["crucible.bytes"] = nbytes
         events = [Event("acked", timestamp=acked)] if acked else []
         self.t.emit(f"gw-{op}", trace_id, span_id, None, start, time.time_ns(), attrs, events)
 
     def _client_start(self, jid: int, cid: int) -> None:
+        if jid not in self.jobs:  # not sampled
+            return
         if len(self.clients) > MAX_OPEN:  # sent to a client that went away
             self.clients.clear()
         self.clients[(jid, cid)] = time.time_ns()
@@ -287,14 +295,11 @@ class UpstairsTracer:
     def _client_done(self, name: str) -> Callable[..., None]:
         def done(jid: int, cid: int, err: object) -> None:
             start = self.clients.pop((jid, cid), None)
-            if start is None:
+            rec = self.jobs.get(jid)
+            if start is None or rec is None:
                 return
-            up, sess = self.session()
-            trace_id, job_span = job_ids(up, sess, jid)
-            if not self.t.sampled(trace_id):
-                return
-            attrs = _job_attrs(up, sess, jid)
-            attrs["crucible.client"] = cid
+            trace_id, job_span = rec[5], rec[6]
+            attrs = {**rec[3], "crucible.client": cid}
             error = None if err is None else str(err)
             self.t.emit(
                 name,
