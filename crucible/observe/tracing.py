@@ -2,8 +2,8 @@
 background to a Jaeger agent (UDP, compact thrift) or an OTLP collector
 (HTTP or gRPC).
 
-Spans are made whole when their work ends (as the SDK's ReadableSpan) and
-handed to a BatchSpanProcessor, whose thread encodes and sends them: the
+A span is recorded when its work ends, as a plain tuple (spans.py), and
+queued for a thread of its own that encodes and sends them in batches: the
 IO path only records times. Nothing here runs unless an endpoint is given.
 
 How a downstairs' span joins the upstairs' trace: the V13 wire format has
@@ -19,31 +19,29 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import xxhash
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import Event, ReadableSpan
-from opentelemetry.sdk.trace.export import (
-    BatchSpanProcessor,
-    SpanExporter,
-    SpanExportResult,
-)
-from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from opentelemetry.trace import SpanKind
 
 from crucible.observe.jaeger import JaegerAgentExporter
 from crucible.observe.probes import DS, DS_DISK, DS_JOBS, DS_LIVE, DS_OPS, GW_OPS, UP
+from crucible.observe.spans import SpanRecord, to_readable
 
 log = logging.getLogger("crucible.tracing")
 
 MAX_OPEN = 100_000  # spans begun and not yet ended, at most
 EXPORT_TIMEOUT = 2.0  # seconds an export may take before it counts as failed
-_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
-_SCOPE = InstrumentationScope("crucible")
+MAX_QUEUE = 20_000  # spans waiting to be sent, at most (more are dropped, counted)
+BATCH = 512  # spans sent at once, at most
+SEND_EVERY = 0.5  # seconds between sends, at most, while spans wait
 _LOW64 = (1 << 64) - 1
 
 
@@ -86,45 +84,85 @@ def exporter_for(endpoint: str) -> SpanExporter:
     return OTLPSpanExporter(endpoint=url, timeout=EXPORT_TIMEOUT)
 
 
-class _Quiet(SpanExporter):
-    """An exporter that never raises and says once that spans are not getting
-    through (then nothing until they do again): a collector that is down
-    must not fill the log or touch IO."""
+Send = Callable[[list[SpanRecord]], bool]
 
-    def __init__(self, inner: SpanExporter, endpoint: str) -> None:
-        self.inner = inner
+
+def sender_for(endpoint: str, resource: Resource) -> tuple[Send, Callable[[], None]]:
+    """(send a batch of records, close): the Jaeger exporter takes our records
+    as they are; the OTLP ones take the SDK's spans."""
+    exporter = exporter_for(endpoint)
+    if isinstance(exporter, JaegerAgentExporter):
+        jaeger = exporter
+        return (lambda records: jaeger.export_records(records, resource)), jaeger.shutdown
+
+    def send(records: list[SpanRecord]) -> bool:
+        spans = [to_readable(r, resource) for r in records]
+        return exporter.export(spans) is SpanExportResult.SUCCESS
+
+    return send, exporter.shutdown
+
+
+class Batcher:
+    """Spans queued by the IO path and sent by a thread of their own, in
+    batches, every half second or sooner when a batch is full. Never raises
+    and never blocks the IO path: a full queue drops spans (counted); a
+    collector that is down is said once, then nothing until it answers."""
+
+    def __init__(self, send: Send, endpoint: str) -> None:
+        self.send = send
         self.endpoint = endpoint
-        self.failing = False
+        self.queue: deque[SpanRecord] = deque()
+        self.dropped = 0  # spans the full queue turned away
         self.sent = 0  # spans the endpoint took
+        self.failing = False
+        self._wake = threading.Event()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="span-sender", daemon=True)
+        self._thread.start()
 
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        try:
-            result = self.inner.export(spans)
-            why = "the collector did not take them"
-        except Exception as e:  # an exporter's bug or a network error it let through
-            result, why = SpanExportResult.FAILURE, str(e) or type(e).__name__
-        if result is SpanExportResult.SUCCESS:
-            self.sent += len(spans)
-            if self.failing:
-                self.failing = False
-                log.info("traces reach %s again", self.endpoint)
-        elif not self.failing:
-            self.failing = True
-            log.warning(
-                "traces are not reaching %s (%s); dropping them until it answers",
-                self.endpoint,
-                why,
-            )
-        return result
+    def add(self, record: SpanRecord) -> None:
+        q = self.queue
+        if len(q) >= MAX_QUEUE:
+            self.dropped += 1
+            return
+        q.append(record)
+        if len(q) == BATCH:
+            self._wake.set()
 
-    def shutdown(self) -> None:
-        try:
-            self.inner.shutdown()
-        except Exception:
-            pass
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(SEND_EVERY)
+            self._wake.clear()
+            self._drain()
+            if self._stop:
+                return
 
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return True
+    def _drain(self) -> None:
+        q = self.queue
+        while q:
+            batch = [q.popleft() for _ in range(min(BATCH, len(q)))]
+            try:
+                ok, why = self.send(batch), "the collector did not take them"
+            except Exception as e:  # an exporter's bug or a network error it let through
+                ok, why = False, str(e) or type(e).__name__
+            if ok:
+                self.sent += len(batch)
+                if self.failing:
+                    self.failing = False
+                    log.info("traces reach %s again", self.endpoint)
+            elif not self.failing:
+                self.failing = True
+                log.warning(
+                    "traces are not reaching %s (%s); dropping them until it answers",
+                    self.endpoint,
+                    why,
+                )
+
+    def close(self, timeout: float) -> None:
+        """Send what is queued, waiting at most `timeout` seconds."""
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout)
 
 
 class Tracing:
@@ -132,17 +170,12 @@ class Tracing:
 
     def __init__(self, endpoint: str, sample: float, service: str, **attrs: str) -> None:
         self.endpoint = endpoint
-        self.exporter = _Quiet(exporter_for(endpoint), endpoint)
         # The SDK's own loggers would repeat every failure with a traceback.
         for name in ("opentelemetry.sdk", "opentelemetry.exporter"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
-        self.processor = BatchSpanProcessor(
-            self.exporter,
-            max_queue_size=8192,
-            schedule_delay_millis=500,
-            export_timeout_millis=EXPORT_TIMEOUT * 1000,
-        )
         self.resource = Resource.create({"service.name": service, **attrs})
+        send, self._close = sender_for(endpoint, self.resource)
+        self.batcher = Batcher(send, endpoint)
         self.bound = int(min(max(sample, 0.0), 1.0) * (1 << 64))  # keep low 64 bits below it
 
     def sampled(self, trace_id: int) -> bool:
@@ -157,33 +190,30 @@ class Tracing:
         start_ns: int,
         end_ns: int,
         attrs: dict[str, Any],
-        events: Sequence[Event] = (),
-        links: Sequence[Link] = (),
+        events: tuple[tuple[str, int, dict[str, Any] | None], ...] = (),
         error: str | None = None,
         kind: SpanKind = SpanKind.INTERNAL,
     ) -> None:
-        parent = None
-        if parent_id is not None:
-            parent = SpanContext(trace_id, parent_id, False, _SAMPLED)
-        span = ReadableSpan(
-            name=name,
-            context=SpanContext(trace_id, span_id, False, _SAMPLED),
-            parent=parent,
-            resource=self.resource,
-            attributes=attrs,
-            events=events,
-            links=links,
-            kind=kind,
-            status=Status(StatusCode.ERROR, error) if error else Status(StatusCode.UNSET),
-            start_time=start_ns,
-            end_time=end_ns,
-            instrumentation_scope=_SCOPE,
+        self.batcher.add(
+            SpanRecord(
+                name,
+                trace_id,
+                span_id,
+                parent_id,
+                start_ns,
+                end_ns,
+                attrs,
+                events,
+                (),
+                error,
+                kind,
+            )
         )
-        self.processor.on_end(span)
 
     def shutdown(self) -> None:
         """Send what is queued (within the export timeout) and stop."""
-        self.processor.shutdown()  # type: ignore[no-untyped-call]
+        self.batcher.close(EXPORT_TIMEOUT * 2)
+        self._close()
 
 
 def random_id(bits: int) -> int:
@@ -282,7 +312,7 @@ class UpstairsTracer:
         attrs = dict(attrs)
         if nbytes:
             attrs["crucible.bytes"] = nbytes
-        events = [Event("acked", timestamp=acked)] if acked else []
+        events = (("acked", acked, None),) if acked else ()
         self.t.emit(f"gw-{op}", trace_id, span_id, None, start, time.time_ns(), attrs, events)
 
     def _client_start(self, jid: int, cid: int) -> None:
@@ -378,7 +408,7 @@ class DownstairsTracer:
         def event(jid: int, msg: Any) -> None:
             rec = self.begun.get(id(msg))
             if rec is not None:
-                rec[1].append(Event(name, timestamp=time.time_ns()))
+                rec[1].append((name, time.time_ns(), None))
 
         return event
 
@@ -405,7 +435,7 @@ class DownstairsTracer:
                 rec[0],
                 time.time_ns(),
                 attrs,
-                rec[1],
+                tuple(rec[1]),
                 error=error,
                 kind=SpanKind.SERVER,
             )

@@ -1,0 +1,75 @@
+"""A finished span as this package records it: a plain tuple, cheap to make
+on the IO path, turned into the exporters' forms on the sending thread."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import Event, ReadableSpan
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+_SCOPE = InstrumentationScope("crucible")
+
+
+class SpanRecord(NamedTuple):
+    name: str
+    trace_id: int
+    span_id: int
+    parent_id: int | None
+    start_ns: int
+    end_ns: int
+    attrs: dict[str, Any]
+    events: tuple[tuple[str, int, dict[str, Any] | None], ...] = ()  # (name, time ns, attrs)
+    links: tuple[tuple[int, int], ...] = ()  # (trace id, span id)
+    error: str | None = None
+    kind: SpanKind = SpanKind.INTERNAL
+
+
+def to_readable(r: SpanRecord, resource: Resource) -> ReadableSpan:
+    """The SDK's form, for the OTLP exporters."""
+    parent = None
+    if r.parent_id is not None:
+        parent = SpanContext(r.trace_id, r.parent_id, False, _SAMPLED)
+    return ReadableSpan(
+        name=r.name,
+        context=SpanContext(r.trace_id, r.span_id, False, _SAMPLED),
+        parent=parent,
+        resource=resource,
+        attributes=r.attrs,
+        events=[Event(name, attrs, ts) for name, ts, attrs in r.events],
+        links=[Link(SpanContext(t, s, False, _SAMPLED)) for t, s in r.links],
+        kind=r.kind,
+        status=Status(StatusCode.ERROR, r.error) if r.error else Status(StatusCode.UNSET),
+        start_time=r.start_ns,
+        end_time=r.end_ns,
+        instrumentation_scope=_SCOPE,
+    )
+
+
+def from_readable(span: ReadableSpan) -> SpanRecord | None:
+    """A span of the SDK's as a record (None for one never started)."""
+    ctx = span.get_span_context()
+    if ctx is None:
+        return None
+    attrs: dict[str, Any] = dict(span.attributes or {})
+    events = [(e.name, e.timestamp, dict(e.attributes or {})) for e in span.events]
+    error = None
+    if span.status.status_code is StatusCode.ERROR:
+        error = span.status.description or ""
+    start = span.start_time or 0
+    return SpanRecord(
+        name=span.name,
+        trace_id=ctx.trace_id,
+        span_id=ctx.span_id,
+        parent_id=span.parent.span_id if span.parent else None,
+        start_ns=start,
+        end_ns=span.end_time or start,
+        attrs=attrs,
+        events=tuple(events),
+        links=tuple((lk.context.trace_id, lk.context.span_id) for lk in span.links),
+        error=error,
+        kind=span.kind,
+    )
