@@ -250,12 +250,18 @@ _C_TRUE, _C_FALSE, _C_I32, _C_I64, _C_DOUBLE, _C_BINARY, _C_LIST, _C_STRUCT = (
 
 
 def _varint(n: int) -> bytes:
-    out = bytearray()
+    if n < 0x80:
+        return _SMALL[n]
+    out: list[int] = []
+    add = out.append
     while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
+        add((n & 0x7F) | 0x80)
         n >>= 7
-    out.append(n)
+    add(n)
     return bytes(out)
+
+
+_SMALL = [bytes([i]) for i in range(0x80)]
 
 
 def _zigzag(n: int) -> bytes:
@@ -278,7 +284,11 @@ def _list_head(n: int) -> bytes:
     return bytes([0xF0 | _C_STRUCT]) + _varint(n)
 
 
-_I64_FIELD = _field(1, _C_I64)  # the next field, an i64
+# The next field, of each type (field ids that follow on from the last).
+_I64_FIELD = _field(1, _C_I64)
+_NEXT_BINARY = _field(1, _C_BINARY)
+_NEXT_LIST = _field(1, _C_LIST)
+_ONE = _zigzag(1)
 
 
 def _encode_tag(key: str, value: object) -> bytes:
@@ -326,11 +336,11 @@ _KINDS = {SpanKind.SERVER: "server", SpanKind.CLIENT: "client",
 def encode_span(r: SpanRecord, scope: str | None = None, version: str | None = None) -> bytes:
     """A Span struct, its fields 1-11 in order."""
     high, low = _split(r.trace_id)
+    i64 = _I64_FIELD
     parts = [
-        _I64_FIELD, _zigzag(low), _I64_FIELD, _zigzag(high),
-        _I64_FIELD, _zigzag(_signed(r.span_id)),
-        _I64_FIELD, _zigzag(_signed(r.parent_id) if r.parent_id is not None else 0),
-        _field(1, _C_BINARY), _bin(_utf8(r.name)),
+        i64, _zigzag(low), i64, _zigzag(high), i64, _zigzag(_signed(r.span_id)),
+        i64, _zigzag(_signed(r.parent_id) if r.parent_id is not None else 0),
+        _NEXT_BINARY, _bin(_utf8(r.name)),
     ]  # fmt: skip
     delta = 2  # to flags (7) from operationName (5), or from references (6)
     if r.links:
@@ -343,8 +353,8 @@ def encode_span(r: SpanRecord, scope: str | None = None, version: str | None = N
             ]  # fmt: skip
         delta = 1
     start, duration = r.start_ns // 1000, (r.end_ns - r.start_ns) // 1000
-    parts += [_field(delta, _C_I32), _zigzag(1),  # flags: sampled
-              _I64_FIELD, _zigzag(start), _I64_FIELD, _zigzag(duration)]  # fmt: skip
+    parts += [_field(delta, _C_I32), _ONE,  # flags: sampled
+              i64, _varint(start << 1), i64, _varint(duration << 1)]  # fmt: skip
     extra: list[tuple[str, object]] = []
     if r.kind in _KINDS:
         extra.append(("span.kind", _KINDS[r.kind]))
@@ -356,17 +366,17 @@ def encode_span(r: SpanRecord, scope: str | None = None, version: str | None = N
         extra.append(("otel.scope.name", scope))
         if version:
             extra.append(("otel.scope.version", version))
-    tags = _tags([*r.attrs.items(), *extra])
+    tags = _tags([*r.attrs.items(), *extra] if extra else r.attrs.items())
     delta = 1
     if tags:
-        parts += [_field(1, _C_LIST), _list_head(len(tags)), *tags]
+        parts += [_NEXT_LIST, _list_head(len(tags)), *tags]
     else:
         delta = 2
     if r.events:
         parts += [_field(delta, _C_LIST), _list_head(len(r.events))]
         for name, ts, attrs in r.events:
-            fields = _tags([("event", name), *(attrs or {}).items()])
-            parts += [_I64_FIELD, _zigzag(ts // 1000), _field(1, _C_LIST),
+            fields = _tags([("event", name), *attrs.items()] if attrs else [("event", name)])
+            parts += [i64, _varint((ts // 1000) << 1), _NEXT_LIST,
                       _list_head(len(fields)), *fields, b"\0"]  # fmt: skip
     parts.append(b"\0")
     return b"".join(parts)

@@ -223,7 +223,11 @@ def random_id(bits: int) -> int:
 
 def job_ids(upstairs_id: uuid.UUID, session_id: uuid.UUID, job_id: int) -> tuple[int, int]:
     """(trace id, id of the upstairs' job span) of a job: both sides compute it."""
-    key = upstairs_id.bytes + session_id.bytes + job_id.to_bytes(8, "little")
+    return _ids(upstairs_id.bytes + session_id.bytes, job_id)
+
+
+def _ids(session_key: bytes, job_id: int) -> tuple[int, int]:
+    key = session_key + job_id.to_bytes(8, "little")
     return xxhash.xxh3_128_intdigest(key) or 1, xxhash.xxh3_64_intdigest(key) or 1
 
 
@@ -248,8 +252,11 @@ class UpstairsTracer:
     ) -> None:
         self.t = tracing
         self.session = session
-        # job id -> [start ns, op, bytes, extent, acked ns]
+        # job id -> [start ns, op, bytes, attributes, acked ns, trace id, span id]
         self.jobs: dict[int, list[Any]] = {}
+        self._session: tuple[uuid.UUID, uuid.UUID] | None = None
+        self._key = b""
+        self._attrs: dict[str, Any] = {}
         self.clients: dict[tuple[int, int], int] = {}  # (job, client) -> sent ns
         self.extents: dict[int, int] = {}  # extent under live repair -> start ns
         self.activation: tuple[int, int, int] | None = None  # (trace, span, start ns)
@@ -288,13 +295,17 @@ class UpstairsTracer:
 
     def _begin(self, jid: int, op: str, nbytes: int, extent: int | None) -> None:
         """A job to trace if its trace is sampled: its ids are worked out once."""
-        up, sess = self.session()
-        trace_id, span_id = job_ids(up, sess, jid)
+        ids = self.session()
+        if ids != self._session:  # a new session: its key and attributes, once
+            self._session = ids
+            self._key = ids[0].bytes + ids[1].bytes
+            self._attrs = _job_attrs(ids[0], ids[1], 0)
+        trace_id, span_id = _ids(self._key, jid)
         if not self.t.sampled(trace_id):
             return
         if len(self.jobs) > MAX_OPEN:  # jobs never finished (a session that ended)
             self.jobs.clear()
-        attrs = _job_attrs(up, sess, jid)
+        attrs = {**self._attrs, "crucible.job_id": jid}
         if extent is not None:
             attrs["crucible.extent"] = extent
         self.jobs[jid] = [time.time_ns(), op, nbytes, attrs, 0, trace_id, span_id]
@@ -391,6 +402,8 @@ class DownstairsTracer:
         self.t = tracing
         self.extent_size = extent_size
         self.begun: dict[int, list[Any]] = {}  # id(message) -> [start ns, events]
+        # (upstairs id, session id) -> (their bytes, their span attributes)
+        self.sessions: dict[tuple[int, int], tuple[bytes, dict[str, Any]]] = {}
         for op, (start, done) in DS_JOBS.items():
             DS.attach(start, self._start)
             if not DS.attached(done):  # (live-repair jobs share done probes)
@@ -417,10 +430,19 @@ class DownstairsTracer:
             rec = self.begun.pop(id(msg), None)
             if rec is None:
                 return
-            trace_id, job_span = job_ids(msg.upstairs_id, msg.session_id, jid)
+            up, sess = msg.upstairs_id, msg.session_id
+            known = self.sessions.get((up.int, sess.int))
+            if known is None:
+                if len(self.sessions) > 64:
+                    self.sessions.clear()
+                known = self.sessions[(up.int, sess.int)] = (
+                    up.bytes + sess.bytes,
+                    _job_attrs(up, sess, 0),
+                )
+            trace_id, job_span = _ids(known[0], jid)
             if not self.t.sampled(trace_id):
                 return
-            attrs = _job_attrs(msg.upstairs_id, msg.session_id, jid)
+            attrs = {**known[1], "crucible.job_id": jid}
             start = getattr(msg, "start", None)
             if start is not None and self.extent_size:
                 attrs["crucible.extent"] = start // self.extent_size
