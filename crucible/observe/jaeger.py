@@ -144,7 +144,8 @@ class JaegerAgentExporter(SpanExporter):
         try:
             sock = self._connect()
             process = self._process(resource)
-            return self._send_all(sock, [(process, encode_span(r)) for r in records])
+            items = [(process, span) for r in records for span in encode_record(r)]
+            return self._send_all(sock, items)
         except OSError as e:
             self._report(e)
             return False
@@ -333,40 +334,78 @@ _KINDS = {SpanKind.SERVER: "server", SpanKind.CLIENT: "client",
           SpanKind.PRODUCER: "producer", SpanKind.CONSUMER: "consumer"}  # fmt: skip
 
 
-def encode_span(r: SpanRecord, scope: str | None = None, version: str | None = None) -> bytes:
-    """A Span struct, its fields 1-11 in order."""
+def encode_record(r: SpanRecord) -> list[bytes]:
+    """A span and its children (they share its trace, parent and attributes:
+    those are encoded once)."""
     high, low = _split(r.trace_id)
     i64 = _I64_FIELD
+    trace = [i64, _zigzag(low), i64, _zigzag(high)]
+    own_id = _zigzag(_signed(r.span_id))
+    shared = _tags(r.attrs.items())
+    out = [encode_span(r, trace=trace, span_id=own_id, shared=shared)]
+    for c in r.children:
+        parts = [*trace, i64, _zigzag(_signed(c.span_id)), i64, own_id, _NEXT_BINARY,
+                 _bin(_utf8(c.name)), _field(2, _C_I32), _ONE,
+                 i64, _varint((c.start_ns // 1000) << 1),
+                 i64, _varint(((c.end_ns - c.start_ns) // 1000) << 1)]  # fmt: skip
+        tags = shared + _tags([*c.attrs.items(), *_status_tags(c.kind, c.error)])
+        parts += [_NEXT_LIST, _list_head(len(tags)), *tags, b"\0"]
+        out.append(b"".join(parts))
+    return out
+
+
+def _status_tags(kind: SpanKind, error: str | None) -> list[tuple[str, object]]:
+    tags: list[tuple[str, object]] = []
+    if kind in _KINDS:
+        tags.append(("span.kind", _KINDS[kind]))
+    if error is not None:
+        tags.append(("error", True))  # what the Jaeger UI marks a failed span by
+        if error:
+            tags.append(("otel.status_description", error))
+    return tags
+
+
+def encode_span(
+    r: SpanRecord,
+    scope: str | None = None,
+    version: str | None = None,
+    trace: list[bytes] | None = None,
+    span_id: bytes | None = None,
+    shared: list[bytes] | None = None,
+) -> bytes:
+    """A Span struct, its fields 1-11 in order (`trace`, `span_id` and
+    `shared`, the tags of r.attrs, when they are already encoded)."""
+    i64 = _I64_FIELD
+    if trace is None:
+        high, low = _split(r.trace_id)
+        trace = [i64, _zigzag(low), i64, _zigzag(high)]
     parts = [
-        i64, _zigzag(low), i64, _zigzag(high), i64, _zigzag(_signed(r.span_id)),
+        *trace, i64, span_id or _zigzag(_signed(r.span_id)),
         i64, _zigzag(_signed(r.parent_id) if r.parent_id is not None else 0),
         _NEXT_BINARY, _bin(_utf8(r.name)),
     ]  # fmt: skip
     delta = 2  # to flags (7) from operationName (5), or from references (6)
     if r.links:
         parts += [_field(1, _C_LIST), _list_head(len(r.links))]
-        for trace_id, span_id in r.links:
+        for trace_id, link_id in r.links:
             lhigh, llow = _split(trace_id)
             parts += [
                 _field(1, _C_I32), _zigzag(_FOLLOWS_FROM), _I64_FIELD, _zigzag(llow),
-                _I64_FIELD, _zigzag(lhigh), _I64_FIELD, _zigzag(_signed(span_id)), b"\0",
+                _I64_FIELD, _zigzag(lhigh), _I64_FIELD, _zigzag(_signed(link_id)), b"\0",
             ]  # fmt: skip
         delta = 1
     start, duration = r.start_ns // 1000, (r.end_ns - r.start_ns) // 1000
     parts += [_field(delta, _C_I32), _ONE,  # flags: sampled
               i64, _varint(start << 1), i64, _varint(duration << 1)]  # fmt: skip
-    extra: list[tuple[str, object]] = []
-    if r.kind in _KINDS:
-        extra.append(("span.kind", _KINDS[r.kind]))
-    if r.error is not None:
-        extra.append(("error", True))  # what the Jaeger UI marks a failed span by
-        if r.error:
-            extra.append(("otel.status_description", r.error))
+    extra = _status_tags(r.kind, r.error)
     if scope is not None:
         extra.append(("otel.scope.name", scope))
         if version:
             extra.append(("otel.scope.version", version))
-    tags = _tags([*r.attrs.items(), *extra] if extra else r.attrs.items())
+    if shared is None:
+        tags = _tags([*r.attrs.items(), *extra] if extra else r.attrs.items())
+    else:
+        tags = shared + _tags(extra) if extra else shared
     delta = 1
     if tags:
         parts += [_NEXT_LIST, _list_head(len(tags)), *tags]

@@ -14,6 +14,18 @@ _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _SCOPE = InstrumentationScope("crucible")
 
 
+class Child(NamedTuple):
+    """A span under a SpanRecord, in its trace, with its attributes and these."""
+
+    name: str
+    span_id: int
+    start_ns: int
+    end_ns: int
+    attrs: dict[str, Any]
+    error: str | None = None
+    kind: SpanKind = SpanKind.INTERNAL
+
+
 class SpanRecord(NamedTuple):
     name: str
     trace_id: int
@@ -26,6 +38,28 @@ class SpanRecord(NamedTuple):
     links: tuple[tuple[int, int], ...] = ()  # (trace id, span id)
     error: str | None = None
     kind: SpanKind = SpanKind.INTERNAL
+    children: tuple[Child, ...] = ()
+
+
+def expand(r: SpanRecord) -> list[SpanRecord]:
+    """A record and its children, as records of their own."""
+    out = [r._replace(children=())]
+    for c in r.children:
+        attrs = {**r.attrs, **c.attrs}
+        out.append(
+            SpanRecord(
+                c.name,
+                r.trace_id,
+                c.span_id,
+                r.span_id,
+                c.start_ns,
+                c.end_ns,
+                attrs,
+                error=c.error,
+                kind=c.kind,
+            )
+        )
+    return out
 
 
 def to_readable(r: SpanRecord, resource: Resource) -> ReadableSpan:

@@ -33,7 +33,7 @@ from opentelemetry.trace import SpanKind
 
 from crucible.observe.jaeger import JaegerAgentExporter
 from crucible.observe.probes import DS, DS_DISK, DS_JOBS, DS_LIVE, DS_OPS, GW_OPS, UP
-from crucible.observe.spans import SpanRecord, to_readable
+from crucible.observe.spans import Child, SpanRecord, expand, to_readable
 
 log = logging.getLogger("crucible.tracing")
 
@@ -96,7 +96,7 @@ def sender_for(endpoint: str, resource: Resource) -> tuple[Send, Callable[[], No
         return (lambda records: jaeger.export_records(records, resource)), jaeger.shutdown
 
     def send(records: list[SpanRecord]) -> bool:
-        spans = [to_readable(r, resource) for r in records]
+        spans = [to_readable(one, resource) for r in records for one in expand(r)]
         return exporter.export(spans) is SpanExportResult.SUCCESS
 
     return send, exporter.shutdown
@@ -193,6 +193,7 @@ class Tracing:
         events: tuple[tuple[str, int, dict[str, Any] | None], ...] = (),
         error: str | None = None,
         kind: SpanKind = SpanKind.INTERNAL,
+        children: tuple[Child, ...] = (),
     ) -> None:
         self.batcher.add(
             SpanRecord(
@@ -207,6 +208,7 @@ class Tracing:
                 (),
                 error,
                 kind,
+                children,
             )
         )
 
@@ -252,7 +254,8 @@ class UpstairsTracer:
     ) -> None:
         self.t = tracing
         self.session = session
-        # job id -> [start ns, op, bytes, attributes, acked ns, trace id, span id]
+        # job id -> [start ns, op, bytes, attributes, acked ns, trace id, span id,
+        # the spans of the clients' parts (Child)]
         self.jobs: dict[int, list[Any]] = {}
         self._session: tuple[uuid.UUID, uuid.UUID] | None = None
         self._key = b""
@@ -308,7 +311,7 @@ class UpstairsTracer:
         attrs = {**self._attrs, "crucible.job_id": jid}
         if extent is not None:
             attrs["crucible.extent"] = extent
-        self.jobs[jid] = [time.time_ns(), op, nbytes, attrs, 0, trace_id, span_id]
+        self.jobs[jid] = [time.time_ns(), op, nbytes, attrs, 0, trace_id, span_id, []]
 
     def _job_acked(self, jid: int, *_: Any) -> None:
         rec = self.jobs.get(jid)
@@ -319,12 +322,15 @@ class UpstairsTracer:
         rec = self.jobs.pop(jid, None)
         if rec is None:  # not sampled
             return
-        start, op, nbytes, attrs, acked, trace_id, span_id = rec
+        start, op, nbytes, attrs, acked, trace_id, span_id, children = rec
         attrs = dict(attrs)
         if nbytes:
             attrs["crucible.bytes"] = nbytes
         events = (("acked", acked, None),) if acked else ()
-        self.t.emit(f"gw-{op}", trace_id, span_id, None, start, time.time_ns(), attrs, events)
+        self.t.emit(
+            f"gw-{op}", trace_id, span_id, None, start, time.time_ns(), attrs, events,
+            children=tuple(children),
+        )  # fmt: skip
 
     def _client_start(self, jid: int, cid: int) -> None:
         if jid not in self.jobs:  # not sampled
@@ -339,20 +345,10 @@ class UpstairsTracer:
             rec = self.jobs.get(jid)
             if start is None or rec is None:
                 return
-            trace_id, job_span = rec[5], rec[6]
-            attrs = {**rec[3], "crucible.client": cid}
             error = None if err is None else str(err)
-            self.t.emit(
-                name,
-                trace_id,
-                random_id(64),
-                job_span,
-                start,
-                time.time_ns(),
-                attrs,
-                error=error,
-                kind=SpanKind.CLIENT,
-            )
+            child = Child(name, random_id(64), start, time.time_ns(), {"crucible.client": cid},
+                          error, SpanKind.CLIENT)  # fmt: skip
+            rec[7].append(child)
 
         return done
 
