@@ -54,7 +54,8 @@ from crucible.upstairs.jobs import (
 )
 from crucible.upstairs.live_repair import LiveRepair
 from crucible.upstairs.options import Options
-from crucible.upstairs.probing import GUEST_OPS, extent_of, is_live, job_bytes, op_name
+from crucible.upstairs.probing import GUEST_OPS, extent_of, job_bytes, op_name
+from crucible.upstairs.probing import names as probe_names
 from crucible.upstairs.rewrite import rewrites, runs, touched_after
 from crucible.upstairs.scrub import Scrub, compare
 from crucible.upstairs.state import ACTIVE, LIVE_REPAIR, TAKES_IO, DsState, Mode, Stage, UpState
@@ -172,7 +173,7 @@ class Downstairs:
                 c.inflight_jobs += 1
                 c.inflight_bytes += job.nbytes
                 if UP.on:
-                    UP.fire(_client_probe(job, "start"), job.id, c.id)
+                    UP.fire(probe_names(job).client_start, job.id, c.id)
                 if own or stage is Stage.LIVE_REPAIR or self._own_deps(c, job):
                     acts.append(Send(c.id, self._message_for(c, job)))
                 else:
@@ -317,7 +318,7 @@ class Downstairs:
         c.inflight_bytes -= job.nbytes
         c.last_progress = now
         if UP.on:
-            UP.fire(_client_probe(job, "done"), job.id, c.id, err)
+            UP.fire(probe_names(job).client_done, job.id, c.id, err)
         acts: list[Action] = []
         if err is not None:
             job.state[c.id] = IOState.ERROR
@@ -557,30 +558,29 @@ class Downstairs:
         return acts
 
     def _fire_start(self, job: Job) -> None:
-        op = op_name(job)
-        if is_live(job):
-            UP.fire(f"gw__{op}__start", job.id, self._extent(job))
+        p = probe_names(job)
+        if p.live:
+            UP.fire(p.gw_start, job.id, self._extent(job))
             return
         n = job_bytes(job, self._block_size)
-        UP.fire(f"gw__{op}__start", job.id, n, job.gw_id != 0, self._extent(job))
-        if op != "noop":
-            UP.fire(f"up__to__ds__{op}__start", job.id)
+        UP.fire(p.gw_start, job.id, n, job.gw_id != 0, self._extent(job))
+        if p.to_ds is not None:
+            UP.fire(p.to_ds, job.id)
 
     def _acked(self, job: Job) -> None:
         """A job is acked to its guest (or, for one of ours, done with)."""
+        n = job_bytes(job, self._block_size)
         if job.gw_id:
-            op = op_name(job)
-            n = job_bytes(job, self._block_size)
-            count = self.guest_counts[op]
+            count = self.guest_counts[op_name(job)]
             count.ops += 1
             count.bytes += n
         if not UP.on:
             return
-        op = op_name(job)
-        if is_live(job):
-            UP.fire(f"gw__{op}__done", job.id, self._extent(job))
+        p = probe_names(job)
+        if p.live:
+            UP.fire(p.gw_done, job.id, self._extent(job))
         else:
-            UP.fire(f"gw__{op}__done", job.id, job_bytes(job, self._block_size), job.gw_id != 0)
+            UP.fire(p.gw_done, job.id, n, job.gw_id != 0)
 
     @property
     def _block_size(self) -> int:
@@ -835,12 +835,6 @@ class Downstairs:
         for t in rep.targets:
             acts += self.fault(self.clients[t], "live repair aborted", now)
         return acts
-
-
-def _client_probe(job: Job, end: str) -> str:
-    """ds__write__client__start and the like; live-repair jobs: ds__close__start."""
-    op = op_name(job)
-    return f"ds__{op}__{end}" if is_live(job) else f"ds__{op}__client__{end}"
 
 
 def _write_args(op: WriteOp) -> tuple[int, list[m.BlockContext], m.Data]:

@@ -3,6 +3,8 @@ bytes a guest job moves: computed only while something is attached."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from crucible.upstairs.jobs import (
     BarrierOp,
     FlushOp,
@@ -31,16 +33,41 @@ GUEST_OPS = ("read", "write", "write_unwritten", "flush", "barrier", "trim")
 _LIVE = (LiveCloseOp, LiveRepairOp, LiveNoOp, LiveReopenOp)
 
 
-def op_name(job: Job) -> str:
-    """read, write, write_unwritten, flush, barrier, trim, close, repair, noop, reopen."""
+class Names(NamedTuple):
+    """The probes one kind of job fires."""
+
+    op: str
+    gw_start: str
+    gw_done: str
+    to_ds: str | None  # up__to__ds__*__start (none for live-repair jobs)
+    client_start: str
+    client_done: str
+    live: bool
+
+
+def _names(op: str, live: bool) -> Names:
+    client = f"ds__{op}" if live else f"ds__{op}__client"
+    to_ds = None if live else f"up__to__ds__{op}__start"
+    return Names(
+        op, f"gw__{op}__start", f"gw__{op}__done", to_ds, f"{client}__start", f"{client}__done",
+        live,
+    )  # fmt: skip
+
+
+_NAMES = {t: _names(op, t in _LIVE) for t, op in _OP.items()}
+_WRITE_NAMES = {False: _names("write", False), True: _names("write_unwritten", False)}
+
+
+def names(job: Job) -> Names:
     op = job.op
     if isinstance(op, WriteOp):
-        return "write_unwritten" if op.unwritten else "write"
-    return _OP[type(op)]
+        return _WRITE_NAMES[op.unwritten]
+    return _NAMES[type(op)]
 
 
-def is_live(job: Job) -> bool:
-    return isinstance(job.op, _LIVE)
+def op_name(job: Job) -> str:
+    """read, write, write_unwritten, flush, barrier, trim, close, repair, noop, reopen."""
+    return names(job).op
 
 
 def job_bytes(job: Job, block_size: int) -> int:
