@@ -37,6 +37,12 @@ def main() -> None:
     )
     p.add_argument("--control-port", type=port_number, default=9998, help="dsc's control API")
     p.add_argument("--nbd-port", type=port_number, default=10809, help="NBD port")
+    p.add_argument(
+        "--volume-port",
+        type=port_number,
+        default=7890,
+        help="the volume's control API (crucible-stat, /info); its Prometheus metrics on +1",
+    )
     p.add_argument("--size-gib", type=positive_int, default=2, help="volume size for new regions")
     p.add_argument(
         "--once",
@@ -70,7 +76,10 @@ def main() -> None:
                    "--control", control]  # fmt: skip
         servers.append(Server("dsc", dsc_cmd, args.dir / "dsc.log"))
         targets = [a for port in ports for a in ("-t", f"127.0.0.1:{port}")]
-        nbd_cmd = [BIN / "crucible-nbd", *targets, "-p", str(args.nbd_port)]
+        volume = f"127.0.0.1:{args.volume_port}"
+        metrics = f"127.0.0.1:{args.volume_port + 1}"
+        nbd_cmd = [BIN / "crucible-nbd", *targets, "-p", str(args.nbd_port),
+                   "--control", volume, "--metrics", metrics]  # fmt: skip
         # Each downstairs's log, from where this run starts, for what went wrong.
         ds_logs = {port: _offset(args.dir / f"downstairs-{port}.log") for port in ports}
         servers.append(Server("crucible-nbd", nbd_cmd, args.dir / "nbd.log"))
@@ -92,6 +101,8 @@ def main() -> None:
             f"  .venv/bin/dsc cmd --control {control} stop 1   "
             "# the volume keeps working; `start 1` brings it back (replayed or live-repaired)"
         )
+        print(f"  .venv/bin/crucible-stat {volume}    # watch it live, a line a second")
+        print(f"  curl -s http://{volume}/info; curl -s http://{metrics}/metrics")
         if args.once:
             _check(uri)
             return

@@ -26,11 +26,13 @@ class Ports:
         self.port = free_port(run=3, step=10)
         self.nbd = free_port()
         self.control = free_port()
+        self.volume = free_port(run=2)
 
     def args(self, directory: Path) -> list[str]:
         return [
             "--dir", str(directory), "--port", str(self.port), "--nbd-port", str(self.nbd),
-            "--control-port", str(self.control), "--size-gib", "1",
+            "--control-port", str(self.control), "--volume-port", str(self.volume),
+            "--size-gib", "1",
         ]  # fmt: skip
 
 
@@ -57,6 +59,7 @@ def test_demo_once(tmp_path: Path, ports: Ports) -> None:
         assert r.returncode == 0, r.stdout + r.stderr
         assert f"with generation {gen} at nbd://127.0.0.1:{ports.nbd}/" in r.stdout
         assert "checked: a write and read back through NBD match" in r.stdout
+        assert f"crucible-stat 127.0.0.1:{ports.volume}" in r.stdout
         assert "stopped" in r.stdout
 
 
