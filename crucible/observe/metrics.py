@@ -283,24 +283,20 @@ class StatusCollector(Collector):
                 fam.add_metric([str(i)], d[k])
         yield state
         yield from fams.values()
-        totals = {
-            "integrity_errors": "Blocks that failed their check on a replica",
-            "reads_retried": "Reads sent to another replica after one failed them",
-            "blocks_rewritten": "Bad blocks rewritten from a good copy",
-            "live_repairs": "Live repairs finished",
-            "live_repairs_aborted": "Live repairs aborted",
-            "retired": "Jobs retired",
+        whole = {
+            "integrity_errors": ("Blocks that failed their check on a replica", c),
+            "reads_retried": ("Reads sent to another replica after one failed them", c),
+            "blocks_rewritten": ("Bad blocks rewritten from a good copy", c),
+            "live_repairs": ("Live repairs finished", c),
+            "live_repairs_aborted": ("Live repairs aborted", c),
+            "retired": ("Jobs retired", c),
+            "jobs": ("Jobs in the table", g),
+            "guest_jobs_waiting": ("Guest jobs not yet acked", g),
+            "reconcile_needed": ("Extents the latest reconciliation had to repair", g),
+            "reconcile_done": ("Of those, repaired", g),
         }
-        for k, doc in totals.items():
-            yield c(f"crucible_upstairs_{k}", doc, s[k])
-        gauges = {
-            "jobs": "Jobs in the table",
-            "guest_jobs_waiting": "Guest jobs not yet acked",
-            "reconcile_needed": "Extents the latest reconciliation had to repair",
-            "reconcile_done": "Of those, repaired",
-        }
-        for k, doc in gauges.items():
-            yield g(f"crucible_upstairs_{k}", doc, s[k])
+        for k, (doc, kind) in whole.items():
+            yield kind(f"crucible_upstairs_{k}", doc, s[k])
         rep = s["live_repair"]
         yield g(
             "crucible_upstairs_live_repair_extent",
