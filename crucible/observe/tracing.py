@@ -123,6 +123,12 @@ class Batcher:
     def add(self, record: SpanRecord) -> None:
         q = self.queue
         if len(q) >= MAX_QUEUE:
+            if not self.dropped:
+                log.warning(
+                    "traces: %d spans wait to be sent to %s; dropping new ones while they do",
+                    len(q),
+                    self.endpoint,
+                )
             self.dropped += 1
             return
         q.append(record)

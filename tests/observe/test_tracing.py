@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -12,7 +13,16 @@ from pathlib import Path
 import pytest
 
 from crucible.cli_util import stop_process
-from crucible.observe.tracing import TraceError, Tracing, job_ids, parse_endpoint
+from crucible.observe.spans import SpanRecord
+from crucible.observe.tracing import (
+    BATCH,
+    MAX_QUEUE,
+    Batcher,
+    TraceError,
+    Tracing,
+    job_ids,
+    parse_endpoint,
+)
 from tests.observe.jaeger_agent import JaegerAgent, JSpan
 from tests.observe.otlp_receiver import OSpan, OtlpGrpcReceiver, OtlpHttpReceiver
 from tests.support import DOWNSTAIRS, Cluster, free_port, run_tool, wait_listening
@@ -195,3 +205,24 @@ def test_sampling_agrees_on_both_sides() -> None:
     assert all(every.sampled(i) for i in ids) and not any(none.sampled(i) for i in ids)
     for t in (a, b, every, none):
         t.shutdown()
+
+
+def test_a_full_queue_drops_spans_and_says_so_once(caplog: pytest.LogCaptureFixture) -> None:
+    release = threading.Event()
+
+    def stuck(records: list[SpanRecord]) -> bool:
+        release.wait(WAIT)  # a collector that does not answer
+        return True
+
+    b = Batcher(stuck, "127.0.0.1:9")
+    rec = SpanRecord("x", 1, 2, None, 0, 1, {})
+    try:
+        for _ in range(MAX_QUEUE + BATCH + 5):  # the sender holds at most one batch
+            b.add(rec)
+    finally:
+        release.set()
+        b.close(WAIT)
+    assert 5 <= b.dropped <= BATCH + 5
+    warnings = [r for r in caplog.records if "dropping new ones" in r.getMessage()]
+    assert len(warnings) == 1
+    assert b.sent + b.dropped == MAX_QUEUE + BATCH + 5
