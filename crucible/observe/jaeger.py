@@ -15,6 +15,7 @@ datagrams as fit, and a span too large to fit alone is dropped and counted.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
@@ -72,6 +73,7 @@ class JaegerAgentExporter(SpanExporter):
         self._closed = False
         self._last_resource: Resource | None = None
         self._last_process = b""
+        self._error: OSError | None = None  # why the last send failed
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         if self._closed:
@@ -79,6 +81,8 @@ class JaegerAgentExporter(SpanExporter):
         try:
             sock = self._connect()
             ok = self._export(sock, spans)
+            if not ok and self._error is not None:
+                self._report(self._error)
         except OSError as e:
             ok = False
             self._report(e)
@@ -125,11 +129,9 @@ class JaegerAgentExporter(SpanExporter):
         return sock
 
     def _export(self, sock: socket.socket, spans: Sequence[ReadableSpan]) -> bool:
-        processes: dict[int, bytes] = {}  # id(resource) -> encoded Process
         items = []
         for span in spans:
-            if (process := processes.get(id(span.resource))) is None:
-                process = processes[id(span.resource)] = _encode_process(span.resource)
+            process = self._process(span.resource)
             record = from_readable(span)
             if record is not None:
                 scope = span.instrumentation_scope
@@ -138,17 +140,16 @@ class JaegerAgentExporter(SpanExporter):
         return self._send_all(sock, items)
 
     def export_records(self, records: Sequence[SpanRecord], resource: Resource) -> bool:
-        """Send spans recorded by this package (tracing.py), all of one resource."""
+        """Send spans recorded by this package (tracing.py), all of one resource.
+        A failure raises OSError with its reason: the caller says it (once)."""
         if self._closed:
             return False
-        try:
-            sock = self._connect()
-            process = self._process(resource)
-            items = [(process, span) for r in records for span in encode_record(r)]
-            return self._send_all(sock, items)
-        except OSError as e:
-            self._report(e)
-            return False
+        sock = self._connect()
+        process = self._process(resource)
+        items = [(process, span) for r in records for span in encode_record(r)]
+        if not self._send_all(sock, items) and self._error is not None:
+            raise self._error
+        return True
 
     def _process(self, resource: Resource) -> bytes:
         if self._last_resource is not resource:
@@ -187,10 +188,17 @@ class JaegerAgentExporter(SpanExporter):
         self._seq_no += 1
         try:
             sock.send(datagram)
+        except ConnectionRefusedError as e:
+            # The refusal is an earlier datagram's: the agent's port was closed when it
+            # arrived. This one was not sent: send it anyway, so that while the agent
+            # stays away every export meets the refusal (not every other one, which
+            # would say "down" and "back" by turns), and once it is back this one counts.
+            self._error = e
+            with contextlib.suppress(OSError):
+                sock.send(datagram)
+            return False
         except OSError as e:
-            # Typically ECONNREFUSED left by an earlier datagram: this one is lost, but the
-            # error is cleared by being reported, so the next datagrams still get their chance.
-            self._report(e)
+            self._error = e
             return False
         return True
 

@@ -15,6 +15,7 @@ from opentelemetry.trace import Link, SpanKind, Status, StatusCode, Tracer
 from opentelemetry.util.types import AttributeValue
 
 from crucible.observe.jaeger import JaegerAgentExporter
+from crucible.observe.spans import SpanRecord
 from tests.observe.jaeger_agent import JaegerAgent
 
 WAIT_S = 30.0  # a bound against hanging, not an expectation of speed
@@ -224,3 +225,46 @@ def test_shutdown(agent: JaegerAgent, providers: list[TracerProvider]) -> None:
     assert exporter.force_flush()
     exporter.shutdown()
     assert exporter.export(spans) is SpanExportResult.FAILURE
+
+
+class ClosedPort:
+    """A connected UDP socket to a port nobody listens on, as the kernel runs
+    it: a datagram sent there leaves a refusal that the next send reports
+    (and that datagram is then not sent)."""
+
+    def __init__(self) -> None:
+        self.open = False  # the agent is there
+        self.pending = False
+        self.delivered = 0
+
+    def send(self, data: bytes) -> int:
+        if self.pending:
+            self.pending = False
+            raise ConnectionRefusedError(111, "Connection refused")
+        if self.open:
+            self.delivered += 1
+        else:
+            self.pending = True  # the port unreachable comes back
+        return len(data)
+
+    def close(self) -> None:
+        pass
+
+
+def test_an_absent_agent_fails_every_export_not_every_other() -> None:
+    exporter = JaegerAgentExporter("127.0.0.1", 9)
+    port = ClosedPort()
+    exporter._sock = port  # type: ignore[assignment]  # noqa: SLF001
+    record = SpanRecord("x", 1, 2, None, 0, 1000, {"k": 1})
+    resource = Resource.create({"service.name": "test"})
+    assert exporter.export_records([record], resource)  # (nothing has come back yet)
+    for _ in range(5):  # every later export meets the refusal its predecessor left
+        with pytest.raises(ConnectionRefusedError):
+            exporter.export_records([record], resource)
+    port.open = True  # the agent starts: the datagram sent after the refusal reaches it
+    with pytest.raises(ConnectionRefusedError):
+        exporter.export_records([record], resource)
+    assert port.delivered == 1
+    for _ in range(3):
+        assert exporter.export_records([record], resource)
+    assert port.delivered == 4
