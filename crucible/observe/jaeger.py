@@ -343,23 +343,44 @@ _KINDS = {SpanKind.SERVER: "server", SpanKind.CLIENT: "client",
 
 
 def encode_record(r: SpanRecord) -> list[bytes]:
-    """A span and its children (they share its trace, parent and attributes:
-    those are encoded once)."""
-    high, low = _split(r.trace_id)
-    i64 = _I64_FIELD
-    trace = [i64, _zigzag(low), i64, _zigzag(high)]
+    """A span and its children (they share its trace, its id as their parent
+    and its attributes: those are encoded once)."""
+    trace = _trace_fields(r.trace_id)
     own_id = _zigzag(_signed(r.span_id))
     shared = _tags(r.attrs.items())
-    out = [encode_span(r, trace=trace, span_id=own_id, shared=shared)]
+    out = [
+        _span_bytes(
+            trace, own_id, _parent_id(r), r.name, r.start_ns, r.end_ns,
+            shared + _tags(_status_tags(r.kind, r.error)), r.links, r.events,
+        )
+    ]  # fmt: skip
     for c in r.children:
-        parts = [*trace, i64, _zigzag(_signed(c.span_id)), i64, own_id, _NEXT_BINARY,
-                 _bin(_utf8(c.name)), _field(2, _C_I32), _ONE,
-                 i64, _varint((c.start_ns // 1000) << 1),
-                 i64, _varint(((c.end_ns - c.start_ns) // 1000) << 1)]  # fmt: skip
         tags = shared + _tags([*c.attrs.items(), *_status_tags(c.kind, c.error)])
-        parts += [_NEXT_LIST, _list_head(len(tags)), *tags, b"\0"]
-        out.append(b"".join(parts))
+        span_id = _zigzag(_signed(c.span_id))
+        out.append(_span_bytes(trace, span_id, own_id, c.name, c.start_ns, c.end_ns, tags))
     return out
+
+
+def encode_span(r: SpanRecord, scope: str | None = None, version: str | None = None) -> bytes:
+    """A Span struct (its children, if any, are encode_record's)."""
+    extra = _status_tags(r.kind, r.error)
+    if scope is not None:
+        extra.append(("otel.scope.name", scope))
+        if version:
+            extra.append(("otel.scope.version", version))
+    return _span_bytes(
+        _trace_fields(r.trace_id), _zigzag(_signed(r.span_id)), _parent_id(r), r.name,
+        r.start_ns, r.end_ns, _tags([*r.attrs.items(), *extra]), r.links, r.events,
+    )  # fmt: skip
+
+
+def _trace_fields(trace_id: int) -> list[bytes]:
+    high, low = _split(trace_id)
+    return [_I64_FIELD, _zigzag(low), _I64_FIELD, _zigzag(high)]
+
+
+def _parent_id(r: SpanRecord) -> bytes:
+    return _zigzag(_signed(r.parent_id) if r.parent_id is not None else 0)
 
 
 def _status_tags(kind: SpanKind, error: str | None) -> list[tuple[str, object]]:
@@ -373,56 +394,43 @@ def _status_tags(kind: SpanKind, error: str | None) -> list[tuple[str, object]]:
     return tags
 
 
-def encode_span(
-    r: SpanRecord,
-    scope: str | None = None,
-    version: str | None = None,
-    trace: list[bytes] | None = None,
-    span_id: bytes | None = None,
-    shared: list[bytes] | None = None,
+def _span_bytes(
+    trace: list[bytes],
+    span_id: bytes,
+    parent: bytes,
+    name: str,
+    start_ns: int,
+    end_ns: int,
+    tags: list[bytes],
+    links: tuple[tuple[int, int], ...] = (),
+    events: tuple[tuple[str, int, dict[str, Any] | None], ...] = (),
 ) -> bytes:
-    """A Span struct, its fields 1-11 in order (`trace`, `span_id` and
-    `shared`, the tags of r.attrs, when they are already encoded)."""
+    """A Span struct, its fields 1-11 in order, from pieces already encoded
+    (the trace id's fields, the span's and its parent's ids, the tags)."""
     i64 = _I64_FIELD
-    if trace is None:
-        high, low = _split(r.trace_id)
-        trace = [i64, _zigzag(low), i64, _zigzag(high)]
-    parts = [
-        *trace, i64, span_id or _zigzag(_signed(r.span_id)),
-        i64, _zigzag(_signed(r.parent_id) if r.parent_id is not None else 0),
-        _NEXT_BINARY, _bin(_utf8(r.name)),
-    ]  # fmt: skip
+    parts = [*trace, i64, span_id, i64, parent, _NEXT_BINARY, _bin(_utf8(name))]
     delta = 2  # to flags (7) from operationName (5), or from references (6)
-    if r.links:
-        parts += [_field(1, _C_LIST), _list_head(len(r.links))]
-        for trace_id, link_id in r.links:
+    if links:
+        parts += [_field(1, _C_LIST), _list_head(len(links))]
+        for trace_id, link_id in links:
             lhigh, llow = _split(trace_id)
             parts += [
-                _field(1, _C_I32), _zigzag(_FOLLOWS_FROM), _I64_FIELD, _zigzag(llow),
-                _I64_FIELD, _zigzag(lhigh), _I64_FIELD, _zigzag(_signed(link_id)), b"\0",
+                _field(1, _C_I32), _zigzag(_FOLLOWS_FROM), i64, _zigzag(llow),
+                i64, _zigzag(lhigh), i64, _zigzag(_signed(link_id)), b"\0",
             ]  # fmt: skip
         delta = 1
-    start, duration = r.start_ns // 1000, (r.end_ns - r.start_ns) // 1000
+    start, duration = start_ns // 1000, (end_ns - start_ns) // 1000
     parts += [_field(delta, _C_I32), _ONE,  # flags: sampled
               i64, _varint(start << 1), i64, _varint(duration << 1)]  # fmt: skip
-    extra = _status_tags(r.kind, r.error)
-    if scope is not None:
-        extra.append(("otel.scope.name", scope))
-        if version:
-            extra.append(("otel.scope.version", version))
-    if shared is None:
-        tags = _tags([*r.attrs.items(), *extra] if extra else r.attrs.items())
-    else:
-        tags = shared + _tags(extra) if extra else shared
     delta = 1
     if tags:
         parts += [_NEXT_LIST, _list_head(len(tags)), *tags]
     else:
         delta = 2
-    if r.events:
-        parts += [_field(delta, _C_LIST), _list_head(len(r.events))]
-        for name, ts, attrs in r.events:
-            fields = _tags([("event", name), *attrs.items()] if attrs else [("event", name)])
+    if events:
+        parts += [_field(delta, _C_LIST), _list_head(len(events))]
+        for ename, ts, attrs in events:
+            fields = _tags([("event", ename), *attrs.items()] if attrs else [("event", ename)])
             parts += [i64, _varint((ts // 1000) << 1), _NEXT_LIST,
                       _list_head(len(fields)), *fields, b"\0"]  # fmt: skip
     parts.append(b"\0")

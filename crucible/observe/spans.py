@@ -43,23 +43,15 @@ class SpanRecord(NamedTuple):
 
 def expand(r: SpanRecord) -> list[SpanRecord]:
     """A record and its children, as records of their own."""
-    out = [r._replace(children=())]
-    for c in r.children:
-        attrs = {**r.attrs, **c.attrs}
-        out.append(
-            SpanRecord(
-                c.name,
-                r.trace_id,
-                c.span_id,
-                r.span_id,
-                c.start_ns,
-                c.end_ns,
-                attrs,
-                error=c.error,
-                kind=c.kind,
-            )
-        )
-    return out
+    return [r._replace(children=()), *(child_record(r, c) for c in r.children)]
+
+
+def child_record(r: SpanRecord, c: Child) -> SpanRecord:
+    """A child as a record of its own, its parent's attributes before its own."""
+    return SpanRecord(
+        c.name, r.trace_id, c.span_id, r.span_id, c.start_ns, c.end_ns, {**r.attrs, **c.attrs},
+        error=c.error, kind=c.kind,
+    )  # fmt: skip
 
 
 def to_readable(r: SpanRecord, resource: Resource) -> ReadableSpan:
