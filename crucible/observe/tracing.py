@@ -17,6 +17,7 @@ same way on both sides, so a sampled job is sampled everywhere.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import threading
@@ -231,7 +232,7 @@ def random_id(bits: int) -> int:
 
 def job_ids(upstairs_id: uuid.UUID, session_id: uuid.UUID, job_id: int) -> tuple[int, int]:
     """(trace id, id of the upstairs' job span) of a job: both sides compute it."""
-    return _ids(upstairs_id.bytes + session_id.bytes, job_id)
+    return _ids(_session(upstairs_id.int, session_id.int)[0], job_id)
 
 
 def _ids(session_key: bytes, job_id: int) -> tuple[int, int]:
@@ -239,11 +240,14 @@ def _ids(session_key: bytes, job_id: int) -> tuple[int, int]:
     return xxhash.xxh3_128_intdigest(key) or 1, xxhash.xxh3_64_intdigest(key) or 1
 
 
-def _job_attrs(upstairs_id: uuid.UUID, session_id: uuid.UUID, job_id: int) -> dict[str, Any]:
-    return {
-        "crucible.upstairs_id": str(upstairs_id),
-        "crucible.session_id": str(session_id),
-        "crucible.job_id": job_id,
+@functools.lru_cache(maxsize=64)
+def _session(upstairs_id: int, session_id: int) -> tuple[bytes, dict[str, Any]]:
+    """A session's key for job ids, and the span attributes naming it (not to
+    be changed: copy it). Keyed by the ids' ints, which hash without Python."""
+    up, sess = uuid.UUID(int=upstairs_id), uuid.UUID(int=session_id)
+    return up.bytes + sess.bytes, {
+        "crucible.upstairs_id": str(up),
+        "crucible.session_id": str(sess),
     }
 
 
@@ -263,9 +267,6 @@ class UpstairsTracer:
         # job id -> [start ns, op, bytes, attributes, acked ns, trace id, span id,
         # the spans of the clients' parts (Child)]
         self.jobs: dict[int, list[Any]] = {}
-        self._session: tuple[uuid.UUID, uuid.UUID] | None = None
-        self._key = b""
-        self._attrs: dict[str, Any] = {}
         self.clients: dict[tuple[int, int], int] = {}  # (job, client) -> sent ns
         self.extents: dict[int, int] = {}  # extent under live repair -> start ns
         self.activation: tuple[int, int, int] | None = None  # (trace, span, start ns)
@@ -304,17 +305,14 @@ class UpstairsTracer:
 
     def _begin(self, jid: int, op: str, nbytes: int, extent: int | None) -> None:
         """A job to trace if its trace is sampled: its ids are worked out once."""
-        ids = self.session()
-        if ids != self._session:  # a new session: its key and attributes, once
-            self._session = ids
-            self._key = ids[0].bytes + ids[1].bytes
-            self._attrs = _job_attrs(ids[0], ids[1], 0)
-        trace_id, span_id = _ids(self._key, jid)
+        up, sess = self.session()
+        key, named = _session(up.int, sess.int)
+        trace_id, span_id = _ids(key, jid)
         if not self.t.sampled(trace_id):
             return
         if len(self.jobs) > MAX_OPEN:  # jobs never finished (a session that ended)
             self.jobs.clear()
-        attrs = {**self._attrs, "crucible.job_id": jid}
+        attrs = {**named, "crucible.job_id": jid}
         if extent is not None:
             attrs["crucible.extent"] = extent
         self.jobs[jid] = [time.time_ns(), op, nbytes, attrs, 0, trace_id, span_id, []]
@@ -329,7 +327,6 @@ class UpstairsTracer:
         if rec is None:  # not sampled
             return
         start, op, nbytes, attrs, acked, trace_id, span_id, children = rec
-        attrs = dict(attrs)
         if nbytes:
             attrs["crucible.bytes"] = nbytes
         events = (("acked", acked, None),) if acked else ()
@@ -379,8 +376,7 @@ class UpstairsTracer:
         trace_id, span_id, start = self.activation
         self.activation = None
         up, sess = self.session()
-        attrs = {**_job_attrs(up, sess, 0), "crucible.generation": gen}
-        del attrs["crucible.job_id"]
+        attrs = {**_session(up.int, sess.int)[1], "crucible.generation": gen}
         self.t.emit("activate", trace_id, span_id, None, start, time.time_ns(), attrs, error=error)
 
     def _reconcile_start(self, needed: int) -> None:
@@ -404,8 +400,6 @@ class DownstairsTracer:
         self.t = tracing
         self.extent_size = extent_size
         self.begun: dict[int, list[Any]] = {}  # id(message) -> [start ns, events]
-        # (upstairs id, session id) -> (their bytes, their span attributes)
-        self.sessions: dict[tuple[int, int], tuple[bytes, dict[str, Any]]] = {}
         for op, (start, done) in DS_JOBS.items():
             DS.attach(start, self._start)
             if not DS.attached(done):  # (live-repair jobs share done probes)
@@ -432,19 +426,11 @@ class DownstairsTracer:
             rec = self.begun.pop(id(msg), None)
             if rec is None:
                 return
-            up, sess = msg.upstairs_id, msg.session_id
-            known = self.sessions.get((up.int, sess.int))
-            if known is None:
-                if len(self.sessions) > 64:
-                    self.sessions.clear()
-                known = self.sessions[(up.int, sess.int)] = (
-                    up.bytes + sess.bytes,
-                    _job_attrs(up, sess, 0),
-                )
-            trace_id, job_span = _ids(known[0], jid)
+            key, named = _session(msg.upstairs_id.int, msg.session_id.int)
+            trace_id, job_span = _ids(key, jid)
             if not self.t.sampled(trace_id):
                 return
-            attrs = {**known[1], "crucible.job_id": jid}
+            attrs = {**named, "crucible.job_id": jid}
             start = getattr(msg, "start", None)
             if start is not None and self.extent_size:
                 attrs["crucible.extent"] = start // self.extent_size
