@@ -30,7 +30,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from crucible.observe.probes import DS, DS_DISK, DS_LIVE, DS_OPS, GW_OPS, NBD, UP
+from crucible.observe.probes import DS, DS_DISK, DS_IO, DS_LIVE, DS_OPS, GW_OPS, NBD, UP
 
 # From 50 us (a job answered from the page cache) to 10 s (a stalled downstairs).
 LATENCY_BUCKETS = (
@@ -311,15 +311,29 @@ class StatusCollector(Collector):
         yield c("crucible_upstairs_verify_divergent", "Blocks found differing", v["divergent"])
 
 
+class _Connections:
+    """PREFIX_connects_total and the PREFIX_connections gauge, from the
+    open and close probes of a server's connections."""
+
+    def __init__(self, t: Tally, registry: CollectorRegistry, prefix: str, who: str) -> None:
+        self.accepted = t.counter(f"{prefix}_connects", f"{who} connections accepted", [])()
+        self.gone = 0
+        now = Gauge(f"{prefix}_connections", f"{who} connections open now", registry=registry)
+        now.set_function(lambda: self.accepted[0] - self.gone)
+
+    def opened(self, *_: Any) -> None:
+        self.accepted[0] += 1
+
+    def closed(self, *_: Any) -> None:
+        self.gone += 1
+
+
 class DownstairsMetrics:
     """crucible_downstairs_*."""
 
     def __init__(self, registry: CollectorRegistry, dirty_extents: Callable[[], int]) -> None:
         t = Tally()
-        self.connected = t.counter(
-            "crucible_downstairs_connects", "Upstairs connections accepted", []
-        )()
-        self.closed = [0]
+        self.connections = _Connections(t, registry, "crucible_downstairs", "Upstairs")
         self.jobs = t.counter("crucible_downstairs_jobs", "Jobs answered, by kind", ["op"])
         self.errors = t.counter("crucible_downstairs_errors", "Jobs answered with an error", ["op"])
         self.read_bytes = t.counter(
@@ -342,10 +356,6 @@ class DownstairsMetrics:
             [],
         )()
         registry.register(t)
-        gauge = Gauge(
-            "crucible_downstairs_connections", "Upstairs connected now", registry=registry
-        )
-        gauge.set_function(lambda: self.connected[0] - self.closed[0])
         dirty = Gauge(
             "crucible_downstairs_dirty_extents",
             "Extents written since their last flush",
@@ -355,14 +365,14 @@ class DownstairsMetrics:
         self._attach()
 
     def _attach(self) -> None:
-        for op in ["read", "write", "writeunwritten", "flush", "barrier", "trim"]:
+        for op in DS_IO:
             self._attach_job(op)
         for op in DS_DISK:
             start, done = _timer(self.disk(op).observe)
             DS.attach(f"os__{op}__start", lambda jid, msg, start=start: start(id(msg)))
             DS.attach(f"os__{op}__done", lambda jid, msg, done=done: done(id(msg)))
-        DS.attach("connection__open", self._opened)
-        DS.attach("connection__close", self._closed)
+        DS.attach("connection__open", self.connections.opened)
+        DS.attach("connection__close", self.connections.closed)
         DS.attach("repair__served", self._served)
 
     def _attach_job(self, op: str) -> None:
@@ -384,12 +394,6 @@ class DownstairsMetrics:
         DS.attach(f"submit__{op}__start", start)
         DS.attach(f"submit__{op}__done", done)
 
-    def _opened(self, cid: int, peer: str) -> None:
-        self.connected[0] += 1
-
-    def _closed(self, cid: int, peer: str) -> None:
-        self.closed[0] += 1
-
     def _served(self, extent: int, nbytes: int) -> None:
         self.repair_bytes[0] += nbytes
 
@@ -399,26 +403,17 @@ class NbdMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         t = Tally()
-        accepted = t.counter("crucible_nbd_connects", "NBD clients accepted", [])()
-        closed = [0]
+        connections = _Connections(t, registry, "crucible_nbd", "NBD client")
         requests = t.counter("crucible_nbd_requests", "NBD requests, by command", ["command"])
         nbytes = t.counter(
             "crucible_nbd_request_bytes", "Bytes NBD requests asked for, by command", ["command"]
         )
         registry.register(t)
-        conns = Gauge("crucible_nbd_connections", "NBD clients connected now", registry=registry)
-        conns.set_function(lambda: accepted[0] - closed[0])
-
-        def opened(peer: str) -> None:
-            accepted[0] += 1
-
-        def gone(peer: str) -> None:
-            closed[0] += 1
 
         def request(command: str, length: int) -> None:
             requests(command)[0] += 1
             nbytes(command)[0] += length
 
-        NBD.attach("nbd__connection__open", opened)
-        NBD.attach("nbd__connection__close", gone)
+        NBD.attach("nbd__connection__open", connections.opened)
+        NBD.attach("nbd__connection__close", connections.closed)
         NBD.attach("nbd__request", request)

@@ -91,11 +91,9 @@ UP = Provider(
 # Each job a downstairs takes: its submit probes (start: accepted, with (job id,
 # the message); done: its reply about to be sent, with (job id, the message,
 # the error or None, bytes read or written)). Live-repair jobs share done probes.
+DS_IO = ["read", "write", "writeunwritten", "flush", "barrier", "trim"]
 DS_JOBS: dict[str, tuple[str, str]] = {
-    **{
-        op: (f"submit__{op}__start", f"submit__{op}__done")
-        for op in ["read", "write", "writeunwritten", "flush", "barrier", "trim"]
-    },
+    **{op: (f"submit__{op}__start", f"submit__{op}__done") for op in DS_IO},
     "el_close": ("submit__el__close__start", "submit__el__close__done"),
     "el_flush_close": ("submit__el__flush_close__start", "submit__el__close__done"),
     "el_repair": ("submit__el__repair__start", "submit__el__repair__done"),
