@@ -47,13 +47,24 @@ def non_negative_int(text: str) -> int:
     return _int_at_least(text, 0, "must not be negative")
 
 
-def non_negative_float(text: str) -> float:
+def _number(text: str) -> float:
     try:
-        v = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def non_negative_float(text: str) -> float:
+    v = _number(text)
     if not math.isfinite(v) or v < 0:
         raise argparse.ArgumentTypeError(f"{text} must be a finite number, not negative")
+    return v
+
+
+def positive_float(text: str) -> float:
+    v = _number(text)
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number above 0")
     return v
 
 

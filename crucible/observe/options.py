@@ -10,6 +10,7 @@ import math
 
 from prometheus_client import CollectorRegistry
 
+from crucible.common.address import host_port
 from crucible.observe import logs
 from crucible.observe.metrics import MetricsError, serve
 from crucible.observe.tracing import TraceError, Tracing
@@ -18,14 +19,11 @@ log = logging.getLogger("crucible.observe")
 
 
 def listen_address(text: str) -> tuple[str, int]:
-    """ADDR:PORT ([ADDR]:PORT for IPv6)."""
-    host, sep, port = text.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host:
-        raise argparse.ArgumentTypeError(f"{text!r} is not ADDR:PORT")
-    if not port.isdigit() or not 0 <= int(port) < 65536:
-        raise argparse.ArgumentTypeError(f"{text!r}: port {port!r} is not 0..65535")
-    return host, int(port)
+    """ADDR:PORT ([ADDR]:PORT for IPv6; port 0 takes any free one)."""
+    try:
+        return host_port(text, "ADDR:PORT", port_zero=True)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def ratio(text: str) -> float:

@@ -32,6 +32,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import SpanKind
 
+from crucible.common.address import host_port
 from crucible.observe.jaeger import JaegerAgentExporter
 from crucible.observe.probes import DS, DS_DISK, DS_JOBS, DS_LIVE, DS_OPS, GW_OPS, UP
 from crucible.observe.spans import Child, SpanRecord, expand, to_readable
@@ -62,11 +63,11 @@ def parse_endpoint(endpoint: str) -> tuple[str, str, int, str]:
             "agent), http://HOST:PORT (OTLP/HTTP) or grpc://HOST:PORT (OTLP/gRPC)"
         )
     hostport, _, path = rest.partition("/")
-    host, sep, port_text = hostport.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise TraceError(f"--trace-endpoint {endpoint!r}: expected HOST:PORT after the scheme")
-    return scheme, host, int(port_text), path
+    try:
+        host, port = host_port(hostport)
+    except ValueError as e:
+        raise TraceError(f"--trace-endpoint {endpoint!r}: {e}") from None
+    return scheme, host, port, path
 
 
 def exporter_for(endpoint: str) -> SpanExporter:

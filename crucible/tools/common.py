@@ -9,6 +9,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from crucible.cli_util import non_negative_float
+from crucible.common.address import host_port
 from crucible.common.errors import CrucibleError, ErrorKind
 from crucible.observe import logs, options
 from crucible.observe.metrics import NbdMetrics, UpstairsMetrics
@@ -25,17 +26,10 @@ log = logging.getLogger("crucible.tools")
 
 def target(text: str) -> SocketAddr:
     """HOST:PORT (IPv6 as [ADDR]:PORT)."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host:
-        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
-    host = host.strip("[]")
     try:
-        p = int(port)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: port {port!r} is not a number") from None
-    if not 0 < p < 65536:
-        raise argparse.ArgumentTypeError(f"{text!r}: port {p} is out of range")
-    return host, p
+        return host_port(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_target_options(p: argparse.ArgumentParser, verify_rate: float = 0.0) -> None:

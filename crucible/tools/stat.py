@@ -46,7 +46,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from crucible.cli_util import positive_int, run_async, wait_for_stop_signal
+from crucible.cli_util import positive_float, positive_int, run_async, wait_for_stop_signal
 
 PROG = "crucible-stat"
 TIMEOUT = 2.0  # seconds for one /info; an upstairs answers it from memory
@@ -327,16 +327,6 @@ def normalize_url(text: str) -> str:
 def url_label(url: str) -> str:
     """The URL as a row shows it: http:// goes without saying."""
     return url.removeprefix("http://")
-
-
-def positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(v) or v <= 0:
-        raise argparse.ArgumentTypeError(f"{text} must be a finite number above 0")
-    return v
 
 
 # -- polling -----------------------------------------------------------------
