@@ -388,7 +388,7 @@ class _Connection(asyncio.BufferedProtocol):
             self._maybe_finish()
             return
         if NBD.on:
-            NBD.fire("nbd__request", _COMMANDS.get(cmd, str(cmd)), length)
+            NBD.fire("nbd__request", _COMMANDS.get(cmd, "unknown"), length)
         error = self.check(flags, cmd, offset, length)
         if error:
             self.send_error(cookie, error, "request refused")
@@ -522,6 +522,8 @@ class _Connection(asyncio.BufferedProtocol):
             self.send(p.simple_reply(cookie, error))
 
 
+# (a command number no client should send is "unknown": a label per number
+# would let one client make the metrics grow by thousands of series)
 _COMMANDS = {int(c): c.name.lower() for c in p.Cmd}
 
 

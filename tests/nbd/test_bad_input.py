@@ -6,13 +6,15 @@ from __future__ import annotations
 import socket
 import struct
 import subprocess
+import urllib.request
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from crucible.nbd import protocol as p
 from tests.nbd.conftest import Nbd
-from tests.support import rss
+from tests.support import free_port, rss
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -215,3 +217,26 @@ def test_handshake_timeout_and_connection_cap(tmp_path: Path) -> None:
         still_serves(nbd)
     finally:
         assert nbd.stop() == 0, nbd.output()
+
+
+def test_unknown_commands_share_one_metrics_label(tmp_path: Path) -> None:
+    """A client cannot make the metrics grow a series per command number it invents."""
+    metrics = free_port()
+    n = Nbd(tmp_path, nbd_args=("--metrics", f"127.0.0.1:{metrics}"))
+    try:
+        c = Raw(n.port)
+        c.go()
+        for cmd in (99, 100, 1000, 65535):
+            assert c.request(cmd, 0, 512) == p.EINVAL
+        assert c.request(p.Cmd.READ, 0, 512) == 0
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10) as r:
+            text = r.read().decode()
+    finally:
+        assert n.stop() == 0, n.output()
+    counts = {
+        s.labels["command"]: s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+        if s.name == "crucible_nbd_requests_total"
+    }
+    assert counts == {"unknown": 4, "read": 1}
