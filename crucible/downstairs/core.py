@@ -219,7 +219,7 @@ class DownstairsCore:
             if msg.encrypted != self.definition.encrypted:
                 return [
                     Send(cid, m.EncryptedMismatch(self.definition.encrypted)),
-                    Disconnect(cid, f"upstairs encrypted={msg.encrypted}, region differs"),
+                    Disconnect(cid, _encryption_mismatch(self.definition.encrypted)),
                 ]
             conn.upstairs_id, conn.session_id, conn.gen = msg.upstairs_id, msg.session_id, msg.gen
             conn.phase = Phase.NEGOTIATED
@@ -467,3 +467,9 @@ def work_id(work: Work) -> int:
             return 0
         case _:
             return work.job_id
+
+
+def _encryption_mismatch(region_encrypted: bool) -> str:
+    if region_encrypted:
+        return "the upstairs has no key, and this region is encrypted"
+    return "the upstairs has a key, and this region is not encrypted"

@@ -22,8 +22,8 @@ from crucible.tools.common import (
     add_observe_options,
     add_target_options,
     check_targets,
+    new_upstairs,
     observed,
-    upstairs_options,
 )
 from crucible.upstairs.guest import Upstairs
 
@@ -75,7 +75,7 @@ def main() -> None:
 
 
 async def serve(args: argparse.Namespace) -> int:
-    up = Upstairs(args.target, upstairs_options(args))
+    up = new_upstairs(args)
     try:
         async with observed(args, up, "crucible-nbd", nbd=True):
             return await _serve(args, up)

@@ -12,10 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
-import xxhash
-
 from crucible.common.definition import RegionDefinition, RegionError
 from crucible.common.errors import CrucibleError, ErrorKind
+from crucible.protocol.integrity import block_hash
 from crucible.protocol.messages import BlockContext, ReadBlockContext
 from crucible.region.definition import (
     REGION_JSON,
@@ -36,17 +35,6 @@ from crucible.region.layout import (
 Progress = Callable[[int], None]
 FLUSH_THREADS = 8
 _EXTENT_NAME = re.compile(r"[0-9A-F]{2}/[0-9A-F]{3}/[0-9A-F]{3}")
-
-
-def block_hash(ctx: BlockContext, block: bytes | memoryview) -> int:
-    """The integrity hash a context must carry: xxh64(data), or
-    xxh64(nonce || tag || ciphertext) for an encrypted block."""
-    if ctx.encryption is None:
-        return xxhash.xxh64_intdigest(block)
-    h = xxhash.xxh64(ctx.encryption.nonce)
-    h.update(ctx.encryption.tag)
-    h.update(block)
-    return h.intdigest()
 
 
 def check_write(contexts: list[BlockContext], data: memoryview, block_size: int) -> None:

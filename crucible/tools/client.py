@@ -15,10 +15,9 @@ from crucible.tools.common import (
     add_observe_options,
     add_target_options,
     check_targets,
+    new_upstairs,
     observed,
-    upstairs_options,
 )
-from crucible.upstairs.guest import Upstairs
 
 PROG = "crucible"
 
@@ -41,7 +40,7 @@ def main() -> None:
 
 async def _run(args: argparse.Namespace) -> None:
     async with (
-        Upstairs(args.target, upstairs_options(args)) as up,
+        new_upstairs(args) as up,
         observed(args, up, "crucible"),
     ):
         gen = await activate(up, args.gen, args.activate_timeout)

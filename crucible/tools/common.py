@@ -6,7 +6,10 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import resource
+import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from crucible.cli_util import non_negative_float
 from crucible.common.address import host_port
@@ -18,6 +21,7 @@ from crucible.observe.tracing import UpstairsTracer
 from crucible.protocol.wire import SocketAddr
 from crucible.tools import control
 from crucible.upstairs.core import MAX_GEN
+from crucible.upstairs.encryption import NIL_VOLUME, BadKey, BlockCipher, parse_key
 from crucible.upstairs.guest import Upstairs
 from crucible.upstairs.options import Options
 
@@ -30,6 +34,24 @@ def target(text: str) -> SocketAddr:
         return host_port(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def key_text(text: str) -> bytes:
+    """--key: base64 of 32 bytes."""
+    try:
+        return parse_key(text)
+    except BadKey as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def key_file(text: str) -> bytes:
+    """--key-file: a file holding the key in base64."""
+    try:
+        return parse_key(Path(text).read_text())
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot read {text}: {e.strerror or e}") from None
+    except (BadKey, UnicodeDecodeError) as e:
+        raise argparse.ArgumentTypeError(f"{text}: {e}") from None
 
 
 def add_target_options(p: argparse.ArgumentParser, verify_rate: float = 0.0) -> None:
@@ -70,6 +92,25 @@ def add_target_options(p: argparse.ArgumentParser, verify_rate: float = 0.0) -> 
         metavar="MIB_S",
         help="compare the replicas in the background at this many MiB of the volume "
         f"per second, rewriting one that differs from the others (0: off; default {verify_rate:g})",
+    )
+    p.add_argument(
+        "--id",
+        "--uuid",
+        type=uuid.UUID,
+        default=None,
+        metavar="UUID",
+        help="the volume's upstairs id (random when not given); with a key it is bound "
+        "into every block, so give the same id each time the volume is opened",
+    )
+    keys = p.add_mutually_exclusive_group()
+    keys.add_argument(
+        "--key",
+        type=key_text,
+        metavar="BASE64",
+        help="the volume's encryption key, base64 of 32 bytes (visible to ps: prefer --key-file)",
+    )
+    keys.add_argument(
+        "--key-file", type=key_file, metavar="PATH", help="a file holding the key in base64"
     )
 
 
@@ -113,11 +154,23 @@ async def observed(
 def upstairs_options(args: argparse.Namespace) -> Options:
     """The upstairs' options from the flags add_target_options (and
     --read-only, where a tool has it) added."""
+    key: bytes | None = args.key or args.key_file
+    cipher = None
+    if key is not None:
+        # A core dump would hold the key.
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        cipher = BlockCipher(key, args.id or NIL_VOLUME)
     return Options(
         read_only=getattr(args, "read_only", False),
         read_all_replicas=args.read_all_replicas,
         verify_rate=args.verify_rate * (1 << 20),
+        cipher=cipher,
     )
+
+
+def new_upstairs(args: argparse.Namespace) -> Upstairs:
+    """The upstairs the flags of add_target_options describe."""
+    return Upstairs(args.target, upstairs_options(args), args.id)
 
 
 def check_targets(p: argparse.ArgumentParser, targets: list[SocketAddr]) -> None:

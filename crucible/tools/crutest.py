@@ -18,9 +18,9 @@ from crucible.tools.common import (
     add_observe_options,
     add_target_options,
     check_targets,
+    new_upstairs,
     observed,
     target,
-    upstairs_options,
 )
 from crucible.tools.fault_workloads import repair, replace, replay
 from crucible.tools.verify_log import VerifyLog
@@ -42,7 +42,6 @@ from crucible.tools.workloads import (
     verify,
     verify_replicas,
 )
-from crucible.upstairs.guest import Upstairs
 
 PROG = "crutest"
 log = logging.getLogger("crucible.crutest")
@@ -160,7 +159,7 @@ def main() -> None:
 async def _main(args: argparse.Namespace) -> int:
     seed = args.seed if args.seed is not None else random.randrange(1 << 32)
     async with (
-        Upstairs(args.target, upstairs_options(args)) as up,
+        new_upstairs(args) as up,
         observed(args, up, "crutest"),
     ):
         gen = await activate(up, args.gen, args.activate_timeout)

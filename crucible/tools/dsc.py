@@ -2,7 +2,7 @@
 each, and stops, starts or kills them on request through a small HTTP API.
 
     dsc create --region-count 3 --output-dir DIR [--block-size N] [--extent-size N]
-               [--extent-count N] [--port-base 8810]
+               [--extent-count N] [--port-base 8810] [--encrypted]
     dsc start --output-dir DIR [--region-count 3] [--port-base 8810] [--control ADDR:PORT]
     dsc cmd [--control ADDR:PORT] state|stop|start|kill CID | stop-all|start-all|stop-rand|
             list|shutdown
@@ -174,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--block-size", type=block_size, default=4096)
     c.add_argument("--extent-size", type=positive_int, default=100)
     c.add_argument("--extent-count", type=positive_int, default=15)
+    c.add_argument("--encrypted", action="store_true", help="regions for an encrypted volume")
     s = sub.add_parser("start", help="run a downstairs on each region, with a control API")
     s.add_argument("--region-count", type=positive_int, default=3)
     s.add_argument("--output-dir", type=Path, required=True)
@@ -229,6 +230,7 @@ def main() -> None:
                     str(args.extent_size),
                     "--extent-count",
                     str(args.extent_count),
+                    *(["--encrypted"] if args.encrypted else []),
                 ],
                 capture_output=True,
                 text=True,

@@ -36,7 +36,8 @@ def early_ack(job: Job, deactivating: bool) -> object:
     if isinstance(op, ReadOp):
         if job.read_data is None:
             return NOT_YET
-        return job.read_data, job.read_contexts
+        data = job.read_data if job.read_plain is None else job.read_plain
+        return data, job.read_contexts
     if isinstance(op, FlushOp) and durable_on(job) >= flush_need(op, deactivating):
         return None
     return NOT_YET

@@ -43,6 +43,7 @@ class Session:
     session_id: uuid.UUID
     gen: int
     read_only: bool
+    encrypted: bool = False
 
 
 class NegotiationFailed(Exception):
@@ -201,7 +202,7 @@ class Client:
             session.session_id,
             session.gen,
             session.read_only,
-            False,
+            session.encrypted,
             [],
         )
         line = f"[{self.id}] ok, connected to {self.name}"
@@ -270,7 +271,7 @@ class Client:
                 self.set_state(DsState(Stage.REGION, self.mode))
                 return Negotiated.CONTINUE, [Send(self.id, m.RegionInfoPlease())]
             case m.RegionInfo() if stage is Stage.REGION:
-                return self._region_info(msg.region_def, volume_region, serving)
+                return self._region_info(msg.region_def, session, volume_region, serving)
             case m.ExtentVersions() if stage is Stage.VERSIONS:
                 self.versions = ExtentVersions(msg.gen_numbers, msg.flush_numbers, msg.dirty_bits)
                 return Negotiated.VERSIONS, []
@@ -285,7 +286,11 @@ class Client:
         return [Send(self.id, promote)]
 
     def _region_info(
-        self, d: RegionDefinition, ref: RegionDefinition | None, serving: bool
+        self,
+        d: RegionDefinition,
+        session: Session,
+        ref: RegionDefinition | None,
+        serving: bool,
     ) -> tuple[Negotiated, list[Action]]:
         acts: list[Action] = [
             Log(
@@ -294,8 +299,8 @@ class Client:
             )
         ]
         problem = None
-        if d.encrypted:
-            problem = f"downstairs {self.name} holds an encrypted region; no key was given"
+        if d.encrypted != session.encrypted:
+            problem = f"downstairs {self.name} {_encryption_mismatch(d.encrypted)}"
         elif ref is not None and _shape(ref) != _shape(d):
             problem = (
                 f"downstairs {self.name} has bs:{d.block_size} es:{d.extent_size} "
@@ -348,4 +353,10 @@ def _mismatch(msg: m.VersionMismatch | m.ReadOnlyMismatch | m.EncryptedMismatch)
         case m.ReadOnlyMismatch():
             return "has a different read-only mode"
         case m.EncryptedMismatch():
-            return "has a different encryption setting"
+            return _encryption_mismatch(msg.expected)
+
+
+def _encryption_mismatch(region_encrypted: bool) -> str:
+    if region_encrypted:
+        return "holds an encrypted region: give its key with --key or --key-file"
+    return "holds a region that is not encrypted: open it without a key"

@@ -69,10 +69,15 @@ class UpstairsCore:
             raise ValueError("the three targets must be different")
         self.opts = options or Options()
         self.ds = Downstairs(targets, self.opts)
-        self.ds.session = Session(upstairs_id or uuid.uuid4(), uuid.uuid4(), 0, self.opts.read_only)
+        self.ds.session = self._session(upstairs_id or uuid.uuid4(), 0)
         self.activation = Activation()
         self.deactivate_token: object | None = None
         self.disabled_error: CrucibleError | None = None
+
+    def _session(self, upstairs_id: uuid.UUID, gen: int) -> Session:
+        """Who this upstairs is for a new activation (a new session id)."""
+        encrypted = self.opts.cipher is not None
+        return Session(upstairs_id, uuid.uuid4(), gen, self.opts.read_only, encrypted)
 
     # ---- what the rooms hold, by name -------------------------------------------------
 
@@ -119,7 +124,7 @@ class UpstairsCore:
             return [Complete(token, CrucibleError(ErrorKind.GenerationNumberInvalid, why))]
         self._set_state(UpState.GO_ACTIVE)
         # A fresh session: the downstairs know none of our earlier job ids.
-        self.ds.session = Session(self.upstairs_id, uuid.uuid4(), gen, self.opts.read_only)
+        self.ds.session = self._session(self.upstairs_id, gen)
         self.ds.table.new_session()
         self.ds.repair = None
         self.ds.allocation.forget()
@@ -207,9 +212,13 @@ class UpstairsCore:
         assert region is not None  # checked: the volume is active
         bs = region.block_size
         count = len(data) // bs
-        view = memoryview(data)
-        ctx, digest = m.BlockContext, xxhash.xxh64_intdigest
-        contexts = [ctx(digest(view[i : i + bs])) for i in range(0, count * bs, bs)]
+        cipher = self.opts.cipher
+        if cipher is not None:
+            data, contexts = cipher.seal(start, data, bs)
+        else:
+            view = memoryview(data)
+            ctx, digest = m.BlockContext, xxhash.xxh64_intdigest
+            contexts = [ctx(digest(view[i : i + bs])) for i in range(0, count * bs, bs)]
         # Fast ack: durability is promised by the next flush, not by the write.
         acts = self.ds.enqueue(WriteOp(start, contexts, data, unwritten), None, now)
         self.ds.allocation.mark(start, count, True)

@@ -60,7 +60,7 @@ from crucible.upstairs.rewrite import rewrites, runs, touched_after
 from crucible.upstairs.scrub import Scrub, compare
 from crucible.upstairs.state import ACTIVE, LIVE_REPAIR, TAKES_IO, DsState, Mode, Stage, UpState
 from crucible.upstairs.status import GuestCount
-from crucible.upstairs.verify import bad_blocks, check_read_reply, first_difference
+from crucible.upstairs.verify import bad_blocks, check_blocks, check_read_reply, first_difference
 
 # A failed live repair is tried again after 1, 2, 4 ... s; after
 # REPAIR_ATTEMPTS failures in a row, every REPAIR_BACKOFF_MAX.
@@ -424,7 +424,8 @@ class Downstairs:
         if isinstance(msg.blocks, CrucibleError):
             return msg.blocks, []
         bs = self.region.block_size
-        err = check_read_reply(job.op.start, job.op.count, bs, c.name, msg.blocks, msg.data)
+        start, count, cipher = job.op.start, job.op.count, self.opts.cipher
+        err, plain = check_read_reply(start, count, bs, c.name, msg.blocks, msg.data, cipher)
         if err is not None:
             if err.kind is ErrorKind.InvalidNumberOfBlocks:
                 return err, []
@@ -437,6 +438,7 @@ class Downstairs:
         if job.read_contexts is None:
             job.read_contexts = list(msg.blocks)
             job.read_data = msg.data  # a view into its frame, which nothing reuses
+            job.read_plain = plain
             job.read_pieces = None  # whole from one replica: pieces of others not needed
             return None, []
         if job.op.compare:
@@ -451,15 +453,16 @@ class Downstairs:
         """A reply with bad blocks: its good blocks still serve, with those of
         other replicas, so the guest gets every block that has a good copy.
         Returns the indices of the blocks whose copy on this replica is bad
-        (not those it cannot decrypt: that says nothing of the copy)."""
+        (without the key, not those it cannot decrypt: that says nothing of
+        the copy)."""
         assert isinstance(job.op, ReadOp) and self.region is not None
         assert not isinstance(msg.blocks, CrucibleError)
-        bs = self.region.block_size
-        bad = bad_blocks(job.op.start, bs, c.name, msg.blocks, msg.data)
+        bs, cipher = self.region.block_size, self.opts.cipher
+        bad = bad_blocks(job.op.start, bs, c.name, msg.blocks, msg.data, cipher)
         self.integrity_errors += len(bad)
         job.errors += [str(e) for _, e in bad]
         broken = {i for i, _ in bad}
-        damaged = [i for i, e in bad if e.kind is not ErrorKind.DecryptionError]
+        damaged = [i for i, e in bad if cipher or e.kind is not ErrorKind.DecryptionError]
         if job.read_data is not None:
             return damaged  # already served whole by another replica
         if job.read_pieces is None:
@@ -473,6 +476,8 @@ class Downstairs:
         if not missing:
             job.read_contexts, job.read_data = contexts, bytes(data)
             job.read_pieces = None
+            if cipher is not None:  # every block verified: open the whole
+                _, job.read_plain = check_blocks(job.op.start, bs, c.name, contexts, data, cipher)
         return damaged
 
     # ---- rewriting bad blocks ------------------------------------------------------
@@ -519,7 +524,7 @@ class Downstairs:
                     acts += self.enqueue(w, None, now)
             # The job stays until a flush retires it; its data is the guest's now
             # (later replies are compared by their contexts).
-            job.read_data = b""
+            job.read_data, job.read_plain = b"", None
         if job.guest is not None:
             acts.append(Complete(job.guest, result))
         return acts

@@ -138,7 +138,8 @@ class Job:
     avoid: tuple[int, ...] = ()  # clients a read must not go to (they failed it)
     replies: dict[int, Reply] = field(default_factory=dict)  # of a comparing read
     read_contexts: list[m.ReadBlockContext] | None = None
-    read_data: m.Data | None = None
+    read_data: m.Data | None = None  # as stored: sealed, in an encrypted volume
+    read_plain: bytearray | None = None  # then, what the guest gets
     # A read whose replies each had bad blocks: the blocks that verified so far,
     # and which are still missing. Acked once none are.
     read_pieces: tuple[bytearray, list[m.ReadBlockContext], set[int]] | None = None

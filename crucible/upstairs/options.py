@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from crucible.upstairs.encryption import BlockCipher
 
 
 @dataclass
 class Options:
     read_only: bool = False
+    # The volume's key (encryption.py); None: blocks are stored as they are.
+    cipher: BlockCipher | None = field(default=None, repr=False)
     # Every read to all three replicas and compared (Rust Crucible's way);
     # otherwise to one, retried on another when it fails.
     read_all_replicas: bool = False

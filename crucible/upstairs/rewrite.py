@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 from crucible.protocol import messages as m
+from crucible.protocol.integrity import sealed_hash
 from crucible.upstairs.jobs import WRITE_LIKE, Job, WriteOp, zero_hash
 
 
@@ -54,17 +55,25 @@ def rewrites(
     block_size: int,
 ) -> list[WriteOp]:
     """The writes that put the blocks at `indices` of a good read reply
-    (blocks [start, ...)) on `target`, leaving out those whose context it
-    cannot restore (encrypted: the hash is not in a read's context)."""
+    (blocks [start, ...)) on `target`, as they are (sealed blocks stay
+    sealed: the copies keep agreeing, nonce for nonce)."""
     bs = block_size
-    keep = [i for i in indices if contexts[i] is None or isinstance(contexts[i], int)]
     view = memoryview(data)
     out = []
-    for first, n in runs(keep):
+    for first, n in runs(indices):
         chunk = bytes(view[first * bs : (first + n) * bs])
         ctxs = [
-            m.BlockContext(c if isinstance(c, int) else zero_hash(bs))
-            for c in contexts[first : first + n]
+            _written(c, view[(first + k) * bs : (first + k + 1) * bs], bs)
+            for k, c in enumerate(contexts[first : first + n])
         ]
         out.append(WriteOp(start + first, ctxs, chunk, to=target))
     return out
+
+
+def _written(ctx: m.ReadBlockContext, block: memoryview, block_size: int) -> m.BlockContext:
+    """The context a write of a block read back with `ctx` carries."""
+    if ctx is None:
+        return m.BlockContext(zero_hash(block_size))
+    if isinstance(ctx, int):
+        return m.BlockContext(ctx)
+    return m.BlockContext(sealed_hash(ctx.nonce, ctx.tag, block), ctx)

@@ -1,9 +1,12 @@
 """Checking what a downstairs returns for a read, before anything reaches the guest.
 
 Every block is verified on its own: a plain block against its xxh64 hash, a
-never-written (Empty) block must be all zeros; encrypted blocks need the key,
-which this upstairs does not hold. A block that fails is an integrity error:
-it is taken from another replica whose copy verifies.
+never-written (Empty) block must be all zeros, a sealed block must open with
+the volume's key at its own index (encryption.py). In an encrypted volume a
+plain block is accepted only if it is zeros (a trim's zero-fill): a downstairs
+without the key must not be able to put anything else in front of the guest.
+A block that fails is an integrity error: it is taken from another replica
+whose copy verifies.
 """
 
 from __future__ import annotations
@@ -14,6 +17,10 @@ import xxhash
 
 from crucible.common.errors import CrucibleError, ErrorKind
 from crucible.protocol import messages as m
+from crucible.upstairs.encryption import BlockCipher, InvalidBlock
+
+# A reply's blocks that failed, each as (its index in the reply, why).
+Bad = list[tuple[int, CrucibleError]]
 
 
 def check_read_reply(
@@ -23,24 +30,27 @@ def check_read_reply(
     source: str,
     blocks: list[m.ReadBlockContext],
     data: m.Data,
-) -> CrucibleError | None:
-    """Why this reply for blocks [start, start+count) cannot be used, or None."""
+    cipher: BlockCipher | None = None,
+) -> tuple[CrucibleError | None, bytearray | None]:
+    """Why this reply for blocks [start, start+count) cannot be used, or None;
+    and with a cipher, the blocks' plaintext."""
     bs = block_size
     if (
-        count == 1
+        cipher is None
+        and count == 1
         and len(blocks) == 1
         and type(blocks[0]) is int
         and len(data) == bs
         and xxhash.xxh64_intdigest(data) == blocks[0]
     ):
-        return None  # one plain block that matches: the commonest reply
+        return None, None  # one plain block that matches: the commonest reply
     if len(blocks) != count or len(data) != count * bs:
         return CrucibleError(
             ErrorKind.InvalidNumberOfBlocks,
             f"read reply has {len(blocks)} blocks, {len(data)} bytes",
-        )
-    bad = bad_blocks(start, block_size, source, blocks, data, first_only=True)
-    return bad[0][1] if bad else None
+        ), None
+    bad, plain = check_blocks(start, block_size, source, blocks, data, cipher, first_only=True)
+    return (bad[0][1] if bad else None), plain
 
 
 def bad_blocks(
@@ -49,39 +59,62 @@ def bad_blocks(
     source: str,
     blocks: list[m.ReadBlockContext],
     data: m.Data,
+    cipher: BlockCipher | None = None,
+) -> Bad:
+    """Each block of a well-formed reply that does not verify."""
+    return check_blocks(start, block_size, source, blocks, data, cipher)[0]
+
+
+def check_blocks(
+    start: int,
+    block_size: int,
+    source: str,
+    blocks: list[m.ReadBlockContext],
+    data: m.Data,
+    cipher: BlockCipher | None,
     first_only: bool = False,
-) -> list[tuple[int, CrucibleError]]:
-    """Each block of a well-formed reply that does not verify: (its index in
-    the reply, why)."""
+) -> tuple[Bad, bytearray | None]:
+    """The blocks of a well-formed reply that do not verify; and with a
+    cipher, the plaintext of those that do."""
     bs = block_size
     view = memoryview(data)
     zero = _zeros(bs)
-    out: list[tuple[int, CrucibleError]] = []
+    plain = bytearray(len(data)) if cipher is not None else None
+    out: Bad = []
     for i, ctx in enumerate(blocks):
         block = view[i * bs : (i + 1) * bs]
+        where = f"block {start + i} from {source}"
         if ctx is None:
             if block == zero:
                 continue
-            err = CrucibleError(
-                ErrorKind.MissingBlockContext,
-                f"block {start + i} from {source} has data but no context",
-            )
+            err = CrucibleError(ErrorKind.MissingBlockContext, f"{where} has data but no context")
         elif isinstance(ctx, int):
-            if xxhash.xxh64_intdigest(block) == ctx:
-                continue
-            err = CrucibleError(
-                ErrorKind.HashMismatch,
-                f"block {start + i} from {source} does not match its hash: corrupt replica",
-            )
+            if xxhash.xxh64_intdigest(block) != ctx:
+                why = f"{where} does not match its hash: corrupt replica"
+                err = CrucibleError(ErrorKind.HashMismatch, why)
+            elif cipher is not None and block != zero:
+                why = f"{where} is not encrypted, in an encrypted volume"
+                err = CrucibleError(ErrorKind.DecryptionError, why)
+            else:
+                continue  # (a plain zero block's plaintext is the zeros already there)
+        elif cipher is None:
+            why = f"{where} is encrypted, and this upstairs has no key"
+            err = CrucibleError(ErrorKind.DecryptionError, why)
         else:
-            err = CrucibleError(
-                ErrorKind.DecryptionError,
-                f"block {start + i} is encrypted, and this upstairs has no key",
-            )
+            try:
+                assert plain is not None
+                plain[i * bs : (i + 1) * bs] = cipher.open(start + i, ctx, block)
+                continue
+            except InvalidBlock:
+                why = (
+                    f"{where} fails authentication: changed, moved from another block "
+                    "or volume, or sealed with another key"
+                )
+                err = CrucibleError(ErrorKind.DecryptionError, why)
         out.append((i, err))
         if first_only:
             break
-    return out
+    return out, plain
 
 
 @functools.lru_cache(maxsize=4)

@@ -13,9 +13,10 @@ import pytest
 
 from crucible.common.definition import RegionDefinition, RegionError
 from crucible.common.errors import CrucibleError, ErrorKind
+from crucible.protocol.integrity import block_hash
 from crucible.protocol.messages import BlockContext, EncryptionContext
 from crucible.region.layout import extent_path, staging_dir
-from crucible.region.region import Region, block_hash
+from crucible.region.region import Region
 from tests.region.conftest import MakeRegion, tear
 from tests.support import contexts_for, pattern
 

@@ -13,7 +13,8 @@ BS = 512
 
 def test_good_replies_pass() -> None:
     data = b"a" * BS + bytes(BS)
-    assert check_read_reply(0, 2, BS, "ds", [xxhash.xxh64_intdigest(b"a" * BS), None], data) is None
+    blocks: list[m.ReadBlockContext] = [xxhash.xxh64_intdigest(b"a" * BS), None]
+    assert check_read_reply(0, 2, BS, "ds", blocks, data) == (None, None)
 
 
 def test_every_kind_of_bad_block_is_refused() -> None:
@@ -26,7 +27,7 @@ def test_every_kind_of_bad_block_is_refused() -> None:
         ([good, good], b"a" * BS, ErrorKind.InvalidNumberOfBlocks),
     ]
     for blocks, data, kind in cases:
-        err = check_read_reply(7, 1, BS, "ds", blocks, data)
+        err, _ = check_read_reply(7, 1, BS, "ds", blocks, data)
         assert err is not None and err.kind == kind, (blocks, kind)
 
 
