@@ -27,11 +27,12 @@ class Nbd:
         plain_v13: tuple[int, ...] = (),
         log_jobs: bool = False,
         nbd_args: tuple[str, ...] = (),
+        create_args: tuple[str, ...] = (),
     ) -> None:
         """`plain_v13`: the downstairs that run as plain Crucible V13 ones
         (no extensions: a Trim drops the connection, no map of allocation)."""
         require_tools()
-        args = ("--extent-size", "4096", "--extent-count", "32")
+        args = ("--extent-size", "4096", "--extent-count", "32", *create_args)
         self.cluster = Cluster(base, *args, log_jobs=log_jobs)
         for i in plain_v13:
             self.cluster.stop(i)
