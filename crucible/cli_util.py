@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any, NoReturn
 
 from tqdm import tqdm
@@ -18,6 +19,7 @@ from tqdm import tqdm
 from crucible.common.definition import RegionError, validate_block_size
 from crucible.libc import libc
 from crucible.observe import logs
+from crucible.tls import TlsFiles
 
 
 class CliError(Exception):
@@ -82,6 +84,30 @@ def block_size(text: str) -> int:
     except RegionError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return v
+
+
+def add_tls_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "mutual TLS", "on every port this command serves or dials; give all three or none"
+    )
+    g.add_argument("--cert-pem", type=Path, metavar="PATH", help="this end's certificate (PEM)")
+    g.add_argument("--key-pem", type=Path, metavar="PATH", help="its private key (PEM)")
+    g.add_argument(
+        "--root-cert-pem",
+        type=Path,
+        metavar="PATH",
+        help="the CA certificate every peer's certificate must be signed by (PEM)",
+    )
+
+
+def tls_files(p: argparse.ArgumentParser, args: argparse.Namespace) -> TlsFiles | None:
+    """The TLS flags add_tls_options added: all three, or None."""
+    given = (args.cert_pem, args.key_pem, args.root_cert_pem)
+    if not any(given):
+        return None
+    if not all(given):
+        p.error("--cert-pem, --key-pem and --root-cert-pem go together")
+    return TlsFiles(*given)
 
 
 def progress(total: int, unit: str, desc: str) -> tqdm:

@@ -16,3 +16,14 @@ def host_port(text: str, what: str = "HOST:PORT", port_zero: bool = False) -> tu
     if not (0 if port_zero else 1) <= p < 65536:
         raise ValueError(f"{text!r}: port {p} is out of range")
     return host, p
+
+
+def http_url(addr: tuple[str, int], path: str, tls: bool = False) -> str:
+    """The URL of `path` on the HTTP server at `addr` (https with TLS)."""
+    host = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
+    return f"{'https' if tls else 'http'}://{host}:{addr[1]}{path}"
+
+
+def is_loopback(host: str) -> bool:
+    """A listen address only this machine can reach."""
+    return host in ("localhost", "::1") or host.startswith("127.")

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from crucible.cli_util import (
+    add_tls_options,
     block_size,
     fail,
     non_negative_int,
@@ -26,8 +27,10 @@ from crucible.cli_util import (
     progress,
     run_async,
     setup_logging,
+    tls_files,
     wait_for_stop_signal,
 )
+from crucible.common.address import is_loopback
 from crucible.common.definition import RegionDefinition, RegionError
 from crucible.common.errors import CrucibleError
 from crucible.downstairs.server import IDLE_TIMEOUT, DownstairsServer, ListenError
@@ -38,6 +41,7 @@ from crucible.observe.tracing import DownstairsTracer
 from crucible.region.inspect import dump_block, dump_extent_blocks, dump_extents, verify_region
 from crucible.region.region import Region
 from crucible.region.transfer import export_file, import_file
+from crucible.tls import TlsError
 
 PROG = "crucible-downstairs"
 SEED_BLOCK_SIZE, SEED_EXTENT_SIZE, SEED_EXTENT_COUNT = 512, 100, 10
@@ -65,6 +69,7 @@ def _add_run_options(p: argparse.ArgumentParser, port_required: bool) -> None:
         help="behave as a plain Crucible V13 downstairs: no Trim, no capabilities page",
     )
     options.add_options(p)
+    add_tls_options(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,13 +142,17 @@ def build_seed_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list and args_list[0] not in COMMANDS and args_list[0] not in ("-h", "--help"):
-        args = build_seed_parser().parse_args(args_list)
+        parser = build_seed_parser()
+        args = parser.parse_args(args_list)
         args.command = "seed"
     else:
-        args = build_parser().parse_args(args_list)
+        parser = build_parser()
+        args = parser.parse_args(args_list)
+    if args.command in ("run", "seed"):
+        args.tls = tls_files(parser, args)
     try:
         code = _dispatch(args)
-    except (RegionError, CrucibleError, ValueError) as e:
+    except (RegionError, CrucibleError, ValueError, TlsError) as e:
         fail(PROG, str(e))
     except KeyboardInterrupt:
         code = 130
@@ -240,7 +249,8 @@ def _preview(values: list[int] | list[bool], limit: int = 16) -> str:
 
 
 async def _serve(region: Region, args: argparse.Namespace) -> int:
-    obs = Observing(args, "crucible-downstairs", **{"crucible.region": str(region.definition.uuid)})
+    attrs = {"crucible.region": str(region.definition.uuid)}
+    obs = Observing(args, "crucible-downstairs", args.tls, attrs)
     try:
         return await _run_server(region, args, obs)
     finally:
@@ -258,7 +268,16 @@ async def _run_server(region: Region, args: argparse.Namespace, obs: Observing) 
         args.port,
         idle_timeout=args.idle_timeout,
         extensions=not args.no_extensions,
+        tls=args.tls,
     )
+    if args.tls is None and not is_loopback(args.address):
+        log.warning(
+            "listening on %s without TLS: anyone who can reach ports %d and %d can read "
+            "and write this region (give --cert-pem, --key-pem and --root-cert-pem)",
+            args.address,
+            server.port,
+            server.repair_port,
+        )
     try:
         await server.start()
     except ListenError as e:

@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import ssl
 import urllib.error
 import urllib.request
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from aiohttp import web
 
+from crucible.common.address import http_url
 from crucible.common.errors import CrucibleError, ErrorKind
 from crucible.observe.probes import DS
 from crucible.protocol.capabilities import (
@@ -93,14 +95,14 @@ def make_app(region: Region, capabilities: Capabilities = OURS) -> web.Applicati
     return app
 
 
-def _url(addr: SocketAddr, path: str) -> str:
-    host = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
-    return f"http://{host}:{addr[1]}{path}"
+def _open(addr: SocketAddr, path: str, tls: ssl.SSLContext | None) -> Any:
+    url = http_url(addr, path, tls is not None)
+    return urllib.request.urlopen(url, timeout=TIMEOUT, context=tls)
 
 
-def _get(addr: SocketAddr, path: str) -> bytes:
+def _get(addr: SocketAddr, path: str, tls: ssl.SSLContext | None) -> bytes:
     try:
-        with urllib.request.urlopen(_url(addr, path), timeout=TIMEOUT) as r:
+        with _open(addr, path, tls) as r:
             body: bytes = r.read()
             return body
     except (urllib.error.URLError, OSError) as e:
@@ -127,23 +129,26 @@ def copy_sparse(src: BinaryIO, out: BinaryIO) -> None:
     out.truncate(size)
 
 
-def fetch_extent(addr: SocketAddr, eid: int, out: BinaryIO) -> None:
-    """Copy one extent file from a peer's repair server (blocking). The source
-    must keep the extent closed for the whole copy: a copy that overlapped a
-    reopen (new writes mid-file, new metadata at the end) is refused."""
-    names = json.loads(_get(addr, f"/extent/{eid}/files"))
+def fetch_extent(
+    addr: SocketAddr, eid: int, out: BinaryIO, tls: ssl.SSLContext | None = None
+) -> None:
+    """Copy one extent file from a peer's repair server (blocking; over TLS
+    with a client context). The source must keep the extent closed for the
+    whole copy: a copy that overlapped a reopen (new writes mid-file, new
+    metadata at the end) is refused."""
+    names = json.loads(_get(addr, f"/extent/{eid}/files", tls))
     expected = extent_relpath(eid).name
     if names != [expected]:
         raise CrucibleError(ErrorKind.RepairFilesInvalid, f"source lists {names!r}")
-    before = json.loads(_get(addr, f"/extent/{eid}/closed"))
+    before = json.loads(_get(addr, f"/extent/{eid}/closed", tls))
     if before is None:
         raise CrucibleError(ErrorKind.RepairRequestError, f"source extent {eid} is not closed")
     try:
-        with urllib.request.urlopen(_url(addr, f"/newextent/{eid}/data"), timeout=TIMEOUT) as r:
+        with _open(addr, f"/newextent/{eid}/data", tls) as r:
             copy_sparse(r, out)
     except (urllib.error.URLError, OSError) as e:
         raise CrucibleError(ErrorKind.RepairStreamError, f"extent {eid}: {e}") from None
-    if json.loads(_get(addr, f"/extent/{eid}/closed")) != before:
+    if json.loads(_get(addr, f"/extent/{eid}/closed", tls)) != before:
         raise CrucibleError(
             ErrorKind.RepairRequestError, f"source extent {eid} was reopened during the copy"
         )

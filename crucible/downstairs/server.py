@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import socket
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import cast
+from typing import Any, cast
 
 from aiohttp import web
 
@@ -46,6 +47,7 @@ from crucible.protocol.framing import FrameDecoder
 from crucible.protocol.roles import is_job
 from crucible.protocol.wire import ProtocolError
 from crucible.region.region import Region
+from crucible.tls import TlsAccept, TlsFiles
 
 log = logging.getLogger("crucible.downstairs")
 joblog = logging.getLogger("crucible.downstairs.jobs")
@@ -164,8 +166,14 @@ class DownstairsServer:
         idle_timeout: float = IDLE_TIMEOUT,
         repair_port: int | None = None,
         extensions: bool = True,
+        tls: TlsFiles | None = None,
     ) -> None:
+        """`tls`: serve both ports with mutual TLS, and fetch from other
+        downstairs' repair servers with it (raises TlsError if its files
+        cannot be loaded)."""
         self.region = region
+        self.tls_server = tls.server_context() if tls else None
+        self._fetch = functools.partial(fetch_extent, tls=tls.client_context() if tls else None)
         self.address = address
         self.port = port
         self.repair_port = port + REPAIR_PORT_OFFSET if repair_port is None else repair_port
@@ -200,6 +208,12 @@ class DownstairsServer:
             self._died = asyncio.get_running_loop().create_future()
         return self._died
 
+    def _tls_wrap(self, factory: Callable[[], Any], what: str) -> Callable[[], Any]:
+        """`factory`, behind a TLS handshake when this server has TLS."""
+        if self.tls_server is None:
+            return factory
+        return TlsAccept(factory, self.tls_server, what, log)
+
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         # The repair server first: an upstairs may fetch from it as soon as it
@@ -210,11 +224,14 @@ class DownstairsServer:
         try:
             handler = self._runner.server
             assert handler is not None  # set up above
-            guard = GuardedFactory(handler)
+            guard = self._tls_wrap(GuardedFactory(handler), "repair server")
             self._repair = await loop.create_server(guard, self.address, port)
             what, port = "downstairs", self.port
             self._server = await loop.create_server(
-                lambda: self._new_connection(), self.address, port, reuse_address=True
+                self._tls_wrap(self._new_connection, "downstairs"),
+                self.address,
+                port,
+                reuse_address=True,
             )
         except OSError as e:
             await self.stop()
@@ -336,7 +353,7 @@ class DownstairsServer:
                     with self._failing(conn_id, work):
                         if DS.on:
                             _work_started(work)
-                        outcome = ops.run(self.region, work, fetch_extent)
+                        outcome = ops.run(self.region, work, self._fetch)
                         if DS.on:
                             _work_done(work)
                         self.apply(self.core.finished(conn_id, work, outcome))
@@ -378,7 +395,7 @@ class DownstairsServer:
                     if DS.on:
                         _work_started(work)
                     outcome = await loop.run_in_executor(
-                        self._pool, ops.run, self.region, work, fetch_extent
+                        self._pool, ops.run, self.region, work, self._fetch
                     )
                     if DS.on:
                         _work_done(work)

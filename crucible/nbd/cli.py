@@ -21,7 +21,7 @@ from crucible.tools.common import (
     activate,
     add_observe_options,
     add_target_options,
-    check_targets,
+    check_args,
     new_upstairs,
     observed,
 )
@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main() -> None:
     p = build_parser()
     args = p.parse_args()
-    check_targets(p, args.target)
+    check_args(p, args)
     setup_logging(fmt=args.log_format)
     logging.getLogger().setLevel(logging.WARNING if args.quiet else logging.INFO)
     try:

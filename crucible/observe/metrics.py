@@ -31,6 +31,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from crucible.observe.probes import DS, DS_DISK, DS_IO, DS_LIVE, DS_OPS, GW_OPS, NBD, UP
+from crucible.tls import TlsFiles
 
 # From 50 us (a job answered from the page cache) to 10 s (a stalled downstairs).
 LATENCY_BUCKETS = (
@@ -46,11 +47,20 @@ class MetricsError(Exception):
     """The metrics server cannot start (one line for the command to print)."""
 
 
-def serve(host: str, port: int, registry: CollectorRegistry) -> None:
-    """Serve /metrics on a thread of its own (prometheus_client's server)."""
+def serve(host: str, port: int, registry: CollectorRegistry, tls: TlsFiles | None = None) -> None:
+    """Serve /metrics on a thread of its own (prometheus_client's server);
+    with TLS, only to clients whose certificate the root signed."""
     disable_created_metrics()  # type: ignore[no-untyped-call]  # (a *_created per series)
+    certs: dict[str, Any] = {}
+    if tls is not None:
+        certs = {
+            "certfile": str(tls.cert),
+            "keyfile": str(tls.key),
+            "client_cafile": str(tls.root),
+            "client_auth_required": True,
+        }
     try:
-        start_http_server(port, host, registry)
+        start_http_server(port, host, registry, **certs)
     except OSError as e:
         if e.errno == errno.EADDRINUSE:
             raise MetricsError(f"--metrics: port {port} on {host} is already in use") from None

@@ -14,6 +14,7 @@ from crucible.common.address import host_port
 from crucible.observe import logs
 from crucible.observe.metrics import MetricsError, serve
 from crucible.observe.tracing import TraceError, Tracing
+from crucible.tls import TlsFiles
 
 log = logging.getLogger("crucible.observe")
 
@@ -70,22 +71,29 @@ class Observing:
     """What the flags asked for. Neither a bad endpoint nor a busy metrics port
     stops the command: each is said once, and it runs without that part."""
 
-    def __init__(self, args: argparse.Namespace, service: str, **attrs: str) -> None:
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        service: str,
+        tls: TlsFiles | None = None,
+        attrs: dict[str, str] | None = None,
+    ) -> None:
         self.registry: CollectorRegistry | None = None
         self.tracing: Tracing | None = None
         addr = getattr(args, "metrics", None)
         if addr is not None:
             registry = CollectorRegistry()
             try:
-                serve(addr[0], addr[1], registry)
+                serve(addr[0], addr[1], registry, tls)
                 self.registry = registry
-                log.info("metrics at http://%s:%d/metrics", addr[0], addr[1])
+                scheme = "https" if tls else "http"
+                log.info("metrics at %s://%s:%d/metrics", scheme, addr[0], addr[1])
             except MetricsError as e:
                 log.warning("%s; running without metrics", e)
         endpoint = getattr(args, "trace_endpoint", None)
         if endpoint:
             try:
-                self.tracing = Tracing(endpoint, args.trace_sample, service, **attrs)
+                self.tracing = Tracing(endpoint, args.trace_sample, service, **(attrs or {}))
                 log.info("traces to %s (sampling %g)", endpoint, args.trace_sample)
             except TraceError as e:
                 log.warning("%s; running without tracing", e)

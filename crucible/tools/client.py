@@ -14,7 +14,7 @@ from crucible.tools.common import (
     activate,
     add_observe_options,
     add_target_options,
-    check_targets,
+    check_args,
     new_upstairs,
     observed,
 )
@@ -28,7 +28,7 @@ def main() -> None:
     add_observe_options(p)
     p.add_argument("-q", "--quiet", action="store_true", help="only errors and the result")
     args = p.parse_args()
-    check_targets(p, args.target)
+    check_args(p, args)
     logs.setup(args.log_format, logging.WARNING if args.quiet else logging.DEBUG, "%(message)s")
     try:
         run_async(_run(args))

@@ -11,7 +11,7 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from crucible.cli_util import non_negative_float
+from crucible.cli_util import add_tls_options, fail, non_negative_float, tls_files
 from crucible.common.address import host_port
 from crucible.common.errors import CrucibleError, ErrorKind
 from crucible.observe import logs, options
@@ -19,6 +19,7 @@ from crucible.observe.metrics import NbdMetrics, UpstairsMetrics
 from crucible.observe.options import Observing
 from crucible.observe.tracing import UpstairsTracer
 from crucible.protocol.wire import SocketAddr
+from crucible.tls import TlsError
 from crucible.tools import control
 from crucible.upstairs.core import MAX_GEN
 from crucible.upstairs.encryption import NIL_VOLUME, BadKey, BlockCipher, parse_key
@@ -112,6 +113,7 @@ def add_target_options(p: argparse.ArgumentParser, verify_rate: float = 0.0) -> 
     keys.add_argument(
         "--key-file", type=key_file, metavar="PATH", help="a file holding the key in base64"
     )
+    add_tls_options(p)
 
 
 def add_observe_options(p: argparse.ArgumentParser, control: bool = True) -> None:
@@ -132,7 +134,7 @@ async def observed(
 ) -> AsyncIterator[Observing]:
     """Metrics, tracing, log ids and the control API of an upstairs, for as
     long as the block runs; queued spans are sent at its end."""
-    obs = Observing(args, service)
+    obs = Observing(args, service, args.tls)
     logs.context["upstairs_id"] = lambda: str(up.session_ids()[0])
     logs.context["session_id"] = lambda: str(up.session_ids()[1])
     if obs.registry is not None:
@@ -142,7 +144,8 @@ async def observed(
     if obs.tracing is not None:
         UpstairsTracer(obs.tracing, up.session_ids)
     addr = getattr(args, "control", None)
-    runner = await control.serve(up, *addr) if addr else None
+    server_tls = args.tls.server_context() if args.tls and addr else None
+    runner = await control.serve(up, addr[0], addr[1], server_tls) if addr else None
     try:
         yield obs
     finally:
@@ -170,10 +173,20 @@ def upstairs_options(args: argparse.Namespace) -> Options:
 
 def new_upstairs(args: argparse.Namespace) -> Upstairs:
     """The upstairs the flags of add_target_options describe."""
-    return Upstairs(args.target, upstairs_options(args), args.id)
+    tls = args.tls.client_context() if args.tls else None
+    return Upstairs(args.target, upstairs_options(args), args.id, tls)
 
 
-def check_targets(p: argparse.ArgumentParser, targets: list[SocketAddr]) -> None:
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What add_target_options' flags say together: three different
+    targets; the TLS files (args.tls), all or none."""
+    targets: list[SocketAddr] = args.target
+    args.tls = tls_files(p, args)
+    if args.tls is not None:
+        try:
+            args.tls.client_context()  # loads the files: a bad one is said now
+        except TlsError as e:
+            fail(p.prog, str(e))
     if len(targets) != 3:
         p.error(f"give exactly three targets with -t (got {len(targets)})")
     if len(set(targets)) != 3:

@@ -6,11 +6,20 @@ from __future__ import annotations
 
 import errno
 import logging
+import ssl
 from typing import Any
 
 from aiohttp import web
 
-from crucible.tools.http_api import ERROR_SCHEMA, error, json_app, json_content, schema_ref, start
+from crucible.tools.http_api import (
+    ERROR_SCHEMA,
+    Serving,
+    error,
+    json_app,
+    json_content,
+    schema_ref,
+    start,
+)
 from crucible.upstairs import report
 from crucible.upstairs.guest import Upstairs
 
@@ -39,15 +48,19 @@ def make_app(up: Upstairs) -> web.Application:
     )
 
 
-async def serve(up: Upstairs, host: str, port: int) -> web.AppRunner | None:
-    """Start the control API; a busy port is said once and the volume runs without it."""
+async def serve(
+    up: Upstairs, host: str, port: int, tls: ssl.SSLContext | None = None
+) -> Serving | None:
+    """Start the control API (over mutual TLS with a server context); a
+    busy port is said once and the volume runs without it."""
     try:
-        runner = await start(make_app(up), host, port)
+        runner = await start(make_app(up), host, port, tls, "control API")
     except OSError as e:
         why = "is already in use" if e.errno == errno.EADDRINUSE else f": {e.strerror}"
         log.warning("--control: port %d on %s %s; running without it", port, host, why)
         return None
-    log.info("control API at http://%s:%d/ (OpenAPI document at /openapi.json)", host, port)
+    scheme = "https" if tls else "http"
+    log.info("control API at %s://%s:%d/ (OpenAPI document at /openapi.json)", scheme, host, port)
     return runner
 
 

@@ -17,7 +17,7 @@ from crucible.tools.common import (
     activate,
     add_observe_options,
     add_target_options,
-    check_targets,
+    check_args,
     new_upstairs,
     observed,
     target,
@@ -132,7 +132,7 @@ DEFAULT_COUNTS = {
 def main() -> None:
     p = build_parser()
     args = p.parse_args()
-    check_targets(p, args.target)
+    check_args(p, args)
     level = logging.WARNING if args.quiet else logging.INFO
     logs.setup(args.log_format, level, "%(asctime)s %(message)s")
     if args.verify_out is not None and args.workload == "perf":

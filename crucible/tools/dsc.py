@@ -27,12 +27,14 @@ from typing import Any
 from aiohttp import web
 
 from crucible.cli_util import (
+    add_tls_options,
     block_size,
     fail,
     port_number,
     positive_int,
     run_async,
     stop_process,
+    tls_files,
     wait_for_stop_signal,
 )
 from crucible.observe import options
@@ -192,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ADDR:PORT",
         help="downstairs i serves Prometheus metrics on ADDR:PORT+i",
     )
+    add_tls_options(s)
     m = sub.add_parser("cmd", help="ask a running dsc to do something")
     m.add_argument("--control", type=target, default=target(DEFAULT_CONTROL))
     m.add_argument(
@@ -240,6 +243,7 @@ def main() -> None:
             print(r.stdout.strip())
         return
     if args.command == "start":
+        tls_files(p, args)  # all three or none
         sys.exit(run_async(_start(args)))
     if args.action in ("state", "stop", "start", "kill") and args.cid is None:
         p.error(f"{args.action} needs a downstairs number")
@@ -254,6 +258,9 @@ def _downstairs_flags(args: argparse.Namespace, i: int) -> tuple[str, ...]:
     if args.metrics:
         host, port = args.metrics
         flags += ["--metrics", f"{host}:{port + i}"]
+    if args.cert_pem:
+        flags += ["--cert-pem", str(args.cert_pem), "--key-pem", str(args.key_pem)]
+        flags += ["--root-cert-pem", str(args.root_cert_pem)]
     return tuple(flags)
 
 

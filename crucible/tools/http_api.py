@@ -4,10 +4,17 @@ the OpenAPI document at /openapi.json."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+
+from crucible.tls import TlsAccept
+
+log = logging.getLogger("crucible.tools")
 
 MAX_BODY = 1024  # every request body these APIs take is tiny (as Crucible's)
 
@@ -41,16 +48,39 @@ def json_app(routes: list[web.RouteDef], openapi: dict[str, Any]) -> web.Applica
     return app
 
 
-async def start(app: web.Application, host: str, port: int) -> web.AppRunner:
-    """Serve `app`; OSError (with the errno) when the address cannot be had."""
+class Serving:
+    """An API being served; cleanup() stops it."""
+
+    def __init__(self, runner: web.AppRunner, server: asyncio.Server | None) -> None:
+        self.runner = runner
+        self.server = server
+
+    async def cleanup(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        await self.runner.cleanup()
+
+
+async def start(
+    app: web.Application, host: str, port: int, tls: ssl.SSLContext | None = None, what: str = ""
+) -> Serving:
+    """Serve `app` (over mutual TLS with a server context: a refused client
+    is logged as `what`'s); OSError (with the errno) when the address cannot
+    be had."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
+    server = None
     try:
-        await web.TCPSite(runner, host, port).start()
+        if tls is None:
+            await web.TCPSite(runner, host, port).start()
+        else:
+            assert runner.server is not None  # set up above
+            accept = TlsAccept(runner.server, tls, what, log)
+            server = await asyncio.get_running_loop().create_server(accept, host, port)
     except OSError:
         await runner.cleanup()
         raise
-    return runner
+    return Serving(runner, server)
 
 
 def schema_ref(name: str) -> dict[str, str]:

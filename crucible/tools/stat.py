@@ -36,7 +36,9 @@ import contextlib
 import json
 import math
 import os
+import re
 import socket
+import ssl
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -46,7 +48,16 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from crucible.cli_util import positive_float, positive_int, run_async, wait_for_stop_signal
+from crucible.cli_util import (
+    add_tls_options,
+    fail,
+    positive_float,
+    positive_int,
+    run_async,
+    tls_files,
+    wait_for_stop_signal,
+)
+from crucible.tls import TlsError
 
 PROG = "crucible-stat"
 TIMEOUT = 2.0  # seconds for one /info; an upstairs answers it from memory
@@ -385,14 +396,21 @@ def _write(lines: list[str]) -> None:
     sys.stdout.flush()  # a pipe or a file sees each interval as it happens
 
 
-async def watch(urls: list[str], interval: float, count: int | None, as_json: bool) -> None:
+async def watch(
+    urls: list[str],
+    interval: float,
+    count: int | None,
+    as_json: bool,
+    tls: ssl.SSLContext | None = None,
+) -> None:
     watched = [Watched(u) for u in urls]
     width = max(len("UPSTAIRS"), *(len(w.label) for w in watched))
     clock = Clock()
     since_header = HEADER_EVERY
     rounds = 0
     timeout = aiohttp.ClientTimeout(total=TIMEOUT)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
+    connector = aiohttp.TCPConnector(ssl=tls or True)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         start = time.monotonic()
         while True:
             results = await asyncio.gather(*(poll(session, w, clock) for w in watched))
@@ -423,7 +441,9 @@ async def watch(urls: list[str], interval: float, count: int | None, as_json: bo
 
 
 async def _main(args: argparse.Namespace) -> None:
-    work = asyncio.ensure_future(watch(args.url, args.interval, args.count, args.json))
+    work = asyncio.ensure_future(
+        watch(args.url, args.interval, args.count, args.json, args.tls_context)
+    )
     stop = asyncio.ensure_future(wait_for_stop_signal())
     await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
     for t in (work, stop):
@@ -463,11 +483,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop after N lines per URL (default: until Ctrl-C or SIGTERM)",
     )
     p.add_argument("--json", action="store_true", help="one JSON object per URL per interval")
+    add_tls_options(p)
     return p
 
 
 def main() -> None:
-    args = build_parser().parse_args()
+    p = build_parser()
+    args = p.parse_args()
+    tls = tls_files(p, args)
+    args.tls_context = None
+    if tls is not None:  # a control API served with TLS: https, with this end's certificate
+        try:
+            args.tls_context = tls.client_context()
+        except TlsError as e:
+            fail(PROG, str(e))
+        args.url = [re.sub(r"^http://", "https://", u) for u in args.url]
     try:
         run_async(_main(args))
     except KeyboardInterrupt:  # Ctrl-C before the loop took over SIGINT

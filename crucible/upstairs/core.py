@@ -324,8 +324,14 @@ class UpstairsCore:
         if stage in (Stage.IDLE, Stage.DISABLED, Stage.CONNECT):
             return []  # we dropped it on purpose, or it was not connected
         ds = self.ds
-        level = "debug" if stage is Stage.HELLO and c.last_error else "warning"
-        acts: list[Action] = [Log(f"[{c.id}] {c.name} disconnected ({prev.name})", level)]
+        line, level = f"{c.name} disconnected ({prev.name})", "warning"
+        if stage is Stage.HELLO:  # it never answered
+            line = (
+                f"{c.name} closed the connection without answering HereIAm (a downstairs "
+                "that requires TLS does that to a client without it)"
+            )
+            level = "debug" if c.note_error(line) else "warning"
+        acts: list[Action] = [Log(f"[{c.id}] {line}", level)]
         if stage is Stage.RECONCILE:
             acts += self.activation.abort(ds, f"downstairs {c.name} went away", now)
         elif stage in (Stage.REPAIR_READY, Stage.LIVE_REPAIR):

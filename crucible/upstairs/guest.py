@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import ssl
 import uuid
 from collections import deque
 from collections.abc import Callable, Coroutine
@@ -28,6 +29,7 @@ from crucible.observe.probes import UP
 from crucible.protocol import messages as m
 from crucible.protocol.codec import encode_parts
 from crucible.protocol.wire import SocketAddr
+from crucible.tls import connect_error
 from crucible.upstairs import report
 from crucible.upstairs.actions import (
     Action,
@@ -72,7 +74,11 @@ class Upstairs:
         targets: list[SocketAddr],
         options: Options | None = None,
         upstairs_id: uuid.UUID | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
+        """`tls`: a client context (crucible.tls) for every downstairs and
+        repair server; None: plain TCP."""
+        self._tls = tls
         # Per-job log lines cost a string format each: only when they are shown.
         options = dataclasses.replace(
             options or Options(), log_jobs=log.isEnabledFor(logging.DEBUG)
@@ -427,7 +433,7 @@ class Upstairs:
 
     def _start_probe(self, p: Probe) -> None:
         async def probe() -> None:
-            caps = await fetch_capabilities(p.repair_addr)
+            caps = await fetch_capabilities(p.repair_addr, self._tls)
             if self._probes.get(p.client) is task:
                 del self._probes[p.client]
                 self._apply(self.core.probed(p.client, p.attempt, caps, self._now()))
@@ -441,7 +447,7 @@ class Upstairs:
     def _start_fetch_allocation(self, f: FetchAllocation) -> None:
         async def fetch() -> None:
             total = self.core.region.total_blocks if self.core.region else 0
-            runs = await fetch_allocation(f.repair_addr, total)
+            runs = await fetch_allocation(f.repair_addr, total, self._tls)
             self._apply(self.core.allocation_fetched(f.epoch, runs))
 
         self._spawn(fetch())
@@ -467,10 +473,17 @@ class Upstairs:
             conn = Connection(cid, self)
             try:
                 await asyncio.wait_for(
-                    loop.create_connection(lambda: conn, target[0], target[1]), CONNECT_TIMEOUT
+                    loop.create_connection(
+                        lambda: conn,
+                        target[0],
+                        target[1],
+                        ssl=self._tls,
+                        server_hostname=target[0] if self._tls else None,
+                    ),
+                    CONNECT_TIMEOUT,
                 )
             except (TimeoutError, OSError) as e:
-                reason = "timed out" if isinstance(e, TimeoutError) else (e.strerror or str(e))
+                reason = connect_error(e, self._tls is not None)
                 if self._connecting.get(cid) is task:
                     del self._connecting[cid]
                     self._apply(self.core.connect_failed(cid, reason, self._now()))

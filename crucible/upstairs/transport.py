@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import ssl
 from typing import Any, Protocol, cast
 
 import aiohttp
 
+from crucible.common.address import http_url
 from crucible.netio import OutputBatcher
 from crucible.protocol import messages as m
 from crucible.protocol.capabilities import ALLOCATION_PATH, CAPABILITIES_PATH, NONE, Capabilities
@@ -91,12 +93,9 @@ class Connection(asyncio.BufferedProtocol):
             self.transport.close()
 
 
-def _url(addr: SocketAddr, path: str) -> str:
-    host = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
-    return f"http://{host}:{addr[1]}{path}"
-
-
-async def fetch_allocation(addr: SocketAddr, total_blocks: int) -> list[tuple[int, int]] | None:
+async def fetch_allocation(
+    addr: SocketAddr, total_blocks: int, tls: ssl.SSLContext | None = None
+) -> list[tuple[int, int]] | None:
     """Which blocks hold data, from the repair server at `addr`: sorted,
     disjoint runs within the volume; None when it cannot say or says
     something malformed."""
@@ -104,7 +103,7 @@ async def fetch_allocation(addr: SocketAddr, total_blocks: int) -> list[tuple[in
     try:
         async with (
             aiohttp.ClientSession(timeout=timeout) as session,
-            session.get(_url(addr, ALLOCATION_PATH)) as resp,
+            session.get(http_url(addr, ALLOCATION_PATH, tls is not None), ssl=tls or True) as resp,
         ):
             if resp.status != 200:
                 return None
@@ -136,15 +135,15 @@ def valid_runs(obj: Any, total_blocks: int) -> list[tuple[int, int]] | None:
     return out
 
 
-async def fetch_capabilities(addr: SocketAddr) -> Capabilities:
+async def fetch_capabilities(addr: SocketAddr, tls: ssl.SSLContext | None = None) -> Capabilities:
     """What the downstairs whose repair server is at `addr` supports; none
     when it does not say (a Rust downstairs answers 404), or cannot be asked."""
-    url = _url(addr, CAPABILITIES_PATH)
+    url = http_url(addr, CAPABILITIES_PATH, tls is not None)
     timeout = aiohttp.ClientTimeout(total=PROBE_TIMEOUT)
     try:
         async with (
             aiohttp.ClientSession(timeout=timeout) as session,
-            session.get(url) as resp,
+            session.get(url, ssl=tls or True) as resp,
         ):
             if resp.status != 200:
                 return NONE
