@@ -286,10 +286,12 @@ class Cluster:
         *create_args: str,
         regions: list[Path] | None = None,
         log_jobs: bool = False,
+        run_args: tuple[str, ...] = (),
     ) -> None:
-        """`log_jobs`: the downstairs log every job (else --quiet)."""
+        """`log_jobs`: the downstairs log every job (else --quiet); `run_args`:
+        flags every downstairs runs with."""
         self.regions = regions or [base / f"ds{i}" for i in range(3)]
-        self.quiet = () if log_jobs else ("--quiet",)
+        self.quiet = (*(() if log_jobs else ("--quiet",)), *run_args)
         for r in self.regions:
             if not (r / "region.json").exists():
                 create_region(r, *create_args)

@@ -326,10 +326,12 @@ class UpstairsCore:
         ds = self.ds
         line, level = f"{c.name} disconnected ({prev.name})", "warning"
         if stage is Stage.HELLO:  # it never answered
-            line = (
-                f"{c.name} closed the connection without answering HereIAm (a downstairs "
-                "that requires TLS does that to a client without it)"
+            hint = (
+                "it may have refused this end's TLS certificate: its log says"
+                if self.opts.tls
+                else "a downstairs that requires TLS does that to a client without it"
             )
+            line = f"{c.name} closed the connection without answering HereIAm ({hint})"
             level = "debug" if c.note_error(line) else "warning"
         acts: list[Action] = [Log(f"[{c.id}] {line}", level)]
         if stage is Stage.RECONCILE:

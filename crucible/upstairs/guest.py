@@ -81,7 +81,7 @@ class Upstairs:
         self._tls = tls
         # Per-job log lines cost a string format each: only when they are shown.
         options = dataclasses.replace(
-            options or Options(), log_jobs=log.isEnabledFor(logging.DEBUG)
+            options or Options(), log_jobs=log.isEnabledFor(logging.DEBUG), tls=tls is not None
         )
         self.core = UpstairsCore(targets, options, upstairs_id)
         self._conns: dict[int, Connection] = {}

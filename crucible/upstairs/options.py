@@ -12,6 +12,7 @@ class Options:
     read_only: bool = False
     # The volume's key (encryption.py); None: blocks are stored as they are.
     cipher: BlockCipher | None = field(default=None, repr=False)
+    tls: bool = False  # the connections are TLS ones (what a lost one may mean)
     # Every read to all three replicas and compared (Rust Crucible's way);
     # otherwise to one, retried on another when it fails.
     read_all_replicas: bool = False
