@@ -142,14 +142,18 @@ def run_all(
 
 @contextmanager
 def crucible_server(
-    base: Path, size: int, extra: list[str], ds_extra: list[list[str]] | None = None
+    base: Path,
+    size: int,
+    extra: list[str],
+    ds_extra: list[list[str]] | None = None,
+    create: tuple[str, ...] = (),
 ) -> Iterator[tuple[str, list[int]]]:
     """crucible-nbd (with `extra` flags) over three fresh downstairs (downstairs
-    i with `ds_extra[i]`)."""
+    i with `ds_extra[i]`), their regions created with `create` flags too."""
     es = 8192
     ec = -(-size // (4096 * es))
     cluster = Cluster(
-        base, "--block-size", "4096", "--extent-size", str(es), "--extent-count", str(ec)
+        base, "--block-size", "4096", "--extent-size", str(es), "--extent-count", str(ec), *create
     )
     try:
         if ds_extra:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import socket
-import statistics
 import sys
 import tempfile
 import threading
@@ -30,13 +29,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from bench.nbd import cpu_seconds, crucible_server, fio
+from bench.nbd import crucible_server
+from bench.settings import TESTS, compare, report
 from tests.support import free_port
 
-TESTS = [
-    ("rand-write-4k-qd32", "randwrite", "4k", 32),
-    ("seq-write-1M-qd8", "write", "1M", 8),
-]
 SETTINGS = ["off", "metrics", "tracing"]
 TARGETS = {"metrics": 0.9, "tracing": 0.7}
 
@@ -134,52 +130,30 @@ def main() -> None:
     if shutil.which("fio") is None:
         sys.exit("bench.observe: fio is missing; run scripts/setup")
     base = Path(tempfile.mkdtemp(prefix="crucible-bench-observe-"))
-    ratios: dict[tuple[str, str], list[float]] = {}
-    cpu_ratios: dict[tuple[str, str], list[float]] = {}
     sink = udp_sink() if args.endpoint == "jaeger" else http_sink()
     try:
         with sink as port:
             endpoint = (
                 f"127.0.0.1:{port}" if args.endpoint == "jaeger" else f"http://127.0.0.1:{port}"
             )
-            for rnd in range(args.repeat):
-                got: dict[tuple[str, str], float] = {}
-                cpu: dict[tuple[str, str], float] = {}
-                for setting in SETTINGS:
-                    nbd_flags, ds_flags, ports = flags(setting, endpoint)
-                    server = crucible_server(
-                        base, args.size_mib << 20, ["--verify-rate", "0", *nbd_flags], ds_flags
-                    )
-                    with server as (uri, pids), scraper(ports):
-                        for name, rw, bs, depth in TESTS:
-                            before = cpu_seconds(pids)
-                            f = fio(uri, name, rw, bs, depth, args.size_mib, args.runtime)
-                            us = (cpu_seconds(pids) - before) / max(1, f["ios"]) * 1e6
-                            got[name, setting], cpu[name, setting] = f["mb_s"], us
-                            print(
-                                f"  round {rnd + 1} {setting:8} {name:20} {f['mb_s']:8.1f} MB/s"
-                                f"  CPU {us:7.1f} us/IO",
-                                flush=True,
-                            )
-                for name, *_ in TESTS:
-                    off = got[name, "off"]
-                    for setting in SETTINGS[1:]:
-                        r = got[name, setting] / off if off else 0.0
-                        ratios.setdefault((name, setting), []).append(r)
-                        c = cpu[name, setting] / cpu[name, "off"]
-                        cpu_ratios.setdefault((name, setting), []).append(c)
+
+            @contextmanager
+            def server(setting: str) -> Iterator[tuple[str, list[int]]]:
+                nbd_flags, ds_flags, ports = flags(setting, endpoint)
+                extra = ["--verify-rate", "0", *nbd_flags]
+                with (
+                    crucible_server(base, args.size_mib << 20, extra, ds_flags) as s,
+                    scraper(ports),
+                ):
+                    yield s
+
+            tests = [t for t in TESTS if t[1] != "randread"]
+            ratios, cpu_ratios = compare(
+                SETTINGS, server, args.repeat, args.runtime, args.size_mib, tests
+            )
     finally:
         shutil.rmtree(base, ignore_errors=True)
-    print("\nguest throughput as a fraction of nothing on, and CPU per IO (all four")
-    print("processes) as a multiple of nothing on; medians, spread over the rounds:")
-    for (name, setting), vals in ratios.items():
-        med = statistics.median(vals)
-        target = TARGETS[setting]
-        mark = "ok" if med >= target else "MISS"
-        cv = cpu_ratios[name, setting]
-        print(f"{name:20} {setting:8} {med:5.2f} ({min(vals):.2f}-{max(vals):.2f})  "
-              f">={target} {mark:4}  CPU/IO {statistics.median(cv):.2f}x "
-              f"({min(cv):.2f}-{max(cv):.2f})")  # fmt: skip
+    report(ratios, cpu_ratios, "nothing on", TARGETS)
 
 
 if __name__ == "__main__":
