@@ -84,6 +84,7 @@ class Client:
     # starts one): dependencies on them are dropped.
     first_job: int = 0
     last_error: str = ""
+    error_connect: int = -1  # the connection attempt last_error is about (`connects`)
     connects: int = 0
     # Live repairs of it that failed in a row, and when the next may start.
     repair_failures: int = 0
@@ -168,6 +169,7 @@ class Client:
         (said once: a downstairs may stay down for long)."""
         repeat = err == self.last_error
         self.last_error = err
+        self.error_connect = self.connects
         return repeat
 
     @property

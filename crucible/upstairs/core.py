@@ -325,7 +325,9 @@ class UpstairsCore:
             return []  # we dropped it on purpose, or it was not connected
         ds = self.ds
         line, level = f"{c.name} disconnected ({prev.name})", "warning"
-        if stage is Stage.HELLO:  # it never answered
+        if stage is Stage.HELLO and c.error_connect == c.connects:
+            level = "debug"  # why this connection failed was said (a bad frame)
+        elif stage is Stage.HELLO:  # it never answered
             hint = (
                 "it may have refused this end's TLS certificate: its log says"
                 if self.opts.tls

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from crucible.common.errors import CrucibleError
 from crucible.protocol import messages as m
+from crucible.upstairs.verify import check_blocks
 from tests.upstairs.sim import Sim
 
 BS = 512
@@ -149,6 +150,11 @@ class GuestModel:
         sim.settle()
         assert sim.completed[t] is None
         assert not sim.up.ds.table.jobs, "a flush finished everywhere retires everything before it"
+        cipher = sim.up.opts.cipher
         for d in sim.ds:
-            got = d.region.read(0, self.total)[1]
+            ctxs, got = d.region.read(0, self.total)
+            if cipher is not None:  # what it holds, opened
+                bad, plain = check_blocks(0, BS, "replica", ctxs, got, cipher)
+                assert not bad and plain is not None, bad
+                got = bytes(plain)
             assert got == bytes(self.data), "a replica differs from the guest data"

@@ -103,7 +103,8 @@ class Sim:
     def __init__(
         self, base: Path, es: int = 8, ec: int = 4, options: Options | None = None
     ) -> None:
-        d = RegionDefinition(512, es, ec, uuid.uuid4())
+        encrypted = options is not None and options.cipher is not None
+        d = RegionDefinition(512, es, ec, uuid.uuid4(), encrypted)
         self.ds = [SimDownstairs(base / f"ds{i}", d, 4000 + i) for i in range(3)]
         for x in self.ds:
             x.fetch = self._fetch
