@@ -203,9 +203,8 @@ def connect_error(e: BaseException, tls: bool) -> str:
         return f"its TLS certificate is refused: {e.verify_message} (signed by another CA?)"
     if isinstance(e, ssl.SSLError):
         return f"TLS handshake failed: {refusal(e)}"
-    if (tls and isinstance(e, (ConnectionResetError, BrokenPipeError))) or (
-        tls and isinstance(e, OSError) and e.errno is None
-    ):
+    closed = (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)
+    if tls and isinstance(e, OSError) and (e.errno is None or isinstance(e, closed)):
         return "the connection closed during the TLS handshake: does it serve TLS?"
     if isinstance(e, OSError):
         return e.strerror or str(e)
