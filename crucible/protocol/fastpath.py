@@ -1,10 +1,11 @@
 """The hot messages packed and unpacked by hand: a few struct calls each
 instead of the field-by-field schema codec.
 
-Only their common shape is handled (plain block contexts, Ok results, 16-byte
-UUIDs); anything else returns None and takes the schema path, which is the
-definition of the format. A property test checks that both give the same
-bytes and the same messages for every message type.
+Only their common shapes are handled (every block context plain, or every
+one sealed; Ok results; 16-byte UUIDs); anything else returns None and takes
+the schema path, which is the definition of the format. A property test
+checks that both give the same bytes and the same messages for every
+message type.
 """
 
 from __future__ import annotations
@@ -66,11 +67,14 @@ def _pack_read_response(msg: Any, tag: int) -> Parts | None:
     if not isinstance(blocks, list):
         return None
     n = len(blocks)
-    try:  # every context a plain hash (an int): anything else does not pack
-        ctxs = struct_run("IQ", n).pack(*[v for c in blocks for v in (2, c)])
-    except struct.error:
+    try:  # every context a plain hash (an int), or every one sealed
+        if n and type(blocks[0]) is m.EncryptionContext:
+            ctxs = struct_run("I12s16s", n).pack(*[v for c in blocks for v in (1, *c)])
+        else:
+            ctxs = struct_run("IQ", n).pack(*[v for c in blocks for v in (2, c)])
+    except (struct.error, TypeError):
         return None
-    total = 4 + READ_REPLY_HEAD.body.size + 12 * n + 8 + len(data)
+    total = 4 + READ_REPLY_HEAD.body.size + len(ctxs) + 8 + len(data)
     if total > m.MAX_FRAME_LEN:
         raise ProtocolError(f"ReadResponse frame of {total} bytes is too large")
     up, sess = msg.upstairs_id.bytes, msg.session_id.bytes
@@ -91,14 +95,23 @@ def _pack_read_request(msg: Any, tag: int) -> Parts | None:
 
 
 def _pack_write(msg: Any, tag: int) -> Parts | None:
-    """Write / WriteUnwritten with plain contexts, the data as its own buffer."""
+    """Write / WriteUnwritten with every context plain or every one sealed,
+    the data as its own buffer."""
     ctxs = msg.contexts
-    if any(c.encryption is not None for c in ctxs):
-        return None
     n = len(ctxs)
     head = bytearray(_job_head(msg, tag, 0))
     head += _START_COUNT.pack(msg.start, n)
-    head += struct_run("QB", n).pack(*[v for c in ctxs for v in (c.hash, 0)])
+    encs = [c.encryption for c in ctxs]
+    if encs.count(None) == n:
+        head += struct_run("QB", n).pack(*[v for c in ctxs for v in (c.hash, 0)])
+    elif None in encs:
+        return None
+    else:
+        try:
+            run = struct_run("QB12s16s", n)
+            head += run.pack(*[v for c, e in zip(ctxs, encs, strict=True) for v in (c.hash, 1, *e)])
+        except struct.error:  # a nonce or tag of another length
+            return None
     return with_bulk(head, msg.data, type(msg).__name__)
 
 
@@ -132,17 +145,25 @@ def _fast_read_response(body: memoryview) -> m.Message | None:
     _, n1, up, n2, sess, job, ok, count = head.unpack_from(body)
     if n1 != 16 or n2 != 16 or ok != 0:
         return None
-    ctx_end = head.size + 12 * count
+    sealed = count > 0 and len(body) >= head.size + 4 and U32.unpack_from(body, head.size)[0] == 1
+    ctx_end = head.size + (32 if sealed else 12) * count
     if ctx_end + 8 > len(body):
         return None
-    pairs = struct_run("IQ", count).unpack_from(body, head.size)
-    if pairs[0::2].count(2) != count:  # every context Unencrypted{hash}
-        return None
+    blocks: list[m.ReadBlockContext]
+    if sealed:  # every context Encrypted{nonce, tag}
+        fields = struct_run("I12s16s", count).unpack_from(body, head.size)
+        if fields[0::3].count(1) != count:
+            return None
+        blocks = list(map(m.EncryptionContext, fields[1::3], fields[2::3]))
+    else:  # every context Unencrypted{hash}
+        pairs = struct_run("IQ", count).unpack_from(body, head.size)
+        if pairs[0::2].count(2) != count:
+            return None
+        blocks = list(pairs[1::2])
     (data_len,) = U64.unpack_from(body, ctx_end)
     if ctx_end + 8 + data_len != len(body):
         return None
-    hashes: list[m.ReadBlockContext] = list(pairs[1::2])
-    return m.ReadResponse(cached_uuid(up), cached_uuid(sess), job, hashes, body[ctx_end + 8 :])
+    return m.ReadResponse(cached_uuid(up), cached_uuid(sess), job, blocks, body[ctx_end + 8 :])
 
 
 def _job_fields(body: memoryview) -> tuple[Any, Any, int, list[int], int] | None:
@@ -158,23 +179,33 @@ def _job_fields(body: memoryview) -> tuple[Any, Any, int, list[int], int] | None
 
 
 def _fast_write(body: memoryview) -> m.Message | None:
-    """Write / WriteUnwritten with plain contexts, the bulk of all traffic."""
+    """Write / WriteUnwritten with every context plain (the bulk of all
+    traffic) or every one sealed."""
     head = _job_fields(body)
     if head is None:
         return None
     up, sess, job, deps, pos = head
     start, nctx = _START_COUNT.unpack_from(body, pos)
     pos += _START_COUNT.size
-    end_ctx = pos + 9 * nctx
+    sealed = nctx > 0 and pos + 9 <= len(body) and body[pos + 8] == 1
+    end_ctx = pos + (37 if sealed else 9) * nctx
     if end_ctx + 8 > len(body):
         return None
     raw = bytes(body[pos:end_ctx])
-    if raw[8::9].count(0) != nctx:
+    contexts: list[m.BlockContext]
+    if sealed:
+        f = struct_run("QB12s16s", nctx).unpack(raw)
+        if f[1::4].count(1) != nctx:
+            return None
+        encs = map(m.EncryptionContext, f[2::4], f[3::4])
+        contexts = list(map(m.BlockContext, f[0::4], encs))
+    elif raw[8::9].count(0) != nctx:
         return None
+    else:
+        contexts = [m.BlockContext(h) for h, _ in QB.iter_unpack(raw)]
     (data_len,) = U64.unpack_from(body, end_ctx)
     if end_ctx + 8 + data_len != len(body):
         return None
-    contexts = [m.BlockContext(h) for h, _ in QB.iter_unpack(raw)]
     cls = m.MESSAGE_TYPES[U32.unpack_from(body)[0]]
     msg: m.Message = cls(up, sess, job, deps, start, contexts, body[end_ctx + 8 :])
     return msg

@@ -79,7 +79,7 @@ class BlockCipher:
         for i in range(count):
             nonce = nonces[i * NONCE_BYTES : (i + 1) * NONCE_BYTES]
             sealed = seal(nonce, view[i * bs : (i + 1) * bs], ad(start + i))
-            ct, tag = sealed[:bs], sealed[bs:]
+            ct, tag = memoryview(sealed)[:bs], sealed[bs:]
             out[i * bs : (i + 1) * bs] = ct
             ctx = m.EncryptionContext(nonce, tag)
             contexts.append(m.BlockContext(sealed_hash(nonce, tag, ct), ctx))

@@ -93,8 +93,9 @@ FIELD_STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
 
 # The shapes the hand-packed fast paths take: plain contexts, Ok results.
 PLAIN_STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
-    "Contexts": st.lists(u64.map(m.BlockContext), max_size=4),
-    "ReadBlocks": st.lists(u64, max_size=4),
+    "Contexts": st.lists(u64.map(m.BlockContext), max_size=4)
+    | st.lists(st.builds(m.BlockContext, u64, enc_ctx), max_size=4),
+    "ReadBlocks": st.lists(u64, max_size=4) | st.lists(enc_ctx, max_size=4),
     "UnitResult": st.none(),
     "Uuid": st.sampled_from([uuid.UUID(int=1), uuid.UUID(int=(1 << 128) - 1)]) | uuids,
 }
