@@ -1,0 +1,1 @@
+"""Volumes: what a guest sees, built from a Volume Construction Request."""
