@@ -23,7 +23,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from crucible.nbd import protocol as p
-from crucible.upstairs.guest import ReadResult, Upstairs
+from crucible.upstairs.blockio import BlockIO, ReadResult
 
 MAX_STATUS_BYTES = 64 << 20  # one BLOCK_STATUS answered by reading covers at most this
 MAX_EXTENTS = 1 << 16  # extents in one BLOCK_STATUS reply
@@ -73,7 +73,7 @@ class RangeLocks:
 
 
 class Disk:
-    def __init__(self, up: Upstairs, spawn: Callable[[Coroutine[Any, Any, None]], None]) -> None:
+    def __init__(self, up: BlockIO, spawn: Callable[[Coroutine[Any, Any, None]], None]) -> None:
         """`spawn` runs a coroutine the caller keeps track of (read-modify-write)."""
         self.up = up
         self.locks = RangeLocks()

@@ -41,6 +41,15 @@ from crucible.upstairs.actions import (
     Probe,
     Send,
 )
+from crucible.upstairs.blockio import (
+    BlockIO,
+    ReadDone,
+    ReadResult,
+    WriteDone,
+    errors_only,
+    once,
+    settle,
+)
 from crucible.upstairs.core import UpstairsCore
 from crucible.upstairs.options import Options
 from crucible.upstairs.status import UpstairsStatus, VerifyStatus
@@ -49,9 +58,6 @@ from crucible.upstairs.transport import Connection, fetch_allocation, fetch_capa
 log = logging.getLogger("crucible.upstairs")
 
 # What a read completes with: the data, and each block's context (None: never written).
-ReadResult = tuple[m.Data, list[m.ReadBlockContext]]
-ReadDone = Callable[[ReadResult | BaseException], None]
-WriteDone = Callable[[BaseException | None], None]
 _Callback = Callable[[Any], None]  # built once: a cast to it costs nothing per call
 
 MAX_IO_BYTES = 1 << 20  # guest IO is split into jobs of at most this size
@@ -66,7 +72,7 @@ _LEVELS = {
 }
 
 
-class Upstairs:
+class Upstairs(BlockIO):
     """A volume replicated on three downstairs."""
 
     def __init__(
@@ -251,11 +257,11 @@ class Upstairs:
         view = memoryview(data).cast("B") if len(data) > MAX_IO_BYTES else None
         offsets = range(0, len(data), MAX_IO_BYTES)
         last = offsets[-1]
-        done = _once(done)
+        done = once(done)
         for off in offsets:
             piece = data if view is None else view[off : off + MAX_IO_BYTES]
             b = block + off // bs
-            cb = done if off == last else _ignore_ok(done)
+            cb = done if off == last else errors_only(done)
 
             def queue(b: int = b, piece: Any = piece, cb: WriteDone = cb) -> None:
                 self._apply(self.core.write(cb, b, piece, self._now(), unwritten))
@@ -270,9 +276,9 @@ class Upstairs:
             done(err)
             return
         pieces = self._pieces(block, count)
-        done = _once(done)
+        done = once(done)
         for i, (b, n) in enumerate(pieces):
-            cb = done if i == len(pieces) - 1 else _ignore_ok(done)
+            cb = done if i == len(pieces) - 1 else errors_only(done)
             nbytes = 0 if self.core.ds.trims() else n * self.block_size
 
             def queue(b: int = b, n: int = n, cb: WriteDone = cb) -> None:
@@ -308,46 +314,6 @@ class Upstairs:
     async def deactivate(self) -> None:
         await self._call(self.core.deactivate)
 
-    async def read(self, block: int, count: int) -> bytes:
-        data, _ = await self.read_with_status(block, count)
-        return data
-
-    async def read_with_status(self, block: int, count: int) -> tuple[bytes, list[bool]]:
-        """The blocks, and for each whether it was ever written (False: a hole
-        that reads as zeros)."""
-        fut: asyncio.Future[ReadResult] = asyncio.get_running_loop().create_future()
-        self.submit_read(block, count, _settle(fut))
-        data, contexts = await fut
-        return bytes(data), [c is not None for c in contexts]
-
-    async def write(self, block: int, data: bytes | bytearray | memoryview) -> None:
-        # The job keeps what it writes: a buffer the caller may change is copied.
-        await self._await_write(self.submit_write, block, _owned(data))
-
-    async def write_unwritten(self, block: int, data: bytes | bytearray | memoryview) -> None:
-        await self._await_write(self.submit_write_unwritten, block, _owned(data))
-
-    async def _await_write(
-        self,
-        submit: Callable[[int, bytes, WriteDone], None],
-        block: int,
-        data: bytes,
-    ) -> None:
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        submit(block, data, _settle(fut))
-        await fut
-
-    async def trim(self, block: int, count: int) -> None:
-        """Discard blocks: they read back as zeros and their space is freed."""
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.submit_trim(block, count, _settle(fut))
-        await fut
-
-    async def flush(self, snapshot: str | None = None) -> None:
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.submit_flush(_settle(fut), snapshot)
-        await fut
-
     async def replace(self, old: SocketAddr, new: SocketAddr) -> None:
         """Swap the downstairs at `old` for an empty region at `new`. Returns once
         the swap has begun; live repair then fills the new one (see `info()`)."""
@@ -366,7 +332,7 @@ class Upstairs:
     async def _call(self, fn: Callable[[object, float], list[Action]]) -> Any:
         """Hand a request to the core now; the result of the request."""
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._apply(fn(_settle(fut), self._now()))
+        self._apply(fn(settle(fut), self._now()))
         return await fut
 
     # ---- events ------------------------------------------------------------------
@@ -498,45 +464,3 @@ class Upstairs:
 
         task = loop.create_task(connect())
         self._connecting[cid] = task
-
-
-def _settle(fut: asyncio.Future[Any]) -> Callable[[Any], None]:
-    """A completion callback that settles a future (once)."""
-
-    def done(result: Any) -> None:
-        if fut.done():
-            return
-        if isinstance(result, BaseException):
-            fut.set_exception(result)
-        else:
-            fut.set_result(result)
-
-    return done
-
-
-def _once(done: WriteDone) -> WriteDone:
-    """A request of several pieces completes once: with its first error, or
-    when its last piece is queued."""
-    fired = [False]
-
-    def once(result: BaseException | None) -> None:
-        if not fired[0]:
-            fired[0] = True
-            done(result)
-
-    return once
-
-
-def _ignore_ok(done: WriteDone) -> WriteDone:
-    """For all but the last piece of a request: only an error is passed on
-    (it completes the request at once; the last piece's result is then moot)."""
-
-    def piece(result: BaseException | None) -> None:
-        if result is not None:
-            done(result)
-
-    return piece
-
-
-def _owned(data: bytes | bytearray | memoryview) -> bytes:
-    return data if isinstance(data, bytes) else bytes(data)
