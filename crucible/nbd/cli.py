@@ -9,6 +9,7 @@ import sys
 
 from crucible.cli_util import (
     fail,
+    non_negative_float,
     port_number,
     positive_int,
     run_async,
@@ -22,10 +23,11 @@ from crucible.tools.common import (
     add_observe_options,
     add_target_options,
     check_args,
-    new_upstairs,
     observed,
+    open_parts,
 )
 from crucible.upstairs.guest import Upstairs
+from crucible.volume.build import VolumeParts
 
 PROG = "crucible-nbd"
 log = logging.getLogger("crucible.nbd")
@@ -55,6 +57,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=MAX_CONNECTIONS,
         help=f"clients at once; more are refused ({MAX_CONNECTIONS})",
     )
+    p.add_argument(
+        "--scrub-delay",
+        type=non_negative_float,
+        default=0.0,
+        metavar="SECONDS",
+        help="with a read-only parent (--vcr): wait this long before copying it in (0)",
+    )
+    p.add_argument(
+        "--scrub-pause",
+        type=non_negative_float,
+        default=0.0,
+        metavar="SECONDS",
+        help="and pause this long between its 128 KiB chunks (0)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="log only warnings")
     add_observe_options(p)
     return p
@@ -75,16 +91,16 @@ def main() -> None:
 
 
 async def serve(args: argparse.Namespace) -> int:
-    up = new_upstairs(args)
+    parts = open_parts(args)
     try:
-        async with observed(args, up, "crucible-nbd", nbd=True):
-            return await _serve(args, up)
+        async with observed(args, parts, "crucible-nbd", nbd=True):
+            return await _serve(args, parts)
     finally:
-        await up.close()
+        await parts.close()
 
 
-async def _serve(args: argparse.Namespace, up: Upstairs) -> int:
-    export = Export(up, args.export_name, args.read_only)
+async def _serve(args: argparse.Namespace, parts: VolumeParts) -> int:
+    export = Export(parts.device, args.export_name, args.read_only)
     server = NbdServer(export, args.bind, args.port, args.handshake_timeout, args.max_connections)
     try:
         await server.bind()  # before activating: never take over a volume and then fail
@@ -92,20 +108,26 @@ async def _serve(args: argparse.Namespace, up: Upstairs) -> int:
         if e.errno == errno.EADDRINUSE:
             raise ValueError(f"port {args.port} on {args.bind} is already in use") from None
         raise ValueError(f"cannot listen on {args.bind}:{args.port}: {e.strerror}") from None
-    gen = await activate(up, args.gen, args.activate_timeout)
+    timeout = args.activate_timeout
+
+    async def activate_region(up: Upstairs, floor: int) -> int:
+        return await activate(up, args.gen, timeout, floor)
+
+    gens = await parts.activate(activate_region)
+    up = parts.device
     await server.serve()
     host = f"[{args.bind}]" if ":" in args.bind else args.bind
     uri = f"nbd://{host}:{server.port}/{args.export_name}"
     print(
         f"serving {export.size} bytes ({up.total_blocks} blocks of {up.block_size}) "
-        f"with generation {gen}{' read-only' if args.read_only else ''} at {uri}",
+        f"with generation {', '.join(map(str, gens)) or '-'}"
+        f"{' read-only' if args.read_only else ''} at {uri}",
         flush=True,
     )
     await wait_for_stop_signal()
     log.info("stopping: closing clients, flushing")
     await server.stop()
-    if up.info().state == "active":
-        await up.deactivate()
+    await parts.deactivate()
     print("stopped", flush=True)
     return 0
 

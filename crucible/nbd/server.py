@@ -34,7 +34,7 @@ from crucible.nbd.disk import Disk
 from crucible.nbd.handshake import ExportInfo, Handshake, HandshakeError, Negotiated
 from crucible.netio import OutputBatcher
 from crucible.observe.probes import NBD
-from crucible.upstairs.guest import Upstairs
+from crucible.upstairs.blockio import BlockIO
 
 log = logging.getLogger("crucible.nbd")
 
@@ -51,7 +51,7 @@ MAX_CONNECTIONS = 128
 
 @dataclass
 class Export:
-    upstairs: Upstairs
+    upstairs: BlockIO
     name: str = ""
     read_only: bool = False
     description: str = "crucible volume (three-way replicated)"

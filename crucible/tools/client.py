@@ -15,8 +15,8 @@ from crucible.tools.common import (
     add_observe_options,
     add_target_options,
     check_args,
-    new_upstairs,
     observed,
+    one_region,
 )
 
 PROG = "crucible"
@@ -39,11 +39,11 @@ def main() -> None:
 
 
 async def _run(args: argparse.Namespace) -> None:
-    async with (
-        new_upstairs(args) as up,
-        observed(args, up, "crucible"),
-    ):
-        gen = await activate(up, args.gen, args.activate_timeout)
+    parts = one_region(args, PROG)
+    up, region = parts.regions[0]
+    floor = region.gen if region else 1
+    async with up, observed(args, parts, "crucible"):
+        gen = await activate(up, args.gen, args.activate_timeout, floor)
         bs = up.block_size
         # The last block of extent 0 and the first of extent 1: with the seed's
         # geometry (bs 512, es 100) that is byte offset 50688, 1024 bytes.

@@ -25,6 +25,9 @@ from crucible.upstairs.core import MAX_GEN
 from crucible.upstairs.encryption import NIL_VOLUME, BadKey, BlockCipher, parse_key
 from crucible.upstairs.guest import Upstairs
 from crucible.upstairs.options import Options
+from crucible.volume import vcr
+from crucible.volume.build import VolumeParts, build
+from crucible.volume.volume import ScrubOptions, Volume
 
 log = logging.getLogger("crucible.tools")
 
@@ -63,9 +66,15 @@ def add_target_options(p: argparse.ArgumentParser, verify_rate: float = 0.0) -> 
         "--target",
         type=target,
         action="append",
-        required=True,
+        default=[],
         metavar="HOST:PORT",
-        help="a downstairs; give exactly three",
+        help="a downstairs; give exactly three (or --vcr)",
+    )
+    p.add_argument(
+        "--vcr",
+        type=Path,
+        metavar="FILE",
+        help="the volume's construction request (Crucible's VCR JSON) instead of -t",
     )
     p.add_argument(
         "-g",
@@ -130,27 +139,35 @@ def add_observe_options(p: argparse.ArgumentParser, control: bool = True) -> Non
 
 @contextlib.asynccontextmanager
 async def observed(
-    args: argparse.Namespace, up: Upstairs, service: str, nbd: bool = False
+    args: argparse.Namespace, parts: VolumeParts, service: str, nbd: bool = False
 ) -> AsyncIterator[Observing]:
-    """Metrics, tracing, log ids and the control API of an upstairs, for as
-    long as the block runs; queued spans are sent at its end."""
+    """Metrics, tracing, log ids and the control APIs of a volume's upstairs,
+    for as long as the block runs; queued spans are sent at its end. The
+    first region's upstairs speaks for the volume in the log ids, traces and
+    --control; a region whose VCR names a control address serves its own."""
     obs = Observing(args, service, args.tls)
-    logs.context["upstairs_id"] = lambda: str(up.session_ids()[0])
-    logs.context["session_id"] = lambda: str(up.session_ids()[1])
     if obs.registry is not None:
         UpstairsMetrics(obs.registry)
         if nbd:
             NbdMetrics(obs.registry)
-    if obs.tracing is not None:
-        UpstairsTracer(obs.tracing, up.session_ids)
-    addr = getattr(args, "control", None)
-    server_tls = args.tls.server_context() if args.tls and addr else None
-    runner = await control.serve(up, addr[0], addr[1], server_tls) if addr else None
+    controls = [(up, r.opts.control) for up, r in parts.regions if r and r.opts.control]
+    if parts.regions:
+        up = parts.regions[0][0]
+        logs.context["upstairs_id"] = lambda: str(up.session_ids()[0])
+        logs.context["session_id"] = lambda: str(up.session_ids()[1])
+        if obs.tracing is not None:
+            UpstairsTracer(obs.tracing, up.session_ids)
+        addr = getattr(args, "control", None)
+        if addr:
+            controls.insert(0, (up, addr))
+    server_tls = args.tls.server_context() if args.tls and controls else None
+    runners = [await control.serve(up, a[0], a[1], server_tls) for up, a in controls]
     try:
         yield obs
     finally:
-        if runner is not None:
-            await runner.cleanup()
+        for runner in runners:
+            if runner is not None:
+                await runner.cleanup()
         await asyncio.to_thread(obs.close)
 
 
@@ -171,10 +188,34 @@ def upstairs_options(args: argparse.Namespace) -> Options:
     )
 
 
-def new_upstairs(args: argparse.Namespace) -> Upstairs:
-    """The upstairs the flags of add_target_options describe."""
-    tls = args.tls.client_context() if args.tls else None
-    return Upstairs(args.target, upstairs_options(args), args.id, tls)
+def open_parts(args: argparse.Namespace) -> VolumeParts:
+    """The volume the flags of add_target_options describe: -t's one region,
+    or what --vcr builds (nothing connected yet)."""
+    if args.vcr is None:
+        tls = args.tls.client_context() if args.tls else None
+        up = Upstairs(args.target, upstairs_options(args), args.id, tls)
+        return VolumeParts(Volume([up]), [(up, None)])
+    timeout = args.activate_timeout
+
+    async def activate_parent(up: Upstairs, floor: int) -> int:
+        return await activate(up, None, timeout, floor)
+
+    read_only = getattr(args, "read_only", False)
+    scrub = ScrubOptions(getattr(args, "scrub_delay", 0.0), getattr(args, "scrub_pause", 0.0))
+    return build(args.vcr_request, activate_parent, read_only, upstairs_options(args), scrub)
+
+
+def one_region(args: argparse.Namespace, prog: str) -> VolumeParts:
+    """What the flags describe, for a tool that drives one region's upstairs
+    (parts.regions[0][0]); ValueError for a VCR of more."""
+    parts = open_parts(args)
+    if len(parts.regions) != 1 or parts.volume.parent is not None:
+        raise ValueError(
+            f"{prog} drives one region, and {args.vcr} describes "
+            f"{len(parts.regions)} sub-volumes{' and a parent' if parts.volume.parent else ''}: "
+            "serve it with crucible-nbd --vcr"
+        )
+    return parts
 
 
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -187,16 +228,26 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             args.tls.client_context()  # loads the files: a bad one is said now
         except TlsError as e:
             fail(p.prog, str(e))
+    if args.vcr is not None:
+        if targets:
+            p.error("give -t or --vcr, not both")
+        try:
+            args.vcr_request = vcr.load(args.vcr)
+        except OSError as e:
+            fail(p.prog, f"cannot read {args.vcr}: {e.strerror}")
+        except vcr.VcrError as e:
+            fail(p.prog, f"{args.vcr}: {e}")
+        return
     if len(targets) != 3:
         p.error(f"give exactly three targets with -t (got {len(targets)})")
     if len(set(targets)) != 3:
         p.error("the three targets must be different")
 
 
-async def activate(up: Upstairs, gen: int | None, timeout: float) -> int:
+async def activate(up: Upstairs, gen: int | None, timeout: float, floor: int = 1) -> int:
     """Activate, and return the generation used. Without an explicit gen, start
-    at 1 and, if the downstairs hold a higher one, go one above it."""
-    want = 1 if gen is None else gen
+    at `floor` (a VCR's) and, if the downstairs hold a higher one, go one above it."""
+    want = max(1, floor) if gen is None else gen
     for _ in range(2):
         try:
             await asyncio.wait_for(up.activate(want), timeout)

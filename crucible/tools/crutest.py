@@ -18,8 +18,8 @@ from crucible.tools.common import (
     add_observe_options,
     add_target_options,
     check_args,
-    new_upstairs,
     observed,
+    one_region,
     target,
 )
 from crucible.tools.fault_workloads import repair, replace, replay
@@ -158,11 +158,11 @@ def main() -> None:
 
 async def _main(args: argparse.Namespace) -> int:
     seed = args.seed if args.seed is not None else random.randrange(1 << 32)
-    async with (
-        new_upstairs(args) as up,
-        observed(args, up, "crutest"),
-    ):
-        gen = await activate(up, args.gen, args.activate_timeout)
+    parts = one_region(args, PROG)
+    up, region = parts.regions[0]
+    floor = region.gen if region else 1
+    async with up, observed(args, parts, "crutest"):
+        gen = await activate(up, args.gen, args.activate_timeout, floor)
         info = up.info()
         if args.verify_in is not None:
             vlog = VerifyLog.load(args.verify_in)
