@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import json
 import logging
 import math
 import os
 import sys
+import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,6 +41,7 @@ from crucible.observe import logs, options
 from crucible.observe.metrics import DownstairsMetrics
 from crucible.observe.options import Observing
 from crucible.observe.tracing import DownstairsTracer
+from crucible.region import snapshot
 from crucible.region.inspect import dump_block, dump_extent_blocks, dump_extents, verify_region
 from crucible.region.region import Region
 from crucible.region.transfer import export_file, import_file
@@ -45,7 +49,7 @@ from crucible.tls import TlsError
 
 PROG = "crucible-downstairs"
 SEED_BLOCK_SIZE, SEED_EXTENT_SIZE, SEED_EXTENT_COUNT = 512, 100, 10
-COMMANDS = ("create", "run", "export", "dump", "verify")
+COMMANDS = ("create", "run", "export", "dump", "verify", "snapshot")
 log = logging.getLogger("crucible.downstairs")
 
 
@@ -61,6 +65,9 @@ def _add_run_options(p: argparse.ArgumentParser, port_required: bool) -> None:
     )
     p.add_argument("-a", "--address", default="0.0.0.0", help="address to bind (default 0.0.0.0)")
     p.add_argument("--mode", choices=("rw", "ro"), default="rw", help="read-write or read-only")
+    p.add_argument(
+        "--snapshot", metavar="NAME", help="serve the region's snapshot NAME (read-only)"
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="do not log every job")
     p.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT, help=argparse.SUPPRESS)
     p.add_argument(
@@ -120,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("verify", help="check every block against its context")
     v.add_argument("-d", "--data", type=Path, required=True, help="region directory")
+
+    s = sub.add_parser("snapshot", help="list or delete a region's snapshots")
+    s.add_argument("action", choices=("list", "delete"))
+    s.add_argument("name", nargs="?", help="the snapshot to delete")
+    s.add_argument("-d", "--data", type=Path, required=True, help="region directory")
+    s.add_argument("--json", action="store_true", help="list as JSON")
     return parser
 
 
@@ -172,6 +185,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return cmd_export(args)
     if args.command == "dump":
         return cmd_dump(args)
+    if args.command == "snapshot":
+        return cmd_snapshot(args)
     return cmd_verify(args)
 
 
@@ -225,7 +240,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             SEED_BLOCK_SIZE, SEED_EXTENT_SIZE, SEED_EXTENT_COUNT, uuid.uuid4()
         )
         _create(args.data, definition).close()
-    region = Region.open(args.data, read_only=read_only)
+    data = args.data
+    if args.snapshot is not None:  # a snapshot is served as it is: read-only
+        data, read_only, args.mode = snapshot.snapshot_dir(args.data, args.snapshot), True, "ro"
+        if not (data / "region.json").exists():
+            raise ValueError(f"no snapshot {args.snapshot!r} at {args.data}")
+    region = Region.open(data, read_only=read_only)
     d = region.definition
     logs.context["downstairs_id"] = lambda: str(d.uuid)
     log.info("opened region %s at %s (%s)", d.uuid, args.data, args.mode)
@@ -289,6 +309,25 @@ async def _run_server(region: Region, args: argparse.Namespace, obs: Observing) 
     await server.stop()
     if server.died.done():
         raise ValueError(f"the server stopped working: {server.death}")
+    return 0
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    if not (args.data / "region.json").exists():
+        raise ValueError(f"no region at {args.data}")
+    if args.action == "delete":
+        if args.name is None:
+            raise ValueError("snapshot delete needs the snapshot's name")
+        snapshot.delete(args.data, args.name)
+        print(f"deleted snapshot {args.name}")
+        return 0
+    found = snapshot.list_snapshots(args.data)
+    if args.json:
+        print(json.dumps([dataclasses.asdict(s) for s in found]))
+        return 0
+    for s in found:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.created))
+        print(f"{s.name}  {when}  {s.bytes_used} bytes")
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any, BinaryIO, assert_never
 
@@ -10,7 +11,10 @@ from crucible.common.errors import CrucibleError, ErrorKind
 from crucible.downstairs.core import Work
 from crucible.protocol import messages as m
 from crucible.protocol.wire import SocketAddr
+from crucible.region import snapshot
 from crucible.region.region import Region
+
+log = logging.getLogger("crucible.downstairs")
 
 # Copies extent `eid` from the repair server at an address into a file.
 FetchExtent = Callable[[SocketAddr, int, BinaryIO], None]
@@ -37,7 +41,13 @@ def _run(region: Region, work: Work, fetch: FetchExtent) -> Any:
         case m.Flush():
             region.flush(work.flush_number, work.gen_number, work.extent_limit)
             if work.snapshot_name is not None:
-                raise CrucibleError(ErrorKind.SnapshotFailed, "snapshots are not supported here")
+                if region.read_only:
+                    why = "a read-only region takes no snapshot"
+                    raise CrucibleError(ErrorKind.SnapshotFailed, why)
+                name = work.snapshot_name
+                d = region.definition
+                made = snapshot.take(region.dir, d.extent_count, name)
+                log.info("snapshot %s %s", name, "taken" if made else "exists already: kept")
             return None
         case m.WriteUnwritten():
             return region.write(work.start, work.contexts, work.data, only_unwritten=True)

@@ -145,7 +145,8 @@ class Region:
         the data (serving it would silently drop what they hold)."""
         count = self.definition.extent_count
         extra = []
-        for sub, _, files in os.walk(self.dir):
+        for sub, dirs, files in os.walk(self.dir):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]  # snapshots, staging
             rel = os.path.relpath(sub, self.dir)
             for name in files:
                 path = f"{rel}/{name}"

@@ -11,6 +11,8 @@ from typing import Any
 
 from aiohttp import web
 
+from crucible.common.errors import CrucibleError
+from crucible.region.snapshot import check_name
 from crucible.tools.http_api import (
     ERROR_SCHEMA,
     Serving,
@@ -40,7 +42,16 @@ def make_app(up: Upstairs) -> web.Application:
             return error(400, "BadRequest", 'the body must be JSON: {"name": ...}')
         if not isinstance(body, dict) or not isinstance(body.get("name"), str):
             return error(400, "BadRequest", 'the body must be {"name": "SNAPSHOT"}')
-        return error(501, "NotImplemented", "snapshots are not supported by this volume yet")
+        name = body["name"]
+        try:
+            check_name(name)
+        except CrucibleError as e:
+            return error(400, "BadRequest", e.detail or str(e))
+        try:
+            await up.flush(snapshot=name)  # every downstairs records it, or the flush fails
+        except CrucibleError as e:
+            return error(503, "SnapshotFailed", e.detail or str(e))
+        return web.json_response({"name": name})
 
     return json_app(
         [web.get("/info", info), web.get("/work", work), web.post("/snapshot", snapshot)],
@@ -93,7 +104,7 @@ OPENAPI: dict[str, Any] = {
         },
         "/snapshot": {
             "post": {
-                "summary": "Take a snapshot (reserved: answers 501 for now)",
+                "summary": "A flush that every downstairs records as snapshot NAME",
                 "operationId": "take_snapshot",
                 "requestBody": {
                     "required": True,
@@ -108,8 +119,12 @@ OPENAPI: dict[str, Any] = {
                     },
                 },
                 "responses": {
-                    "400": json_content(schema_ref("Error"), "a bad request body"),
-                    "501": json_content(schema_ref("Error"), "not supported yet"),
+                    "200": json_content(
+                        {"type": "object", "required": ["name"], "properties": {"name": _STR}},
+                        "taken on all three downstairs",
+                    ),
+                    "400": json_content(schema_ref("Error"), "a bad request body or name"),
+                    "503": json_content(schema_ref("Error"), "not taken on all three"),
                 },
             }
         },

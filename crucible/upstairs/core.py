@@ -245,8 +245,9 @@ class UpstairsCore:
         err = self.check_io(0, 0, write=False, need=1 if self.opts.read_only else 2)
         if err:
             return [Complete(token, err)]
-        if snapshot is not None and not self.ds.all_active:
-            why = "a snapshot needs all three downstairs"
+        if snapshot is not None and (self.opts.read_only or not self.ds.all_active):
+            why = "a read-only volume takes no snapshot" if self.opts.read_only else ""
+            why = why or "a snapshot needs all three downstairs"
             return [Complete(token, CrucibleError(ErrorKind.SnapshotFailed, why))]
         if self.opts.read_only:
             return [Complete(token, None)]

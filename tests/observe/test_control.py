@@ -117,13 +117,17 @@ def test_info_follows_a_downstairs_stopped_and_started(tmp_path: Path) -> None:
         assert info["ds_state"] == [{"type": "active"}] * 3
         qemu_io(port, "read -P 2 0 1M")
 
-        # The reserved snapshot endpoint, and errors as JSON.
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{ctl}/snapshot", data=b'{"name": "s1"}', method="POST"
-        )
+        # A snapshot on all three, and errors as JSON.
+        url = f"http://127.0.0.1:{ctl}/snapshot"
+        req = urllib.request.Request(url, data=b'{"name": "s1"}', method="POST")
+        with urllib.request.urlopen(req, timeout=60) as r:
+            assert json.loads(r.read()) == {"name": "s1"}
+        made = sorted(tmp_path.glob("*/.snapshot/s1/region.json"))
+        assert len(made) == 3, made
+        req = urllib.request.Request(url, data=b'{"name": "../x"}', method="POST")
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(req, timeout=10)
-        assert e.value.code == 501
+        assert e.value.code == 400
         conforms(doc, "Error", json.loads(e.value.read()))
         dsc_doc = get(int(dsc.rpartition(":")[2]), "/openapi.json")
         validate(dsc_doc)
