@@ -33,9 +33,10 @@ from crucible.cli_util import (
     tls_files,
     wait_for_stop_signal,
 )
-from crucible.common.address import is_loopback
+from crucible.common.address import host_port, is_loopback
 from crucible.common.definition import RegionDefinition, RegionError
 from crucible.common.errors import CrucibleError
+from crucible.downstairs.clone import clone, source_region
 from crucible.downstairs.server import IDLE_TIMEOUT, DownstairsServer, ListenError
 from crucible.observe import logs, options
 from crucible.observe.metrics import DownstairsMetrics
@@ -49,7 +50,7 @@ from crucible.tls import TlsError
 
 PROG = "crucible-downstairs"
 SEED_BLOCK_SIZE, SEED_EXTENT_SIZE, SEED_EXTENT_COUNT = 512, 100, 10
-COMMANDS = ("create", "run", "export", "dump", "verify", "snapshot")
+COMMANDS = ("create", "run", "export", "dump", "verify", "snapshot", "clone")
 log = logging.getLogger("crucible.downstairs")
 
 
@@ -128,6 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="check every block against its context")
     v.add_argument("-d", "--data", type=Path, required=True, help="region directory")
 
+    k = sub.add_parser("clone", help="a new region copied from a read-only downstairs")
+    k.add_argument("-d", "--data", type=Path, required=True, help="the new region's directory")
+    k.add_argument(
+        "--source",
+        type=_address,
+        required=True,
+        metavar="ADDR:PORT",
+        help="the source downstairs' repair server (its port + 4000)",
+    )
+    k.add_argument("-u", "--uuid", type=uuid.UUID, default=None, help="region UUID (random)")
+
     s = sub.add_parser("snapshot", help="list or delete a region's snapshots")
     s.add_argument("action", choices=("list", "delete"))
     s.add_argument("name", nargs="?", help="the snapshot to delete")
@@ -187,6 +199,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return cmd_dump(args)
     if args.command == "snapshot":
         return cmd_snapshot(args)
+    if args.command == "clone":
+        return cmd_clone(args)
     return cmd_verify(args)
 
 
@@ -309,6 +323,25 @@ async def _run_server(region: Region, args: argparse.Namespace, obs: Observing) 
     await server.stop()
     if server.died.done():
         raise ValueError(f"the server stopped working: {server.death}")
+    return 0
+
+
+def _address(text: str) -> tuple[str, int]:
+    try:
+        return host_port(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def cmd_clone(args: argparse.Namespace) -> int:
+    setup_logging()
+    total = source_region(args.source).total_bytes
+    with progress(total, "B", "clone") as bar:
+        d = clone(args.data, args.source, args.uuid, bar.update)
+    print(
+        f"cloned region {d.uuid} at {args.data} from {args.source[0]}:{args.source[1]}: "
+        f"bs:{d.block_size} es:{d.extent_size} ec:{d.extent_count} ({d.total_bytes} bytes)"
+    )
     return 0
 
 

@@ -62,7 +62,10 @@ def make_app(region: Region, capabilities: Capabilities = OURS) -> web.Applicati
         return web.json_response(region.read_only or region.is_closed(eid))
 
     async def closed(request: web.Request) -> web.Response:
-        return web.json_response(region.closed_since(extent_id(request)))
+        eid = extent_id(request)
+        # A read-only region's extents never change: they may be copied as
+        # they are (a clone copies a snapshot's).
+        return web.json_response(0 if region.read_only else region.closed_since(eid))
 
     async def region_info(request: web.Request) -> web.Response:
         return web.json_response(region.definition.to_json())

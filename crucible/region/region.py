@@ -311,6 +311,15 @@ class Region:
         and closed again; None while it is open."""
         return self.close_counts.get(eid, 0) if self.is_closed(eid) else None
 
+    def restamp(self, gen_number: int) -> None:
+        """Every extent says generation `gen_number` (its data and flush number
+        kept): a clone starts a life of its own, at generation 1."""
+        for eid in range(len(self.extents)):
+            ext = self.extent(eid)
+            ext.dirty = True
+            ext.flush(ext.flush_number, gen_number)
+            self.dirty_extents.discard(eid)
+
     def replace_extent(self, eid: int, fetch: Callable[[BinaryIO], object]) -> None:
         """Replace a closed extent's file with one written by `fetch`, crash-safely:
         fill DIR/xxx.copy/, rename it to .replace, rename the file over the

@@ -15,7 +15,17 @@ from pathlib import Path
 import pytest
 
 from crucible.cli_util import stop_process
-from tests.support import BIN, Cluster, free_port, run_cli, run_tool, wait_listening
+from crucible.region.layout import extent_path
+from crucible.region.region import Region
+from tests.support import (
+    BIN,
+    Cluster,
+    create_region,
+    free_port,
+    run_cli,
+    run_tool,
+    wait_listening,
+)
 from tests.volume.test_volume import GEOMETRY, MIB, image_of, qemu_io, serving, vcr_create
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -83,6 +93,43 @@ def test_a_snapshot_under_load_holds_what_was_flushed(tmp_path: Path) -> None:
                 assert image_of(n.uri, tmp_path / "after.raw") == data
         finally:
             new.stop()
+
+        # Clones of the three snapshots: a new volume at generation 1.
+        clones = [tmp_path / f"clone{i}" for i in range(3)]
+        for d, s in zip(clones, snaps.ds, strict=True):
+            assert s is not None
+            r = run_cli("clone", "-d", str(d), "--source", f"127.0.0.1:{s.repair_port}")
+            assert r.returncode == 0, r.stderr
+        # One cut short after two extents (its marker says so, and the later
+        # extents are still as created, empty): run again, it finishes.
+        first = snaps.ds[0]
+        assert first is not None
+        source = f"127.0.0.1:{first.repair_port}"
+        (clones[0] / ".clone").write_text(json.dumps({"source": source, "done": [0, 1]}))
+        create_region(tmp_path / "blank", *GEOMETRY)
+        for eid in (2, 3):
+            blank = extent_path(tmp_path / "blank", eid).read_bytes()
+            extent_path(clones[0], eid).write_bytes(blank)
+        r = run_cli("clone", "-d", str(clones[0]), "--source", source)
+        assert r.returncode == 0, r.stderr
+        copies = []
+        for d in clones[:2]:
+            opened = Region.open(d, read_only=True)
+            copies.append((opened.read(128, 128), opened.extent_versions()))
+            opened.close()
+        assert copies[0] == copies[1]  # extents 2 and 3 fetched again; all at gen 0
+        r = run_cli("clone", "-d", str(clones[0]), "--source", source)
+        assert r.returncode == 1 and "holds a region already" in r.stderr
+        cl = Cluster(tmp_path / "c", regions=clones)
+        try:
+            cvcr = vcr_create(tmp_path / "clone.json", *cl.target_args())
+            with serving(tmp_path, cvcr) as n:
+                assert image_of(n.uri, tmp_path / "clone.raw") == data
+                assert "with generation 1 " in n.log_path.read_text()
+        finally:
+            cl.stop()
+        r = run_cli("clone", "-d", str(tmp_path / "x"), "--source", f"127.0.0.1:{free_port()}")
+        assert r.returncode == 1 and "cannot ask the source" in r.stderr
     finally:
         snaps.stop()
 
