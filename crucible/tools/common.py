@@ -11,6 +11,8 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from prometheus_client import CollectorRegistry, Gauge
+
 from crucible.cli_util import add_tls_options, fail, non_negative_float, tls_files
 from crucible.common.address import host_port
 from crucible.common.errors import CrucibleError, ErrorKind
@@ -161,7 +163,10 @@ async def observed(
         if addr:
             controls.insert(0, (up, addr))
     server_tls = args.tls.server_context() if args.tls and controls else None
-    runners = [await control.serve(up, a[0], a[1], server_tls) for up, a in controls]
+    whole = parts.volume if parts.device is parts.volume else None
+    runners = [await control.serve(up, a[0], a[1], server_tls, whole) for up, a in controls]
+    if obs.registry is not None and whole is not None and whole.parent is not None:
+        scrub_gauges(obs.registry, whole)
     try:
         yield obs
     finally:
@@ -169,6 +174,18 @@ async def observed(
             if runner is not None:
                 await runner.cleanup()
         await asyncio.to_thread(obs.close)
+
+
+def scrub_gauges(registry: CollectorRegistry, volume: Volume) -> None:
+    """The copy of a volume's read-only parent, as Prometheus gauges."""
+    point = Gauge("crucible_volume_scrub_point_blocks", "blocks of the parent copied in",
+                  registry=registry)  # fmt: skip
+    point.set_function(lambda: volume.scrub_point)
+    total = Gauge("crucible_volume_scrub_total_blocks", "blocks of the parent", registry=registry)
+    total.set_function(lambda: volume.parent_blocks)
+    done = Gauge("crucible_volume_scrub_done", "1 once the parent is copied and dropped",
+                 registry=registry)  # fmt: skip
+    done.set_function(lambda: 1.0 if volume.scrub_done else 0.0)
 
 
 def upstairs_options(args: argparse.Namespace) -> Options:

@@ -4,6 +4,7 @@ fields after Crucible's, and `/openapi.json`."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import ssl
@@ -24,11 +25,15 @@ from crucible.tools.http_api import (
 )
 from crucible.upstairs import report
 from crucible.upstairs.guest import Upstairs
+from crucible.volume.volume import Volume
 
 log = logging.getLogger("crucible.control")
 
 
-def make_app(up: Upstairs) -> web.Application:
+def make_app(up: Upstairs, volume: Volume | None = None) -> web.Application:
+    """The control API of `up`; with `volume` (the one `up` is the first
+    region of), also what the volume as a whole does, and snapshots of all of it."""
+
     async def info(request: web.Request) -> web.Response:
         return web.json_response(report.info(up.info()))
 
@@ -48,24 +53,40 @@ def make_app(up: Upstairs) -> web.Application:
         except CrucibleError as e:
             return error(400, "BadRequest", e.detail or str(e))
         try:
-            await up.flush(snapshot=name)  # every downstairs records it, or the flush fails
+            # Every downstairs of every region records it, or the flush fails.
+            await (volume or up).flush(snapshot=name)
         except CrucibleError as e:
             return error(503, "SnapshotFailed", e.detail or str(e))
         return web.json_response({"name": name})
 
-    return json_app(
-        [web.get("/info", info), web.get("/work", work), web.post("/snapshot", snapshot)],
-        OPENAPI,
-    )
+    async def volume_status(request: web.Request) -> web.Response:
+        if volume is None:
+            return error(404, "NotFound", "this upstairs serves no volume of several parts")
+        s = volume.scrub_status()
+        scrub = None if volume.parent_blocks == 0 else dataclasses.asdict(s)
+        body = {
+            "block_size": volume.block_size,
+            "total_blocks": volume.total_blocks,
+            "sub_volumes": len(volume.subs),
+            "scrub": scrub,
+        }
+        return web.json_response(body)
+
+    routes = [web.get("/info", info), web.get("/work", work), web.post("/snapshot", snapshot)]
+    return json_app([*routes, web.get("/volume", volume_status)], OPENAPI)
 
 
 async def serve(
-    up: Upstairs, host: str, port: int, tls: ssl.SSLContext | None = None
+    up: Upstairs,
+    host: str,
+    port: int,
+    tls: ssl.SSLContext | None = None,
+    volume: Volume | None = None,
 ) -> Serving | None:
     """Start the control API (over mutual TLS with a server context); a
     busy port is said once and the volume runs without it."""
     try:
-        runner = await start(make_app(up), host, port, tls, "control API")
+        runner = await start(make_app(up, volume), host, port, tls, "control API")
     except OSError as e:
         why = "is already in use" if e.errno == errno.EADDRINUSE else f": {e.strerror}"
         log.warning("--control: port %d on %s %s; running without it", port, host, why)
@@ -102,6 +123,17 @@ OPENAPI: dict[str, Any] = {
                 "responses": {"200": json_content(schema_ref("DownstairsWork"))},
             }
         },
+        "/volume": {
+            "get": {
+                "summary": "The volume this upstairs is the first region of: its size, "
+                "sub-volumes and the copy of its read-only parent",
+                "operationId": "volume_status",
+                "responses": {
+                    "200": json_content(schema_ref("VolumeStatus")),
+                    "404": json_content(schema_ref("Error"), "no volume of several parts"),
+                },
+            }
+        },
         "/snapshot": {
             "post": {
                 "summary": "A flush that every downstairs records as snapshot NAME",
@@ -132,6 +164,27 @@ OPENAPI: dict[str, Any] = {
     "components": {
         "schemas": {
             "Error": ERROR_SCHEMA,
+            "VolumeStatus": {
+                "type": "object",
+                "required": ["block_size", "total_blocks", "sub_volumes", "scrub"],
+                "properties": {
+                    "block_size": _INT,
+                    "total_blocks": _INT,
+                    "sub_volumes": _INT,
+                    "scrub": {
+                        "type": "object",
+                        "nullable": True,
+                        "description": "null: the volume has no read-only parent",
+                        "required": ["point", "total", "done", "error"],
+                        "properties": {
+                            "point": _INT,
+                            "total": _INT,
+                            "done": {"type": "boolean"},
+                            "error": _STR,
+                        },
+                    },
+                },
+            },
             "DsState": {
                 "type": "object",
                 "description": "Crucible's DsState, adjacently tagged",

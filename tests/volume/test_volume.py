@@ -6,11 +6,14 @@ overwriting the guest's writes, then dropped."""
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -64,6 +67,11 @@ def serving(base: Path, vcr: Path, *extra: str) -> Iterator[Nbd]:
     finally:
         if n.proc.poll() is None:
             n.stop()
+
+
+def get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return json.loads(r.read())
 
 
 def qemu_io(uri: str, *cmds: str) -> None:
@@ -130,10 +138,18 @@ def test_a_file_parent_is_seen_through_copied_in_and_dropped(
 
         # The scrub, slowed down, with a write going on while it runs: it
         # never overwrites what the guest wrote, before it or meanwhile.
-        with serving(tmp_path, vcr, "--scrub-pause", "0.2") as n:
+        ctl, metrics = free_port(), free_port()
+        watch = ("--control", f"127.0.0.1:{ctl}", "--metrics", f"127.0.0.1:{metrics}")
+        with serving(tmp_path, vcr, "--scrub-pause", "0.2", *watch) as n:
             qemu_io(n.uri, "write -P 0x7c 1200k 64k", "flush")
             expect[1200 << 10 : 1264 << 10] = b"\x7c" * (64 << 10)
             n.said("the parent is dropped")
+            status = get_json(f"http://127.0.0.1:{ctl}/volume")
+            assert status["scrub"] == {"point": 384, "total": 384, "done": True, "error": ""}
+            assert status["total_blocks"] == 512 and status["sub_volumes"] == 1
+            text = urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics").read().decode()
+            assert "crucible_volume_scrub_done 1.0" in text
+            assert "crucible_volume_scrub_point_blocks 384.0" in text
             parent.unlink()  # gone for good: reads must not need it
             assert image_of(n.uri, tmp_path / "c.raw") == expect
         c.stop()
