@@ -39,11 +39,13 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
         return error(e.status, e.reason.replace(" ", ""), text.strip())
 
 
-def json_app(routes: list[web.RouteDef], openapi: dict[str, Any]) -> web.Application:
+def json_app(
+    routes: list[web.RouteDef], openapi: dict[str, Any], max_body: int = MAX_BODY
+) -> web.Application:
     async def document(request: web.Request) -> web.Response:
         return web.json_response(openapi)
 
-    app = web.Application(client_max_size=MAX_BODY, middlewares=[_json_errors])
+    app = web.Application(client_max_size=max_body, middlewares=[_json_errors])
     app.add_routes([*routes, web.get("/openapi.json", document)])
     return app
 

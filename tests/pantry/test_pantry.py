@@ -1,0 +1,175 @@
+"""The pantry with real processes: a volume attached by VCR, filled from a
+URL served by the test (a sha256 checked; a server that answers 503 twice
+first), validated and read back in bulk; an image larger than the volume,
+a lower generation than a running upstairs, and a takeover are each refused
+with a clear answer."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import json
+import random
+import subprocess
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from openapi_spec_validator import validate
+
+from crucible.cli_util import stop_process
+from tests.support import BIN, Cluster, free_port, run_tool, wait_listening
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+MIB = 1 << 20
+GEOMETRY = ("--block-size", "4096", "--extent-size", "2048", "--extent-count", "8")  # 64 MiB
+
+
+@contextlib.contextmanager
+def image_server(image: bytes, busy: int = 0) -> Iterator[tuple[str, list[int]]]:
+    """The image over HTTP with ranged GETs; the first `busy` GETs answer 503.
+    Yields its URL and the count of GETs answered."""
+    gets = [0]
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_HEAD(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(image)))
+            self.end_headers()
+
+        def do_GET(self) -> None:
+            gets[0] += 1
+            if gets[0] <= busy:
+                self.send_response(503)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            first, last = self.headers["Range"].removeprefix("bytes=").split("-")
+            body = image[int(first) : int(last) + 1]
+            self.send_response(206)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/image.raw", gets
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class Pantry:
+    def __init__(self, base: Path) -> None:
+        self.port = free_port()
+        self.log = open(base / "pantry.log", "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [str(BIN / "crucible-pantry"), "run", "-l", f"127.0.0.1:{self.port}"],
+            stdout=self.log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        wait_listening(self.port, self.proc)
+
+    def call(self, method: str, path: str, body: Any = None, timeout: float = 300) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}/crucible/pantry/0{path}", data=data, method=method,
+            headers={"Content-Type": "application/json"},
+        )  # fmt: skip
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.loads(r.read())
+
+    def refused(self, method: str, path: str, body: Any = None) -> tuple[int, str]:
+        with pytest.raises(urllib.error.HTTPError) as e:
+            self.call(method, path, body)
+        return e.value.code, json.loads(e.value.read())["message"]
+
+    def stop(self) -> None:
+        assert stop_process(self.proc, timeout=60) == 0
+        self.log.close()
+
+
+def vcr_of(c: Cluster, base: Path, gen: int) -> Any:
+    out = base / f"vcr-{gen}.json"
+    r = run_tool("crucible-vcr", "create", *c.target_args(), "--gen", str(gen), "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    return json.loads(out.read_text())
+
+
+def test_the_pantry(tmp_path: Path, rng: random.Random) -> None:
+    image = rng.randbytes(64 * MIB)
+    digest = hashlib.sha256(image).hexdigest()
+    c = Cluster(tmp_path / "v", *GEOMETRY)
+    p = Pantry(tmp_path)
+    try:
+        doc = urllib.request.urlopen(f"http://127.0.0.1:{p.port}/openapi.json").read()
+        validate(json.loads(doc))
+        vcr = vcr_of(c, tmp_path, 2)
+        assert p.call("POST", "/volume/v1", {"volume_construction_request": vcr}) == {}
+        assert p.call("POST", "/volume/v1", {"volume_construction_request": vcr}) == {}  # again
+        assert p.call("GET", "")["volumes"] == ["v1"]
+
+        with image_server(image, busy=2) as (url, gets):
+            job = p.call("POST", "/volume/v1/import-from-url",
+                         {"url": url, "expected_digest": {"sha256": digest}})["job_id"]  # fmt: skip
+            assert p.call("GET", f"/job/{job}/ok") == {"job_result_ok": True}
+            assert gets[0] == 2 + 64 * MIB // (512 << 10)  # two 503s, then every chunk once
+
+        job = p.call("POST", "/volume/v1/validate", {"expected_digest": {"sha256": digest}})
+        assert p.call("GET", f"/job/{job['job_id']}/ok") == {"job_result_ok": True}
+        for off in (0, 13 * MIB, 64 * MIB - (512 << 10)):
+            got = p.call("POST", "/volume/v1/bulk-read", {"offset": off, "size": 512 << 10})
+            assert base64.b64decode(got["base64_encoded_data"]) == image[off : off + (512 << 10)]
+        data = base64.b64encode(b"\x42" * 8192).decode()
+        assert (
+            p.call("POST", "/volume/v1/bulk-write", {"offset": 4096, "base64_encoded_data": data})
+            == {}
+        )
+        got = p.call("POST", "/volume/v1/bulk-read", {"offset": 4096, "size": 8192})
+        assert base64.b64decode(got["base64_encoded_data"]) == b"\x42" * 8192
+        bad = p.call("POST", "/volume/v1/validate", {"expected_digest": {"sha256": digest}})
+        code, why = p.refused("GET", f"/job/{bad['job_id']}/ok")
+        assert code == 500 and "expected " + digest in why
+
+        # An image larger than the volume.
+        with image_server(image + b"x" * 4096) as (url, _):
+            job = p.call("POST", "/volume/v1/import-from-url", {"url": url})["job_id"]
+            code, why = p.refused("GET", f"/job/{job}/ok")
+            assert code == 500 and "more than the volume's" in why
+        code, why = p.refused("POST", "/volume/v1/bulk-read", {"offset": 1, "size": 4096})
+        assert code == 400 and "multiples of 4096" in why
+
+        # Another upstairs with a higher generation takes the regions: 410.
+        port = free_port()
+        nbd = subprocess.Popen(
+            [str(BIN / "crucible-nbd"), *c.target_args(), "-p", str(port), "--gen", "5"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            wait_listening(port, nbd, timeout=60)
+            code, why = p.refused("POST", "/volume/v1/bulk-read", {"offset": 0, "size": 4096})
+            assert code == 410 and "no longer active" in why
+            # And attaching at a generation below the running one is refused.
+            code, why = p.refused(
+                "POST", "/volume/v2", {"volume_construction_request": vcr_of(c, tmp_path, 3)}
+            )
+            assert code == 400 and "generation" in why.lower()
+        finally:
+            stop_process(nbd, timeout=60)
+        assert p.call("DELETE", "/volume/v1") == {}
+        code, _ = p.refused("GET", "/volume/v1")
+        assert code == 404
+    finally:
+        p.stop()
+        c.stop()
