@@ -130,16 +130,12 @@ def main() -> None:
             results["scrub"].append(scrub_seconds(base, size, parent))
             results["snap"].append(snapshot_seconds(base, size, parent))
             with volume(base, size) as (uri, _, _):
-                results["alone"].append(
-                    fio(uri, "w", "randwrite", "4k", 32, 256, args.runtime)["mb_s"]
-                )
+                results["alone"].append(writes(uri, args.runtime))
             with volume(base, size, "--scrub-pause", "0.05", parent=parent) as (uri, _, log):
                 wait_for(log, "scrub: copying")
-                results["scrubbing"].append(
-                    fio(uri, "w", "randwrite", "4k", 32, 256, args.runtime)["mb_s"]
-                )
-            print(f"  round {rnd + 1}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in results.items()),
-                  flush=True)  # fmt: skip
+                results["scrubbing"].append(writes(uri, args.runtime))
+            line = ", ".join(f"{k} {v[-1]:.2f}" for k, v in results.items())
+            print(f"  round {rnd + 1}: {line}", flush=True)
     finally:
         shutil.rmtree(base, ignore_errors=True)
     med = {k: statistics.median(v) for k, v in results.items()}
