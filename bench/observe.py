@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import socket
-import sys
 import tempfile
 import threading
 import urllib.request
@@ -30,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.nbd import crucible_server
-from bench.settings import TESTS, compare, report
+from bench.settings import TESTS, compare, parse_rounds, report
 from tests.support import free_port
 
 SETTINGS = ["off", "metrics", "tracing"]
@@ -120,15 +119,8 @@ def flags(setting: str, endpoint: str) -> tuple[list[str], list[list[str]], list
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--repeat", type=int, default=3, help="rounds")
-    ap.add_argument("--runtime", type=float, default=8.0, help="seconds per test")
-    ap.add_argument("--size-mib", type=int, default=256, help="volume size")
     ap.add_argument("--endpoint", choices=["jaeger", "http"], default="jaeger", help="receiver")
-    args = ap.parse_args()
-    if args.repeat < 1 or args.runtime <= 0 or args.size_mib < 64:
-        sys.exit("bench.observe: --repeat and --runtime must be positive, --size-mib >= 64")
-    if shutil.which("fio") is None:
-        sys.exit("bench.observe: fio is missing; run scripts/setup")
+    args = parse_rounds(ap, "bench.observe")
     base = Path(tempfile.mkdtemp(prefix="crucible-bench-observe-"))
     sink = udp_sink() if args.endpoint == "jaeger" else http_sink()
     try:

@@ -18,14 +18,13 @@ import base64
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from bench.nbd import crucible_server
-from bench.settings import compare, report
+from bench.settings import compare, parse_rounds, report
 from tests.support import BIN
 
 SETTINGS = ["plain", "encrypted", "tls", "both"]
@@ -33,14 +32,7 @@ SETTINGS = ["plain", "encrypted", "tls", "both"]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--repeat", type=int, default=3, help="rounds")
-    ap.add_argument("--runtime", type=float, default=8.0, help="seconds per test")
-    ap.add_argument("--size-mib", type=int, default=256, help="volume size")
-    args = ap.parse_args()
-    if args.repeat < 1 or args.runtime <= 0 or args.size_mib < 64:
-        sys.exit("bench.security: --repeat and --runtime must be positive, --size-mib >= 64")
-    if shutil.which("fio") is None:
-        sys.exit("bench.security: fio is missing; run scripts/setup")
+    args = parse_rounds(ap, "bench.security")
     base = Path(tempfile.mkdtemp(prefix="crucible-bench-security-"))
     try:
         subprocess.run(

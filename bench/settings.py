@@ -5,7 +5,10 @@ share."""
 
 from __future__ import annotations
 
+import argparse
+import shutil
 import statistics
+import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
@@ -18,6 +21,20 @@ TESTS = [
 ]
 Server = Callable[[str], AbstractContextManager[tuple[str, list[int]]]]
 Ratios = dict[tuple[str, str], list[float]]
+
+
+def parse_rounds(ap: argparse.ArgumentParser, name: str) -> argparse.Namespace:
+    """--repeat, --runtime and --size-mib added to `ap` (which may have flags
+    of its own), parsed and checked, and fio there."""
+    ap.add_argument("--repeat", type=int, default=3, help="rounds")
+    ap.add_argument("--runtime", type=float, default=8.0, help="seconds per test")
+    ap.add_argument("--size-mib", type=int, default=256, help="volume size")
+    args = ap.parse_args()
+    if args.repeat < 1 or args.runtime <= 0 or args.size_mib < 64:
+        sys.exit(f"{name}: --repeat and --runtime must be positive, --size-mib >= 64")
+    if shutil.which("fio") is None:
+        sys.exit(f"{name}: fio is missing; run scripts/setup")
+    return args
 
 
 def compare(

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from crucible.common.errors import CrucibleError, ErrorKind
 from crucible.region.allocation import data_ranges
-from crucible.region.definition import REGION_JSON
+from crucible.region.definition import REGION_JSON, fsync_dir
 from crucible.region.layout import extent_relpath
 
 SNAPSHOT_DIR = ".snapshot"
@@ -66,9 +66,9 @@ def take(region_dir: Path, extent_count: int, name: str) -> bool:
         (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
         clone_file(region_dir / rel, tmp / rel)
     for d in {(tmp / rel).parent for rel in files}:
-        _fsync_dir(d)
+        fsync_dir(d)
     tmp.rename(dest)
-    _fsync_dir(parent)
+    fsync_dir(parent)
     return True
 
 
@@ -91,14 +91,6 @@ def clone_file(src: Path, dst: Path) -> None:
                     pos += n
             d.truncate(size)
         os.fsync(d.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def list_snapshots(region_dir: Path) -> list[SnapshotInfo]:

@@ -5,6 +5,7 @@ from the callbacks for the upstairs and for volumes."""
 from __future__ import annotations
 
 import asyncio
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
@@ -99,6 +100,30 @@ def settle(fut: asyncio.Future[Any]) -> Callable[[Any], None]:
             fut.set_result(result)
 
     return done
+
+
+def joined(count: int, done: ReadDone) -> list[ReadDone]:
+    """The callbacks of `count` pieces of one read, in order: `done` gets
+    them joined once all are in, or the first error."""
+    parts: list[ReadResult | None] = [None] * count
+    waiting = [count]
+    failed: list[BaseException] = []
+
+    def piece_done(i: int, result: ReadResult | BaseException) -> None:
+        if isinstance(result, BaseException):
+            failed.append(result)
+        else:
+            parts[i] = result
+        waiting[0] -= 1
+        if waiting[0]:
+            return
+        if failed:
+            done(failed[0])
+            return
+        got = [p for p in parts if p is not None]
+        done((b"".join(p[0] for p in got), [c for p in got for c in p[1]]))
+
+    return [functools.partial(piece_done, i) for i in range(count)]
 
 
 def once(done: WriteDone) -> WriteDone:

@@ -44,9 +44,9 @@ from crucible.upstairs.actions import (
 from crucible.upstairs.blockio import (
     BlockIO,
     ReadDone,
-    ReadResult,
     WriteDone,
     errors_only,
+    joined,
     once,
     settle,
 )
@@ -197,28 +197,11 @@ class Upstairs(BlockIO):
         if len(pieces) == 1:
             self._when_room(0, lambda: self._apply(self.core.read(done, block, count, self._now())))
             return
-        parts: list[ReadResult | None] = [None] * len(pieces)
-        waiting = [len(pieces)]
-        failed: list[BaseException] = []
+        callbacks = joined(len(pieces), done)
 
-        def piece_done(i: int, result: ReadResult | BaseException) -> None:
-            if isinstance(result, BaseException):
-                failed.append(result)
-            else:
-                parts[i] = result
-            waiting[0] -= 1
-            if waiting[0]:
-                return
-            if failed:
-                done(failed[0])
-                return
-            got = cast(list[ReadResult], parts)
-            done((b"".join(p[0] for p in got), [c for p in got for c in p[1]]))
+        for (b, n), cb in zip(pieces, callbacks, strict=True):
 
-        for i, (b, n) in enumerate(pieces):
-
-            def queue(i: int = i, b: int = b, n: int = n) -> None:
-                cb = lambda r, i=i: piece_done(i, r)  # noqa: E731
+            def queue(b: int = b, n: int = n, cb: ReadDone = cb) -> None:
                 self._apply(self.core.read(cb, b, n, self._now()))
 
             self._when_room(0, queue)

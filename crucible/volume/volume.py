@@ -29,6 +29,7 @@ from crucible.upstairs.blockio import (
     ReadDone,
     ReadResult,
     WriteDone,
+    joined,
     once,
     settle,
 )
@@ -147,26 +148,9 @@ class Volume(BlockIO):
         if not pieces:
             done((b"", []))
             return
-        parts: list[ReadResult | None] = [None] * len(pieces)
-        left = [len(pieces)]
-        failed: list[BaseException] = []
-
-        def piece_done(k: int, result: ReadResult | BaseException) -> None:
-            if isinstance(result, BaseException):
-                failed.append(result)
-            else:
-                parts[k] = result
-            left[0] -= 1
-            if left[0]:
-                return
-            if failed:
-                done(failed[0])
-                return
-            got = [p for p in parts if p is not None]
-            done((b"".join(p[0] for p in got), [c for p in got for c in p[1]]))
-
-        for k, (i, b, n, _) in enumerate(pieces):
-            self.subs[i].submit_read(b, n, functools.partial(piece_done, k))
+        callbacks = joined(len(pieces), done)
+        for (i, b, n, _), cb in zip(pieces, callbacks, strict=True):
+            self.subs[i].submit_read(b, n, cb)
 
     async def _read_over_parent(self, block: int, count: int, done: ReadDone) -> None:
         """Blocks the sub-volumes never had written, from the parent."""
