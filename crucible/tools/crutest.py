@@ -38,6 +38,7 @@ from crucible.tools.workloads import (
     one,
     perf,
     rand,
+    snapshot,
     span,
     verify,
     verify_replicas,
@@ -62,6 +63,7 @@ WORKLOADS: dict[str, Workload] = {
     "repair": repair,
     "replace": replace,
     "verify-replicas": verify_replicas,
+    "snapshot": snapshot,
 }
 
 

@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import random
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -213,6 +214,24 @@ async def generic(run: Run) -> None:
         for _ in range(run.count):
             await random_op(run)
             bar.update(1)
+
+
+async def snapshot(run: Run) -> None:
+    """--count times: a few random writes, then a flush that every downstairs
+    records as a snapshot (crutest-ID-N, listed by `crucible-downstairs
+    snapshot list`); then every block read back."""
+    tag = uuid.uuid4().hex[:8]
+    with progress(run.count, "snapshot", "snapshot") as bar:
+        for i in range(run.count):
+            for _ in range(run.rng.randint(1, 8)):
+                await run.write(*run.random_range(10))
+            name = f"crutest-{tag}-{i}"
+            await run.up.flush(snapshot=name)
+            run.flushes += 1
+            run.vlog.commit()
+            bar.update(1)
+    run.notes.append(f"snapshots crutest-{tag}-0 .. crutest-{tag}-{run.count - 1}")
+    await run.verify_all()
 
 
 async def deactivate(run: Run) -> None:

@@ -142,6 +142,19 @@ def test_a_snapshot_under_load_holds_what_was_flushed(tmp_path: Path) -> None:
     assert r.returncode == 1 and "no snapshot 's1'" in r.stderr
 
 
+def test_crutests_snapshot_workload(tmp_path: Path) -> None:
+    c = Cluster(tmp_path / "v", *GEOMETRY)
+    try:
+        r = run_tool("crutest", "snapshot", *c.target_args(), "--count", "3", "-q", timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        c.stop()
+        for region in c.regions:
+            listed = run_cli("snapshot", "list", "-d", str(region), "--json")
+            assert len(json.loads(listed.stdout)) == 3, listed.stdout
+    finally:
+        c.stop()
+
+
 def test_a_read_only_volume_takes_no_snapshot(tmp_path: Path) -> None:
     c = Cluster(tmp_path / "v", *GEOMETRY, run_args=("--mode", "ro"))
     port, ctl = free_port(), free_port()
