@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=non_negative_float,
         default=0.0,
         metavar="SECONDS",
-        help="and pause this long between its 128 KiB chunks (0)",
+        help="and pause this long between its 1 MiB chunks (0)",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="log only warnings")
     add_observe_options(p)

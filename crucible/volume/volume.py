@@ -37,7 +37,7 @@ from crucible.volume.sources import Source, SourceError
 
 log = logging.getLogger("crucible.volume")
 
-SCRUB_CHUNK = 128 << 10  # bytes of the parent per scrub step
+SCRUB_CHUNK = 1 << 20  # bytes of the parent per scrub step (one job per sub-volume)
 SCRUB_RETRIES = 5
 FROM_PARENT: m.ReadBlockContext = 0  # a block read from the parent: it holds data
 
