@@ -104,6 +104,8 @@ class Volume(BlockIO):
 
     @property
     def total_blocks(self) -> int:
+        if not self.subs:  # a parent alone: a read-only disk of its size
+            return self.parent_blocks
         return self._starts[-1] if self._starts else 0
 
     def _pieces(self, block: int, count: int) -> list[tuple[int, int, int, int]]:

@@ -11,6 +11,7 @@ import random
 import subprocess
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -155,6 +156,15 @@ def test_a_file_parent_is_seen_through_copied_in_and_dropped(
         c.stop()
         copies = replicas(c, 0, 512)
         assert copies == [bytes(expect)] * 3
+
+        # A file alone is a read-only disk of its size.
+        parent.write_bytes(base)
+        alone = tmp_path / "file.json"
+        alone.write_text(json.dumps(
+            {"type": "file", "id": str(uuid.uuid4()), "block_size": BS, "path": str(parent)}
+        ))  # fmt: skip
+        with serving(tmp_path, alone, "--read-only") as n:
+            assert image_of(n.uri, tmp_path / "d.raw") == base
     finally:
         c.stop()
 
