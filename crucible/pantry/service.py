@@ -77,9 +77,10 @@ class Attached:
 
     @property
     def active(self) -> bool:
-        return bool(self.parts.regions) and all(
-            up.info().state == "active" for up, _ in self.parts.regions
-        )
+        """Every region active (a volume of a parent alone: once attached)."""
+        if not self.parts.regions:
+            return self.seen_active
+        return all(up.info().state == "active" for up, _ in self.parts.regions)
 
 
 async def activate_exactly(up: Upstairs, gen: int) -> int:
