@@ -10,9 +10,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -383,3 +385,42 @@ def dsc_fleet(out: Path, *start_args: str) -> Iterator[tuple[str, list[str]]]:
             dsc.kill()
             dsc.wait()
         log.close()
+
+
+@contextlib.contextmanager
+def image_server(image: bytes, busy: int = 0) -> Iterator[tuple[str, list[int]]]:
+    """The image over HTTP with ranged GETs; the first `busy` GETs answer 503.
+    Yields its URL and the count of GETs answered."""
+    gets = [0]
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_HEAD(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(image)))
+            self.end_headers()
+
+        def do_GET(self) -> None:
+            gets[0] += 1
+            if gets[0] <= busy:
+                self.send_response(503)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            first, last = self.headers["Range"].removeprefix("bytes=").split("-")
+            body = image[int(first) : int(last) + 1]
+            self.send_response(206)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/image.raw", gets
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -7,16 +7,12 @@ with a clear answer."""
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import json
 import random
 import subprocess
-import threading
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -24,51 +20,12 @@ import pytest
 from openapi_spec_validator import validate
 
 from crucible.cli_util import stop_process
-from tests.support import BIN, Cluster, free_port, run_tool, wait_listening
+from tests.support import BIN, Cluster, free_port, image_server, run_tool, wait_listening
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 MIB = 1 << 20
 GEOMETRY = ("--block-size", "4096", "--extent-size", "2048", "--extent-count", "8")  # 64 MiB
-
-
-@contextlib.contextmanager
-def image_server(image: bytes, busy: int = 0) -> Iterator[tuple[str, list[int]]]:
-    """The image over HTTP with ranged GETs; the first `busy` GETs answer 503.
-    Yields its URL and the count of GETs answered."""
-    gets = [0]
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_HEAD(self) -> None:
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(image)))
-            self.end_headers()
-
-        def do_GET(self) -> None:
-            gets[0] += 1
-            if gets[0] <= busy:
-                self.send_response(503)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            first, last = self.headers["Range"].removeprefix("bytes=").split("-")
-            body = image[int(first) : int(last) + 1]
-            self.send_response(206)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    t = threading.Thread(target=server.serve_forever, daemon=True)
-    t.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/image.raw", gets
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 class Pantry:

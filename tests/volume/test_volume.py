@@ -20,7 +20,7 @@ import pytest
 
 from crucible.cli_util import stop_process
 from crucible.region.region import Region
-from tests.support import BIN, Cluster, free_port, run_tool, wait_listening
+from tests.support import BIN, Cluster, free_port, image_server, run_tool, wait_listening
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -207,3 +207,24 @@ def test_bad_vcrs_are_one_line(tmp_path: Path) -> None:
     assert r.returncode == 1 and "No such file" in r.stderr
     r = run_tool("crucible-nbd", "--vcr", str(f), "-t", "127.0.0.1:1")
     assert r.returncode == 2 and "give -t or --vcr, not both" in r.stderr
+
+
+def test_a_url_parent(tmp_path: Path, rng: random.Random) -> None:
+    """A raw image over HTTP as the parent: read with ranged GETs before the
+    scrub, copied in, and not needed after (its server goes away)."""
+    image = rng.randbytes(MIB)
+    c = Cluster(tmp_path / "v", *GEOMETRY)
+    try:
+        with image_server(image) as (url, gets):
+            vcr = vcr_create(tmp_path / "vol.json", *c.target_args(), "--parent-url", url)
+            with serving(tmp_path, vcr, "--scrub-delay", "3600") as n:
+                assert image_of(n.uri, tmp_path / "a.raw") == image
+            assert gets[0] > 0
+            n = Nbd(tmp_path, vcr)
+            n.said("the parent is dropped")
+        try:
+            assert image_of(n.uri, tmp_path / "b.raw") == image
+        finally:
+            n.stop()
+    finally:
+        c.stop()
