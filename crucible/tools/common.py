@@ -219,7 +219,9 @@ def open_parts(args: argparse.Namespace) -> VolumeParts:
 
     read_only = getattr(args, "read_only", False)
     scrub = ScrubOptions(getattr(args, "scrub_delay", 0.0), getattr(args, "scrub_pause", 0.0))
-    return build(args.vcr_request, activate_parent, read_only, upstairs_options(args), scrub)
+    tls = args.tls.client_context() if args.tls else None
+    opts = upstairs_options(args)
+    return build(args.vcr_request, activate_parent, read_only, opts, scrub, tls)
 
 
 def one_region(args: argparse.Namespace, prog: str) -> VolumeParts:

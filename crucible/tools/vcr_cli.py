@@ -17,16 +17,19 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
+import ssl
 import sys
 import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
 
-from crucible.cli_util import fail, non_negative_int
+from crucible.cli_util import add_tls_options, fail, non_negative_int, tls_files
 from crucible.common.address import http_url
 from crucible.common.definition import RegionDefinition, RegionError
 from crucible.protocol.wire import SocketAddr
+from crucible.tls import TlsError
 from crucible.tools.common import key_file, target
 from crucible.volume import vcr as v
 
@@ -72,15 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="a read-only region or volume (a VCR) as parent",
     )
+    add_tls_options(c)
     k = sub.add_parser("check", help="check a VCR and say what it describes")
     k.add_argument("file", type=Path, metavar="VCR")
     return p  # fmt: skip
 
 
-def region_info(addr: SocketAddr, offset: int) -> RegionDefinition:
-    url = http_url((addr[0], addr[1] + offset), "/region-info")
+def region_info(addr: SocketAddr, offset: int, tls: ssl.SSLContext | None) -> RegionDefinition:
+    url = http_url((addr[0], addr[1] + offset), "/region-info", tls is not None)
     try:
-        with urllib.request.urlopen(url, timeout=10) as r:
+        with urllib.request.urlopen(url, timeout=10, context=tls) as r:
             return RegionDefinition.from_json(json.loads(r.read()))
     except (urllib.error.URLError, OSError) as e:
         raise ValueError(f"cannot ask {addr[0]}:{addr[1]} for its region ({url}): {e}") from None
@@ -93,17 +97,27 @@ def create(args: argparse.Namespace) -> v.VolumeVcr:
     if len(targets) % 3:
         raise ValueError(f"give targets in threes, one three per sub-volume (got {len(targets)})")
     key = None if args.key_file is None else base64.b64encode(args.key_file).decode()
+    tls, pems = None, (None, None, None)
+    if args.tls is not None:  # the VCR carries the PEMs, as Crucible's does
+        tls = args.tls.client_context()
+        pems = tuple(path.read_text() for path in args.tls)
     subs: list[v.Vcr] = []
     block_size = 0
     for i in range(0, len(targets), 3):
-        d = region_info(targets[i], args.repair_port_offset)
+        d = region_info(targets[i], args.repair_port_offset, tls)
         block_size = block_size or d.block_size
         if d.encrypted and key is None:
             raise ValueError(
                 f"{targets[i][0]}:{targets[i][1]} holds an encrypted region: give --key-file"
             )
         opts = v.RegionOpts(
-            uuid.uuid4(), tuple(targets[i : i + 3]), key=key, read_only=args.read_only
+            uuid.uuid4(),
+            tuple(targets[i : i + 3]),
+            key=key,
+            cert_pem=pems[0],
+            key_pem=pems[1],
+            root_cert_pem=pems[2],
+            read_only=args.read_only,
         )
         subs.append(v.RegionVcr(d.block_size, d.extent_size, d.extent_count, args.gen, opts))
     parent: v.Vcr | None = None
@@ -144,13 +158,18 @@ def describe(vcr: v.Vcr, indent: str = "") -> list[str]:
 
 
 def main() -> None:
-    args = build_parser().parse_args()
+    p = build_parser()
+    args = p.parse_args()
     try:
         if args.command == "create":
+            args.tls = tls_files(p, args)
             volume = create(args)
             text = json.dumps(v.to_json(volume), indent=2) + "\n"
             tmp = args.output.with_name(args.output.name + ".tmp")
-            tmp.write_text(text)
+            # It may hold a key (--key-file, --key-pem): readable by its owner only.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
             tmp.replace(args.output)
             print("\n".join(describe(volume)))
             print(f"wrote {args.output}")
@@ -158,6 +177,6 @@ def main() -> None:
             print("\n".join(describe(v.load(args.file))))
     except OSError as e:
         fail(PROG, f"{e.filename or ''}: {e.strerror}".lstrip(": "))
-    except ValueError as e:  # VcrError included
+    except (ValueError, TlsError) as e:  # VcrError included
         fail(PROG, str(e))
     sys.exit(0)

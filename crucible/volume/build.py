@@ -47,8 +47,14 @@ def tls_context(r: RegionVcr, where: str) -> ssl.SSLContext | None:
 
 
 def region_upstairs(
-    r: RegionVcr, where: str, read_only: bool = False, base: Options | None = None
+    r: RegionVcr,
+    where: str,
+    read_only: bool = False,
+    base: Options | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> Upstairs:
+    """The region's upstairs: its key, PEMs and mode from its opts, and where
+    it has none, the ones given (`base`'s cipher, `tls`: the command line's)."""
     o = r.opts
     cipher = None
     if o.key is not None:
@@ -60,10 +66,10 @@ def region_upstairs(
     opts = dataclasses.replace(
         base,
         read_only=read_only or o.read_only,
-        cipher=cipher,
+        cipher=cipher or base.cipher,
         flush_timeout=base.flush_timeout if o.flush_timeout is None else o.flush_timeout,
     )
-    return Upstairs(list(o.target), opts, o.id, tls_context(r, where))
+    return Upstairs(list(o.target), opts, o.id, tls_context(r, where) or tls)
 
 
 class VolumeParts:
@@ -124,24 +130,25 @@ def build(
     read_only: bool = False,
     base: Options | None = None,
     scrub: ScrubOptions | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> VolumeParts:
     """The volume a VCR describes (nothing connected yet). `activate` is how
     a read-only region or volume parent gets activated when it is opened;
     `base`: the options every region upstairs starts from."""
     if isinstance(vcr, RegionVcr):
-        up = region_upstairs(vcr, "the region", read_only, base)
+        up = region_upstairs(vcr, "the region", read_only, base, tls)
         return VolumeParts(Volume([up]), [(up, vcr)])
     if not isinstance(vcr, VolumeVcr):
-        return VolumeParts(Volume([], _source(vcr, "the VCR", activate)), [])
+        return VolumeParts(Volume([], _source(vcr, "the VCR", activate, tls)), [])
     regions: list[tuple[Upstairs, RegionVcr | None]] = []
     for i, s in enumerate(vcr.sub_volumes):
         where = f"sub_volumes[{i}]"
         if not isinstance(s, RegionVcr):
             raise VcrError(f"{where}: a sub-volume must be a region here, not a {_kind(s)}")
-        regions.append((region_upstairs(s, where, read_only, base), s))
+        regions.append((region_upstairs(s, where, read_only, base, tls), s))
     parent = None
     if vcr.read_only_parent is not None:
-        parent = _source(vcr.read_only_parent, "read_only_parent", activate)
+        parent = _source(vcr.read_only_parent, "read_only_parent", activate, tls)
     volume = Volume([up for up, _ in regions], parent, scrub)
     return VolumeParts(volume, regions)
 
@@ -150,12 +157,12 @@ def _kind(v: Vcr) -> str:
     return type(v).__name__.removesuffix("Vcr").lower()
 
 
-def _source(vcr: Vcr, where: str, activate: Activate) -> Source:
+def _source(vcr: Vcr, where: str, activate: Activate, tls: ssl.SSLContext | None) -> Source:
     if isinstance(vcr, FileVcr):
         return FileSource(vcr.path, vcr.block_size)
     if isinstance(vcr, UrlVcr):
         return UrlSource(vcr.url, vcr.block_size)
-    parts = build(vcr, activate, read_only=True)
+    parts = build(vcr, activate, read_only=True, tls=tls)
 
     async def opener() -> None:
         await parts.activate(activate)

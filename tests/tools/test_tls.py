@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from crucible.protocol import messages as m
 from crucible.region.region import Region
 from tests.support import (
     BIN,
@@ -80,12 +79,29 @@ def test_a_volume_over_mutual_tls_reconciles_through_its_repair_servers(tmp_path
         assert "reconciliation: 1 extents to repair" in r.stdout, r.stdout
         for d in c.ds:
             assert d is not None and "refused" not in d.output()
+        # A VCR: crucible-vcr asks the downstairs over TLS and writes the PEMs
+        # in (as Crucible's VCRs carry them), mode 0600; one without PEMs of
+        # its own takes the command line's.
+        vcr = tmp_path / "vcr.json"
+        r = run_tool("crucible-vcr", "create", *c.target_args(), "-o", str(vcr))
+        assert r.returncode != 0 and "cannot ask" in r.stderr  # no client certificate
+        r = run_tool("crucible-vcr", "create", *c.target_args(), "-o", str(vcr), *tls)
+        assert r.returncode == 0, r.stderr
+        assert vcr.stat().st_mode & 0o777 == 0o600
+        r = run_tool("crucible", "--vcr", str(vcr), timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        doc = json.loads(vcr.read_text())
+        for sub in doc["sub_volumes"]:
+            sub["opts"].update(cert_pem=None, key_pem=None, root_cert_pem=None)
+        vcr.write_text(json.dumps(doc))
+        r = run_tool("crucible", "--vcr", str(vcr), *tls, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
         c.stop()
         for path in c.regions:
             region = Region.open(path, read_only=True)
             ctxs, got = region.read(500, 1)
             region.close()
-            assert got == data and ctxs == [m.BlockContext(contexts_for(data)[0].hash).hash]
+            assert got == data and ctxs == [contexts_for(data)[0].hash]
     finally:
         c.stop()
 
