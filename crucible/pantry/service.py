@@ -27,6 +27,7 @@ from crucible.upstairs.blockio import BlockIO
 from crucible.upstairs.guest import Upstairs
 from crucible.volume import vcr as v
 from crucible.volume.build import VolumeParts, build
+from crucible.volume.sources import SourceError
 
 log = logging.getLogger("crucible.pantry")
 
@@ -124,7 +125,7 @@ class Pantry:
         self.volumes[vid] = a
         try:
             await a.parts.activate(activate_exactly)
-        except (CrucibleError, v.VcrError, OSError) as e:
+        except (CrucibleError, v.VcrError, SourceError, OSError) as e:
             del self.volumes[vid]
             await a.parts.close()
             raise PantryError(400, "ActivationFailed", f"volume {vid}: {e}") from None

@@ -17,8 +17,9 @@ from crucible.upstairs.blockio import BlockIO
 URL_TIMEOUT = 60.0
 
 
-class SourceError(Exception):
-    """A parent that cannot be opened or read; says which and why."""
+class SourceError(ValueError):
+    """A parent that cannot be opened or read; says which and why (a
+    ValueError: the commands say it in one line)."""
 
 
 class Source(ABC):

@@ -203,6 +203,11 @@ def test_bad_vcrs_are_one_line(tmp_path: Path) -> None:
         r = run_tool(tool, *args, "--vcr", str(f), timeout=60)
         assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
         assert r.stderr.strip().splitlines()[-1].endswith("id: 'x' is not a UUID"), r.stderr
+    gone = {"type": "file", "id": str(uuid.uuid4()), "block_size": BS, "path": "/nonexistent.raw"}
+    f.write_text(json.dumps(gone))
+    r = run_tool("crucible-nbd", "--vcr", str(f), "--read-only", "-p", str(free_port()))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1].endswith("/nonexistent.raw: No such file or directory")
     r = run_tool("crucible-vcr", "check", str(tmp_path / "missing.json"))
     assert r.returncode == 1 and "No such file" in r.stderr
     r = run_tool("crucible-nbd", "--vcr", str(f), "-t", "127.0.0.1:1")
