@@ -126,6 +126,20 @@ def joined(count: int, done: ReadDone) -> list[ReadDone]:
     return [functools.partial(piece_done, i) for i in range(count)]
 
 
+def all_of(count: int, done: WriteDone) -> WriteDone:
+    """One callback for `count` pieces done side by side: `done` once all
+    are, or at the first error."""
+    done = once(done)
+    left = [count]
+
+    def piece_done(result: BaseException | None) -> None:
+        left[0] -= 1
+        if result is not None or left[0] == 0:
+            done(result)
+
+    return piece_done
+
+
 def once(done: WriteDone) -> WriteDone:
     """A request of several pieces completes once: with its first error, or
     when its last piece is done."""

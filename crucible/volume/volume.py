@@ -29,8 +29,8 @@ from crucible.upstairs.blockio import (
     ReadDone,
     ReadResult,
     WriteDone,
+    all_of,
     joined,
-    once,
     settle,
 )
 from crucible.volume.sources import Source, SourceError
@@ -165,12 +165,14 @@ class Volume(BlockIO):
                 sub_read: asyncio.Future[ReadResult] | None = fut
             else:
                 sub_read = None
-            # Checked again after the sub-volumes' read was queued: the scrub
-            # may have copied these blocks meanwhile (then the read has them).
+            # Taken after the sub-volumes' read was queued: blocks the scrub
+            # copied below this point were queued before it (the read has
+            # them); from here up, the parent holds what was never written.
+            lo = block if sub_read is None else max(block, self.scrub_point)
             upto = min(block + count, self.parent_blocks)
             from_parent = b""
-            if parent is not None and not self.scrub_done and block >= self.scrub_point:
-                from_parent = await parent.read(block, upto - block)
+            if parent is not None and not self.scrub_done and lo < upto:
+                from_parent = await parent.read(lo, upto - lo)
             if sub_read is None:
                 data = bytearray(from_parent.ljust(count * bs, b"\0"))
                 done((data, [FROM_PARENT] * (upto - block) + [None] * (block + count - upto)))
@@ -184,9 +186,10 @@ class Volume(BlockIO):
             return
         data = bytearray(sub_data)
         contexts = list(contexts)
-        for i in range(upto - block):
+        for i in range(lo - block, upto - block):
             if contexts[i] is None:  # never written: the parent's
-                data[i * bs : (i + 1) * bs] = from_parent[i * bs : (i + 1) * bs]
+                j = i - (lo - block)
+                data[i * bs : (i + 1) * bs] = from_parent[j * bs : (j + 1) * bs]
                 contexts[i] = FROM_PARENT
         done((data, contexts))
 
@@ -212,16 +215,9 @@ class Volume(BlockIO):
         if not pieces:
             done(None)
             return
-        done = once(done)
-        left = [len(pieces)]
-
-        def piece_done(result: BaseException | None) -> None:
-            left[0] -= 1
-            if result is not None or left[0] == 0:
-                done(result)
-
+        cb = all_of(len(pieces), done) if len(pieces) > 1 else done
         for i, b, n, off in pieces:
-            each(i, b, n, off, piece_done if len(pieces) > 1 else done)
+            each(i, b, n, off, cb)
 
     def submit_write(self, block: int, data: Buffer, done: WriteDone) -> None:
         self._write(block, data, done, unwritten=False)
@@ -251,16 +247,9 @@ class Volume(BlockIO):
         if not self.subs:
             done(None)  # a parent alone holds nothing to flush
             return
-        done = once(done)
-        left = [len(self.subs)]
-
-        def sub_done(result: BaseException | None) -> None:
-            left[0] -= 1
-            if result is not None or left[0] == 0:
-                done(result)
-
+        cb = all_of(len(self.subs), done)
         for s in self.subs:
-            s.submit_flush(sub_done, snapshot)
+            s.submit_flush(cb, snapshot)
 
     # ---- the scrub -------------------------------------------------------------------
 
