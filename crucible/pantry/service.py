@@ -35,6 +35,7 @@ CHUNK = 512 << 10  # import, validate and bulk IO move at most this much at once
 IMPORT_RETRIES = 60
 RETRY_DELAY = 1.0
 ACTIVATE_TIMEOUT = 60.0
+MAX_JOBS = 1000  # kept for polling, finished or not
 URL_TIMEOUT = 60.0
 
 
@@ -105,14 +106,6 @@ class Pantry:
             raise PantryError(410, "Gone", f"volume {vid} is no longer active here (taken over)")
         return a
 
-    def _parts(self, request: Any) -> VolumeParts:
-        try:
-            parsed = v.parse(request)
-            v.check(parsed)
-        except v.VcrError as e:
-            raise PantryError(400, "BadRequest", f"volume_construction_request: {e}") from None
-        return build(parsed, activate_exactly)
-
     async def attach(self, vid: str, request: Any) -> None:
         """Attach and activate; the same VCR again is a no-op."""
         old = self.volumes.get(vid)
@@ -121,7 +114,7 @@ class Pantry:
                 raise PantryError(409, "Conflict", f"volume {vid} is attached with another VCR")
             self.volume(vid)  # 410 if it was taken over
             return
-        a = Attached(vid, request, self._parts(request))
+        a = Attached(vid, request, build(self._parse(request), activate_exactly))
         self.volumes[vid] = a
         try:
             await a.parts.activate(activate_exactly)
@@ -158,12 +151,11 @@ class Pantry:
         """Crucible's target replace: the new VCR differs from the attached one
         in one target of one region (and perhaps the generations)."""
         a = self.volume(vid)
-        old = [(up, r) for up, r in a.parts.regions]
         new = v.regions(self._parse(request))
-        if len(new) != len(old):
+        if len(new) != len(a.parts.regions):
             raise PantryError(400, "BadRequest", "the new VCR has other regions")
         changed = []
-        for (up, r), n in zip(old, new, strict=True):
+        for (up, r), n in zip(a.parts.regions, new, strict=True):
             assert r is not None
             diff = [(o, t) for o, t in zip(r.opts.target, n.opts.target, strict=True) if o != t]
             changed += [(up, o, t) for o, t in diff]
@@ -177,8 +169,11 @@ class Pantry:
         a.request = request
 
     def _parse(self, request: Any) -> v.Vcr:
+        """A VCR from a request body, parsed and checked."""
         try:
-            return v.parse(request)
+            parsed = v.parse(request)
+            v.check(parsed)
+            return parsed
         except v.VcrError as e:
             raise PantryError(400, "BadRequest", f"volume_construction_request: {e}") from None
 
@@ -214,13 +209,15 @@ class Pantry:
     def start_job(self, job_id: str, what: str, work: Callable[[Job], Awaitable[None]]) -> Job:
         if job_id in self.jobs:
             raise PantryError(409, "Conflict", f"job {job_id} exists already")
+        self._make_room()
 
         async def run() -> None:
             try:
                 await work(job)
             except PantryError as e:
+                log.error("job %s (%s) failed: %s", job_id, what, e.message)
                 raise RuntimeError(e.message) from None
-            except (CrucibleError, OSError, aiohttp.ClientError) as e:
+            except (RuntimeError, CrucibleError, OSError, aiohttp.ClientError) as e:
                 log.error("job %s (%s) failed: %s", job_id, what, e)
                 raise
             log.info("job %s (%s) done", job_id, what)
@@ -229,6 +226,17 @@ class Pantry:
         job.task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
         self.jobs[job_id] = job
         return job
+
+    def _make_room(self) -> None:
+        """Jobs whose result nobody asked for are forgotten, oldest first,
+        past MAX_JOBS: a client cannot grow the pantry without bound."""
+        if len(self.jobs) < MAX_JOBS:
+            return
+        done = [jid for jid, j in self.jobs.items() if j.finished]  # (in creation order)
+        if not done:
+            raise PantryError(503, "TooManyJobs", f"{len(self.jobs)} jobs are running")
+        for jid in done[: len(self.jobs) - MAX_JOBS + 1]:
+            del self.jobs[jid]
 
     def volume_job(
         self, vid: str, what: str, work: Callable[[Attached, Job], Awaitable[None]]
