@@ -86,6 +86,18 @@ def block_size(text: str) -> int:
     return v
 
 
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def byte_size(text: str) -> int:
+    """A size in bytes: 4096, 64M, 10G, 1TiB (powers of 1024)."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    number, unit = (t[:-1], t[-1]) if t and t[-1] in _UNITS else (t, "")
+    if not number.isdigit() or int(number) == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 4096, 64M, 10G, 1T)")
+    return int(number) * _UNITS[unit]
+
+
 def add_tls_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group(
         "mutual TLS", "on every port this command serves or dials; give all three or none"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import signal
 
 libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
@@ -16,3 +17,14 @@ def trim_heap() -> None:
     trim = getattr(libc, "malloc_trim", None)
     if trim is not None:  # glibc only
         trim(0)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """In a child between fork and exec: be killed when the parent dies, so a
+    job the parent would redo after a restart is never left running too."""
+    prctl = getattr(libc, "prctl", None)
+    if prctl is not None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)

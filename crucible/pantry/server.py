@@ -11,7 +11,13 @@ from aiohttp import web
 
 from crucible.common.errors import CrucibleError
 from crucible.pantry.service import CHUNK, Pantry, PantryError, crucible_error, decode_data
-from crucible.tools.http_api import ERROR_SCHEMA, error, json_app, json_content, schema_ref
+from crucible.tools.http_api import (
+    ERROR_SCHEMA,
+    error,
+    json_app,
+    object_schema,
+    operation,
+)
 
 BASE = "/crucible/pantry/0"
 # A bulk write's body: 512 KiB as base64, and the JSON around it.
@@ -178,73 +184,54 @@ def make_app(pantry: Pantry) -> web.Application:
     return json_app(routes, OPENAPI, MAX_BODY)
 
 
-def _op(summary: str, op_id: str, body_schema: dict[str, Any] | None = None,
-        reply: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
-    out: dict[str, Any] = {
-        "summary": summary,
-        "operationId": op_id,
-        "responses": {
-            "200": json_content(reply or {"type": "object"}),
-            "4XX": json_content(schema_ref("Error"), "a bad request"),
-            "5XX": json_content(schema_ref("Error"), "it failed"),
-        },
-    }
-    if body_schema is not None:
-        out["requestBody"] = {"required": True,
-                              "content": {"application/json": {"schema": body_schema}}}  # fmt: skip
-    return out
-
-
-def _obj(**props: dict[str, Any]) -> dict[str, Any]:
-    return {"type": "object", "required": list(props), "properties": props}
-
-
 _S = {"type": "string"}
 _N = {"type": "integer", "minimum": 0}
 _VCR = {"type": "object", "description": "a VolumeConstructionRequest"}
-_DIGEST = _obj(sha256=_S)
-_JOB = _obj(job_id=_S)
+_DIGEST = object_schema(sha256=_S)
+_JOB = object_schema(job_id=_S)
 
 OPENAPI: dict[str, Any] = {
     "openapi": "3.0.3",
     "info": {"title": "Crucible Pantry", "version": "0.0.1"},
     "paths": {
-        BASE: {"get": _op("Attached volumes and job handles", "pantry_status",
-                          reply=_obj(volumes={"type": "array", "items": _S}, num_job_handles=_N))},
+        BASE: {"get": operation(
+            "Attached volumes and job handles", "pantry_status",
+            reply=object_schema(volumes={"type": "array", "items": _S}, num_job_handles=_N))},
         f"{BASE}/volume/{{id}}": {
-            "get": _op("An attached volume", "volume_status"),
-            "post": _op("Attach and activate a volume", "attach",
-                        _obj(volume_construction_request=_VCR)),
-            "delete": _op("Deactivate and detach a volume", "detach"),
+            "get": operation("An attached volume", "volume_status"),
+            "post": operation("Attach and activate a volume", "attach",
+                        object_schema(volume_construction_request=_VCR)),
+            "delete": operation("Deactivate and detach a volume", "detach"),
         },
-        f"{BASE}/volume/{{id}}/background": {"post": _op(
+        f"{BASE}/volume/{{id}}/background": {"post": operation(
             "Attach and activate as a job", "attach_activate_background",
-            _obj(volume_construction_request=_VCR, job_id=_S))},
-        f"{BASE}/volume/{{id}}/replace": {"post": _op(
-            "Replace one target", "replace", _obj(volume_construction_request=_VCR))},
-        f"{BASE}/volume/{{id}}/import-from-url": {"post": _op(
+            object_schema(volume_construction_request=_VCR, job_id=_S))},
+        f"{BASE}/volume/{{id}}/replace": {"post": operation(
+            "Replace one target", "replace", object_schema(volume_construction_request=_VCR))},
+        f"{BASE}/volume/{{id}}/import-from-url": {"post": operation(
             "Fill from a raw image over HTTP(S), as a job", "import_from_url",
-            {**_obj(url=_S), "properties": {"url": _S, "expected_digest": _DIGEST}}, _JOB)},
-        f"{BASE}/volume/{{id}}/snapshot": {"post": _op(
-            "Snapshot on every downstairs", "snapshot", _obj(snapshot_id=_S))},
-        f"{BASE}/volume/{{id}}/bulk-write": {"post": _op(
+            {**object_schema(url=_S), "properties": {"url": _S, "expected_digest": _DIGEST}},
+            _JOB)},
+        f"{BASE}/volume/{{id}}/snapshot": {"post": operation(
+            "Snapshot on every downstairs", "snapshot", object_schema(snapshot_id=_S))},
+        f"{BASE}/volume/{{id}}/bulk-write": {"post": operation(
             f"Write at most {CHUNK} bytes", "bulk_write",
-            _obj(offset=_N, base64_encoded_data=_S))},
-        f"{BASE}/volume/{{id}}/bulk-read": {"post": _op(
-            f"Read at most {CHUNK} bytes", "bulk_read", _obj(offset=_N, size=_N),
-            _obj(base64_encoded_data=_S))},
-        f"{BASE}/volume/{{id}}/scrub": {"post": _op(
+            object_schema(offset=_N, base64_encoded_data=_S))},
+        f"{BASE}/volume/{{id}}/bulk-read": {"post": operation(
+            f"Read at most {CHUNK} bytes", "bulk_read", object_schema(offset=_N, size=_N),
+            object_schema(base64_encoded_data=_S))},
+        f"{BASE}/volume/{{id}}/scrub": {"post": operation(
             "Copy the read-only parent in, as a job", "scrub", reply=_JOB)},
-        f"{BASE}/volume/{{id}}/validate": {"post": _op(
+        f"{BASE}/volume/{{id}}/validate": {"post": operation(
             "Check the volume's SHA-256, as a job", "validate",
-            {**_obj(expected_digest=_DIGEST),
+            {**object_schema(expected_digest=_DIGEST),
              "properties": {"expected_digest": _DIGEST, "size_to_validate": _N}}, _JOB)},
-        f"{BASE}/job/{{id}}/is-finished": {"get": _op(
+        f"{BASE}/job/{{id}}/is-finished": {"get": operation(
             "Whether a job is done", "is_job_finished",
-            reply=_obj(job_is_finished={"type": "boolean"}))},
-        f"{BASE}/job/{{id}}/ok": {"get": _op(
+            reply=object_schema(job_is_finished={"type": "boolean"}))},
+        f"{BASE}/job/{{id}}/ok": {"get": operation(
             "Wait for a job: 200 if it succeeded, 500 if not", "job_result_ok",
-            reply=_obj(job_result_ok={"type": "boolean"}))},
+            reply=object_schema(job_result_ok={"type": "boolean"}))},
     },
     "components": {"schemas": {"Error": ERROR_SCHEMA}},
 }  # fmt: skip

@@ -98,3 +98,36 @@ ERROR_SCHEMA: dict[str, Any] = {
     "required": ["error_code", "message"],
     "properties": {"error_code": {"type": "string"}, "message": {"type": "string"}},
 }
+
+
+def operation(
+    summary: str,
+    op_id: str,
+    body: dict[str, Any] | None = None,
+    reply: dict[str, Any] | None = None,
+    empty: bool = False,
+) -> dict[str, Any]:
+    """An OpenAPI operation: a JSON body in (when given), JSON out (204 and
+    nothing when `empty`), errors as ERROR_SCHEMA."""
+    ok = (
+        {"204": {"description": "done"}}
+        if empty
+        else {"200": json_content(reply or {"type": "object"})}
+    )
+    out: dict[str, Any] = {
+        "summary": summary,
+        "operationId": op_id,
+        "responses": {
+            **ok,
+            "4XX": json_content(schema_ref("Error"), "a bad request"),
+            "5XX": json_content(schema_ref("Error"), "it failed"),
+        },
+    }
+    if body is not None:
+        out["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
+    return out
+
+
+def object_schema(**props: dict[str, Any]) -> dict[str, Any]:
+    """A JSON object whose properties are all required."""
+    return {"type": "object", "required": list(props), "properties": props}

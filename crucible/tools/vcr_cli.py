@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import os
 import ssl
 import sys
 import urllib.error
@@ -164,13 +163,7 @@ def main() -> None:
         if args.command == "create":
             args.tls = tls_files(p, args)
             volume = create(args)
-            text = json.dumps(v.to_json(volume), indent=2) + "\n"
-            tmp = args.output.with_name(args.output.name + ".tmp")
-            # It may hold a key (--key-file, --key-pem): readable by its owner only.
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-            tmp.replace(args.output)
+            v.save(args.output, volume)
             print("\n".join(describe(volume)))
             print(f"wrote {args.output}")
         else:

@@ -19,6 +19,7 @@ size throughout, no target twice, a parent no larger than the volume.
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -333,3 +334,13 @@ def to_json(vcr: Vcr) -> dict[str, Any]:
             "path": str(vcr.path),
         }
     return {"type": "url", "id": str(vcr.id), "block_size": vcr.block_size, "url": vcr.url}
+
+
+def save(path: Path, vcr: Vcr) -> None:
+    """Write a VCR atomically, readable by its owner only: it may hold a key
+    and TLS private keys, as Crucible's do."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(to_json(vcr), indent=2) + "\n")
+    tmp.replace(path)
