@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import random
 import signal
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -424,3 +426,34 @@ def image_server(image: bytes, busy: int = 0) -> Iterator[tuple[str, list[int]]]
     finally:
         server.shutdown()
         server.server_close()
+
+
+def get(port: int, path: str, host: str = "127.0.0.1") -> Any:
+    """GET a JSON document from an HTTP API on this machine."""
+    with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=10) as r:
+        return json.loads(r.read())
+
+
+def wait_get(
+    port: int, path: str, want: Callable[[dict[str, Any]], bool], host: str = "127.0.0.1"
+) -> dict[str, Any]:
+    """GET until the document is what `want` waits for (bounded by WAIT)."""
+    deadline = time.monotonic() + WAIT
+    body: dict[str, Any] = get(port, path, host)
+    while not want(body):
+        assert time.monotonic() < deadline, json.dumps(body, indent=1)
+        time.sleep(0.1)
+        body = get(port, path, host)
+    return body
+
+
+def qemu_io(port: int, *cmds: str, host: str = "127.0.0.1", prefix: tuple[str, ...] = ()) -> str:
+    """qemu-io commands on an NBD export (run under `prefix`, e.g. ip netns exec)."""
+    args = [a for c in cmds for a in ("-c", c)]
+    r = subprocess.run(
+        [*prefix, "qemu-io", "-f", "raw", *args, f"nbd://{host}:{port}/"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "failed" not in r.stdout, r.stdout
+    return r.stdout

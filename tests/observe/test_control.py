@@ -9,7 +9,6 @@ import itertools
 import json
 import signal
 import subprocess
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,26 +19,18 @@ from openapi_schema_validator import OAS30Validator
 from openapi_spec_validator import validate
 
 from crucible.cli_util import stop_process
-from tests.support import BIN, dsc_fleet, free_port, run_tool, wait_listening
+from tests.support import (
+    BIN,
+    dsc_fleet,
+    free_port,
+    get,
+    qemu_io,
+    run_tool,
+    wait_get,
+    wait_listening,
+)
 
 pytestmark = pytest.mark.slow
-
-WAIT = 120.0
-
-
-def get(port: int, path: str) -> Any:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
-        return json.loads(r.read())
-
-
-def wait_get(port: int, path: str, want: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
-    deadline = time.monotonic() + WAIT
-    body: dict[str, Any] = get(port, path)
-    while not want(body):
-        assert time.monotonic() < deadline, json.dumps(body, indent=1)
-        time.sleep(0.1)
-        body = get(port, path)
-    return body
 
 
 def wait_info(port: int, want: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
@@ -69,17 +60,6 @@ def nbd_with_control(base: Path, targets: list[str]) -> Iterator[tuple[int, int]
     finally:
         stop_process(proc, timeout=60)
         log.close()
-
-
-def qemu_io(port: int, *cmds: str) -> None:
-    args = [a for c in cmds for a in ("-c", c)]
-    r = subprocess.run(
-        ["qemu-io", "-f", "raw", *args, f"nbd://127.0.0.1:{port}/"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert r.returncode == 0, r.stdout + r.stderr
 
 
 def states(info: dict[str, Any]) -> list[str]:
