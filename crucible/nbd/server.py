@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, cast
@@ -47,6 +48,7 @@ MAX_INFLIGHT_BYTES = 128 << 20
 MAX_SERVER_INFLIGHT_BYTES = 256 << 20  # the same, over every client together
 HANDSHAKE_TIMEOUT = 30.0  # a client must be through the handshake by then
 MAX_CONNECTIONS = 128
+FAILURE_LOG_INTERVAL = 5.0  # seconds between log lines of one client's same failure
 
 
 @dataclass
@@ -168,6 +170,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._closed = False
         self._pending = 0  # requests whose reply is not sent yet
         self._pending_bytes = 0
+        self._said = ("", 0.0)  # the last failure logged, and when
         self._reading = True
         self._writing_paused = False
         self._parsing = False
@@ -513,6 +516,11 @@ class _Connection(asyncio.BufferedProtocol):
     def send_failure(self, cookie: int, err: BaseException) -> None:
         if not isinstance(err, CrucibleError):
             log.error("nbd client %d: request failed: %r", self.cid, err)
+        else:  # the reason the guest sees EIO; the same one once per interval
+            now = time.monotonic()
+            if str(err) != self._said[0] or now - self._said[1] >= FAILURE_LOG_INTERVAL:
+                log.warning("nbd client %d: request failed: %s", self.cid, err)
+                self._said = (str(err), now)
         self.send_error(cookie, _errno(err), str(err))
 
     def send_error(self, cookie: int, error: int, message: str) -> None:

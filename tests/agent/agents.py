@@ -14,6 +14,7 @@ from typing import Any
 
 from crucible.agent.client import AgentCallError, AgentClient
 from crucible.cli_util import stop_process
+from tests.agent.netns import entered
 from tests.support import BIN, WAIT, free_port
 
 
@@ -57,9 +58,21 @@ def serving(host: str, port: int) -> bool:
         return False
 
 
+class NsClient(AgentClient):
+    """An agent's client that dials from inside a network namespace."""
+
+    def __init__(self, addr: tuple[str, int], ns: str) -> None:
+        super().__init__(addr)
+        self.ns = ns
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        with entered(self.ns):
+            return super().call(method, path, body)
+
+
 class Agent:
-    """`crucible-agent run` on HOST (a loopback address, or one inside a
-    network namespace run under `prefix`)."""
+    """`crucible-agent run` on HOST: a loopback address, or a host's address
+    inside its network namespace `netns`."""
 
     def __init__(
         self,
@@ -68,7 +81,7 @@ class Agent:
         port: int | None = None,
         ports: tuple[int, int] | None = None,
         extra: tuple[str, ...] = (),
-        prefix: tuple[str, ...] = (),
+        netns: str | None = None,
     ) -> None:
         self.base = base
         self.data = base / "data"
@@ -77,10 +90,12 @@ class Agent:
         low = free_port(run=10) if ports is None else ports[0]
         self.ports = ports or (low, low + 9)
         self.extra = extra
-        self.prefix = prefix
+        self.prefix = () if netns is None else ("ip", "netns", "exec", netns)
         self.log_path = base / "agent.log"
         self.proc: subprocess.Popen[bytes] | None = None
-        self.client = AgentClient((host, self.port))
+        self.client = (
+            AgentClient((host, self.port)) if netns is None else NsClient((host, self.port), netns)
+        )
         base.mkdir(parents=True, exist_ok=True)
         self.start()
 
