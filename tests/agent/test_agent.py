@@ -27,6 +27,7 @@ from tests.support import BIN, free_port, qemu_io, run_tool, wait_get, wait_list
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
+METRICS = free_port()
 GEOMETRY = {"block_size": 4096, "extent_size": 256, "extent_count": 8, "encrypted": False}
 
 
@@ -42,7 +43,7 @@ def refused(agent: Agent, method: str, path: str, body: Any = None) -> tuple[int
 
 @pytest.fixture
 def agent(tmp_path: Path) -> Iterator[Agent]:
-    a = Agent(tmp_path / "agent", host="127.0.0.2")
+    a = Agent(tmp_path / "agent", host="127.0.0.2", extra=("--metrics", f"127.0.0.2:{METRICS}"))
     try:
         yield a
     finally:
@@ -100,6 +101,13 @@ def test_region_lifecycle_through_the_api(agent: Agent) -> None:
     agent.client.delete(req["id"])  # again: nothing to do
     assert agent.client.create(req)["state"] == "destroyed"  # a retried create sees it
     assert serving(agent.host, r2["port_number"])  # the other one is untouched
+    url = f"http://127.0.0.2:{METRICS}/metrics"
+    scrape = subprocess.run(["curl", "-sf", url], capture_output=True, text=True, check=True,
+                            timeout=30).stdout  # fmt: skip
+    for line in ('crucible_agent_regions{state="created"} 1.0',
+                 'crucible_agent_regions{state="destroyed"} 1.0',
+                 "crucible_agent_downstairs_running 1.0"):  # fmt: skip
+        assert line in scrape, scrape
     assert "Traceback" not in agent.log()
 
 
@@ -164,6 +172,18 @@ def test_snapshots_through_the_agent(agent: Agent, tmp_path: Path) -> None:
     assert info["uuid"] == rid
     status, why = refused(agent, "DELETE", f"/regions/{rid}")
     assert status == 400 and "must delete snapshots first" in why
+
+    # A clone: a new region filled from the running snapshot's repair server.
+    clone = new_region(source=f"{agent.host}:{port + 4000}")
+    agent.client.create(clone)
+    c = agent.wait_state(clone["id"], "created")
+    assert c["read_only"] is True
+    wait_for(lambda: serving(agent.host, c["port_number"]), "the clone's downstairs")
+    cloned = agent.data / "regions" / clone["id"]
+    same = run_tool("crucible-downstairs", "dump", "-d", str(snap), "-d", str(cloned))
+    assert same.returncode == 0, same.stdout + same.stderr
+    agent.client.delete(clone["id"])
+    agent.wait_state(clone["id"], "destroyed")
     status, why = refused(agent, "DELETE", f"/regions/{rid}/snapshots/s1")
     assert status == 409 and "stop it first" in why
 
