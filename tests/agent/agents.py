@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 from crucible.agent.client import AgentCallError, AgentClient
 from crucible.cli_util import stop_process
+from crucible.tls import TlsFiles
 from tests.agent.netns import entered
 from tests.support import BIN, WAIT, free_port
 
@@ -61,8 +63,8 @@ def serving(host: str, port: int) -> bool:
 class NsClient(AgentClient):
     """An agent's client that dials from inside a network namespace."""
 
-    def __init__(self, addr: tuple[str, int], ns: str) -> None:
-        super().__init__(addr)
+    def __init__(self, addr: tuple[str, int], ns: str, tls: ssl.SSLContext | None) -> None:
+        super().__init__(addr, tls)
         self.ns = ns
 
     def call(self, method: str, path: str, body: Any = None) -> Any:
@@ -82,7 +84,10 @@ class Agent:
         ports: tuple[int, int] | None = None,
         extra: tuple[str, ...] = (),
         netns: str | None = None,
+        tls: TlsFiles | None = None,
     ) -> None:
+        """`tls`: the agent serves its API over mutual TLS with these files,
+        and the test's client presents them too."""
         self.base = base
         self.data = base / "data"
         self.host = host
@@ -90,11 +95,17 @@ class Agent:
         low = free_port(run=10) if ports is None else ports[0]
         self.ports = ports or (low, low + 9)
         self.extra = extra
+        if tls is not None:
+            self.extra += ("--cert-pem", str(tls.cert), "--key-pem", str(tls.key),
+                           "--root-cert-pem", str(tls.root))  # fmt: skip
+        context = None if tls is None else tls.client_context()
         self.prefix = () if netns is None else ("ip", "netns", "exec", netns)
         self.log_path = base / "agent.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.client = (
-            AgentClient((host, self.port)) if netns is None else NsClient((host, self.port), netns)
+            AgentClient((host, self.port), context)
+            if netns is None
+            else NsClient((host, self.port), netns, context)
         )
         base.mkdir(parents=True, exist_ok=True)
         self.start()

@@ -141,6 +141,16 @@ def test_agent_killed_mid_create_finishes_it_after_restart(tmp_path: Path) -> No
         assert [p.name for p in (a.data / "regions").iterdir()] == [req["id"]]
         v = run_tool("crucible-downstairs", "verify", "-d", str(a.data / "regions" / req["id"]))
         assert v.returncode == 0, v.stdout + v.stderr
+
+        # A downstairs that dies while its agent is down is started again by the next.
+        a.kill()
+        pid = a.downstairs_pid(req["id"])
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: a.downstairs_pid(req["id"]) is None, "the downstairs to die")
+        a.start()
+        wait_for(lambda: a.downstairs_pid(req["id"]) not in (None, pid), "a new downstairs")
+        wait_for(lambda: serving(a.host, r["port_number"]), "it to serve")
     finally:
         a.close()
 
