@@ -60,6 +60,10 @@ def _same_command(pid: int, argv: list[str]) -> bool:
     return len(found) >= len(argv) and found[len(found) - len(argv) + 1 :] == argv[1:]
 
 
+def _pids() -> list[int]:
+    return [int(d.name) for d in Path("/proc").iterdir() if d.name.isdigit()]
+
+
 def _last_line(path: Path) -> str:
     try:
         with path.open("rb") as f:
@@ -160,10 +164,13 @@ class Supervisor:
         delay = FIRST_DELAY
         adopted = self._adopt(m)
         while True:
-            if not adopted:
-                self._start(m)
             began = time.monotonic()
-            await self._watch(m)
+            try:
+                if not adopted:
+                    self._start(m)
+                await self._watch(m)
+            except OSError as e:  # it could not be started at all
+                log.error("%s: cannot start its downstairs: %s", m.key, e.strerror or e)
             adopted = False
             if time.monotonic() - began >= STABLE:
                 delay = FIRST_DELAY
@@ -173,20 +180,29 @@ class Supervisor:
             delay = min(MAX_DELAY, delay * 2)
 
     def _adopt(self, m: Managed) -> bool:
+        """Take over the downstairs already running for `m`: the recorded one,
+        or (if the agent died before recording it) one found by its command."""
         rec = self.store.processes.get(m.key)
-        if rec is None:
-            return False
-        if start_time(rec.pid) == rec.start_time and _same_command(rec.pid, m.argv):
-            m.pid = rec.pid
-            log.info("%s: adopted its running downstairs (pid %d)", m.key, rec.pid)
-            self.on_change()
-            return True
-        if start_time(rec.pid) == rec.start_time:  # ours, with another command: replace it
-            log.info(
-                "%s: its downstairs (pid %d) runs an old command; replacing it", m.key, rec.pid
-            )
-            _kill_now(rec.pid)
-        return False
+        if rec is not None and start_time(rec.pid) == rec.start_time:
+            if not _same_command(rec.pid, m.argv):  # ours, with another command: replace it
+                log.info("%s: its downstairs (pid %d) runs an old command; replacing it",
+                         m.key, rec.pid)  # fmt: skip
+                _kill_now(rec.pid)
+                return False
+            pid = rec.pid
+        else:
+            found = [p for p in _pids() if _same_command(p, m.argv)]
+            if not found:
+                return False
+            pid = found[0]
+            started = start_time(pid)
+            if started is None:
+                return False
+            self.store.put_process(m.key, ProcessRecord(pid, started))
+        m.pid = pid
+        log.info("%s: adopted its running downstairs (pid %d)", m.key, pid)
+        self.on_change()
+        return True
 
     def _start(self, m: Managed) -> None:
         m.log_path.parent.mkdir(parents=True, exist_ok=True)

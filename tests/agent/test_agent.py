@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -282,12 +283,17 @@ def test_volumes_on_three_agents(tmp_path: Path) -> None:
         nbd.wait_all_active()
         assert "was killed by SIGKILL" in agents[0].log()
 
-        # The agent SIGKILLed: its downstairs keep serving; restarted, it adopts them.
+        # The agent SIGKILLed: its downstairs keep serving; restarted, it adopts
+        # them, even those it had started but not recorded yet (as if it died
+        # in between: found by their command lines).
+        serving_pids = [agents[1].downstairs_pid(rid) for rid in (ids1[1], ids2[1])]
         agents[1].kill()
+        with sqlite3.connect(agents[1].data / "agent.sqlite3") as db:
+            db.execute("DELETE FROM processes WHERE key = ?", (ids2[1],))
         qemu_io(nbd.port, "write -P 3 8M 4M")
         agents[1].start()
-        assert "adopted its running downstairs" in agents[1].log()
-        assert agents[1].downstairs_pid(ids1[1]) is not None
+        assert agents[1].log().count("adopted its running downstairs") == 2
+        assert [agents[1].downstairs_pid(rid) for rid in (ids1[1], ids2[1])] == serving_pids
         nbd.wait_all_active()
         assert agents[0].downstairs_pid(ids1[0]) == new
 
