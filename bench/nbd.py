@@ -79,6 +79,13 @@ class Result:
         return self.cpu_s / self.mib * 1e3 if self.mib else 0.0
 
 
+def build() -> str:
+    """Which build of the IO path runs: mypyc-compiled (scripts/compile) or not."""
+    from crucible.protocol import framing
+
+    return "pure Python" if framing.__file__.endswith(".py") else "compiled (mypyc)"
+
+
 def cpu_seconds(pids: list[int]) -> float:
     """User + system time so far of these processes (all their threads)."""
     total = 0
@@ -311,6 +318,7 @@ def main() -> None:
     base = Path(tempfile.mkdtemp(prefix="crucible-bench-", dir=args.dir))
     size = max(args.size_mib, 64) << 20
     results: list[Result] = []
+    print(f"build: {build()}")
     try:
         for rnd in range(args.repeat):
             print(f"round {rnd + 1} of {args.repeat}")
@@ -328,7 +336,10 @@ def main() -> None:
         for r in results
     ]
     (args.out / f"nbd-{stamp}.json").write_text(
-        json.dumps({"args": sys.argv[1:], "results": rows, "summary": summary}, indent=2) + "\n"
+        json.dumps(
+            {"args": sys.argv[1:], "build": build(), "results": rows, "summary": summary}, indent=2
+        )
+        + "\n"
     )
     chart(summary, args.out / f"nbd-{stamp}.png")
     print(f"saved {args.out}/nbd-{stamp}.json and .png")

@@ -116,8 +116,10 @@ class NbdServer:
         self._server = await loop.create_server(
             self._new_connection, self.host, self.port, start_serving=False
         )
-        sock = self._server.sockets[0].getsockname()
-        self.port = sock[1]
+        # Untyped: uvloop's `sockets` is a list where typeshed says a tuple,
+        # and compiled code checks such types.
+        server: Any = self._server
+        self.port = server.sockets[0].getsockname()[1]
 
     async def serve(self) -> None:
         """Accept clients (after bind, once the volume is active)."""

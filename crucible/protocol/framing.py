@@ -33,13 +33,15 @@ from crucible.protocol.wire import U32, ProtocolError
 HELLO_MAX_FRAME = 64 << 10  # frames a peer may send before negotiation is done
 
 
+SIZE = 256 << 10
+MIN_FREE = 64 << 10  # offered to each receive
+SHRINK_ABOVE = 16 * SIZE
+
+
 class FrameDecoder:
-    SIZE = 256 << 10
-    MIN_FREE = 64 << 10  # offered to each receive
-    SHRINK_ABOVE = 16 * SIZE
 
     def __init__(self, max_frame: int = MAX_FRAME_LEN, hello_limit: bool = False) -> None:
-        self._buf = bytearray(self.SIZE)
+        self._buf = bytearray(SIZE)
         self._start = self._end = 0  # unparsed bytes are _buf[_start:_end]
         self._limit = max_frame
         self._max = min(max_frame, HELLO_MAX_FRAME) if hello_limit else max_frame
@@ -60,7 +62,7 @@ class FrameDecoder:
 
     def get_buffer(self) -> memoryview:
         """Free space to receive into; say how much arrived with `advance`."""
-        self._make_room(self.MIN_FREE)
+        self._make_room(MIN_FREE)
         return memoryview(self._buf)[self._end :]
 
     def advance(self, n: int) -> None:
@@ -82,7 +84,7 @@ class FrameDecoder:
             if n <= self._max:  # a bad length is refused by next_message
                 # The rest of the frame, but at most as much again as has
                 # arrived: growth follows the data, not the claim.
-                want = max(want, min(n - avail, max(avail, self.SIZE)))
+                want = max(want, min(n - avail, max(avail, SIZE)))
         if len(buf) - end >= want:
             return
         if start:
@@ -97,8 +99,8 @@ class FrameDecoder:
         start = self._start
         avail = self._end - start
         if avail < 4:
-            if not avail and len(self._buf) > self.SHRINK_ABOVE:
-                self._buf, self._start, self._end = bytearray(self.SIZE), 0, 0  # after a huge frame
+            if not avail and len(self._buf) > SHRINK_ABOVE:
+                self._buf, self._start, self._end = bytearray(SIZE), 0, 0  # after a huge frame
             return None
         (n,) = U32.unpack_from(self._buf, start)
         if n < 8:

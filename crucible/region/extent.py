@@ -67,6 +67,7 @@ from crucible.region.layout import (
 )
 
 _Q = struct.Struct("<Q")
+_FLIP = bytes.maketrans(b"\x00\x01", b"\x01\x00")  # a slot index: the other slot
 
 
 def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
@@ -377,7 +378,7 @@ class Extent:
                 self.unsynced = bytearray(lay.blocks)
         except OSError as e:
             raise io_error(e, f"write extent {self.number}") from None
-        target = [1 - a for a in self.active[start : start + n]]
+        target = list(self.active[start : start + n].translate(_FLIP))
         i = 0
         try:
             while i < n:
