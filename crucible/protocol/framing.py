@@ -39,7 +39,6 @@ SHRINK_ABOVE = 16 * SIZE
 
 
 class FrameDecoder:
-
     def __init__(self, max_frame: int = MAX_FRAME_LEN, hello_limit: bool = False) -> None:
         self._buf = bytearray(SIZE)
         self._start = self._end = 0  # unparsed bytes are _buf[_start:_end]
