@@ -18,6 +18,7 @@ from crucible.region.snapshot import SnapshotInfo, list_snapshots
 from crucible.region.snapshot import delete as delete_snapshot
 
 PEM_FILES = ("cert.pem", "key.pem", "root.pem")
+TLS_FLAGS = ("--cert-pem", "--key-pem", "--root-cert-pem")
 MAX_OUTPUT = 64 << 10  # of a create or clone command, kept for the error
 
 
@@ -50,6 +51,18 @@ class Disk:
         tmp = self.regions / f".{req.id}.creating"
         await asyncio.to_thread(_remove, tmp)
         await asyncio.to_thread(_remove, final)
+        tmp.mkdir()
+        tls: list[str] = []  # the region's PEMs: it serves with them, and clones with them
+        if req.cert_pem is not None:
+            pems = (req.cert_pem, req.key_pem, req.root_pem)
+            for flag, name, text in zip(TLS_FLAGS, PEM_FILES, pems, strict=True):
+                assert text is not None  # the three come together (model.parse_create)
+                fd = os.open(tmp / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    f.write(text)
+                    f.flush()
+                    os.fsync(f.fileno())
+                tls += [flag, str(tmp / name)]
         if req.source is None:
             argv = ["create", "--uuid", req.id, "--data", str(tmp), "--block-size",
                     str(req.block_size), "--extent-size", str(req.extent_size),
@@ -57,18 +70,8 @@ class Disk:
             if req.encrypted:
                 argv.append("--encrypted")
         else:
-            argv = ["clone", "--uuid", req.id, "--data", str(tmp), "--source", req.source]
+            argv = ["clone", "--uuid", req.id, "--data", str(tmp), "--source", req.source, *tls]
         await self._run(argv)
-        if req.cert_pem is not None:
-            for name, text in zip(
-                PEM_FILES, (req.cert_pem, req.key_pem, req.root_pem), strict=True
-            ):
-                assert text is not None  # the three come together (model.parse_create)
-                fd = os.open(tmp / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                with os.fdopen(fd, "w") as f:
-                    f.write(text)
-                    f.flush()
-                    os.fsync(f.fileno())
         tmp.rename(final)
         fsync_dir(self.regions)
 

@@ -139,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the source downstairs' repair server (its port + 4000)",
     )
     k.add_argument("-u", "--uuid", type=uuid.UUID, default=None, help="region UUID (random)")
+    add_tls_options(k)
 
     s = sub.add_parser("snapshot", help="list or delete a region's snapshots")
     s.add_argument("action", choices=("list", "delete"))
@@ -173,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         parser = build_parser()
         args = parser.parse_args(args_list)
-    if args.command in ("run", "seed"):
+    if args.command in ("run", "seed", "clone"):
         args.tls = tls_files(parser, args)
     try:
         code = _dispatch(args)
@@ -335,9 +336,10 @@ def _address(text: str) -> tuple[str, int]:
 
 def cmd_clone(args: argparse.Namespace) -> int:
     setup_logging()
-    total = source_region(args.source).total_bytes
+    tls = None if args.tls is None else args.tls.client_context()
+    total = source_region(args.source, tls).total_bytes
     with progress(total, "B", "clone") as bar:
-        d = clone(args.data, args.source, args.uuid, bar.update)
+        d = clone(args.data, args.source, args.uuid, bar.update, tls)
     print(
         f"cloned region {d.uuid} at {args.data} from {args.source[0]}:{args.source[1]}: "
         f"bs:{d.block_size} es:{d.extent_size} ec:{d.extent_count} ({d.total_bytes} bytes)"

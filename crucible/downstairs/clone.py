@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import ssl
 import urllib.error
 import urllib.request
 import uuid
@@ -31,19 +32,19 @@ log = logging.getLogger("crucible.downstairs")
 MARKER = ".clone"
 
 
-def _get_json(addr: SocketAddr, path: str) -> Any:
-    url = http_url(addr, path)
+def _get_json(addr: SocketAddr, path: str, tls: ssl.SSLContext | None) -> Any:
+    url = http_url(addr, path, tls is not None)
     try:
-        with urllib.request.urlopen(url, timeout=30) as r:
+        with urllib.request.urlopen(url, timeout=30, context=tls) as r:
             return json.loads(r.read())
     except (urllib.error.URLError, OSError, ValueError) as e:
         raise ValueError(f"cannot ask the source's repair server {url}: {e}") from None
 
 
-def source_region(source: SocketAddr) -> RegionDefinition:
-    """What the source serves."""
+def source_region(source: SocketAddr, tls: ssl.SSLContext | None = None) -> RegionDefinition:
+    """What the source serves (asked over TLS with a client context)."""
     try:
-        return RegionDefinition.from_json(_get_json(source, "/region-info"))
+        return RegionDefinition.from_json(_get_json(source, "/region-info", tls))
     except RegionError as e:
         raise ValueError(f"the source answered something that is not a region: {e}") from None
 
@@ -53,10 +54,12 @@ def clone(
     source: SocketAddr,
     region_uuid: uuid.UUID | None,
     progress: Callable[[int], None],
+    tls: ssl.SSLContext | None = None,
 ) -> RegionDefinition:
-    """Fill (or finish filling) the region at `directory` from `source`; its definition."""
-    src = source_region(source)
-    if _get_json(source, "/region-mode") is not True:
+    """Fill (or finish filling) the region at `directory` from `source` (over
+    TLS with a client context); its definition."""
+    src = source_region(source, tls)
+    if _get_json(source, "/region-mode", tls) is not True:
         raise ValueError(
             f"{source[0]}:{source[1]} serves a writable region: clone a read-only one "
             "(a snapshot: crucible-downstairs run --snapshot NAME)"
@@ -95,7 +98,7 @@ def clone(
                 progress(d.extent_bytes)
                 continue
             region.close_extent(eid)
-            region.replace_extent(eid, functools.partial(fetch_extent, source, eid))
+            region.replace_extent(eid, functools.partial(fetch_extent, source, eid, tls=tls))
             region.reopen_extent(eid)
             done.add(eid)
             write_json_atomic(marker, {**state, "done": sorted(done)})

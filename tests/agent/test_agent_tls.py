@@ -5,6 +5,7 @@ downstairs that serves only over TLS with them."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import uuid
 from pathlib import Path
@@ -58,11 +59,10 @@ def test_agents_over_mutual_tls(tmp_path: Path) -> None:
         # A region with PEMs: its downstairs (and repair server) speak TLS only.
         d = certs / first.host
         rid = str(uuid.uuid4())
+        pems = {"cert_pem": (d / "cert.pem").read_text(), "key_pem": (d / "key.pem").read_text(),
+                "root_pem": (d / "root.pem").read_text()}  # fmt: skip
         first.client.create({"id": rid, "block_size": 4096, "extent_size": 256,
-                             "extent_count": 4, "encrypted": False,
-                             "cert_pem": (d / "cert.pem").read_text(),
-                             "key_pem": (d / "key.pem").read_text(),
-                             "root_pem": (d / "root.pem").read_text()})  # fmt: skip
+                             "extent_count": 4, "encrypted": False, **pems})  # fmt: skip
         port = first.wait_state(rid, "created")["port_number"]
         wait_for(lambda: serving(first.host, port + 4000), "the region's repair server")
         info = f"https://{first.host}:{port + 4000}/region-info"
@@ -72,6 +72,22 @@ def test_agents_over_mutual_tls(tmp_path: Path) -> None:
         assert curl(f"http://{first.host}:{port + 4000}/region-info").stdout == ""
         key = first.data / "regions" / rid / "key.pem"
         assert key.stat().st_mode & 0o777 == 0o600
+
+        # Its snapshot served read-only (over TLS too), and a clone of that
+        # made over TLS with the new region's own certificate.
+        region_dir = first.data / "regions" / rid
+        snap = region_dir / ".snapshot" / "s1"
+        shutil.copytree(region_dir, snap, ignore=shutil.ignore_patterns(".snapshot", "*.pem"))
+        sport = first.client.call("POST", f"/regions/{rid}/snapshots/s1/run")["port_number"]
+        wait_for(lambda: serving(first.host, sport + 4000), "the snapshot's repair server")
+        clone = str(uuid.uuid4())
+        first.client.create({"id": clone, "block_size": 4096, "extent_size": 256,
+                             "extent_count": 4, "encrypted": False, **pems,
+                             "source": f"{first.host}:{sport + 4000}"})  # fmt: skip
+        assert first.wait_state(clone, "created")["read_only"] is True
+        same = run_tool("crucible-downstairs", "dump", "-d", str(snap),
+                        "-d", str(first.data / "regions" / clone))  # fmt: skip
+        assert same.returncode == 0, same.stdout + same.stderr
     finally:
         for a in agents:
             a.close()
