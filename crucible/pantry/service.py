@@ -151,7 +151,10 @@ class Pantry:
         """Crucible's target replace: the new VCR differs from the attached one
         in one target of one region (and perhaps the generations)."""
         a = self.volume(vid)
-        new = v.regions(self._parse(request))
+        parsed = self._parse(request)
+        if _parent(parsed) != _parent(self._parse(a.request)):
+            raise PantryError(400, "BadRequest", "the read-only parent must stay the same")
+        new = v.regions(parsed, parents=False)  # as the attached parts hold them
         if len(new) != len(a.parts.regions):
             raise PantryError(400, "BadRequest", "the new VCR has other regions")
         changed = []
@@ -168,7 +171,8 @@ class Pantry:
             raise PantryError(400, "ReplaceFailed", str(e)) from None
         a.request = request
 
-    def _parse(self, request: Any) -> v.Vcr:
+    @staticmethod
+    def _parse(request: Any) -> v.Vcr:
         """A VCR from a request body, parsed and checked."""
         try:
             parsed = v.parse(request)
@@ -369,3 +373,7 @@ def decode_data(text: Any) -> bytes:
 def crucible_error(e: CrucibleError) -> PantryError:
     kind = ErrorKind.GenerationNumberInvalid
     return PantryError(400 if e.kind is kind else 500, e.kind.name, str(e))
+
+
+def _parent(vcr: v.Vcr) -> v.Vcr | None:
+    return vcr.read_only_parent if isinstance(vcr, v.VolumeVcr) else None

@@ -208,13 +208,16 @@ def _positive(o: _Obj, name: str) -> int:
 # ---- the whole ----------------------------------------------------------------------------
 
 
-def regions(vcr: Vcr) -> list[RegionVcr]:
-    """Every region in it, parents' included, in order."""
+def regions(vcr: Vcr, parents: bool = True) -> list[RegionVcr]:
+    """Every region in it, in order: parents' included, or (`parents` False)
+    only those guest writes go to."""
     if isinstance(vcr, RegionVcr):
         return [vcr]
     if isinstance(vcr, VolumeVcr):
-        out = [r for s in vcr.sub_volumes for r in regions(s)]
-        return out + (regions(vcr.read_only_parent) if vcr.read_only_parent else [])
+        out = [r for s in vcr.sub_volumes for r in regions(s, parents)]
+        if parents and vcr.read_only_parent is not None:
+            out += regions(vcr.read_only_parent)
+        return out
     return []
 
 

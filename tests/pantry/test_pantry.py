@@ -20,7 +20,16 @@ import pytest
 from openapi_spec_validator import validate
 
 from crucible.cli_util import stop_process
-from tests.support import BIN, Cluster, free_port, image_server, run_tool, wait_listening
+from tests.support import (
+    BIN,
+    Cluster,
+    Downstairs,
+    create_region,
+    free_port,
+    image_server,
+    run_tool,
+    wait_listening,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -129,4 +138,41 @@ def test_the_pantry(tmp_path: Path, rng: random.Random) -> None:
         assert code == 404
     finally:
         p.stop()
+        c.stop()
+
+
+def test_replace_a_target_of_a_volume_with_a_region_parent(tmp_path: Path) -> None:
+    """The replaced target is found among the sub-volume's regions only: the
+    parent's regions are not the volume's to replace."""
+    c = Cluster(tmp_path / "v", *GEOMETRY)
+    parent = Cluster(tmp_path / "parent", *GEOMETRY, run_args=("--mode", "ro"))
+    create_region(tmp_path / "spare", *GEOMETRY)
+    spare = Downstairs(tmp_path / "spare", "--quiet")
+    p = Pantry(tmp_path)
+    try:
+        out = tmp_path / "parent.json"
+        r = run_tool("crucible-vcr", "create", *parent.target_args(), "--read-only", "-o", str(out))
+        assert r.returncode == 0, r.stderr
+        out = tmp_path / "v.json"
+        r = run_tool("crucible-vcr", "create", *c.target_args(), "--gen", "2",
+                     "--parent-vcr", str(tmp_path / "parent.json"), "-o", str(out))  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        vcr = json.loads(out.read_text())
+        assert p.call("POST", "/volume/v1", {"volume_construction_request": vcr}) == {}
+        old = vcr["sub_volumes"][0]["opts"]["target"][1]
+        vcr["sub_volumes"][0]["opts"]["target"][1] = f"127.0.0.1:{spare.port}"
+        assert p.call("POST", "/volume/v1/replace", {"volume_construction_request": vcr}) == {}
+        data = base64.b64encode(b"\x5a" * 8192).decode()
+        p.call("POST", "/volume/v1/bulk-write", {"offset": 8192, "base64_encoded_data": data})
+        got = p.call("POST", "/volume/v1/bulk-read", {"offset": 8192, "size": 8192})
+        assert base64.b64decode(got["base64_encoded_data"]) == b"\x5a" * 8192
+        # The parent is not the volume's to change.
+        vcr["read_only_parent"]["sub_volumes"][0]["opts"]["target"][0] = old
+        code, why = p.refused("POST", "/volume/v1/replace", {"volume_construction_request": vcr})
+        assert code == 400 and "read-only parent must stay the same" in why
+        assert p.call("DELETE", "/volume/v1") == {}
+    finally:
+        p.stop()
+        spare.stop()
+        parent.stop()
         c.stop()
