@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import logging
 import resource
 import uuid
@@ -218,10 +220,28 @@ def open_parts(args: argparse.Namespace) -> VolumeParts:
         return await activate(up, None, timeout, floor)
 
     read_only = getattr(args, "read_only", False)
-    scrub = ScrubOptions(getattr(args, "scrub_delay", 0.0), getattr(args, "scrub_pause", 0.0))
+    scrub = ScrubOptions(
+        getattr(args, "scrub_delay", 0.0),
+        getattr(args, "scrub_pause", 0.0),
+        functools.partial(forget_parent, args.vcr, args.vcr_request),
+    )
     tls = args.tls.client_context() if args.tls else None
     opts = upstairs_options(args)
     return build(args.vcr_request, activate_parent, read_only, opts, scrub, tls)
+
+
+def forget_parent(path: Path, request: vcr.Vcr) -> None:
+    """The scrub is done: the VCR file is rewritten without the read-only
+    parent, so the volume opens without it from now on (the parent may go)."""
+    if not isinstance(request, vcr.VolumeVcr) or request.read_only_parent is None:
+        return
+    try:
+        vcr.save(path, dataclasses.replace(request, read_only_parent=None))
+    except OSError as e:
+        log.warning("the scrub is done, but %s could not be rewritten without its parent (%s): "
+                    "the next start copies the parent in again", path, e.strerror or e)  # fmt: skip
+        return
+    log.info("the scrub is done: %s no longer names the read-only parent", path)
 
 
 def one_region(args: argparse.Namespace, prog: str) -> VolumeParts:

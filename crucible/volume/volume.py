@@ -46,6 +46,9 @@ FROM_PARENT: m.ReadBlockContext = 0  # a block read from the parent: it holds da
 class ScrubOptions:
     start_delay: float = 0.0  # seconds after activation before the scrub starts
     pause: float = 0.0  # seconds between chunks
+    # Called once the parent is copied in and dropped: to make that last
+    # (the VCR without its parent), as Crucible's control plane does.
+    on_done: Callable[[], None] | None = None
 
 
 @dataclass
@@ -291,6 +294,8 @@ class Volume(BlockIO):
         self.parent = None
         await parent.close()
         log.info("scrub: done in %.1f s; the parent is dropped", time.monotonic() - began)
+        if opts.on_done is not None:
+            opts.on_done()
 
     async def stop_scrub(self) -> None:
         task, self._scrub = self._scrub, None

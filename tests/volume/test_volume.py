@@ -145,6 +145,7 @@ def test_a_file_parent_is_seen_through_copied_in_and_dropped(
             qemu_io(n.uri, "write -P 0x7c 1200k 64k", "flush")
             expect[1200 << 10 : 1264 << 10] = b"\x7c" * (64 << 10)
             n.said("the parent is dropped")
+            n.said("no longer names the read-only parent")
             status = get_json(f"http://127.0.0.1:{ctl}/volume")
             assert status["scrub"] == {"point": 384, "total": 384, "done": True, "error": ""}
             assert status["total_blocks"] == 512 and status["sub_volumes"] == 1
@@ -153,6 +154,11 @@ def test_a_file_parent_is_seen_through_copied_in_and_dropped(
             assert "crucible_volume_scrub_point_blocks 384.0" in text
             parent.unlink()  # gone for good: reads must not need it
             assert image_of(n.uri, tmp_path / "c.raw") == expect
+        # The VCR no longer names the parent: the volume opens without it.
+        assert json.loads(vcr.read_text())["read_only_parent"] is None
+        with serving(tmp_path, vcr) as n:
+            assert image_of(n.uri, tmp_path / "e.raw") == expect
+            assert "scrub" not in n.log_path.read_text()
         c.stop()
         copies = replicas(c, 0, 512)
         assert copies == [bytes(expect)] * 3
