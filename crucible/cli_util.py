@@ -10,7 +10,7 @@ import math
 import signal
 import subprocess
 import sys
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -19,7 +19,7 @@ from tqdm import tqdm
 from crucible.common.definition import RegionError, validate_block_size
 from crucible.libc import libc
 from crucible.observe import logs
-from crucible.tls import TlsFiles
+from crucible.tls import TlsError, TlsFiles
 
 
 class CliError(Exception):
@@ -153,6 +153,31 @@ def stop_process(
             proc.kill()
             proc.wait()
     return proc.returncode
+
+
+def run_service(
+    prog: str,
+    p: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    serve: Callable[[argparse.Namespace], Coroutine[Any, Any, int]],
+    errors: tuple[type[Exception], ...] = (),
+) -> None:
+    """A server's main: its TLS files checked, logs at info, `serve(args)`
+    run until it returns (a stop signal); a bad flag, a port in use or one of
+    `errors` is one line and exit status 1."""
+    args.tls = tls_files(p, args)
+    setup_logging(fmt=args.log_format)
+    logging.getLogger().setLevel(logging.INFO)
+    try:
+        if args.tls is not None:
+            args.tls.server_context()
+        sys.exit(run_async(serve(args)))
+    except (ValueError, TlsError) as e:
+        fail(prog, str(e))
+    except errors as e:
+        fail(prog, str(e))
+    except KeyboardInterrupt:
+        sys.exit(130)
 
 
 async def wait_for_stop_signal() -> None:

@@ -10,7 +10,6 @@ each, and keeps its state in DATADIR/agent.sqlite3.
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import logging
 import shutil
@@ -29,15 +28,12 @@ from crucible.agent.store import Store, StoreError
 from crucible.cli_util import (
     add_tls_options,
     fail,
-    run_async,
-    setup_logging,
-    tls_files,
+    run_service,
     wait_for_stop_signal,
 )
 from crucible.common.address import is_loopback
 from crucible.observe import options
 from crucible.observe.options import Observing
-from crucible.tls import TlsError
 from crucible.tools import http_api
 
 PROG = "crucible-agent"
@@ -152,10 +148,9 @@ async def serve(args: argparse.Namespace) -> int:
     tls = args.tls.server_context() if args.tls else None
     try:
         serving = await http_api.start(make_app(agent), host, port, tls, "agent")
-    except OSError as e:
+    except ValueError:
         await agent.close()
-        why = "is already in use" if e.errno == errno.EADDRINUSE else f"cannot be had: {e.strerror}"
-        raise ValueError(f"port {port} on {host} {why}") from None
+        raise
     if tls is None and not is_loopback(host):
         log.warning("serving the agent's API on %s without TLS: anyone who can reach it can "
                     "create and destroy regions", host)  # fmt: skip
@@ -177,16 +172,7 @@ def main() -> None:
     if args.command == "openapi":
         print(json.dumps(OPENAPI, indent=2))
         sys.exit(0)
-    args.tls = tls_files(p, args)
-    setup_logging(fmt=args.log_format)
-    logging.getLogger().setLevel(logging.INFO)
     try:
-        if args.tls is not None:
-            args.tls.server_context()
-        sys.exit(run_async(serve(args)))
-    except (ValueError, TlsError, StoreError) as e:
-        fail(PROG, str(e))
+        run_service(PROG, p, args, serve, (StoreError,))
     except OSError as e:
         fail(PROG, f"{e.filename or args.data}: {e.strerror}")
-    except KeyboardInterrupt:
-        sys.exit(130)

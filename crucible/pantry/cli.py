@@ -4,22 +4,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import errno
 import logging
-import sys
 
 from crucible.cli_util import (
     add_tls_options,
-    fail,
-    run_async,
-    setup_logging,
-    tls_files,
+    run_service,
     wait_for_stop_signal,
 )
 from crucible.observe import options
 from crucible.pantry.server import make_app
 from crucible.pantry.service import Pantry
-from crucible.tls import TlsError
 from crucible.tools import http_api
 
 PROG = "crucible-pantry"
@@ -41,11 +35,7 @@ async def serve(args: argparse.Namespace) -> int:
     pantry = Pantry()
     host, port = args.listen
     tls = args.tls.server_context() if args.tls else None
-    try:
-        serving = await http_api.start(make_app(pantry), host, port, tls, "pantry")
-    except OSError as e:
-        why = "is already in use" if e.errno == errno.EADDRINUSE else f"cannot be had: {e.strerror}"
-        raise ValueError(f"port {port} on {host} {why}") from None
+    serving = await http_api.start(make_app(pantry), host, port, tls, "pantry")
     log.info("pantry at %s://%s:%d%s", "https" if tls else "http", host, port, "/crucible/pantry/0")
     try:
         await wait_for_stop_signal()
@@ -61,18 +51,7 @@ async def serve(args: argparse.Namespace) -> int:
 
 def main() -> None:
     p = build_parser()
-    args = p.parse_args()
-    args.tls = tls_files(p, args)
-    setup_logging(fmt=args.log_format)
-    logging.getLogger().setLevel(logging.INFO)
-    try:
-        if args.tls is not None:
-            args.tls.server_context()
-        sys.exit(run_async(serve(args)))
-    except (ValueError, TlsError) as e:
-        fail(PROG, str(e))
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_service(PROG, p, p.parse_args(), serve)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ fields after Crucible's, and `/openapi.json`."""
 from __future__ import annotations
 
 import dataclasses
-import errno
 import logging
 import ssl
 from typing import Any
@@ -16,6 +15,7 @@ from crucible.common.errors import CrucibleError
 from crucible.region.snapshot import check_name
 from crucible.tools.http_api import (
     ERROR_SCHEMA,
+    ListenError,
     Serving,
     error,
     json_app,
@@ -87,9 +87,8 @@ async def serve(
     busy port is said once and the volume runs without it."""
     try:
         runner = await start(make_app(up, volume), host, port, tls, "control API")
-    except OSError as e:
-        why = "is already in use" if e.errno == errno.EADDRINUSE else f": {e.strerror}"
-        log.warning("--control: port %d on %s %s; running without it", port, host, why)
+    except ListenError as e:
+        log.warning("--control: %s; running without it", e)
         return None
     scheme = "https" if tls else "http"
     log.info("control API at %s://%s:%d/ (OpenAPI document at /openapi.json)", scheme, host, port)

@@ -5,6 +5,7 @@ the OpenAPI document at /openapi.json."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
@@ -63,12 +64,15 @@ class Serving:
         await self.runner.cleanup()
 
 
+class ListenError(ValueError):
+    """The address cannot be had (one line: which, and why)."""
+
+
 async def start(
     app: web.Application, host: str, port: int, tls: ssl.SSLContext | None = None, what: str = ""
 ) -> Serving:
     """Serve `app` (over mutual TLS with a server context: a refused client
-    is logged as `what`'s); OSError (with the errno) when the address cannot
-    be had."""
+    is logged as `what`'s); ListenError when the address cannot be had."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     server = None
@@ -79,9 +83,11 @@ async def start(
             assert runner.server is not None  # set up above
             accept = TlsAccept(runner.server, tls, what, log)
             server = await asyncio.get_running_loop().create_server(accept, host, port)
-    except OSError:
+    except OSError as e:
         await runner.cleanup()
-        raise
+        in_use = e.errno == errno.EADDRINUSE
+        why = "is already in use" if in_use else f"cannot be had: {e.strerror or e}"
+        raise ListenError(f"port {port} on {host} {why}") from None
     return Serving(runner, server)
 
 

@@ -17,7 +17,7 @@ from crucible.agent.client import AgentCallError, AgentClient
 from crucible.cli_util import stop_process
 from crucible.tls import TlsFiles
 from tests.agent.netns import entered
-from tests.support import BIN, WAIT, free_port
+from tests.support import BIN, WAIT, free_port, run_tool
 
 
 def processes_under(path: Path) -> dict[int, list[str]]:
@@ -166,3 +166,17 @@ class Agent:
                  if "run" in argv and "--snapshot" not in argv]  # fmt: skip
         assert len(found) <= 1, found
         return found[0] if found else None
+
+
+def replicas_agree(agents: list[Agent], rids: list[str]) -> None:
+    """`crucible-downstairs dump` finds a volume's three regions (region
+    rids[i] on agents[i]) identical, and no agent logged a traceback."""
+    dirs = [
+        x
+        for a, rid in zip(agents, rids, strict=True)
+        for x in ("-d", str(a.data / "regions" / rid))
+    ]
+    dump = run_tool("crucible-downstairs", "dump", *dirs)
+    assert dump.returncode == 0, dump.stdout + dump.stderr
+    for a in agents:
+        assert "Traceback" not in a.log(), a.log()
