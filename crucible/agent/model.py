@@ -212,10 +212,6 @@ def parse_create(obj: Any) -> CreateRegion:
     )
 
 
-def new_id() -> str:
-    return str(uuid.uuid4())
-
-
 # ---- ports and space --------------------------------------------------------------------
 
 

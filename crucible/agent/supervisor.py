@@ -21,7 +21,6 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,10 +100,9 @@ class Managed:
 
 
 class Supervisor:
-    def __init__(self, store: Store, on_change: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, store: Store) -> None:
         self.store = store
         self.managed: dict[str, Managed] = {}
-        self.on_change = on_change
 
     @property
     def running(self) -> int:
@@ -140,7 +138,6 @@ class Supervisor:
         if rec is not None:
             await _terminate(rec.pid, rec.start_time, child)
             self.store.drop_process(key)
-        self.on_change()
 
     async def stop_strays(self, expected: set[str]) -> None:
         """Stop recorded processes the state no longer wants (after a restart)."""
@@ -201,7 +198,6 @@ class Supervisor:
             self.store.put_process(m.key, ProcessRecord(pid, started))
         m.pid = pid
         log.info("%s: adopted its running downstairs (pid %d)", m.key, pid)
-        self.on_change()
         return True
 
     def _start(self, m: Managed) -> None:
@@ -219,7 +215,6 @@ class Supervisor:
         if started is not None:
             self.store.put_process(m.key, ProcessRecord(m.pid, started))
         log.info("%s: started downstairs (pid %d): %s", m.key, m.pid, " ".join(m.argv[1:]))
-        self.on_change()
 
     async def _watch(self, m: Managed) -> None:
         assert m.pid is not None
@@ -240,7 +235,6 @@ class Supervisor:
         log.warning("%s: downstairs (pid %d) %s%s", m.key, m.pid, why,
                     f"; its last words: {last}" if last else "")  # fmt: skip
         m.pid, m.child = None, None
-        self.on_change()
 
 
 def _kill_now(pid: int) -> None:
