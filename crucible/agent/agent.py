@@ -60,7 +60,8 @@ class Agent:
         """Bring back every downstairs the records want, stop any they do not,
         and start the worker."""
         await self.supervisor.stop_strays(set(self._expected()))
-        await self._reconcile()
+        with self.supervisor.adopting_unrecorded():
+            await self._reconcile()
         self.worker = asyncio.create_task(self._work())
 
     async def close(self) -> None:

@@ -21,6 +21,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,9 +54,9 @@ def command_line(pid: int) -> list[str]:
     return [a.decode(errors="replace") for a in raw.split(b"\0")[:-1]]
 
 
-def _same_command(pid: int, argv: list[str]) -> bool:
-    """The process runs `argv` (an interpreter may stand before a script)."""
-    found = command_line(pid)
+def _same_command(found: list[str], argv: list[str]) -> bool:
+    """A process's command line `found` runs `argv` (an interpreter may stand
+    before a script)."""
     return len(found) >= len(argv) and found[len(found) - len(argv) + 1 :] == argv[1:]
 
 
@@ -103,6 +104,8 @@ class Supervisor:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.managed: dict[str, Managed] = {}
+        # While the agent starts: every process then running, with its command line.
+        self._running: list[tuple[int, list[str]]] | None = None
 
     @property
     def running(self) -> int:
@@ -122,7 +125,18 @@ class Supervisor:
             await self.stop(key)
         m = Managed(key, argv, log_path)
         self.managed[key] = m
-        m.task = asyncio.create_task(self._keep(m))
+        m.task = asyncio.create_task(self._keep(m, self._adopt(m)))
+
+    @contextlib.contextmanager
+    def adopting_unrecorded(self) -> Iterator[None]:
+        """While the agent starts: a downstairs it started and died before
+        recording is found by its command line, in one look at the processes
+        (later, every downstairs it starts is recorded first)."""
+        self._running = [(pid, command_line(pid)) for pid in _pids()]
+        try:
+            yield
+        finally:
+            self._running = None
 
     async def stop(self, key: str) -> None:
         """Stop the process under `key` (recorded ones too) and forget it."""
@@ -157,9 +171,8 @@ class Supervisor:
 
     # ---- one process ------------------------------------------------------------------
 
-    async def _keep(self, m: Managed) -> None:
+    async def _keep(self, m: Managed, adopted: bool) -> None:
         delay = FIRST_DELAY
-        adopted = self._adopt(m)
         while True:
             began = time.monotonic()
             try:
@@ -181,14 +194,14 @@ class Supervisor:
         or (if the agent died before recording it) one found by its command."""
         rec = self.store.processes.get(m.key)
         if rec is not None and start_time(rec.pid) == rec.start_time:
-            if not _same_command(rec.pid, m.argv):  # ours, with another command: replace it
+            if not _same_command(command_line(rec.pid), m.argv):  # ours, an old command: replace it
                 log.info("%s: its downstairs (pid %d) runs an old command; replacing it",
                          m.key, rec.pid)  # fmt: skip
                 _kill_now(rec.pid)
                 return False
             pid = rec.pid
         else:
-            found = [p for p in _pids() if _same_command(p, m.argv)]
+            found = [p for p, cmd in self._running or () if _same_command(cmd, m.argv)]
             if not found:
                 return False
             pid = found[0]
