@@ -24,13 +24,13 @@ import threading
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
 from bench.nbd import crucible_server
 from bench.settings import TESTS, compare, parse_rounds, report
-from tests.support import free_port
+from tests.support import free_port, http_server
 
 SETTINGS = ["off", "metrics", "tracing"]
 TARGETS = {"metrics": 0.9, "tracing": 0.7}
@@ -73,14 +73,8 @@ def http_sink() -> Iterator[int]:
         def log_message(self, *args: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    t = threading.Thread(target=server.serve_forever, daemon=True)
-    t.start()
-    try:
-        yield server.server_address[1]
-    finally:
-        server.shutdown()
-        server.server_close()
+    with http_server(Handler) as port:
+        yield port
 
 
 @contextmanager

@@ -418,11 +418,18 @@ def image_server(image: bytes, busy: int = 0) -> Iterator[tuple[str, list[int]]]
         def log_message(self, *args: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    with http_server(Handler) as port:
+        yield f"http://127.0.0.1:{port}/image.raw", gets
+
+
+@contextlib.contextmanager
+def http_server(handler: type[BaseHTTPRequestHandler]) -> Iterator[int]:
+    """`handler` served on a loopback port (yielded) by threads of its own."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     t = threading.Thread(target=server.serve_forever, daemon=True)
     t.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/image.raw", gets
+        yield server.server_address[1]
     finally:
         server.shutdown()
         server.server_close()
