@@ -14,16 +14,12 @@ import functools
 import json
 import logging
 import ssl
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from crucible.common.address import http_url
-from crucible.common.definition import RegionDefinition, RegionError
-from crucible.downstairs.repair import fetch_extent
+from crucible.common.definition import RegionDefinition
+from crucible.downstairs.repair import ask_region, fetch_extent, get_json
 from crucible.protocol.wire import SocketAddr
 from crucible.region.definition import REGION_JSON, write_json_atomic
 from crucible.region.region import Region
@@ -32,21 +28,12 @@ log = logging.getLogger("crucible.downstairs")
 MARKER = ".clone"
 
 
-def _get_json(addr: SocketAddr, path: str, tls: ssl.SSLContext | None) -> Any:
-    url = http_url(addr, path, tls is not None)
-    try:
-        with urllib.request.urlopen(url, timeout=30, context=tls) as r:
-            return json.loads(r.read())
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        raise ValueError(f"cannot ask the source's repair server {url}: {e}") from None
+SOURCE = "the source's repair server"
 
 
 def source_region(source: SocketAddr, tls: ssl.SSLContext | None = None) -> RegionDefinition:
     """What the source serves (asked over TLS with a client context)."""
-    try:
-        return RegionDefinition.from_json(_get_json(source, "/region-info", tls))
-    except RegionError as e:
-        raise ValueError(f"the source answered something that is not a region: {e}") from None
+    return ask_region(source, tls, SOURCE)
 
 
 def clone(
@@ -59,7 +46,7 @@ def clone(
     """Fill (or finish filling) the region at `directory` from `source` (over
     TLS with a client context); its definition."""
     src = source_region(source, tls)
-    if _get_json(source, "/region-mode", tls) is not True:
+    if get_json(source, "/region-mode", tls, SOURCE) is not True:
         raise ValueError(
             f"{source[0]}:{source[1]} serves a writable region: clone a read-only one "
             "(a snapshot: crucible-downstairs run --snapshot NAME)"

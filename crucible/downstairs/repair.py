@@ -18,6 +18,7 @@ from typing import Any, BinaryIO
 from aiohttp import web
 
 from crucible.common.address import http_url
+from crucible.common.definition import RegionDefinition, RegionError
 from crucible.common.errors import CrucibleError, ErrorKind
 from crucible.observe.probes import DS
 from crucible.protocol.capabilities import (
@@ -96,6 +97,26 @@ def make_app(region: Region, capabilities: Capabilities = OURS) -> web.Applicati
     if capabilities.allocation:
         app.add_routes([web.get(ALLOCATION_PATH, allocation)])
     return app
+
+
+def get_json(addr: SocketAddr, path: str, tls: ssl.SSLContext | None, what: str) -> Any:
+    """A JSON document from a repair server (over TLS with a client context);
+    ValueError naming `what` when it cannot be had."""
+    url = http_url(addr, path, tls is not None)
+    try:
+        with urllib.request.urlopen(url, timeout=TIMEOUT, context=tls) as r:
+            return json.loads(r.read())
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise ValueError(f"cannot ask {what} ({url}): {e}") from None
+
+
+def ask_region(addr: SocketAddr, tls: ssl.SSLContext | None, what: str) -> RegionDefinition:
+    """The region a repair server's downstairs serves; ValueError if it
+    cannot be had or is not a region."""
+    try:
+        return RegionDefinition.from_json(get_json(addr, "/region-info", tls, what))
+    except RegionError as e:
+        raise ValueError(f"{what} answered something that is not a region: {e}") from None
 
 
 def _open(addr: SocketAddr, path: str, tls: ssl.SSLContext | None) -> Any:

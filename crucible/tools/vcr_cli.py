@@ -16,24 +16,20 @@ from __future__ import annotations
 
 import argparse
 import base64
-import json
 import ssl
 import sys
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 
 from crucible.cli_util import add_tls_options, fail, non_negative_int, tls_files
-from crucible.common.address import http_url
-from crucible.common.definition import RegionDefinition, RegionError
+from crucible.common.definition import RegionDefinition
+from crucible.downstairs.repair import REPAIR_PORT_OFFSET, ask_region
 from crucible.protocol.wire import SocketAddr
 from crucible.tls import TlsError
 from crucible.tools.common import key_file, target
 from crucible.volume import vcr as v
 
 PROG = "crucible-vcr"
-REPAIR_PORT_OFFSET = 4000
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,14 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def region_info(addr: SocketAddr, offset: int, tls: ssl.SSLContext | None) -> RegionDefinition:
-    url = http_url((addr[0], addr[1] + offset), "/region-info", tls is not None)
-    try:
-        with urllib.request.urlopen(url, timeout=10, context=tls) as r:
-            return RegionDefinition.from_json(json.loads(r.read()))
-    except (urllib.error.URLError, OSError) as e:
-        raise ValueError(f"cannot ask {addr[0]}:{addr[1]} for its region ({url}): {e}") from None
-    except (ValueError, RegionError) as e:
-        raise ValueError(f"{url} answered something that is not a region: {e}") from None
+    return ask_region((addr[0], addr[1] + offset), tls, f"{addr[0]}:{addr[1]}")
 
 
 def create(args: argparse.Namespace) -> v.VolumeVcr:
