@@ -32,6 +32,7 @@ from crucible.cli_util import (
     wait_for_stop_signal,
 )
 from crucible.common.address import is_loopback
+from crucible.downstairs.repair import REPAIR_PORT_OFFSET
 from crucible.observe import options
 from crucible.observe.options import Observing
 from crucible.tools import http_api
@@ -45,9 +46,9 @@ def port_range(text: str) -> tuple[int, int]:
     if not sep or not low.isdigit() or not high.isdigit():
         raise argparse.ArgumentTypeError(f"{text!r} is not LOW-HIGH")
     lo, hi = int(low), int(high)
-    # Each downstairs also serves repair on its port + 4000.
-    if not 1 <= lo <= hi <= 65535 - 4000:
-        raise argparse.ArgumentTypeError(f"{text!r}: need 1 <= LOW <= HIGH <= 61535")
+    top = 65535 - REPAIR_PORT_OFFSET  # each downstairs also serves repair that far above
+    if not 1 <= lo <= hi <= top:
+        raise argparse.ArgumentTypeError(f"{text!r}: need 1 <= LOW <= HIGH <= {top}")
     return lo, hi
 
 
