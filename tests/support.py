@@ -454,11 +454,13 @@ def wait_get(
     return body
 
 
-def qemu_io(port: int, *cmds: str, host: str = "127.0.0.1", prefix: tuple[str, ...] = ()) -> str:
-    """qemu-io commands on an NBD export (run under `prefix`, e.g. ip netns exec)."""
+def qemu_io(export: int | str, *cmds: str, prefix: tuple[str, ...] = ()) -> str:
+    """qemu-io commands on an NBD export (its URI, or its port on loopback),
+    run under `prefix` (e.g. ip netns exec); every one must succeed."""
+    uri = export if isinstance(export, str) else f"nbd://127.0.0.1:{export}/"
     args = [a for c in cmds for a in ("-c", c)]
     r = subprocess.run(
-        [*prefix, "qemu-io", "-f", "raw", *args, f"nbd://{host}:{port}/"],
+        [*prefix, "qemu-io", "-f", "raw", *args, uri],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr

@@ -15,15 +15,9 @@ from pathlib import Path
 import pytest
 
 from tests.nbd.conftest import Nbd
-from tests.support import free_port, wait_listening
+from tests.support import free_port, qemu_io, wait_listening
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
-
-
-def qemu_io(uri: str, *cmds: str) -> None:
-    args = [a for c in cmds for a in ("-c", c)]
-    r = subprocess.run(["qemu-io", "-f", "raw", *args, uri], capture_output=True, text=True)
-    assert r.returncode == 0 and "Pattern verification failed" not in r.stdout, r.stdout + r.stderr
 
 
 def test_an_encrypted_volume_over_nbd(tmp_path: Path) -> None:

@@ -22,11 +22,12 @@ from tests.support import (
     Cluster,
     create_region,
     free_port,
+    qemu_io,
     run_cli,
     run_tool,
     wait_listening,
 )
-from tests.volume.test_volume import GEOMETRY, MIB, image_of, qemu_io, serving, vcr_create
+from tests.volume.test_volume import GEOMETRY, MIB, image_of, serving, vcr_create
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

@@ -20,7 +20,7 @@ import pytest
 
 from crucible.cli_util import stop_process
 from crucible.region.region import Region
-from tests.support import BIN, Cluster, free_port, image_server, run_tool, wait_listening
+from tests.support import BIN, Cluster, free_port, image_server, qemu_io, run_tool, wait_listening
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -73,12 +73,6 @@ def serving(base: Path, vcr: Path, *extra: str) -> Iterator[Nbd]:
 def get_json(url: str) -> Any:
     with urllib.request.urlopen(url, timeout=10) as r:
         return json.loads(r.read())
-
-
-def qemu_io(uri: str, *cmds: str) -> None:
-    args = [a for c in cmds for a in ("-c", c)]
-    r = subprocess.run(["qemu-io", "-f", "raw", *args, uri], capture_output=True, text=True)
-    assert r.returncode == 0 and "verification failed" not in r.stdout, r.stdout + r.stderr
 
 
 def image_of(uri: str, path: Path) -> bytes:
