@@ -36,14 +36,21 @@ Crash-safety argument (ext4/xfs, which may persist writes out of order):
     the extent, and with it the whole region: one torn block would keep
     this replica, and the volume's activation, down until an operator acts.
   A read-only open changes nothing on disk: a torn block is damaged there.
+* Writes of DIRECT_BYTES or more put their data through a second fd opened
+  with O_DIRECT (as a VM disk's cache=none does), sparing the copy into
+  page-cache pages. Nothing above relies on it: fdatasync is per file, not
+  per fd, so a flush covers both, and the kernel keeps the page cache and
+  the direct writes coherent.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import mmap
 import os
 import struct
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
@@ -76,6 +83,32 @@ def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> No
         n = os.pwrite(fd, view, offset)
         view = view[n:]
         offset += n
+
+
+_O_DIRECT: int = getattr(os, "O_DIRECT", 0)  # 0: none on this system
+DIRECT_BYTES = 256 << 10  # writes this large bypass the page cache
+
+
+class _Bounce(threading.local):
+    """A page-aligned buffer per thread, reused: O_DIRECT needs aligned memory."""
+
+    buf: mmap.mmap | None = None
+
+
+_bounce = _Bounce()
+
+
+def direct_pwrite(fd: int, data: memoryview, offset: int) -> None:
+    """Write through an O_DIRECT fd, by way of the aligned buffer. One copy in
+    user space instead of the kernel's into page-cache pages, which are then
+    not filled (a replica's data is read back rarely, its writes are large)."""
+    n = len(data)
+    buf = _bounce.buf
+    if buf is None or len(buf) < n:
+        buf = _bounce.buf = mmap.mmap(-1, -(-n // mmap.PAGESIZE) * mmap.PAGESIZE)
+    with memoryview(buf) as whole, whole[:n] as view:
+        view[:] = data
+        pwrite_all(fd, view, offset)
 
 
 def pread_exact(fd: int, size: int, offset: int) -> bytes:
@@ -155,6 +188,7 @@ class Extent:
         self.active = bytearray(layout.blocks)  # 0 = slot A, 1 = slot B
         self.unsynced = bytearray(layout.blocks)  # written since the last fdatasync
         self.damaged: set[int] = set()
+        self._direct = -2  # the O_DIRECT fd for large writes; -2 not opened yet, -1 none
 
     # ---- lifecycle ----------------------------------------------------------
 
@@ -211,6 +245,9 @@ class Extent:
 
     def close(self) -> tuple[int, int, bool]:
         os.close(self.fd)
+        if self._direct >= 0:
+            os.close(self._direct)
+        self._direct = -2
         self.fd = -1
         return self.gen, self.flush_number, self.dirty
 
@@ -345,9 +382,36 @@ class Extent:
             else:
                 odh = xxhash.xxh64_intdigest(data[j * bs : (j + 1) * bs])
             slots.append(encode_slot(ctx, odh, flush_id))
-        self._replace_blocks(start, slots, lambda: pwrite_all(self.fd, data, start * bs))
+        offset = start * bs
+        if len(data) >= DIRECT_BYTES and self._direct_fd() >= 0:
+            self._replace_blocks(start, slots, lambda: self._put_direct(data, offset))
+            return
+        self._replace_blocks(start, slots, lambda: pwrite_all(self.fd, data, offset))
         if len(data) >= WRITEBACK_BYTES:
-            start_writeback(self.fd, start * bs, len(data))
+            start_writeback(self.fd, offset, len(data))
+
+    def _direct_fd(self) -> int:
+        """The extent's O_DIRECT fd, opened at the first large write; -1 where
+        the filesystem has none (tmpfs, some FUSE)."""
+        if self._direct == -2:
+            self._direct = -1
+            if _O_DIRECT:
+                try:
+                    self._direct = os.open(self.path, os.O_WRONLY | _O_DIRECT)
+                except OSError:
+                    pass
+        return self._direct
+
+    def _put_direct(self, data: memoryview, offset: int) -> None:
+        try:
+            direct_pwrite(self._direct, data, offset)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            # Alignment this filesystem will not take: buffered from now on.
+            os.close(self._direct)
+            self._direct = -1
+            pwrite_all(self.fd, data, offset)
 
     def trim(self, start: int, n: int) -> None:
         """Make blocks never-written: empty contexts, then the data's space is
