@@ -1,5 +1,6 @@
 """crucible: the original client. Connects to three downstairs, writes 1024
-bytes across an extent boundary, flushes, reads them back, verifies, exits."""
+bytes across an extent boundary, flushes, reads them back, verifies, exits.
+With --vcr, the whole volume: across each boundary between its regions too."""
 
 from __future__ import annotations
 
@@ -11,13 +12,15 @@ from crucible.cli_util import fail, run_async
 from crucible.common.errors import CrucibleError, ErrorKind
 from crucible.observe import logs
 from crucible.tools.common import (
-    activate,
+    activate_volume,
     add_observe_options,
     add_target_options,
     check_args,
     observed,
-    one_region,
+    open_parts,
+    region_starts,
 )
+from crucible.volume.build import VolumeParts
 
 PROG = "crucible"
 
@@ -34,31 +37,55 @@ def main() -> None:
         run_async(_run(args))
     except CrucibleError as e:
         fail(PROG, str(e.detail or e))
+    except ValueError as e:
+        fail(PROG, str(e))
     except KeyboardInterrupt:
         sys.exit(130)
 
 
 async def _run(args: argparse.Namespace) -> None:
-    parts = one_region(args, PROG)
-    up, region = parts.regions[0]
-    floor = region.gen if region else 1
-    async with up, observed(args, parts, "crucible"):
-        gen = await activate(up, args.gen, args.activate_timeout, floor)
-        bs = up.block_size
-        # The last block of extent 0 and the first of extent 1: with the seed's
-        # geometry (bs 512, es 100) that is byte offset 50688, 1024 bytes.
-        block = up.region.extent_size - 1
-        offset, length = block * bs, 2 * bs
-        data = bytes((i * 7 + 1) & 0xFF for i in range(length))
-        print(f"active with generation {gen}: writing {length} bytes at offset {offset}")
-        await up.write(block, data)
-        await up.flush()
-        got = await up.read(block, 2)
+    parts = open_parts(args)
+    if not parts.regions:
+        raise ValueError(f"{args.vcr} names no region to write to, only a read-only parent")
+    try:
+        async with observed(args, parts, "crucible"):
+            await _check(args, parts)
+    finally:
+        await parts.close()
+
+
+async def _check(args: argparse.Namespace, parts: VolumeParts) -> None:
+    gens = await activate_volume(args, parts)
+    dev = parts.device
+    bs = dev.block_size
+    # The last block of extent 0 and the first of extent 1: with the seed's
+    # geometry (bs 512, es 100) that is byte offset 50688, 1024 bytes. In a
+    # volume of several regions, also the last block of each and the first
+    # of the next.
+    first = parts.regions[0][0].region.extent_size - 1
+    spots = [(first, f"offset {first * bs}")]
+    for i, start in enumerate(region_starts(parts)[1:], 1):
+        if start - 1 != first:
+            spots.append((start - 1, f"offset {(start - 1) * bs} (sub-volumes {i - 1} and {i})"))
+    length = 2 * bs
+    gen = "/".join(map(str, gens))
+    written = []
+    for i, (block, where) in enumerate(spots):
+        data = bytes((j * 7 + 1 + i) & 0xFF for j in range(length))
+        head = f"active with generation {gen}: " if i == 0 else ""
+        print(f"{head}writing {length} bytes at {where}")
+        await dev.write(block, data)
+        written.append((block, data, where))
+    await dev.flush()
+    for block, data, where in written:
+        got = await dev.read(block, 2)
         if got != data:
-            raise CrucibleError(ErrorKind.GenericError, "read back different data than written")
-        print(f"read back {length} bytes at offset {offset}: verified")
-        await up.deactivate()
-        print("all Tests done")
+            raise CrucibleError(
+                ErrorKind.GenericError, f"read back different data than written at {where}"
+            )
+        print(f"read back {length} bytes at {where}: verified")
+    await parts.deactivate()
+    print("all Tests done")
 
 
 if __name__ == "__main__":

@@ -244,17 +244,60 @@ def forget_parent(path: Path, request: vcr.Vcr) -> None:
     log.info("the scrub is done: %s no longer names the read-only parent", path)
 
 
-def one_region(args: argparse.Namespace, prog: str) -> VolumeParts:
-    """What the flags describe, for a tool that drives one region's upstairs
-    (parts.regions[0][0]); ValueError for a VCR of more."""
+def one_region(args: argparse.Namespace, what: str) -> VolumeParts:
+    """What the flags describe, for a workload that drives one region's
+    upstairs (parts.regions[0][0]); ValueError for a VCR of more, or of a
+    read-only parent. `what` names the workload in the error."""
     parts = open_parts(args)
     if len(parts.regions) != 1 or parts.volume.parent is not None:
+        n = len(parts.regions)
         raise ValueError(
-            f"{prog} drives one region, and {args.vcr} describes "
-            f"{len(parts.regions)} sub-volumes{' and a parent' if parts.volume.parent else ''}: "
-            "serve it with crucible-nbd --vcr"
+            f"{what} drives one region's upstairs, and {args.vcr} describes "
+            f"{n} sub-volume{'' if n == 1 else 's'}"
+            f"{' and a read-only parent' if parts.volume.parent else ''}: "
+            "give it -t, or a VCR of one region"
         )
     return parts
+
+
+async def activate_volume(args: argparse.Namespace, parts: VolumeParts) -> list[int]:
+    """Every region of the volume activated (--gen, or one above what its
+    downstairs hold, from the VCR's gen up), the parent opened and its scrub
+    started: the generations used, one per region."""
+
+    async def activate_region(up: Upstairs, floor: int) -> int:
+        return await activate(up, args.gen, args.activate_timeout, floor)
+
+    return await parts.activate(activate_region)
+
+
+def region_starts(parts: VolumeParts) -> list[int]:
+    """The block at which each region sub-volume starts in the volume (once
+    they are active), as the Volume concatenates them."""
+    starts = []
+    at = 0
+    for up, _ in parts.regions:
+        starts.append(at)
+        at += up.total_blocks
+    return starts
+
+
+def describe(parts: VolumeParts) -> str:
+    """The volume's shape in a few words: `N blocks of B bytes (E extents of
+    S)` for one region; for a volume of more, or of a parent, each
+    sub-volume's extents and the parent's size (once active)."""
+    dev = parts.device
+    shape = [
+        f"{up.region.extent_count} extents of {up.region.extent_size}" for up, _ in parts.regions
+    ]
+    text = f"{dev.total_blocks} blocks of {dev.block_size} bytes"
+    if dev is not parts.volume:  # one region: the upstairs itself
+        return f"{text} ({shape[0]})"
+    n = len(parts.regions)
+    text += f" in {n} sub-volume{'' if n == 1 else 's'} ({'; '.join(shape) or 'none'})"
+    if parts.volume.parent_blocks:
+        text += f" over a read-only parent of {parts.volume.parent_blocks} blocks"
+    return text
 
 
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:

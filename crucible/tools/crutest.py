@@ -1,5 +1,7 @@
-"""crutest: workloads run through an upstairs against three downstairs, every
-read checked against a verify log that can be saved and loaded across runs."""
+"""crutest: workloads run through an upstairs against three downstairs (or
+through a volume of several regions and perhaps a read-only parent, --vcr),
+every read checked against a verify log that can be saved and loaded across
+runs."""
 
 from __future__ import annotations
 
@@ -14,12 +16,14 @@ from crucible.cli_util import fail, positive_int, run_async
 from crucible.common.errors import CrucibleError
 from crucible.observe import logs
 from crucible.tools.common import (
-    activate,
+    activate_volume,
     add_observe_options,
     add_target_options,
     check_args,
+    describe,
     observed,
     one_region,
+    open_parts,
     target,
 )
 from crucible.tools.fault_workloads import repair, replace, replay
@@ -43,6 +47,7 @@ from crucible.tools.workloads import (
     verify,
     verify_replicas,
 )
+from crucible.volume.build import VolumeParts
 
 PROG = "crutest"
 log = logging.getLogger("crucible.crutest")
@@ -65,6 +70,9 @@ WORKLOADS: dict[str, Workload] = {
     "verify-replicas": verify_replicas,
     "snapshot": snapshot,
 }
+# Workloads that drive one region's upstairs by nature (its replicas, its
+# downstairs through dsc, a target replaced): -t, or a VCR of one region.
+ONE_REGION = frozenset({"replay", "repair", "replace", "verify-replicas"})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,51 +168,55 @@ def main() -> None:
 
 async def _main(args: argparse.Namespace) -> int:
     seed = args.seed if args.seed is not None else random.randrange(1 << 32)
-    parts = one_region(args, PROG)
-    up, region = parts.regions[0]
-    floor = region.gen if region else 1
-    async with up, observed(args, parts, "crutest"):
-        gen = await activate(up, args.gen, args.activate_timeout, floor)
-        info = up.info()
-        if args.verify_in is not None:
-            vlog = VerifyLog.load(args.verify_in)
-            if (vlog.block_size, vlog.total_blocks) != (up.block_size, up.total_blocks):
-                raise ValueError(
-                    f"verify log {args.verify_in} is for {vlog.total_blocks} "
-                    f"blocks of {vlog.block_size}, the volume has "
-                    f"{up.total_blocks} of {up.block_size}"
-                )
-        else:
-            vlog = VerifyLog(up.block_size, up.total_blocks)
-        count = args.count or DEFAULT_COUNTS.get(args.workload, 1)
-        run = Run(up, vlog, random.Random(seed), count, args, gen)
-        if args.verify_out is not None:
-            vlog.journal_to(args.verify_out)  # survives a kill: every write is logged first
-        print(
-            f"crutest {args.workload}: gen {gen}, seed {seed}, {up.total_blocks} blocks of "
-            f"{up.block_size} bytes ({info.extent_count} extents of "
-            f"{info.extent_size})"
-        )
-        t0 = time.monotonic()
-        if args.verify_in is not None:
-            await run.verify_all(allow_range=True)
-            print(f"volume matches verify log {args.verify_in}")
-        await WORKLOADS[args.workload](run)
-        if not args.no_deactivate and not args.read_only:
-            await run.flush()
-        if args.verify_out is not None:
-            vlog.save(args.verify_out)
-            print(f"verify log saved to {args.verify_out}")
-        if not args.no_deactivate:
-            await up.deactivate()
-        secs = time.monotonic() - t0
-        for note in run.notes:
-            print(note)
-        print(
-            f"done: {run.writes} writes ({run.bytes_written} bytes), {run.reads} reads "
-            f"({run.bytes_read} bytes), {run.flushes} flushes in {secs:.2f} s; "
-            f"integrity errors: {up.info().integrity_errors}"
-        )
+    one = args.workload in ONE_REGION
+    parts = one_region(args, args.workload) if one else open_parts(args)
+    try:
+        async with observed(args, parts, "crutest"):
+            return await _run(args, parts, seed)
+    finally:
+        await parts.close()
+
+
+async def _run(args: argparse.Namespace, parts: VolumeParts, seed: int) -> int:
+    gens = await activate_volume(args, parts)
+    dev = parts.device
+    if args.verify_in is not None:
+        vlog = VerifyLog.load(args.verify_in)
+        if (vlog.block_size, vlog.total_blocks) != (dev.block_size, dev.total_blocks):
+            raise ValueError(
+                f"verify log {args.verify_in} is for {vlog.total_blocks} "
+                f"blocks of {vlog.block_size}, the volume has "
+                f"{dev.total_blocks} of {dev.block_size}"
+            )
+    else:
+        vlog = VerifyLog(dev.block_size, dev.total_blocks)
+    count = args.count or DEFAULT_COUNTS.get(args.workload, 1)
+    run = Run(parts, vlog, random.Random(seed), count, args, gens)
+    if args.verify_out is not None:
+        vlog.journal_to(args.verify_out)  # survives a kill: every write is logged first
+    gen = "/".join(map(str, gens)) or "-"
+    print(f"crutest {args.workload}: gen {gen}, seed {seed}, {describe(parts)}")
+    t0 = time.monotonic()
+    if args.verify_in is not None:
+        await run.verify_all(allow_range=True)
+        print(f"volume matches verify log {args.verify_in}")
+    await WORKLOADS[args.workload](run)
+    if not args.no_deactivate and not args.read_only:
+        await run.flush()
+    if args.verify_out is not None:
+        vlog.save(args.verify_out)
+        print(f"verify log saved to {args.verify_out}")
+    if not args.no_deactivate:
+        await parts.deactivate()
+    secs = time.monotonic() - t0
+    for note in run.notes:
+        print(note)
+    errors = sum(up.info().integrity_errors for up, _ in parts.regions)
+    print(
+        f"done: {run.writes} writes ({run.bytes_written} bytes), {run.reads} reads "
+        f"({run.bytes_read} bytes), {run.flushes} flushes in {secs:.2f} s; "
+        f"integrity errors: {errors}"
+    )
     return 0
 
 

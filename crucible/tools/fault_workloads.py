@@ -1,5 +1,6 @@
 """crutest's fault workloads: downstairs stopped, killed, restarted and
-replaced through dsc while IO goes on; then the whole volume is verified."""
+replaced through dsc while IO goes on; then the whole volume is verified.
+Each drives one region's upstairs (`Run.up`: -t, or a VCR of one region)."""
 
 from __future__ import annotations
 
@@ -49,10 +50,10 @@ async def _dsc_client(run: Run) -> tuple[int, int]:
     """A random downstairs: its dsc id and our client index (matched by port)."""
     fleet = await _dsc(run, "GET", "/list")
     assert isinstance(fleet, list)
-    ports = [t[1] for t in run.args.target]
+    ports = [t[1] for t in run.targets]
     pairs = [(d["cid"], ports.index(d["port"])) for d in fleet if d["port"] in ports]
     if not pairs:
-        raise WorkloadError("dsc runs none of the targets given with -t")
+        raise WorkloadError("dsc runs none of the region's three downstairs")
     return run.rng.choice(pairs)
 
 
@@ -105,10 +106,10 @@ async def _repair_cycle(run: Run) -> None:
 
 
 async def replace(run: Run) -> None:
-    """Replace the last -t downstairs with the empty one at --replacement while
+    """Replace the region's last downstairs with the empty one at --replacement while
     IO runs; live repair fills it, then everything is verified."""
     new = run.args.replacement
-    old = run.args.target[-1]
+    old = run.targets[-1]
     for _ in range(run.count):
         await random_op(run)
     before = run.up.info().live_repairs

@@ -1,5 +1,8 @@
-"""crutest's workloads: IO patterns through an upstairs, every read checked
-against the verify log."""
+"""crutest's workloads: IO patterns through the volume's guest API (one
+region's upstairs itself, or a volume of several and perhaps a read-only
+parent), every read checked against the verify log. The workloads that need
+one region's upstairs by nature (verify-replicas here; the fault workloads)
+use `Run.up`, which the tool only offers for a volume of one region."""
 
 from __future__ import annotations
 
@@ -12,8 +15,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from crucible.cli_util import progress
+from crucible.protocol.wire import SocketAddr
+from crucible.tools.common import region_starts
 from crucible.tools.verify_log import VerifyLog
+from crucible.upstairs.blockio import BlockIO, ReadResult, settle
 from crucible.upstairs.guest import MAX_IO_BYTES, Upstairs
+from crucible.volume.build import VolumeParts
 
 MIB = 1 << 20
 
@@ -28,18 +35,37 @@ class WorkloadError(Exception):
 
 @dataclass
 class Run:
-    up: Upstairs
+    parts: VolumeParts
     vlog: VerifyLog
     rng: random.Random
     count: int
     args: argparse.Namespace
-    gen: int = 1
+    gens: list[int] = field(default_factory=list)  # each region's generation
     writes: int = 0
     reads: int = 0
     flushes: int = 0
     bytes_written: int = 0
     bytes_read: int = 0
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def dev(self) -> BlockIO:
+        """What the guest drives: the whole volume (one region's upstairs
+        itself when that is all there is)."""
+        return self.parts.device
+
+    @property
+    def up(self) -> Upstairs:
+        """The one region's upstairs, for a workload that drives it."""
+        if len(self.parts.regions) != 1:
+            raise WorkloadError(f"{len(self.parts.regions)} regions, not the one expected")
+        return self.parts.regions[0][0]
+
+    @property
+    def targets(self) -> list[SocketAddr]:
+        """The one region's three downstairs (-t's, or its VCR's)."""
+        region = self.parts.regions[0][1] if len(self.parts.regions) == 1 else None
+        return list(region.opts.target) if region else list(self.args.target)
 
     @property
     def bs(self) -> int:
@@ -55,12 +81,12 @@ class Run:
 
     async def write(self, start: int, count: int) -> None:
         data = self.vlog.next_data(start, count)
-        await self.up.write(start, data)
+        await self.dev.write(start, data)
         self.writes += 1
         self.bytes_written += len(data)
 
     async def read(self, start: int, count: int, allow_range: bool = False) -> None:
-        data = await self.up.read(start, count)
+        data = await self.dev.read(start, count)
         self.reads += 1
         self.bytes_read += len(data)
         problems = self.vlog.check(start, data, allow_range)
@@ -69,7 +95,7 @@ class Run:
             raise VerifyError("; ".join(problems[:10]) + more)
 
     async def flush(self) -> None:
-        await self.up.flush()
+        await self.dev.flush()
         self.flushes += 1
         self.vlog.commit()
 
@@ -149,11 +175,13 @@ async def burst(run: Run) -> None:
 
 
 async def span(run: Run) -> None:
-    """IO across every extent boundary."""
-    r = run.up.core.region
-    assert r is not None
-    es = r.extent_size
-    for boundary in range(es, run.total, es):
+    """IO across every extent boundary (in a volume of several regions, the
+    boundaries between them too), then pieces of two extents across the first
+    boundary and across each sub-volume boundary."""
+    if not run.parts.regions:
+        raise WorkloadError("span: the volume has no region to write to")
+    es = run.parts.regions[0][0].region.extent_size
+    for boundary in extent_starts(run.parts)[1:]:
         start = max(0, boundary - 1)
         n = min(2 if es > 1 else 1, run.total - start)
         await run.write(start, n)
@@ -161,8 +189,22 @@ async def span(run: Run) -> None:
     if run.total > 2 * es:
         await run.write(es // 2, 2 * es)
         await run.read(es // 2, 2 * es)
+    for boundary in region_starts(run.parts)[1:]:
+        start = max(0, boundary - es)
+        n = min(2 * es, run.total - start)
+        await run.write(start, n)
+        await run.read(start, n)
     await run.flush()
     await run.verify_all()
+
+
+def extent_starts(parts: VolumeParts) -> list[int]:
+    """The block at which each extent starts: every sub-volume's in turn."""
+    out: list[int] = []
+    for (up, _), start in zip(parts.regions, region_starts(parts), strict=True):
+        r = up.region
+        out += range(start, start + r.total_blocks, r.extent_size)
+    return out
 
 
 async def dep(run: Run) -> None:
@@ -171,19 +213,22 @@ async def dep(run: Run) -> None:
     with progress(run.count, "round", "dep") as bar:
         for _ in range(run.count):
             base, width = run.random_range(8)
-            pending: list[tuple[asyncio.Task[bytes], VerifyLog, int, int]] = []
+            pending: list[tuple[asyncio.Future[ReadResult], VerifyLog, int, int]] = []
             for _ in range(20):
                 start = base + run.rng.randrange(width)
                 n = run.rng.randint(1, base + width - start)
                 if run.rng.random() < 0.4:
                     expect = run.snapshot(start, n)
-                    task = asyncio.ensure_future(run.up.read(start, n))
-                    await asyncio.sleep(0)  # let it queue before the next write
-                    pending.append((task, expect, start, n))
+                    read: asyncio.Future[ReadResult] = asyncio.get_running_loop().create_future()
+                    run.dev.submit_read(start, n, settle(read))
+                    # Queued now; a volume over a parent queues its pieces a step later.
+                    await asyncio.sleep(0)
+                    pending.append((read, expect, start, n))
                 else:
                     await run.write(start, n)
-            for task, expect, start, n in pending:
-                got = await task
+            for read, expect, start, n in pending:
+                data, _ = await read
+                got = bytes(data)
                 run.reads += 1
                 run.bytes_read += len(got)
                 problems = expect.check(start, got)
@@ -226,7 +271,7 @@ async def snapshot(run: Run) -> None:
             for _ in range(run.rng.randint(1, 8)):
                 await run.write(*run.random_range(10))
             name = f"crutest-{tag}-{i}"
-            await run.up.flush(snapshot=name)
+            await run.dev.flush(snapshot=name)
             run.flushes += 1
             run.vlog.commit()
             bar.update(1)
@@ -235,16 +280,20 @@ async def snapshot(run: Run) -> None:
 
 
 async def deactivate(run: Run) -> None:
-    """Activate, do IO, deactivate, bump the generation, repeat; data survives."""
+    """Activate, do IO, deactivate, bump the generation, repeat; data survives.
+    In a volume every region goes down and up again (and the parent's scrub
+    stops meanwhile, going on where it was)."""
     with progress(run.count, "round", "deactivate") as bar:
         for _ in range(run.count):
             touched = [run.random_range(16) for _ in range(8)]
             for start, n in touched:
                 await run.write(start, n)
-            await run.up.deactivate()  # flushes first
+            await run.parts.deactivate()  # each region flushes first
             run.vlog.commit()
-            run.gen += 1
-            await run.up.activate(run.gen)
+            run.gens = [g + 1 for g in run.gens]
+            for (up, _), gen in zip(run.parts.regions, run.gens, strict=True):
+                await up.activate(gen)
+            run.parts.volume.start_scrub()
             for start, n in touched:
                 await run.read(start, n)
             bar.update(1)
@@ -293,14 +342,14 @@ async def _perf_phase(
             done += 1
             block = run.rng.randrange(slots) * n
             if kind == "write":
-                await run.up.write(block, payload)
+                await run.dev.write(block, payload)
             else:
-                await run.up.read(block, n)
+                await run.dev.read(block, n)
 
     t0 = time.monotonic()
     await asyncio.gather(*(worker() for _ in range(depth)))
     if kind == "write":
-        await run.up.flush()  # honest: the data is durable when the clock stops
+        await run.dev.flush()  # honest: the data is durable when the clock stops
         run.flushes += 1
     return done, time.monotonic() - t0
 
