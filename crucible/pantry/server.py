@@ -11,13 +11,20 @@ from aiohttp import web
 
 from crucible.common.errors import CrucibleError
 from crucible.pantry.service import CHUNK, Pantry, PantryError, crucible_error, decode_data
+from crucible.protocol.wire import SocketAddr
 from crucible.tools.http_api import (
     ERROR_SCHEMA,
     error,
     json_app,
     object_schema,
     operation,
+    schema_ref,
 )
+from crucible.upstairs.guest import Upstairs
+from crucible.upstairs.state import NEGOTIATING, Stage
+from crucible.volume import vcr as v
+from crucible.volume.sources import DeviceSource, Source
+from crucible.volume.volume import Volume
 
 BASE = "/crucible/pantry/0"
 # A bulk write's body: 512 KiB as base64, and the JSON around it.
@@ -80,17 +87,12 @@ def make_app(pantry: Pantry) -> web.Application:
         a = p.volumes.get(vid)
         if a is None:
             raise PantryError(404, "NotFound", f"no volume {vid} is attached")
-        info = [
-            {"upstairs_id": str(up.session_ids()[0]), "state": up.info().state,
-             "downstairs": [d.state for d in up.info().downstairs]}
-            for up, _ in a.parts.regions
-        ]  # fmt: skip
         return web.json_response(
             {
                 "active": a.active,
                 "seen_active": a.seen_active,
                 "num_job_handles": len([j for j in a.jobs if j in p.jobs]),
-                "info": {"volumes": info},
+                "info": volume_info(a.parts.volume, v.parse(a.request)),
             }
         )
 
@@ -184,11 +186,154 @@ def make_app(pantry: Pantry) -> web.Application:
     return json_app(routes, OPENAPI, MAX_BODY)
 
 
+# ---- Crucible's VolumeInfo: the volume as a tree, an upstairs at each region ----------
+
+
+def volume_info(volume: Volume, request: v.Vcr) -> dict[str, Any]:
+    """Crucible's VolumeInfo of a volume built from `request`: a `volume`
+    node of its sub-volumes' upstairs and its read-only parent (null once
+    the scrub has copied it in and dropped it)."""
+    parent = request.read_only_parent if isinstance(request, v.VolumeVcr) else request
+    return {
+        "volume": {
+            "sub_volumes": [upstairs_info(s) for s in volume.subs if isinstance(s, Upstairs)],
+            "read_only_parent": None
+            if volume.parent is None
+            else source_info(volume.parent, parent),
+        }
+    }
+
+
+def source_info(source: Source, request: v.Vcr | None) -> dict[str, Any]:
+    """A parent: a region is its upstairs (as Crucible reports it), a volume
+    its own tree. A file or URL has no upstairs: an empty volume node (where
+    Crucible's own query fails)."""
+    device = source.device if isinstance(source, DeviceSource) else None
+    if not isinstance(device, Volume) or request is None:
+        return {"volume": {"sub_volumes": [], "read_only_parent": None}}
+    if isinstance(request, v.RegionVcr) and isinstance(device.subs[0], Upstairs):
+        return upstairs_info(device.subs[0])
+    return volume_info(device, request)
+
+
+# Crucible's names for a downstairs on its way to IO (DownstairsInfoNegotiationStatus).
+_CONNECTING = {
+    Stage.IDLE: "wait_connect",  # not wanted (deactivated): it would connect as new
+    Stage.CONNECT: "wait_connect",
+    **dict.fromkeys(NEGOTIATING, "negotiating"),
+    Stage.WAIT_QUORUM: "wait_quorum",
+    Stage.RECONCILE: "reconcile",
+    Stage.REPAIR_READY: "live_repair_ready",
+}
+_TAKES_IO = {Stage.ACTIVE: "active", Stage.LIVE_REPAIR: "live_repair", Stage.DISABLED: "stopping"}
+
+
+def upstairs_info(up: Upstairs) -> dict[str, Any]:
+    """One region's upstairs as Crucible's VolumeInfo::Upstairs: its state,
+    identity and generation, and each downstairs' state (DownstairsInfo)."""
+    info = up.info()
+    core = up.core
+    targets = []
+    for c in core.clients:
+        stage = c.state.stage
+        if stage in _TAKES_IO:
+            state: dict[str, Any] = {"type": _TAKES_IO[stage]}
+        else:
+            state = {"type": "connecting", "state": _CONNECTING[stage], "mode": c.mode.value}
+        targets.append(
+            {
+                "region_id": None if c.region_uuid is None else str(c.region_uuid),
+                "target_addr": _addr(c.target),
+                "repair_addr": None if c.repair_addr is None else _addr(c.repair_addr),
+                "state": state,
+            }
+        )
+    return {
+        "upstairs": {
+            "state": info.state.replace("-", "_"),
+            "block_size": info.block_size,
+            "upstairs_id": info.upstairs_id,
+            "session_id": info.session_id,
+            "generation": info.generation,
+            "read_only": core.opts.read_only,
+            "encrypted": core.opts.cipher is not None,
+            "reconcile_in_progress": any(c.state.stage is Stage.RECONCILE for c in core.clients),
+            "live_repair_in_progress": info.live_repair is not None,
+            "targets": targets,
+        }
+    }
+
+
+def _addr(a: SocketAddr) -> str:
+    return f"[{a[0]}]:{a[1]}" if ":" in a[0] else f"{a[0]}:{a[1]}"
+
+
 _S = {"type": "string"}
 _N = {"type": "integer", "minimum": 0}
 _VCR = {"type": "object", "description": "a VolumeConstructionRequest"}
 _DIGEST = object_schema(sha256=_S)
 _JOB = object_schema(job_id=_S)
+_BOOL = {"type": "boolean"}
+_UUID = {"type": "string", "format": "uuid"}
+
+
+def _optional(schema: dict[str, Any], *names: str) -> dict[str, Any]:
+    """An object schema whose properties `names` may be absent or null."""
+
+    def nullable(p: dict[str, Any]) -> dict[str, Any]:
+        return {"nullable": True, "allOf": [p]} if "$ref" in p else {**p, "nullable": True}
+
+    props = {k: nullable(p) if k in names else p for k, p in schema["properties"].items()}
+    required = [k for k in schema["required"] if k not in names]
+    return {**schema, "required": required, "properties": props}
+
+
+def _one_key(key: str, schema: dict[str, Any]) -> dict[str, Any]:
+    """A variant of an enum as serde writes it: {key: its fields}."""
+    return {**object_schema(**{key: schema}), "additionalProperties": False}
+
+
+def _tagged(tag: str, **fields: dict[str, Any]) -> dict[str, Any]:
+    """A variant of an enum tagged by "type"."""
+    return object_schema(type={"type": "string", "enum": [tag]}, **fields)
+
+
+# Crucible's VolumeStatus and VolumeInfo (crucible-client-types), field for field.
+_VOLUME_SCHEMAS: dict[str, Any] = {
+    "VolumeStatus": object_schema(
+        active=_BOOL, info=schema_ref("VolumeInfo"), num_job_handles=_N, seen_active=_BOOL),
+    "VolumeInfo": {
+        "description": "the volume as a tree: its sub-volumes' upstairs and its read-only parent",
+        "oneOf": [
+            _one_key("volume", _optional(object_schema(
+                read_only_parent=schema_ref("VolumeInfo"),
+                sub_volumes={"type": "array", "items": schema_ref("VolumeInfo")},
+            ), "read_only_parent")),
+            _one_key("upstairs", _optional(object_schema(
+                block_size=_N, encrypted=_BOOL, generation=_N, live_repair_in_progress=_BOOL,
+                read_only=_BOOL, reconcile_in_progress=_BOOL, session_id=_UUID,
+                state=schema_ref("UpstairsInfoStatus"),
+                targets={"type": "array", "items": schema_ref("DownstairsInfo")},
+                upstairs_id=_UUID,
+            ), "block_size")),
+        ],
+    },
+    "DownstairsInfo": _optional(object_schema(
+        region_id=_UUID, repair_addr=_S, state=schema_ref("DownstairsInfoStatus"),
+        target_addr=_S,
+    ), "region_id", "repair_addr", "target_addr"),
+    "DownstairsInfoStatus": {"oneOf": [
+        _tagged("connecting", mode=schema_ref("DownstairsInfoConnectionMode"),
+                state=schema_ref("DownstairsInfoNegotiationStatus")),
+        _tagged("active"), _tagged("live_repair"), _tagged("stopping"),
+    ]},
+    "DownstairsInfoNegotiationStatus": {"type": "string", "enum": [
+        "wait_connect", "negotiating", "wait_quorum", "reconcile", "live_repair_ready"]},
+    "DownstairsInfoConnectionMode": {
+        "type": "string", "enum": ["new", "offline", "faulted", "replaced"]},
+    "UpstairsInfoStatus": {"type": "string", "enum": [
+        "initializing", "go_active", "active", "deactivating", "disabled"]},
+}  # fmt: skip
 
 OPENAPI: dict[str, Any] = {
     "openapi": "3.0.3",
@@ -198,7 +343,8 @@ OPENAPI: dict[str, Any] = {
             "Attached volumes and job handles", "pantry_status",
             reply=object_schema(volumes={"type": "array", "items": _S}, num_job_handles=_N))},
         f"{BASE}/volume/{{id}}": {
-            "get": operation("An attached volume", "volume_status"),
+            "get": operation("An attached volume's status", "volume_status",
+                             reply=schema_ref("VolumeStatus")),
             "post": operation("Attach and activate a volume", "attach",
                         object_schema(volume_construction_request=_VCR)),
             "delete": operation("Deactivate and detach a volume", "detach"),
@@ -233,7 +379,7 @@ OPENAPI: dict[str, Any] = {
             "Wait for a job: 200 if it succeeded, 500 if not", "job_result_ok",
             reply=object_schema(job_result_ok={"type": "boolean"}))},
     },
-    "components": {"schemas": {"Error": ERROR_SCHEMA}},
+    "components": {"schemas": {"Error": ERROR_SCHEMA, **_VOLUME_SCHEMAS}},
 }  # fmt: skip
 
 _ID = {"name": "id", "in": "path", "required": True, "schema": _S}

@@ -13,6 +13,7 @@ import random
 import subprocess
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import pytest
 from openapi_spec_validator import validate
 
 from crucible.cli_util import stop_process
+from tests.pantry.test_volume_info import check_status
 from tests.support import (
     BIN,
     Cluster,
@@ -73,18 +75,50 @@ def vcr_of(c: Cluster, base: Path, gen: int) -> Any:
     return json.loads(out.read_text())
 
 
+def status_of(doc: Any, status: Any) -> Any:
+    """A volume's status, checked against the pantry's OpenAPI document."""
+    check_status(doc, status)
+    return status
+
+
+def upstairs_of(c: Cluster, sub: Any, session_id: str, gen: int, state: str, ds: str) -> Any:
+    """Crucible's VolumeInfo::Upstairs of a region sub-volume of 4096-byte
+    blocks whose three downstairs are all in state `ds`."""
+    uuid.UUID(session_id)  # a new one at each activation: only its form is known
+    targets = [
+        {"region_id": json.loads((r / "region.json").read_text())["uuid"],
+         "target_addr": f"127.0.0.1:{port}", "repair_addr": f"127.0.0.1:{port + 4000}",
+         "state": {"type": ds}}
+        for r, (_, port) in zip(c.regions, c.targets, strict=True)
+    ]  # fmt: skip
+    assert [t["target_addr"] for t in targets] == sub["opts"]["target"]
+    return {"upstairs": {
+        "state": state, "block_size": 4096, "upstairs_id": sub["opts"]["id"],
+        "session_id": session_id, "generation": gen, "read_only": False, "encrypted": False,
+        "reconcile_in_progress": False, "live_repair_in_progress": False, "targets": targets,
+    }}  # fmt: skip
+
+
 def test_the_pantry(tmp_path: Path, rng: random.Random) -> None:
     image = rng.randbytes(64 * MIB)
     digest = hashlib.sha256(image).hexdigest()
     c = Cluster(tmp_path / "v", *GEOMETRY)
     p = Pantry(tmp_path)
     try:
-        doc = urllib.request.urlopen(f"http://127.0.0.1:{p.port}/openapi.json").read()
-        validate(json.loads(doc))
+        doc = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{p.port}/openapi.json").read())
+        validate(doc)
         vcr = vcr_of(c, tmp_path, 2)
         assert p.call("POST", "/volume/v1", {"volume_construction_request": vcr}) == {}
         assert p.call("POST", "/volume/v1", {"volume_construction_request": vcr}) == {}  # again
         assert p.call("GET", "")["volumes"] == ["v1"]
+        # Crucible's VolumeStatus, its info Crucible's VolumeInfo: the volume's tree.
+        status = status_of(doc, p.call("GET", "/volume/v1"))
+        session = status["info"]["volume"]["sub_volumes"][0]["upstairs"]["session_id"]
+        up = upstairs_of(c, vcr["sub_volumes"][0], session, 2, "active", "active")
+        assert status == {
+            "active": True, "seen_active": True, "num_job_handles": 0,
+            "info": {"volume": {"sub_volumes": [up], "read_only_parent": None}},
+        }  # fmt: skip
 
         with image_server(image, busy=2) as (url, gets):
             job = p.call("POST", "/volume/v1/import-from-url",
@@ -126,6 +160,11 @@ def test_the_pantry(tmp_path: Path, rng: random.Random) -> None:
             wait_listening(port, nbd, timeout=60)
             code, why = p.refused("POST", "/volume/v1/bulk-read", {"offset": 0, "size": 4096})
             assert code == 410 and "no longer active" in why
+            up = upstairs_of(c, vcr["sub_volumes"][0], session, 2, "disabled", "stopping")
+            assert status_of(doc, p.call("GET", "/volume/v1")) == {
+                "active": False, "seen_active": True, "num_job_handles": 0,
+                "info": {"volume": {"sub_volumes": [up], "read_only_parent": None}},
+            }  # fmt: skip
             # And attaching at a generation below the running one is refused.
             code, why = p.refused(
                 "POST", "/volume/v2", {"volume_construction_request": vcr_of(c, tmp_path, 3)}
