@@ -87,6 +87,7 @@ def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> No
 
 _O_DIRECT: int = getattr(os, "O_DIRECT", 0)  # 0: none on this system
 DIRECT_BYTES = 256 << 10  # writes this large bypass the page cache
+BOUNCE_KEEP = 4 << 20  # a larger aligned buffer is dropped after its write
 
 
 class _Bounce(threading.local):
@@ -95,7 +96,7 @@ class _Bounce(threading.local):
     buf: mmap.mmap | None = None
 
 
-_bounce = _Bounce()
+bounce = _Bounce()
 
 
 def direct_pwrite(fd: int, data: memoryview, offset: int) -> None:
@@ -103,9 +104,11 @@ def direct_pwrite(fd: int, data: memoryview, offset: int) -> None:
     user space instead of the kernel's into page-cache pages, which are then
     not filled (a replica's data is read back rarely, its writes are large)."""
     n = len(data)
-    buf = _bounce.buf
+    buf = bounce.buf
     if buf is None or len(buf) < n:
-        buf = _bounce.buf = mmap.mmap(-1, -(-n // mmap.PAGESIZE) * mmap.PAGESIZE)
+        buf = bounce.buf = mmap.mmap(-1, -(-n // mmap.PAGESIZE) * mmap.PAGESIZE)
+    if n > BOUNCE_KEEP:
+        bounce.buf = None  # a peer's rare huge write does not pin its size
     with memoryview(buf) as whole, whole[:n] as view:
         view[:] = data
         pwrite_all(fd, view, offset)

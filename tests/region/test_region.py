@@ -199,6 +199,19 @@ def test_large_writes_bypass_the_page_cache(make_region: MakeRegion) -> None:
     r.close()
 
 
+def test_huge_direct_write_does_not_keep_its_buffer(make_region: MakeRegion) -> None:
+    bs = 4096
+    r = make_region(bs=bs, es=2048, ec=1)
+    data = blocks(0, 2048, 1, bs)  # 8 MiB, over BOUNCE_KEEP
+    r.write(0, contexts_for(data, bs), data)
+    assert r.read(0, 2048)[1] == data
+    assert extent.bounce.buf is None
+    small = data[:DIRECT_BYTES]
+    r.write(0, contexts_for(small, bs), small)
+    assert extent.bounce.buf is not None and len(extent.bounce.buf) <= extent.BOUNCE_KEEP
+    r.close()
+
+
 def test_large_writes_buffered_without_o_direct(
     make_region: MakeRegion, monkeypatch: pytest.MonkeyPatch
 ) -> None:
