@@ -713,17 +713,29 @@ class Downstairs:
         """Fault a downstairs that has jobs out but finished none for
         progress_timeout while another finished some since: it may answer
         pings, but the guest would wait on it (a full in-flight window, or a
-        flush). When all are slow alike, none is."""
+        flush). When all are slow alike, none is. Nor is one still taking a
+        snapshot: where the filesystem cannot clone, that is a copy of the
+        whole region, which one replica may finish well before another."""
         limit = self.opts.progress_timeout
         working = [c for c in self.clients if c.state.stage in TAKES_IO]
         acts: list[Action] = []
         for c in working:
             if not c.inflight_jobs or now - c.last_progress < limit:
                 continue
+            if self._snapshotting(c):
+                continue
             if any(o is not c and o.last_progress > c.last_progress for o in working):
                 why = f"no job finished in {now - c.last_progress:.0f} s while the others kept on"
                 acts += self.fault(c, why, now)
         return acts
+
+    def _snapshotting(self, c: Client) -> bool:
+        return any(
+            isinstance(j.op, FlushOp)
+            and j.op.snapshot is not None
+            and j.state[c.id] is IOState.IN_PROGRESS
+            for j in self.table
+        )
 
     def replay_impossible(self) -> bool:
         """Live-repair jobs were queued out of id order: a replay cannot be trusted."""

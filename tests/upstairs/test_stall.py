@@ -1,0 +1,58 @@
+"""The progress check on the simulated network: a downstairs that finishes
+no job while the others do is faulted, unless what it is still doing is a
+snapshot (a copy of the whole region where the filesystem cannot clone)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from crucible.upstairs.options import Options
+from crucible.upstairs.state import Mode
+from tests.upstairs.sim import Sim
+
+SLOW = 2  # the downstairs whose disk work does not run
+
+
+def flush_with_one_slow(tmp_path: Path, snapshot: str | None) -> tuple[Sim, object]:
+    """A write, then a flush (with `snapshot`) that every downstairs but SLOW
+    finishes; then four progress timeouts pass."""
+    sim = Sim(tmp_path, options=Options(progress_timeout=2.0, timeout=3600.0, log_jobs=False))
+    sim.allow_drops = True
+    sim.activate()
+    w = object()
+    sim.apply(sim.up.write(w, 0, b"\x5a" * 512, sim.now))
+    sim.settle()
+    assert sim.completed[w] is None
+    tok = object()
+    sim.apply(sim.up.flush(tok, sim.now, snapshot))
+    sim.now += 0.5  # the others' replies come after it was sent
+    for _ in range(1000):
+        ev = [e for e in sim.events() if e != ("disk", SLOW)]
+        if not ev:
+            break
+        sim.step(ev[0])
+    assert sim.ds[SLOW].work, "the slow one still has the flush to do"
+    for _ in range(4):
+        sim.tick(2.0)
+    return sim, tok
+
+
+def test_stalled_flush_is_faulted(tmp_path: Path) -> None:
+    sim, _ = flush_with_one_slow(tmp_path, None)
+    try:
+        assert sim.up.clients[SLOW].state.mode is Mode.FAULTED
+        assert "no job finished in" in sim.up.clients[SLOW].last_error
+    finally:
+        sim.close()
+
+
+def test_slow_snapshot_is_waited_for(tmp_path: Path) -> None:
+    sim, tok = flush_with_one_slow(tmp_path, "s1")
+    try:
+        assert sim.up.clients[SLOW].state.mode is not Mode.FAULTED
+        assert tok not in sim.completed  # a snapshot needs all three
+        sim.settle()
+        assert sim.completed[tok] is None
+        assert all(c.state.mode is not Mode.FAULTED for c in sim.up.clients)
+    finally:
+        sim.close()
