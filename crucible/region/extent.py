@@ -90,13 +90,15 @@ DIRECT_BYTES = 256 << 10  # writes this large bypass the page cache
 BOUNCE_KEEP = 4 << 20  # a larger aligned buffer is dropped after its write
 
 
-class _Bounce(threading.local):
-    """A page-aligned buffer per thread, reused: O_DIRECT needs aligned memory."""
+# A page-aligned buffer per thread, reused: O_DIRECT needs aligned memory.
+# (A plain threading.local: a subclass of it compiled by mypyc breaks it.)
+_local = threading.local()
 
-    buf: mmap.mmap | None = None
 
-
-bounce = _Bounce()
+def bounce_buffer() -> mmap.mmap | None:
+    """This thread's aligned buffer, if it has one."""
+    buf: mmap.mmap | None = getattr(_local, "buf", None)
+    return buf
 
 
 def direct_pwrite(fd: int, data: memoryview, offset: int) -> None:
@@ -104,11 +106,11 @@ def direct_pwrite(fd: int, data: memoryview, offset: int) -> None:
     user space instead of the kernel's into page-cache pages, which are then
     not filled (a replica's data is read back rarely, its writes are large)."""
     n = len(data)
-    buf = bounce.buf
+    buf = bounce_buffer()
     if buf is None or len(buf) < n:
-        buf = bounce.buf = mmap.mmap(-1, -(-n // mmap.PAGESIZE) * mmap.PAGESIZE)
-    if n > BOUNCE_KEEP:
-        bounce.buf = None  # a peer's rare huge write does not pin its size
+        buf = mmap.mmap(-1, -(-n // mmap.PAGESIZE) * mmap.PAGESIZE)
+        if n <= BOUNCE_KEEP:  # a peer's rare huge write gets one of its own
+            _local.buf = buf
     with memoryview(buf) as whole, whole[:n] as view:
         view[:] = data
         pwrite_all(fd, view, offset)
