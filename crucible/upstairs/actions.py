@@ -3,38 +3,39 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from crucible.protocol import messages as m
 from crucible.protocol.wire import SocketAddr
 
 
-@dataclass(slots=True)
+@dataclass
 class Connect:
     client: int
     target: SocketAddr
 
 
-@dataclass(slots=True)
+@dataclass
 class Send:
     client: int
     msg: m.Message
 
 
-@dataclass(slots=True)
+@dataclass
 class Drop:
     client: int
     reason: str
 
 
-@dataclass(slots=True)
+@dataclass
 class Complete:
     """A guest request is finished: `result` is its value or a CrucibleError."""
 
-    token: object
-    result: object
+    token: Any
+    result: Any
 
 
-@dataclass(slots=True)
+@dataclass
 class Probe:
     """Ask a downstairs' repair server what it supports (capabilities.py);
     answer with UpstairsCore.probed, quoting `attempt`."""
@@ -44,7 +45,7 @@ class Probe:
     attempt: int
 
 
-@dataclass(slots=True)
+@dataclass
 class FetchAllocation:
     """Ask a downstairs' repair server which blocks hold data (ALLOCATION_PATH);
     answer with UpstairsCore.allocation_fetched, quoting `epoch`."""
@@ -54,7 +55,7 @@ class FetchAllocation:
     epoch: int
 
 
-@dataclass(slots=True)
+@dataclass
 class Log:
     text: str
     level: str = "info"

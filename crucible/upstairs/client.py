@@ -35,7 +35,7 @@ from crucible.upstairs.state import (
 from crucible.upstairs.status import DownstairsStatus
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Session:
     """Who this upstairs is to its downstairs, for one activation."""
 
@@ -61,7 +61,7 @@ class Negotiated(Enum):
     VERSIONS = "versions"  # its extent versions are in: the volume decides what follows
 
 
-@dataclass(slots=True)
+@dataclass
 class Client:
     id: int
     target: SocketAddr
