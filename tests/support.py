@@ -26,6 +26,7 @@ from crucible.cli_util import stop_process
 from crucible.protocol import codec
 from crucible.protocol import messages as m
 from crucible.protocol.framing import FrameDecoder
+from crucible.region.region import Region
 
 T = TypeVar("T")
 WAIT = 120.0  # a guard against hanging in `until`, not a speed limit
@@ -309,6 +310,16 @@ class Cluster:
             if self.ds[j] is None:
                 self.ds[j] = Downstairs(self.regions[j], *self.quiet, *extra, port=self.ports[j])
                 self.ports[j] = self.ds[j].port  # type: ignore[union-attr]
+
+    def replica_blocks(self, start: int, count: int) -> list[bytes]:
+        """The blocks as each of the three regions holds them (read from the
+        files: the downstairs must be stopped)."""
+        out = []
+        for path in self.regions:
+            region = Region.open(path, read_only=True)
+            out.append(bytes(region.read(start, count)[1]))
+            region.close()
+        return out
 
     def stop(self, i: int | None = None, sig: int = signal.SIGTERM) -> None:
         for j in range(3) if i is None else [i]:

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from crucible.region.region import Region
 from crucible.tools.verify_log import VerifyLog, block_pattern
 from crucible.volume import vcr as v
 from tests.support import Cluster, run_tool
@@ -38,16 +37,6 @@ def crutest(rng: random.Random, *args: str) -> str:
     return r.stdout
 
 
-def replicas(c: Cluster, start: int, count: int) -> list[bytes]:
-    """The blocks as each of the cluster's three regions holds them (stopped)."""
-    out = []
-    for path in c.regions:
-        region = Region.open(path, read_only=True)
-        out.append(bytes(region.read(start, count)[1]))
-        region.close()
-    return out
-
-
 def test_crutest_drives_a_volume_of_two_regions(tmp_path: Path, rng: random.Random) -> None:
     a, b = Cluster(tmp_path / "a", *GEOMETRY), Cluster(tmp_path / "b", *GEOMETRY)
     try:
@@ -69,8 +58,8 @@ def test_crutest_drives_a_volume_of_two_regions(tmp_path: Path, rng: random.Rand
         # the first of the other were written, each in its own region.
         assert log.current[REGION_BLOCKS - 1] and log.current[REGION_BLOCKS]
         want = [block_pattern(i, log.current[i], BS) for i in range(2 * REGION_BLOCKS)]
-        assert replicas(a, 0, REGION_BLOCKS) == [b"".join(want[:REGION_BLOCKS])] * 3
-        assert replicas(b, 0, REGION_BLOCKS) == [b"".join(want[REGION_BLOCKS:])] * 3
+        assert a.replica_blocks(0, REGION_BLOCKS) == [b"".join(want[:REGION_BLOCKS])] * 3
+        assert b.replica_blocks(0, REGION_BLOCKS) == [b"".join(want[REGION_BLOCKS:])] * 3
     finally:
         a.stop()
         b.stop()
@@ -89,8 +78,8 @@ def test_the_seed_client_across_the_regions_boundary(tmp_path: Path) -> None:
         a.stop()
         b.stop()
         data = bytes((j * 7 + 2) & 0xFF for j in range(2 * BS))  # the second write's pattern
-        assert replicas(a, REGION_BLOCKS - 1, 1) == [data[:BS]] * 3
-        assert replicas(b, 0, 1) == [data[BS:]] * 3
+        assert a.replica_blocks(REGION_BLOCKS - 1, 1) == [data[:BS]] * 3
+        assert b.replica_blocks(0, 1) == [data[BS:]] * 3
     finally:
         a.stop()
         b.stop()

@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 
 from crucible.cli_util import stop_process
-from crucible.region.region import Region
 from tests.support import BIN, Cluster, free_port, image_server, qemu_io, run_tool, wait_listening
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -80,15 +79,6 @@ def image_of(uri: str, path: Path) -> bytes:
     return path.read_bytes()
 
 
-def replicas(c: Cluster, start: int, count: int) -> list[bytes]:
-    out = []
-    for path in c.regions:
-        region = Region.open(path, read_only=True)
-        out.append(region.read(start, count)[1])
-        region.close()
-    return out
-
-
 def test_two_sub_volumes_are_one_disk(tmp_path: Path, rng: random.Random) -> None:
     a, b = Cluster(tmp_path / "a", *GEOMETRY), Cluster(tmp_path / "b", *GEOMETRY)
     try:
@@ -105,8 +95,8 @@ def test_two_sub_volumes_are_one_disk(tmp_path: Path, rng: random.Random) -> Non
         a.stop()
         b.stop()
         data = img.read_bytes()
-        assert replicas(a, 0, 256) == [data[:MIB]] * 3  # each holds exactly its half
-        assert replicas(b, 0, 256) == [data[MIB:]] * 3
+        assert a.replica_blocks(0, 256) == [data[:MIB]] * 3  # each holds exactly its half
+        assert b.replica_blocks(0, 256) == [data[MIB:]] * 3
     finally:
         a.stop()
         b.stop()
@@ -154,7 +144,7 @@ def test_a_file_parent_is_seen_through_copied_in_and_dropped(
             assert image_of(n.uri, tmp_path / "e.raw") == expect
             assert "scrub" not in n.log_path.read_text()
         c.stop()
-        copies = replicas(c, 0, 512)
+        copies = c.replica_blocks(0, 512)
         assert copies == [bytes(expect)] * 3
 
         # A file alone is a read-only disk of its size.
