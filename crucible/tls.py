@@ -135,6 +135,13 @@ class TlsAccept:
         try:
             tls = await handshake
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as e:
+            if isinstance(e, ConnectionError) and not _why(e):
+                # Closed without a word: a port check (a load balancer's, a
+                # script's), or a client that went away. Not a refusal.
+                self.log.info("%s: %s closed the connection before the TLS handshake ended",
+                              self.what, name)  # fmt: skip
+                transport.close()
+                return
             self.refused += 1
             if self.refused <= 10 or self.refused % 100 == 0:  # said, not once per attempt
                 self.log.warning("%s: refused %s: %s", self.what, name, refusal(e))

@@ -85,3 +85,43 @@ def test_tls_accept(tmp_path: Path, loop: str, caplog: pytest.LogCaptureFixture)
     assert "not TLS" in said[0]
     assert "no client certificate" in said[1]
     assert "certificate refused" in said[2]
+
+
+@pytest.mark.parametrize("loop", list(RUNNERS))
+def test_a_silent_close_is_not_a_refusal(
+    tmp_path: Path, loop: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A peer that connects and closes without a byte (a port check) while
+    the handshake waits for it is said at info level, and not counted."""
+    ours = files(tmp_path, "ca")
+    log = logging.getLogger("test.tls.silent")
+
+    async def main() -> None:
+        accept = TlsAccept(Echo, ours.server_context(), "test server", log)
+        started = asyncio.Event()
+        start = accept.start
+
+        def start_and_tell(transport: asyncio.BaseTransport, waiter: Any) -> None:
+            start(transport, waiter)
+            started.set()
+
+        accept.start = start_and_tell  # type: ignore[method-assign]
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(accept, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        _, w = await asyncio.open_connection("127.0.0.1", port)
+        await asyncio.wait_for(started.wait(), 30)  # the handshake is waiting for us
+        w.close()
+        for _ in range(600):  # bounded: 30 s of polls until the server has said something
+            if caplog.records:
+                break
+            await asyncio.sleep(0.05)
+        assert await exchange(port, ours.client_context(), b"after") == b"after"
+        server.close()
+        assert accept.refused == 0
+
+    with caplog.at_level(logging.INFO, logger="test.tls.silent"):
+        RUNNERS[loop](main())
+    said = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert len(said) == 1, said
+    assert said[0][0] == logging.INFO and "closed the connection before the TLS" in said[0][1]
