@@ -18,10 +18,14 @@ def host_port(text: str, what: str = "HOST:PORT", port_zero: bool = False) -> tu
     return host, p
 
 
+def format_host_port(addr: tuple[str, int]) -> str:
+    """HOST:PORT ([ADDR]:PORT for IPv6), as host_port reads it."""
+    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
+
+
 def http_url(addr: tuple[str, int], path: str, tls: bool = False) -> str:
     """The URL of `path` on the HTTP server at `addr` (https with TLS)."""
-    host = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
-    return f"{'https' if tls else 'http'}://{host}:{addr[1]}{path}"
+    return f"{'https' if tls else 'http'}://{format_host_port(addr)}{path}"
 
 
 def is_loopback(host: str) -> bool:

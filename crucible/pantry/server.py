@@ -9,9 +9,9 @@ from typing import Any
 
 from aiohttp import web
 
+from crucible.common.address import format_host_port
 from crucible.common.errors import CrucibleError
 from crucible.pantry.service import CHUNK, Pantry, PantryError, crucible_error, decode_data
-from crucible.protocol.wire import SocketAddr
 from crucible.tools.http_api import (
     ERROR_SCHEMA,
     error,
@@ -243,8 +243,8 @@ def upstairs_info(up: Upstairs) -> dict[str, Any]:
         targets.append(
             {
                 "region_id": None if c.region_uuid is None else str(c.region_uuid),
-                "target_addr": _addr(c.target),
-                "repair_addr": None if c.repair_addr is None else _addr(c.repair_addr),
+                "target_addr": format_host_port(c.target),
+                "repair_addr": None if c.repair_addr is None else format_host_port(c.repair_addr),
                 "state": state,
             }
         )
@@ -262,10 +262,6 @@ def upstairs_info(up: Upstairs) -> dict[str, Any]:
             "targets": targets,
         }
     }
-
-
-def _addr(a: SocketAddr) -> str:
-    return f"[{a[0]}]:{a[1]}" if ":" in a[0] else f"{a[0]}:{a[1]}"
 
 
 _S = {"type": "string"}

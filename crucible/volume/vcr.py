@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from crucible.common.address import host_port
+from crucible.common.address import format_host_port, host_port
 from crucible.common.definition import RegionError, validate_block_size
 
 
@@ -292,10 +292,6 @@ def load(path: Path) -> Vcr:
 # ---- writing --------------------------------------------------------------------------------
 
 
-def _addr(a: tuple[str, int]) -> str:
-    return f"[{a[0]}]:{a[1]}" if ":" in a[0] else f"{a[0]}:{a[1]}"
-
-
 def to_json(vcr: Vcr) -> dict[str, Any]:
     """The JSON value (Crucible's field names and order)."""
     if isinstance(vcr, VolumeVcr):
@@ -317,14 +313,14 @@ def to_json(vcr: Vcr) -> dict[str, Any]:
             "extent_count": vcr.extent_count,
             "opts": {
                 "id": str(o.id),
-                "target": [_addr(t) for t in o.target],
+                "target": [format_host_port(t) for t in o.target],
                 "lossy": o.lossy,
                 "flush_timeout": o.flush_timeout,
                 "key": o.key,
                 "cert_pem": o.cert_pem,
                 "key_pem": o.key_pem,
                 "root_cert_pem": o.root_cert_pem,
-                "control": None if o.control is None else _addr(o.control),
+                "control": None if o.control is None else format_host_port(o.control),
                 "read_only": o.read_only,
             },
             "gen": vcr.gen,
