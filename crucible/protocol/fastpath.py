@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
+from operator import itemgetter
 from typing import Any
 
 from crucible.protocol import messages as m
-from crucible.protocol.fields import QB
+from crucible.protocol.fields import PLAIN_CONTEXT
 from crucible.protocol.wire import U32, U64, ProtocolError, cached_uuid, struct_run
 
 Parts = list[bytes | bytearray | memoryview]
@@ -101,9 +102,9 @@ def _pack_write(msg: Any, tag: int) -> Parts | None:
     n = len(ctxs)
     head = bytearray(_job_head(msg, tag, 0))
     head += _START_COUNT.pack(msg.start, n)
-    encs = [c.encryption for c in ctxs]
+    encs = list(map(itemgetter(1), ctxs))
     if encs.count(None) == n:
-        head += struct_run("QB", n).pack(*[v for c in ctxs for v in (c.hash, 0)])
+        head += struct_run(PLAIN_CONTEXT, n).pack(*map(itemgetter(0), ctxs))
     elif None in encs:
         return None
     else:
@@ -202,7 +203,7 @@ def _fast_write(body: memoryview) -> m.Message | None:
     elif raw[8::9].count(0) != nctx:
         return None
     else:
-        contexts = [m.BlockContext(h) for h, _ in QB.iter_unpack(raw)]
+        contexts = m.plain_contexts(struct_run(PLAIN_CONTEXT, nctx).unpack(raw))
     (data_len,) = U64.unpack_from(body, end_ctx)
     if end_ctx + 8 + data_len != len(body):
         return None

@@ -21,13 +21,19 @@ from crucible.common.errors import (
     NegotiationKind,
 )
 from crucible.protocol import wire
-from crucible.protocol.messages import BlockContext, EncryptionContext, ReadBlockContext
-from crucible.protocol.wire import U32, U64, DecodeError, Reader
+from crucible.protocol.messages import (
+    BlockContext,
+    EncryptionContext,
+    ReadBlockContext,
+    plain_contexts,
+)
+from crucible.protocol.wire import U32, U64, DecodeError, Reader, struct_run
 
 Put = Callable[[bytearray, Any], None]
 Get = Callable[[Reader], Any]
 
 QB = struct.Struct("<QB")  # a plain block context: hash, no encryption
+PLAIN_CONTEXT = "Qx"  # the same for struct_run: the None tag is a zero pad byte
 _IQ = struct.Struct("<IQ")
 
 
@@ -106,7 +112,7 @@ def get_contexts(r: Reader) -> list[BlockContext]:
     if len(raw) == 9 * n and raw[8::9].count(0) == n:
         # No encryption contexts: a fixed 9 bytes each.
         r.pos = start + 9 * n
-        return [BlockContext(h) for h, _ in QB.iter_unpack(raw)]
+        return plain_contexts(struct_run(PLAIN_CONTEXT, n).unpack(raw))
     out = []
     for _ in range(n):
         h = r.u64()

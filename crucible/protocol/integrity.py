@@ -16,6 +16,13 @@ def sealed_hash(nonce: bytes, tag: bytes, ciphertext: bytes | memoryview) -> int
     return h.intdigest()
 
 
+def block_hashes(data: bytes | bytearray | memoryview, block_size: int) -> list[int]:
+    """xxh64 of each block of `data` (whole blocks), in one pass of C calls."""
+    view = memoryview(data)
+    blocks = [view[i : i + block_size] for i in range(0, len(view), block_size)]
+    return list(map(xxhash.xxh64_intdigest, blocks))
+
+
 def block_hash(ctx: BlockContext, block: bytes | memoryview) -> int:
     """The hash `ctx` must carry for `block` as stored."""
     enc = ctx.encryption

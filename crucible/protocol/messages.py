@@ -9,8 +9,10 @@ in MESSAGE_TYPES (bincode numbers enum variants in declaration order).
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import NamedTuple
+from itertools import repeat
+from typing import Any, NamedTuple
 
 from crucible.common.definition import RegionDefinition
 from crucible.common.errors import CrucibleError
@@ -49,6 +51,14 @@ class EncryptionContext(NamedTuple):
 class BlockContext(NamedTuple):
     hash: int
     encryption: EncryptionContext | None = None
+
+
+def plain_contexts(hashes: Iterable[int]) -> list[BlockContext]:
+    """BlockContext(h) for each hash. A NamedTuple's own __new__ is Python
+    code; tuple.__new__ makes the same tuples without it (a MiB written
+    carries 256 of them, at every hop)."""
+    make: Any = tuple.__new__
+    return list(map(make, repeat(BlockContext), zip(hashes, repeat(None))))
 
 
 # A read block's context: None = Empty (never written), int = Unencrypted{hash},

@@ -8,6 +8,7 @@ import struct
 from typing import NamedTuple
 
 from crucible.protocol.messages import BlockContext, EncryptionContext
+from crucible.protocol.wire import struct_run
 from crucible.region.layout import SLOT_SIZE
 
 _PLAIN = struct.Struct("<BQBQH")  # Some, hash, None, on_disk_hash, flush_id
@@ -15,6 +16,7 @@ _ENC_HEAD = struct.Struct("<BQB")  # Some, hash, Some
 _ENC_TAIL = struct.Struct("<QH")
 _Q = struct.Struct("<Q")
 EMPTY_SLOT = bytes(SLOT_SIZE)
+_PLAIN_SLOT = f"BQBQH{SLOT_SIZE - _PLAIN.size}x"  # one whole plain slot
 
 
 class SlotContext(NamedTuple):
@@ -24,6 +26,16 @@ class SlotContext(NamedTuple):
 
 class BadSlot(ValueError):
     pass
+
+
+def encode_plain_slots(hashes: list[int], flush_id: int) -> bytes:
+    """encode_slot of a run of plain contexts (the on-disk hash is the
+    context's own), as one buffer: one struct call instead of one per block."""
+    fid = flush_id & 0xFFFF
+    args: list[int] = []
+    for h in hashes:
+        args += (1, h, 0, h, fid)
+    return struct_run(_PLAIN_SLOT, len(hashes)).pack(*args)
 
 
 def encode_slot(ctx: BlockContext, on_disk_hash: int, flush_id: int) -> bytes:

@@ -52,6 +52,7 @@ import os
 import struct
 import threading
 from collections.abc import Callable
+from operator import itemgetter
 from pathlib import Path
 from typing import Literal
 
@@ -61,7 +62,13 @@ from crucible.common.errors import CrucibleError, ErrorKind
 from crucible.libc import libc
 from crucible.protocol.messages import BlockContext, ReadBlockContext
 from crucible.protocol.wire import struct_run
-from crucible.region.context import EMPTY_SLOT, BadSlot, SlotContext, decode_slot, encode_slot
+from crucible.region.context import (
+    BadSlot,
+    SlotContext,
+    decode_slot,
+    encode_plain_slots,
+    encode_slot,
+)
 from crucible.region.layout import (
     EXTENT_FORMAT_VERSION,
     META,
@@ -380,13 +387,18 @@ class Extent:
     def _write_run(self, start: int, data: memoryview, contexts: list[BlockContext]) -> None:
         bs = self.layout.block_size
         flush_id = self.flush_number
-        slots = []
-        for j, ctx in enumerate(contexts):
-            if ctx.encryption is None:
-                odh = ctx.hash  # plaintext on disk: the hash already covers it
-            else:
-                odh = xxhash.xxh64_intdigest(data[j * bs : (j + 1) * bs])
-            slots.append(encode_slot(ctx, odh, flush_id))
+        hashes = list(map(itemgetter(0), contexts))
+        if list(map(itemgetter(1), contexts)).count(None) == len(contexts):
+            # Plaintext on disk: each hash already covers its block.
+            slots = encode_plain_slots(hashes, flush_id)
+        else:
+            parts = []
+            for j, ctx in enumerate(contexts):
+                odh = ctx.hash
+                if ctx.encryption is not None:
+                    odh = xxhash.xxh64_intdigest(data[j * bs : (j + 1) * bs])
+                parts.append(encode_slot(ctx, odh, flush_id))
+            slots = b"".join(parts)
         offset = start * bs
         if len(data) >= DIRECT_BYTES and self._direct_fd() >= 0:
             self._replace_blocks(start, slots, lambda: self._put_direct(data, offset))
@@ -427,15 +439,16 @@ class Extent:
         self._check_range(start, n)
         bs = self.layout.block_size
         self._replace_blocks(
-            start, [EMPTY_SLOT] * n, lambda: punch_hole(self.fd, start * bs, n * bs)
+            start, bytes(SLOT_SIZE * n), lambda: punch_hole(self.fd, start * bs, n * bs)
         )
 
-    def _replace_blocks(self, start: int, slots: list[bytes], put_data: Callable[[], None]) -> None:
+    def _replace_blocks(self, start: int, slots: bytes, put_data: Callable[[], None]) -> None:
         """The write protocol: dirty mark (synced) once per flush, a sync before
-        reusing a slot not yet durable, new contexts into the inactive slots,
-        then the data, then the in-memory flip."""
+        reusing a slot not yet durable, new contexts into the inactive slots
+        (`slots`: the encoded slot of each block in turn), then the data, then
+        the in-memory flip."""
         lay = self.layout
-        n = len(slots)
+        n = len(slots) // SLOT_SIZE
         fd = self.fd
         try:
             if not self.dirty:
@@ -455,7 +468,8 @@ class Extent:
                 j = i
                 while j < n and target[j] == slot:
                     j += 1
-                pwrite_all(fd, b"".join(slots[i:j]), lay.slot_offset(slot, start + i))
+                run = slots if i == 0 and j == n else slots[i * SLOT_SIZE : j * SLOT_SIZE]
+                pwrite_all(fd, run, lay.slot_offset(slot, start + i))
                 i = j
             put_data()
         except OSError as e:

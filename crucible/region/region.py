@@ -9,12 +9,13 @@ import re
 import shutil
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from operator import itemgetter
 from pathlib import Path
 from typing import BinaryIO
 
 from crucible.common.definition import RegionDefinition, RegionError
 from crucible.common.errors import CrucibleError, ErrorKind
-from crucible.protocol.integrity import block_hash
+from crucible.protocol.integrity import block_hash, block_hashes
 from crucible.protocol.messages import BlockContext, ReadBlockContext
 from crucible.region.definition import (
     REGION_JSON,
@@ -46,6 +47,11 @@ def check_write(contexts: list[BlockContext], data: memoryview, block_size: int)
             ErrorKind.InvalidNumberOfBlocks,
             f"{len(contexts)} contexts for {len(data) // block_size} blocks",
         )
+    hashes = list(map(itemgetter(0), contexts))
+    if list(map(itemgetter(1), contexts)).count(None) == len(contexts):
+        if block_hashes(data, block_size) != hashes:  # every block plain: in one pass
+            raise CrucibleError(ErrorKind.HashMismatch)
+        return
     for i, ctx in enumerate(contexts):
         if block_hash(ctx, data[i * block_size : (i + 1) * block_size]) != ctx.hash:
             raise CrucibleError(ErrorKind.HashMismatch)

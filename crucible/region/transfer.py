@@ -5,9 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import xxhash
-
-from crucible.protocol.messages import BlockContext
+from crucible.protocol.integrity import block_hashes
+from crucible.protocol.messages import plain_contexts
 from crucible.region.region import Progress, Region
 
 CHUNK_BYTES = 32 << 20
@@ -33,9 +32,7 @@ def import_file(region: Region, source: Path, progress: Progress | None = None) 
                 chunk += bytes(bs - len(chunk) % bs)
             view = memoryview(chunk)
             n = len(chunk) // bs
-            ctxs = [
-                BlockContext(xxhash.xxh64_intdigest(view[i * bs : (i + 1) * bs])) for i in range(n)
-            ]
+            ctxs = plain_contexts(block_hashes(view, bs))
             region.write(block, ctxs, view)
             block += n
             if progress:

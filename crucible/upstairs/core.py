@@ -28,13 +28,12 @@ from __future__ import annotations
 import dataclasses
 import uuid
 
-import xxhash
-
 from crucible.common.definition import RegionDefinition
 from crucible.common.errors import CrucibleError, ErrorKind
 from crucible.observe.probes import UP
 from crucible.protocol import messages as m
 from crucible.protocol.capabilities import Capabilities
+from crucible.protocol.integrity import block_hashes
 from crucible.protocol.roles import JOB_REPLY_TYPES
 from crucible.protocol.wire import SocketAddr
 from crucible.upstairs.actions import Action, Complete, Drop, Log
@@ -216,9 +215,7 @@ class UpstairsCore:
         if cipher is not None:
             data, contexts = cipher.seal(start, data, bs)
         else:
-            view = memoryview(data)
-            ctx, digest = m.BlockContext, xxhash.xxh64_intdigest
-            contexts = [ctx(digest(view[i : i + bs])) for i in range(0, count * bs, bs)]
+            contexts = m.plain_contexts(block_hashes(data, bs))
         # Fast ack: durability is promised by the next flush, not by the write.
         acts = self.ds.enqueue(WriteOp(start, contexts, data, unwritten), None, now)
         self.ds.allocation.mark(start, count, True)
