@@ -273,13 +273,8 @@ async def activate_volume(args: argparse.Namespace, parts: VolumeParts) -> list[
 
 def region_starts(parts: VolumeParts) -> list[int]:
     """The block at which each region sub-volume starts in the volume (once
-    they are active), as the Volume concatenates them."""
-    starts = []
-    at = 0
-    for up, _ in parts.regions:
-        starts.append(at)
-        at += up.total_blocks
-    return starts
+    they are active)."""
+    return parts.volume.sub_starts
 
 
 def describe(parts: VolumeParts) -> str:

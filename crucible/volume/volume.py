@@ -106,6 +106,11 @@ class Volume(BlockIO):
         return self._block_size
 
     @property
+    def sub_starts(self) -> list[int]:
+        """The block at which each sub-volume starts (once the shape is settled)."""
+        return self._starts[:-1]
+
+    @property
     def total_blocks(self) -> int:
         if not self.subs:  # a parent alone: a read-only disk of its size
             return self.parent_blocks
