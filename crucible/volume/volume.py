@@ -141,7 +141,17 @@ class Volume(BlockIO):
             if block + count > max(self.total_blocks, self.parent_blocks) or block < 0:
                 done(CrucibleError(ErrorKind.OffsetInvalid, "outside the volume"))
                 return
-            self._spawn(self._read_over_parent(block, count, done))
+            # The sub-volumes' read is queued now, in submission order with
+            # the guest's writes; only the parent's part waits for a task.
+            sub_read: asyncio.Future[ReadResult] | None = None
+            if self.subs:
+                sub_read = asyncio.get_running_loop().create_future()
+                self._read_subs(block, count, settle(sub_read))
+            # Taken after the sub-volumes' read was queued: blocks the scrub
+            # copied below this point were queued before it (the read has
+            # them); from here up, the parent holds what was never written.
+            lo = block if sub_read is None else max(block, self.scrub_point)
+            self._spawn(self._read_over_parent(block, count, lo, sub_read, done))
             return
         err = self._check(block, count)
         if err:
@@ -162,21 +172,19 @@ class Volume(BlockIO):
         for (i, b, n, _), cb in zip(pieces, callbacks, strict=True):
             self.subs[i].submit_read(b, n, cb)
 
-    async def _read_over_parent(self, block: int, count: int, done: ReadDone) -> None:
-        """Blocks the sub-volumes never had written, from the parent."""
+    async def _read_over_parent(
+        self,
+        block: int,
+        count: int,
+        lo: int,
+        sub_read: asyncio.Future[ReadResult] | None,
+        done: ReadDone,
+    ) -> None:
+        """Blocks the sub-volumes never had written, from the parent (from
+        block `lo` on), over what `sub_read` (queued already) returns."""
         bs = self.block_size
         parent = self.parent
         try:
-            if self.subs:
-                fut: asyncio.Future[ReadResult] = asyncio.get_running_loop().create_future()
-                self._read_subs(block, count, settle(fut))
-                sub_read: asyncio.Future[ReadResult] | None = fut
-            else:
-                sub_read = None
-            # Taken after the sub-volumes' read was queued: blocks the scrub
-            # copied below this point were queued before it (the read has
-            # them); from here up, the parent holds what was never written.
-            lo = block if sub_read is None else max(block, self.scrub_point)
             upto = min(block + count, self.parent_blocks)
             from_parent = b""
             if parent is not None and not self.scrub_done and lo < upto:

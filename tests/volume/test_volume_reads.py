@@ -89,3 +89,26 @@ def test_a_read_across_the_scrub_point_sees_the_parent_above_it() -> None:
         assert await vol.read(12, 8) == parent[12 * BS :] + bytes(4 * BS)
 
     asyncio.run(go())
+
+
+def test_a_read_over_the_parent_does_not_see_a_write_submitted_after_it() -> None:
+    """The sub-volumes' part of the read is queued when the read is
+    submitted, not a loop step later, so a write the guest submits next
+    cannot slip in before it."""
+    parent = bytes([7]) * (4 * BS)
+
+    async def go() -> None:
+        disk = MemoryDisk(8)
+        vol = Volume([disk], MemorySource(parent))
+        vol.settle_shape()
+        await vol.write(1, b"\x01" * BS)
+        loop = asyncio.get_running_loop()
+        got: asyncio.Future[object] = loop.create_future()
+        vol.submit_read(0, 4, got.set_result)
+        vol.submit_write(1, b"\x02" * BS, lambda err: None)
+        result = await got
+        assert isinstance(result, tuple)
+        data = bytes(result[0])
+        assert data == bytes([7]) * BS + b"\x01" * BS + bytes([7]) * (2 * BS)
+
+    asyncio.run(go())
