@@ -9,8 +9,9 @@ read at 4 KiB queue depth 32. For each test: MB/s, IOPS, p99 latency, and the
 CPU time (user + system, from /proc) of every process serving it -- our
 crucible-nbd and its three downstairs, or qemu-nbd -- per IO and per MiB.
 CPU per IO is the headline: unlike MB/s it barely moves with the load of a
-shared machine. Each round runs both servers; --repeat N rounds report the
-median and spread of the same-run ratios against the targets. JSON and a PNG
+shared machine. Each round serves both at once and runs each test on one,
+then the other, so each ratio compares runs seconds apart; --repeat N
+rounds report the median and spread of those ratios against the targets. JSON and a PNG
 chart go under --out (default bench/results). Flags after `--` go to
 crucible-nbd (e.g. `-- --read-all-replicas`).
 """
@@ -126,24 +127,41 @@ def fio(
     }
 
 
-def run_all(
-    uri: str, server: str, pids: list[int], rnd: int, size_mib: int, runtime: float
-) -> list[Result]:
+def run_test(
+    test: tuple[str, str, str, int],
+    uri: str,
+    server: str,
+    pids: list[int],
+    rnd: int,
+    size_mib: int,
+    runtime: float,
+) -> Result:
+    name, rw, bs, depth = test
+    before = cpu_seconds(pids)
+    f = fio(uri, name, rw, bs, depth, size_mib, runtime)
+    cpu = cpu_seconds(pids) - before
+    r = Result(rnd, name, server, f["mb_s"], f["iops"], f["p99_ms"], int(f["ios"]), f["mib"], cpu)
+    print(
+        f"  {server:9} {name:20} {r.mb_s:8.1f} MB/s {r.iops:8.0f} IOPS "
+        f"p99 {r.p99_ms:7.2f} ms  CPU {r.cpu_us_per_io:8.1f} us/IO "
+        f"{r.cpu_ms_per_mib:6.2f} ms/MiB",
+        flush=True,
+    )
+    return r
+
+
+def run_round(base: Path, size: int, rnd: int, args: argparse.Namespace) -> list[Result]:
+    """Both servers up; each test on one, then at once on the other (which
+    goes first alternates by round), so a ratio compares runs seconds apart:
+    a shared machine's load drifts over minutes."""
     results = []
-    for name, rw, bs, depth in TESTS:
-        before = cpu_seconds(pids)
-        f = fio(uri, name, rw, bs, depth, size_mib, runtime)
-        cpu = cpu_seconds(pids) - before
-        r = Result(
-            rnd, name, server, f["mb_s"], f["iops"], f["p99_ms"], int(f["ios"]), f["mib"], cpu
-        )
-        results.append(r)
-        print(
-            f"  {server:9} {name:20} {r.mb_s:8.1f} MB/s {r.iops:8.0f} IOPS "
-            f"p99 {r.p99_ms:7.2f} ms  CPU {r.cpu_us_per_io:8.1f} us/IO "
-            f"{r.cpu_ms_per_mib:6.2f} ms/MiB",
-            flush=True,
-        )
+    with crucible_server(base, size, args.extra) as ours, qemu_server(base, size) as theirs:
+        sides = [("crucible", *ours), ("qemu-nbd", *theirs)]
+        if rnd % 2:
+            sides.reverse()
+        for test in TESTS:
+            for server, uri, pids in sides:
+                results.append(run_test(test, uri, server, pids, rnd, args.size_mib, args.runtime))
     return results
 
 
@@ -322,10 +340,7 @@ def main() -> None:
     try:
         for rnd in range(args.repeat):
             print(f"round {rnd + 1} of {args.repeat}")
-            with crucible_server(base, size, args.extra) as (uri, pids):
-                results += run_all(uri, "crucible", pids, rnd, args.size_mib, args.runtime)
-            with qemu_server(base, size) as (uri, pids):
-                results += run_all(uri, "qemu-nbd", pids, rnd, args.size_mib, args.runtime)
+            results += run_round(base, size, rnd, args)
     finally:
         shutil.rmtree(base, ignore_errors=True)
     summary = summarize(results, args.repeat)
