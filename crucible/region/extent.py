@@ -387,10 +387,9 @@ class Extent:
     def _write_run(self, start: int, data: memoryview, contexts: list[BlockContext]) -> None:
         bs = self.layout.block_size
         flush_id = self.flush_number
-        hashes = list(map(itemgetter(0), contexts))
         if list(map(itemgetter(1), contexts)).count(None) == len(contexts):
             # Plaintext on disk: each hash already covers its block.
-            slots = encode_plain_slots(hashes, flush_id)
+            slots = encode_plain_slots(list(map(itemgetter(0), contexts)), flush_id)
         else:
             parts = []
             for j, ctx in enumerate(contexts):
