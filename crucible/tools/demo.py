@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from crucible.cli_util import fail, port_number, positive_int, stop_process
 from crucible.protocol.wire import SocketAddr
@@ -193,8 +194,10 @@ class Server:
 def _wait_serving(
     servers: list[Server], ds_logs: dict[int, int], directory: Path, control: SocketAddr
 ) -> str:
-    """The export's URI once crucible-nbd serves; or the first failure, said
-    as soon as a server (dsc, a downstairs, crucible-nbd) has exited."""
+    """The export's URI once crucible-nbd serves and dsc's control API
+    answers; or the first failure, said as soon as a server (dsc, a
+    downstairs, crucible-nbd) has exited. (dsc starts the downstairs before
+    it listens: the export can serve while dsc is failing to.)"""
     nbd = servers[-1]
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
@@ -202,16 +205,16 @@ def _wait_serving(
             if s.proc.poll() is not None:
                 fail(PROG, f"{s.name} exited at start: {s.cause()}")
         try:
-            fleet = request(control, "GET", "/list")
+            fleet: list[dict[str, Any]] | None = request(control, "GET", "/list", timeout=2)
         except DscError:
-            fleet = []  # dsc is not answering yet
-        for d in fleet:
+            fleet = None  # dsc is not answering yet
+        for d in fleet or []:
             if str(d.get("state", "")).startswith("exited"):
                 log = directory / f"downstairs-{d['port']}.log"
                 line = first_error(log, ds_logs.get(d["port"], 0))
                 fail(PROG, f"downstairs {d['cid']} (port {d['port']}) exited at start: {line}")
         for line in nbd.log.read_text(errors="replace")[nbd.offset :].splitlines():
-            if line.startswith("serving ") and " at nbd://" in line:
+            if fleet is not None and line.startswith("serving ") and " at nbd://" in line:
                 print(line)
                 return line.rsplit(" at ", 1)[1]
         time.sleep(0.2)

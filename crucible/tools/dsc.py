@@ -300,12 +300,12 @@ class DscError(Exception):
     pass
 
 
-def request(control: tuple[str, int], method: str, path: str) -> Any:
+def request(control: tuple[str, int], method: str, path: str, timeout: float = 60) -> Any:
     """One call to a running dsc's control API; its JSON answer."""
     host, port = control
     req = urllib.request.Request(f"http://{host}:{port}{path}", method=method)
     try:
-        with urllib.request.urlopen(req, timeout=60) as r:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
             return json.loads(r.read())
     except urllib.error.HTTPError as e:
         body = e.read().decode().strip()
