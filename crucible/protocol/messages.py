@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import repeat
+from operator import itemgetter
 from typing import Any, NamedTuple
 
 from crucible.common.definition import RegionDefinition
@@ -59,6 +60,11 @@ def plain_contexts(hashes: Iterable[int]) -> list[BlockContext]:
     carries 256 of them, at every hop)."""
     make: Any = tuple.__new__
     return list(map(make, repeat(BlockContext), zip(hashes, repeat(None))))
+
+
+def all_plain(contexts: list[BlockContext]) -> bool:
+    """No context carries encryption: the whole run takes the one-pass paths."""
+    return list(map(itemgetter(1), contexts)).count(None) == len(contexts)
 
 
 # A read block's context: None = Empty (never written), int = Unencrypted{hash},

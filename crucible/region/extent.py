@@ -60,7 +60,7 @@ import xxhash
 
 from crucible.common.errors import CrucibleError, ErrorKind
 from crucible.libc import libc
-from crucible.protocol.messages import BlockContext, ReadBlockContext
+from crucible.protocol.messages import BlockContext, ReadBlockContext, all_plain
 from crucible.protocol.wire import struct_run
 from crucible.region.context import (
     BadSlot,
@@ -387,7 +387,7 @@ class Extent:
     def _write_run(self, start: int, data: memoryview, contexts: list[BlockContext]) -> None:
         bs = self.layout.block_size
         flush_id = self.flush_number
-        if list(map(itemgetter(1), contexts)).count(None) == len(contexts):
+        if all_plain(contexts):
             # Plaintext on disk: each hash already covers its block.
             slots = encode_plain_slots(list(map(itemgetter(0), contexts)), flush_id)
         else:

@@ -16,7 +16,7 @@ from typing import BinaryIO
 from crucible.common.definition import RegionDefinition, RegionError
 from crucible.common.errors import CrucibleError, ErrorKind
 from crucible.protocol.integrity import block_hash, block_hashes
-from crucible.protocol.messages import BlockContext, ReadBlockContext
+from crucible.protocol.messages import BlockContext, ReadBlockContext, all_plain
 from crucible.region.definition import (
     REGION_JSON,
     fsync_dir,
@@ -47,9 +47,8 @@ def check_write(contexts: list[BlockContext], data: memoryview, block_size: int)
             ErrorKind.InvalidNumberOfBlocks,
             f"{len(contexts)} contexts for {len(data) // block_size} blocks",
         )
-    hashes = list(map(itemgetter(0), contexts))
-    if list(map(itemgetter(1), contexts)).count(None) == len(contexts):
-        if block_hashes(data, block_size) != hashes:  # every block plain: in one pass
+    if all_plain(contexts):
+        if block_hashes(data, block_size) != list(map(itemgetter(0), contexts)):  # in one pass
             raise CrucibleError(ErrorKind.HashMismatch)
         return
     for i, ctx in enumerate(contexts):
