@@ -17,7 +17,7 @@ import logging
 import socket
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
@@ -350,13 +350,15 @@ class DownstairsServer:
                 self._queue.popleft()
                 self._queued_bytes -= nbytes
                 if self.core.wants(conn_id):  # not fenced meanwhile
-                    with self._failing(conn_id, work):
+                    try:
                         if DS.on:
                             _work_started(work)
                         outcome = ops.run(self.region, work, self._fetch)
                         if DS.on:
                             _work_done(work)
                         self.apply(self.core.finished(conn_id, work, outcome))
+                    except Exception:
+                        self._failed(conn_id, work)
         finally:
             self._draining = False
 
@@ -389,7 +391,7 @@ class DownstairsServer:
             self._queued_bytes -= nbytes
             if not self.core.wants(conn_id):
                 continue  # its upstairs was replaced or went away: never touch the disk
-            with self._failing(conn_id, work):
+            try:
                 self._busy = True
                 try:
                     if DS.on:
@@ -402,19 +404,17 @@ class DownstairsServer:
                 finally:
                     self._busy = False
                 self.apply(self.core.finished(conn_id, work, outcome))
+            except Exception:
+                self._failed(conn_id, work)
 
-    @contextlib.contextmanager
-    def _failing(self, conn_id: int, work: Work) -> Iterator[None]:
-        """Work that fails unexpectedly (a bug, not a disk error: those are
+    def _failed(self, conn_id: int, work: Work) -> None:
+        """Work that failed unexpectedly (a bug, not a disk error: those are
         outcomes) is logged and its connection closed, so its upstairs sees it
         fail; the server goes on with everyone else's work."""
-        try:
-            yield
-        except Exception:
-            log.exception("%s for connection %d failed", type(work).__name__, conn_id)
-            c = self.conns.get(conn_id)
-            if c is not None:
-                c.close(f"{type(work).__name__} failed in the server (logged above)")
+        log.exception("%s for connection %d failed", type(work).__name__, conn_id)
+        c = self.conns.get(conn_id)
+        if c is not None:
+            c.close(f"{type(work).__name__} failed in the server (logged above)")
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         """A background task must never end on its own: if one does, the

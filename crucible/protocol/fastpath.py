@@ -17,7 +17,7 @@ from typing import Any
 
 from crucible.protocol import messages as m
 from crucible.protocol.fields import PLAIN_CONTEXT
-from crucible.protocol.wire import U32, U64, ProtocolError, cached_uuid, struct_run
+from crucible.protocol.wire import U32, U64, ProtocolError, cached_uuid, struct_run, uuid_bytes
 
 Parts = list[bytes | bytearray | memoryview]
 TAG_OF: dict[type, int] = {cls: i for i, cls in enumerate(m.MESSAGE_TYPES)}
@@ -59,7 +59,7 @@ def with_bulk(head: bytearray, data: bytes | bytearray | memoryview, name: str) 
 def _pack_ack(msg: Any, tag: int) -> Parts | None:
     if msg.result is not None:
         return None
-    up, sess = msg.upstairs_id.bytes, msg.session_id.bytes
+    up, sess = uuid_bytes(msg.upstairs_id), uuid_bytes(msg.session_id)
     return [ACK.frame.pack(4 + ACK.body.size, tag, 16, up, 16, sess, msg.job_id, 0)]
 
 
@@ -68,8 +68,10 @@ def _pack_read_response(msg: Any, tag: int) -> Parts | None:
     if not isinstance(blocks, list):
         return None
     n = len(blocks)
-    try:  # every context a plain hash (an int), or every one sealed
-        if n and type(blocks[0]) is m.EncryptionContext:
+    try:  # every context a plain hash (an int), every one sealed, or none written
+        if blocks.count(None) == n:
+            ctxs = bytes(4 * n)  # each the u32 tag of Empty
+        elif type(blocks[0]) is m.EncryptionContext:
             ctxs = struct_run("I12s16s", n).pack(*[v for c in blocks for v in (1, *c)])
         else:
             ctxs = struct_run("IQ", n).pack(*[v for c in blocks for v in (2, c)])
@@ -78,14 +80,14 @@ def _pack_read_response(msg: Any, tag: int) -> Parts | None:
     total = 4 + READ_REPLY_HEAD.body.size + len(ctxs) + 8 + len(data)
     if total > m.MAX_FRAME_LEN:
         raise ProtocolError(f"ReadResponse frame of {total} bytes is too large")
-    up, sess = msg.upstairs_id.bytes, msg.session_id.bytes
+    up, sess = uuid_bytes(msg.upstairs_id), uuid_bytes(msg.session_id)
     head = READ_REPLY_HEAD.frame.pack(total, tag, 16, up, 16, sess, msg.job_id, 0, n)
     return [head + ctxs + U64.pack(len(data)), data]
 
 
 def _job_head(msg: Any, tag: int, frame_len: int) -> bytes:
     deps = msg.dependencies
-    up, sess = msg.upstairs_id.bytes, msg.session_id.bytes
+    up, sess = uuid_bytes(msg.upstairs_id), uuid_bytes(msg.session_id)
     head = JOB_HEAD.frame.pack(frame_len, tag, 16, up, 16, sess, msg.job_id, len(deps))
     return head + struct_run("Q", len(deps)).pack(*deps)
 
@@ -146,12 +148,18 @@ def _fast_read_response(body: memoryview) -> m.Message | None:
     _, n1, up, n2, sess, job, ok, count = head.unpack_from(body)
     if n1 != 16 or n2 != 16 or ok != 0:
         return None
-    sealed = count > 0 and len(body) >= head.size + 4 and U32.unpack_from(body, head.size)[0] == 1
-    ctx_end = head.size + (32 if sealed else 12) * count
+    first = U32.unpack_from(body, head.size)[0] if len(body) >= head.size + 4 else None
+    sealed = count > 0 and first == 1
+    empty = count > 0 and first == 0
+    ctx_end = head.size + (32 if sealed else 4 if empty else 12) * count
     if ctx_end + 8 > len(body):
         return None
     blocks: list[m.ReadBlockContext]
-    if sealed:  # every context Encrypted{nonce, tag}
+    if empty:  # every context Empty (never written)
+        if bytes(body[head.size : ctx_end]).count(0) != 4 * count:
+            return None
+        blocks = [None] * count
+    elif sealed:  # every context Encrypted{nonce, tag}
         fields = struct_run("I12s16s", count).unpack_from(body, head.size)
         if fields[0::3].count(1) != count:
             return None

@@ -187,8 +187,13 @@ def put_string(out: bytearray, v: str) -> None:
     put_bytes(out, v.encode("utf-8"))
 
 
+def uuid_bytes(v: uuid.UUID) -> bytes:
+    """What `v.bytes` gives, without its Python-level property call."""
+    return v.int.to_bytes(16, "big")
+
+
 def put_uuid(out: bytearray, v: uuid.UUID) -> None:
-    put_bytes(out, v.bytes)
+    put_bytes(out, uuid_bytes(v))
 
 
 def put_u64_vec(out: bytearray, v: list[int]) -> None:

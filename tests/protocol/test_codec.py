@@ -305,13 +305,15 @@ def test_negotiation_error_without_its_payload_is_refused() -> None:
         )
 
 
-def test_sealed_contexts_take_the_fast_paths() -> None:
+def test_sealed_and_unwritten_contexts_take_the_fast_paths() -> None:
     """A write and a read reply whose every block is sealed are packed by
-    hand both ways, as plain ones are (an encrypted volume's whole traffic)."""
+    hand both ways, as plain ones are (an encrypted volume's whole traffic);
+    so is a read reply of blocks never written (a new disk's)."""
     enc = m.EncryptionContext(bytes(range(12)), bytes(range(16)))
     write = m.Write(UID, UID2, 1000, [999], 7, [m.BlockContext(5, enc)] * 2, b"x" * 1024)
     reply = m.ReadResponse(UID, UID2, 1000, [enc, enc], b"y" * 1024)
-    for msg in (write, reply):
+    unwritten = m.ReadResponse(UID, UID2, 1001, [None, None, None], bytes(1536))
+    for msg in (write, reply, unwritten):
         parts = fastpath.ENCODERS[type(msg)](msg, fastpath.TAG_OF[type(msg)])
         assert parts is not None, type(msg).__name__
         frame = b"".join(parts)
