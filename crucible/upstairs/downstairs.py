@@ -5,8 +5,11 @@ take it, their replies, the ack rules, faults, and live repair's jobs.
   to a client under live repair when the repair says so, is held for an
   OFFLINE one, and is skipped for the rest. Dependencies are rewritten per
   client: a job it skipped stands for that job's own dependencies.
-* A read goes to one ACTIVE client (the one with the fewest jobs in flight,
-  taking turns among equals). When its reply fails a check or carries an
+* A read goes to one ACTIVE client: its *home*, picked by which MiB of the
+  volume it starts in, so the same blocks are read from the same replica
+  and each downstairs' page cache holds a third of the volume rather than
+  all three the same blocks; another when the home has SPILL_JOBS more in
+  flight than the least busy (then the least busy). When its reply fails a check or carries an
   error, or the client leaves, the guest's request is queued again as a new
   job for another client (a downstairs takes each job id once, and counts
   every id below a flush it finished as done). That read may see a write
@@ -67,6 +70,8 @@ from crucible.upstairs.verify import bad_blocks, check_blocks, check_read_reply,
 REPAIR_BACKOFF = 1.0
 REPAIR_BACKOFF_MAX = 600.0
 REPAIR_ATTEMPTS = 10
+READ_HOME_BYTES = 1 << 20  # a read's home replica is picked per MiB of the volume
+SPILL_JOBS = 8  # a read leaves its home when that one has this many more in flight
 
 
 class Downstairs:
@@ -85,7 +90,7 @@ class Downstairs:
         self.blocks_rewritten = 0  # bad blocks of a replica rewritten from a good copy
         self.reads_retried = 0
         self.scrub = Scrub(rate=opts.verify_rate)
-        self.turn = 0  # the client a read tries first among equals (then the next)
+        self.turn = 0  # added to every read's home: which replica serves which MiB
         self.guest_counts = {op: GuestCount() for op in GUEST_OPS}
 
     # ---- capacity ------------------------------------------------------------------
@@ -224,20 +229,20 @@ class Downstairs:
     # ---- reads from one replica -------------------------------------------------------
 
     def _reader(self, job: Job) -> Client | None:
-        """The ACTIVE client a read goes to: not one it avoids; the fewest
-        jobs in flight, taking turns among equals."""
-        first = self.turn
-        self.turn = (first + 1) % 3
-        best: Client | None = None
-        for k in range(3):
-            c = self.clients[(first + k) % 3]
-            if (
-                c.state.stage is Stage.ACTIVE
-                and c.id not in job.avoid
-                and (best is None or c.inflight_jobs < best.inflight_jobs)
-            ):
-                best = c
-        return best
+        """The ACTIVE client a read goes to, not one it avoids: its home
+        unless that one is SPILL_JOBS busier than another, else the least
+        busy (the nearest after the home among equals)."""
+        op = job.op
+        assert isinstance(op, ReadOp) and self.region is not None
+        home = (op.start * self.region.block_size // READ_HOME_BYTES + self.turn) % 3
+        order = [self.clients[(home + k) % 3] for k in range(3)]
+        ok = [c for c in order if c.state.stage is Stage.ACTIVE and c.id not in job.avoid]
+        if not ok:
+            return None
+        fewest = min(c.inflight_jobs for c in ok)
+        if ok[0] is order[0] and ok[0].inflight_jobs <= fewest + SPILL_JOBS:
+            return ok[0]
+        return next(c for c in ok if c.inflight_jobs == fewest)
 
     def _retry_read(self, job: Job, failed: Client, now: float) -> list[Action]:
         """A read not yet served that `failed` could not serve: its guest

@@ -1,0 +1,67 @@
+"""Which replica a read goes to: the same one for the same MiB of the volume
+(so each downstairs' page cache holds its own third), another when that one
+is much busier than the rest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from crucible.protocol import messages as m
+from crucible.upstairs.downstairs import READ_HOME_BYTES, SPILL_JOBS
+from tests.upstairs.sim import Sim
+
+BS = 512
+PER_MIB = READ_HOME_BYTES // BS
+
+
+def _reads_sent(sim: Sim) -> list[int]:
+    """How many reads wait in each downstairs' inbox."""
+    return [sum(isinstance(x, m.ReadRequest) for x in d.inbox) for d in sim.ds]
+
+
+def _sim(tmp_path: Path) -> Sim:
+    sim = Sim(tmp_path, es=PER_MIB, ec=3)  # three MiB, one extent each
+    sim.activate()
+    return sim
+
+
+def test_each_mib_is_read_from_its_own_replica(tmp_path: Path) -> None:
+    sim = _sim(tmp_path)
+    try:
+        homes = []
+        for mib in range(3):
+            before = _reads_sent(sim)
+            for k in range(4):  # anywhere in the MiB: the same replica
+                sim.apply(sim.up.read(object(), mib * PER_MIB + k * 100, 1, sim.now))
+            after = _reads_sent(sim)
+            moved = [i for i in range(3) if after[i] != before[i]]
+            assert len(moved) == 1 and after[moved[0]] - before[moved[0]] == 4, (before, after)
+            homes.append(moved[0])
+        assert sorted(homes) == [0, 1, 2], homes  # three MiB, three replicas
+        sim.settle()
+        # Another offset moves every MiB's home, as the simulation's draws do.
+        sim.up.ds.turn = 1
+        sim.apply(sim.up.read(object(), 0, 1, sim.now))
+        assert _reads_sent(sim)[(homes[0] + 1) % 3] == 1
+        sim.settle()
+    finally:
+        sim.close()
+
+
+def test_a_busy_home_spills_to_the_least_busy(tmp_path: Path) -> None:
+    sim = _sim(tmp_path)
+    try:
+        n = SPILL_JOBS + 1 + 4
+        tokens = [object() for _ in range(n)]
+        for tok in tokens:  # nothing answers meanwhile: the home's queue grows
+            sim.apply(sim.up.read(tok, 0, 1, sim.now))
+        sent = _reads_sent(sim)
+        home = sent.index(max(sent))
+        # The home takes reads while it has at most SPILL_JOBS more than
+        # another; past that they go to the others.
+        assert sent[home] > SPILL_JOBS and sent[home] - min(sent) <= SPILL_JOBS + 1, sent
+        assert sum(sent) == n and all(s >= 1 for s in sent), sent
+        sim.settle()
+        assert all(isinstance(sim.completed[t], tuple) for t in tokens)  # (data, contexts)
+    finally:
+        sim.close()
