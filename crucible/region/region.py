@@ -221,6 +221,14 @@ class Region:
         bs = self.definition.block_size
         view = memoryview(data).cast("B")
         check_write(contexts, view, bs)
+        es = self.definition.extent_size
+        eid, off = divmod(start, es)
+        if start >= 0 and eid < len(self.extents) and 0 < len(contexts) <= es - off:
+            ext = self.extent(eid)  # within one extent (the usual case)
+            ext.write(off, view, contexts, only_unwritten)
+            if ext.dirty:
+                self.dirty_extents.add(eid)
+            return
         pieces = list(self.split(start, len(contexts)))
         exts = [self.extent(eid) for eid, *_ in pieces]  # all open, before any write
         for ext, (eid, off, n, before) in zip(exts, pieces, strict=True):
