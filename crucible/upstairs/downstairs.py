@@ -8,14 +8,15 @@ take it, their replies, the ack rules, faults, and live repair's jobs.
 * A read goes to one ACTIVE client: its *home*, picked by which MiB of the
   volume it starts in, so the same blocks are read from the same replica
   and each downstairs' page cache holds a third of the volume rather than
-  all three the same blocks; another when the home has SPILL_JOBS more in
-  flight than the least busy (then the least busy). When its reply fails a check or carries an
-  error, or the client leaves, the guest's request is queued again as a new
-  job for another client (a downstairs takes each job id once, and counts
-  every id below a flush it finished as done). That read may see a write
-  queued after the first to the same blocks: the two were in flight
-  together, and either order is what a disk allows. With
-  `read_all_replicas` it goes to all three and the replies are compared.
+  all three the same blocks; the least busy client instead when the home
+  has more than SPILL_JOBS jobs in flight beyond it. When its reply fails
+  a check or carries an error, or the client leaves, the guest's request
+  is queued again as a new job for another client (a downstairs takes
+  each job id once, and counts every id below a flush it finished as
+  done). That read may see a write queued after the first to the same
+  blocks: the two were in flight together, and either order is what a
+  disk allows. With `read_all_replicas` it goes to all three and the
+  replies are compared.
 * Writes are acked to the guest when queued (by the caller); reads on the
   first reply that verifies (later replies must agree); flushes when two
   clients holding every block are done (three with a snapshot, or while
@@ -71,7 +72,7 @@ REPAIR_BACKOFF = 1.0
 REPAIR_BACKOFF_MAX = 600.0
 REPAIR_ATTEMPTS = 10
 READ_HOME_BYTES = 1 << 20  # a read's home replica is picked per MiB of the volume
-SPILL_JOBS = 8  # a read leaves its home when that one has this many more in flight
+SPILL_JOBS = 8  # a read leaves its home when that one has more than this many more in flight
 
 
 class Downstairs:
@@ -230,8 +231,9 @@ class Downstairs:
 
     def _reader(self, job: Job) -> Client | None:
         """The ACTIVE client a read goes to, not one it avoids: its home
-        unless that one is SPILL_JOBS busier than another, else the least
-        busy (the nearest after the home among equals)."""
+        unless that one has more than SPILL_JOBS jobs in flight beyond
+        another, else the least busy (the nearest after the home among
+        equals)."""
         op = job.op
         assert isinstance(op, ReadOp) and self.region is not None
         home = (op.start * self.region.block_size // READ_HOME_BYTES + self.turn) % 3
