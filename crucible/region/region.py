@@ -203,6 +203,15 @@ class Region:
             yield eid, off, n, done
             done += n
 
+    def _pieces(self, start: int, count: int) -> list[tuple[int, int, int, int]]:
+        """`split` as a list; a range within one extent (the usual case)
+        without running the generator."""
+        es = self.definition.extent_size
+        eid, off = divmod(start, es)
+        if start >= 0 and eid < len(self.extents) and 0 < count <= es - off:
+            return [(eid, off, count, 0)]
+        return list(self.split(start, count))
+
     def extent_versions(self) -> tuple[list[int], list[int], list[bool]]:
         exts = [self.extent(i) for i in range(len(self.extents))]
         return [e.gen for e in exts], [e.flush_number for e in exts], [e.dirty for e in exts]
@@ -221,15 +230,7 @@ class Region:
         bs = self.definition.block_size
         view = memoryview(data).cast("B")
         check_write(contexts, view, bs)
-        es = self.definition.extent_size
-        eid, off = divmod(start, es)
-        if start >= 0 and eid < len(self.extents) and 0 < len(contexts) <= es - off:
-            ext = self.extent(eid)  # within one extent (the usual case)
-            ext.write(off, view, contexts, only_unwritten)
-            if ext.dirty:
-                self.dirty_extents.add(eid)
-            return
-        pieces = list(self.split(start, len(contexts)))
+        pieces = self._pieces(start, len(contexts))
         exts = [self.extent(eid) for eid, *_ in pieces]  # all open, before any write
         for ext, (eid, off, n, before) in zip(exts, pieces, strict=True):
             ext.write(
@@ -244,24 +245,24 @@ class Region:
     def trim(self, start: int, count: int) -> None:
         if self.read_only:
             raise CrucibleError(ErrorKind.ModifyingReadOnlyRegion)
-        pieces = list(self.split(start, count))
+        pieces = self._pieces(start, count)
         exts = [self.extent(eid) for eid, *_ in pieces]
         for ext, (eid, off, n, _) in zip(exts, pieces, strict=True):
             ext.trim(off, n)
             self.dirty_extents.add(eid)
 
     def read(self, start: int, count: int) -> tuple[list[ReadBlockContext], bytes]:
-        es = self.definition.extent_size
-        eid, off = divmod(start, es)
-        if start >= 0 and eid < len(self.extents) and 0 < count <= es - off:
-            return self.extent(eid).read(off, count)  # within one extent (the usual case)
+        pieces = self._pieces(start, count)
+        if len(pieces) == 1:
+            eid, off, n, _ = pieces[0]
+            return self.extent(eid).read(off, n)
         ctxs: list[ReadBlockContext] = []
         parts = []
-        for eid, off, n, _ in self.split(start, count):
+        for eid, off, n, _ in pieces:
             c, d = self.extent(eid).read(off, n)
             ctxs.extend(c)
             parts.append(d)
-        return ctxs, parts[0] if len(parts) == 1 else b"".join(parts)
+        return ctxs, b"".join(parts)
 
     def flush(self, flush_number: int, gen_number: int, extent_limit: int | None = None) -> None:
         if extent_limit is not None and extent_limit >= self.definition.extent_count:
