@@ -28,3 +28,12 @@ def die_with_parent() -> None:
     prctl = getattr(libc, "prctl", None)
     if prctl is not None:
         prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def address(buf: bytearray | memoryview) -> int:
+    """Where a writable, non-empty buffer starts in memory; -1 for one that is
+    read-only (ctypes can only take a writable buffer)."""
+    try:
+        return ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    except (TypeError, ValueError):
+        return -1

@@ -16,6 +16,13 @@ Goals and costs, for whoever changes it:
   shrinks back. So memory per connection is bounded by about twice the
   largest frame a peer has actually sent, and a length over the limit is
   refused before any growth.
+* A large frame (OWN_FRAME_MIN to OWN_FRAME_MAX bytes, a job's bulk data)
+  is received into a buffer of its own once its length is known: what
+  arrived of it is copied there, the rest lands there straight from the
+  socket, and the message takes that buffer with no slice copy. The frame
+  ends on a page boundary, so bulk data at its end (a write's) is
+  page-aligned and goes to an O_DIRECT file without another copy. Frames
+  larger still take the shared buffer's path, whose growth follows the data.
 * A frame that is short, too long or does not decode raises ProtocolError;
   the caller closes the connection. Nothing here ever blocks.
 * With `hello_limit`, frames over HELLO_MAX_FRAME are refused until the
@@ -26,6 +33,9 @@ Goals and costs, for whoever changes it:
 
 from __future__ import annotations
 
+import mmap
+
+from crucible.libc import address
 from crucible.protocol.codec import decode_body
 from crucible.protocol.messages import MAX_FRAME_LEN, Message
 from crucible.protocol.wire import U32, ProtocolError
@@ -36,6 +46,9 @@ HELLO_MAX_FRAME = 64 << 10  # frames a peer may send before negotiation is done
 SIZE = 256 << 10
 MIN_FREE = 64 << 10  # offered to each receive
 SHRINK_ABOVE = 16 * SIZE
+OWN_FRAME_MIN = 128 << 10
+OWN_FRAME_MAX = 4 << 20
+_PAGE = mmap.PAGESIZE
 
 
 class FrameDecoder:
@@ -45,6 +58,8 @@ class FrameDecoder:
         self._limit = max_frame
         self._max = min(max_frame, HELLO_MAX_FRAME) if hello_limit else max_frame
         self.greeted = False  # a valid message has arrived
+        self._frame: memoryview | None = None  # a large frame in a buffer of its own
+        self._got = 0  # bytes of it received
 
     def unlimit(self) -> None:
         """Negotiation is done: frames up to the full limit from now on."""
@@ -61,17 +76,47 @@ class FrameDecoder:
 
     def get_buffer(self) -> memoryview:
         """Free space to receive into; say how much arrived with `advance`."""
+        if self._frame is None:
+            self._own_frame()
+        if self._frame is not None:
+            return self._frame[self._got :]  # the rest of this frame, no more
         self._make_room(MIN_FREE)
         return memoryview(self._buf)[self._end :]
 
     def advance(self, n: int) -> None:
-        self._end += n
+        if self._frame is not None:
+            self._got += n
+        else:
+            self._end += n
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
-        n = len(data)
+        view = memoryview(data).cast("B")
+        if self._frame is not None:  # the rest of a large frame first
+            k = min(len(view), len(self._frame) - self._got)
+            self._frame[self._got : self._got + k] = view[:k]
+            self._got += k
+            view = view[k:]
+        n = len(view)
         self._make_room(n)
-        self._buf[self._end : self._end + n] = data
+        self._buf[self._end : self._end + n] = view
         self._end += n
+
+    def _own_frame(self) -> None:
+        """When what is unparsed is the start of one large frame, move it to
+        a buffer of its own, placed so that the frame ends on a page."""
+        buf, start, end = self._buf, self._start, self._end
+        avail = end - start
+        if avail < 4:
+            return
+        (n,) = U32.unpack_from(buf, start)
+        if not OWN_FRAME_MIN <= n <= min(self._max, OWN_FRAME_MAX) or avail >= n:
+            return
+        own = bytearray(n + _PAGE)
+        at = (-(address(own) + n)) % _PAGE
+        frame = memoryview(own)[at : at + n]
+        frame[:avail] = memoryview(buf)[start:end]
+        self._frame, self._got = frame, avail
+        self._start = self._end = 0
 
     def _make_room(self, want: int) -> None:
         """At least `want` free bytes after the end, and room for the rest of
@@ -95,6 +140,13 @@ class FrameDecoder:
             self._buf = grown
 
     def next_message(self) -> Message | None:
+        if self._frame is not None:
+            if self._got < len(self._frame):
+                return None
+            own, self._frame = self._frame, None  # its length was checked when moved
+            msg = decode_body(own[4:])
+            self.greeted = True
+            return msg
         start = self._start
         avail = self._end - start
         if avail < 4:

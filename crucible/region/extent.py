@@ -59,7 +59,7 @@ from typing import Literal
 import xxhash
 
 from crucible.common.errors import CrucibleError, ErrorKind
-from crucible.libc import libc
+from crucible.libc import address, libc
 from crucible.protocol.messages import BlockContext, ReadBlockContext, all_plain
 from crucible.protocol.wire import struct_run
 from crucible.region.context import (
@@ -109,9 +109,14 @@ def bounce_buffer() -> mmap.mmap | None:
 
 
 def direct_pwrite(fd: int, data: memoryview, offset: int) -> None:
-    """Write through an O_DIRECT fd, by way of the aligned buffer. One copy in
-    user space instead of the kernel's into page-cache pages, which are then
-    not filled (a replica's data is read back rarely, its writes are large)."""
+    """Write through an O_DIRECT fd: straight from `data` when it is
+    page-aligned (a large frame's bulk data is, see framing.py), else by way
+    of the aligned buffer. At most one copy in user space instead of the
+    kernel's into page-cache pages, which are then not filled (a replica's
+    data is read back rarely, its writes are large)."""
+    if address(data) % mmap.PAGESIZE == 0:
+        pwrite_all(fd, data, offset)
+        return
     n = len(data)
     buf = bounce_buffer()
     if buf is None or len(buf) < n:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import uuid
 from typing import Any
 
@@ -10,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from crucible.common.errors import CrucibleError, ErrorKind, NegotiationKind
-from crucible.protocol import codec, fastpath, fields
+from crucible.libc import address
+from crucible.protocol import codec, fastpath, fields, framing
 from crucible.protocol import messages as m
 from crucible.protocol.framing import FrameDecoder
 from crucible.protocol.wire import ProtocolError, Reader
@@ -137,6 +139,69 @@ def test_mutated_frames_never_crash_decoder(msg: Any, data: st.DataObject) -> No
         _decode_all(bytes(frame[:cut]))
     except ProtocolError:
         pass
+
+
+def _receive(dec: FrameDecoder, stream: bytes, chunks: list[int]) -> list[Any]:
+    """Hand `stream` to the decoder as a BufferedProtocol's socket does: into
+    the buffer it offers, at most `chunks[i]` bytes at a time (in turn)."""
+    out, i, k = [], 0, 0
+    while i < len(stream):
+        buf = dec.get_buffer()
+        n = min(len(buf), chunks[k % len(chunks)], len(stream) - i)
+        buf[:n] = stream[i : i + n]
+        dec.advance(n)
+        i, k = i + n, k + 1
+        while (x := dec.next_message()) is not None:
+            out.append(x)
+    return out
+
+
+def _write(job: int, nblocks: int, fill: int) -> m.Write:
+    data = bytes([fill]) * (4096 * nblocks)
+    ctxs = [m.BlockContext(job + b) for b in range(nblocks)]
+    return m.Write(UID, UID2, job, [job - 1], 3, ctxs, data)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.integers(1, 300), min_size=1, max_size=4),
+    st.lists(st.integers(1, 1 << 18), min_size=1, max_size=5),
+)
+def test_large_frames_land_in_their_own_aligned_buffers(
+    sizes: list[int], chunks: list[int]
+) -> None:
+    """Writes of 4 KiB to 1.2 MiB, received in pieces of any size: each comes
+    out whole, and the data of every frame of OWN_FRAME_MIN bytes or more
+    starts on a page (the downstairs hands it to O_DIRECT as it is)."""
+    msgs = [_write(1000 + i, n, i) for i, n in enumerate(sizes)]
+    stream = b"".join(codec.encode(x) for x in msgs)
+    out = _receive(FrameDecoder(), stream, chunks)
+    assert [codec.encode(x) for x in out] == [codec.encode(x) for x in msgs]
+    for x in out:
+        if len(codec.encode(x)) >= framing.OWN_FRAME_MIN:
+            assert address(x.data) % mmap.PAGESIZE == 0
+
+
+def test_feed_completes_a_large_frame_begun_in_its_own_buffer() -> None:
+    """Bytes fed while a large frame is in its own buffer fill that frame first;
+    what follows it is the next frame."""
+    big, small = codec.encode(_write(7, 64, 1)), codec.encode(m.VersionMismatch(13))
+    dec = FrameDecoder()
+    dec.feed(big[:1000])
+    assert _receive(dec, big[1000:5000], [4000]) == []  # moved to its own buffer here
+    dec.feed(big[5000:] + small)
+    got = dec.next_message()
+    assert isinstance(got, m.Write) and codec.encode(got) == big
+    assert dec.next_message() == m.VersionMismatch(13)
+    assert dec.next_message() is None
+
+
+def test_frames_over_own_frame_max_grow_with_the_data() -> None:
+    """A claim larger than OWN_FRAME_MAX gets no buffer of its size up front."""
+    dec = FrameDecoder()
+    claim = (framing.OWN_FRAME_MAX + 1).to_bytes(4, "little") + bytes(100)
+    assert _receive(dec, claim, [1 << 20]) == []
+    assert len(dec.get_buffer()) < 2 * framing.SIZE
 
 
 def test_oversized_frame_refused() -> None:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+import mmap
 import os
 import shutil
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -210,6 +212,30 @@ def test_huge_direct_write_does_not_keep_its_buffer(make_region: MakeRegion) -> 
     r.write(0, contexts_for(data, bs), data)
     assert r.read(0, 2048)[1] == data
     assert extent.bounce_buffer() is kept  # the huge one's buffer went with it
+    r.close()
+
+
+def test_aligned_direct_write_takes_no_bounce_copy(make_region: MakeRegion) -> None:
+    """Page-aligned writable data (a large frame's, see framing.py) goes to
+    the O_DIRECT fd as it is: the thread never needs its aligned buffer."""
+    bs = 4096
+    r = make_region(bs=bs, es=256, ec=1)
+    data = blocks(0, DIRECT_BYTES // bs, 4, bs)
+    aligned = memoryview(mmap.mmap(-1, len(data)))
+    aligned[:] = data
+    unaligned = memoryview(bytearray(len(data) + 1))[1:]
+    unaligned[:] = blocks(0, DIRECT_BYTES // bs, 5, bs)
+
+    def write(view: memoryview) -> mmap.mmap | None:
+        r.write(0, contexts_for(bytes(view), bs), view)
+        return extent.bounce_buffer()
+
+    with ThreadPoolExecutor(1) as fresh:  # a thread with no aligned buffer yet
+        assert fresh.submit(write, aligned).result() is None
+        assert direct_fds(r.extent(0).path) == 1
+        assert r.read(0, len(data) // bs)[1] == data
+        assert fresh.submit(write, unaligned).result() is not None  # copied to align it
+        assert r.read(0, len(data) // bs)[1] == bytes(unaligned)
     r.close()
 
 
