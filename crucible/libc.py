@@ -7,8 +7,13 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import signal
+from typing import cast
 
 libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+_new_bytearray = ctypes.pythonapi.PyByteArray_FromStringAndSize
+_new_bytearray.restype = ctypes.py_object
+_new_bytearray.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
 
 
 def trim_heap() -> None:
@@ -37,3 +42,11 @@ def address(buf: bytearray | memoryview) -> int:
         return ctypes.addressof(ctypes.c_char.from_buffer(buf))
     except (TypeError, ValueError):
         return -1
+
+
+def raw_bytearray(n: int) -> bytearray:
+    """A bytearray of n bytes left as the allocator gave them, not zeroed: for
+    a buffer that is filled whole before any of it is read. Zeroing a MiB
+    costs about as much as receiving it, and a length a peer claims but
+    never sends then adds no resident memory beyond what the allocator holds."""
+    return cast(bytearray, _new_bytearray(None, n))

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from crucible.common.errors import CrucibleError, ErrorKind
+from crucible.libc import raw_bytearray
 from crucible.nbd import protocol as p
 from crucible.nbd.disk import Disk
 from crucible.nbd.handshake import ExportInfo, Handshake, HandshakeError, Negotiated
@@ -374,7 +375,7 @@ class _Connection(asyncio.BufferedProtocol):
                 self._dispatch(flags, cmd, cookie, offset, length, data)
                 continue
             # The rest of the payload goes straight into a buffer of its own.
-            payload = bytearray(length)
+            payload = raw_bytearray(length)  # filled whole before it is read
             have = self._end - body
             payload[:have] = self._rxv[body : self._end]
             self._start = self._end = 0

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import mmap
 
-from crucible.libc import address
+from crucible.libc import address, raw_bytearray
 from crucible.protocol.codec import decode_body
 from crucible.protocol.messages import MAX_FRAME_LEN, Message
 from crucible.protocol.wire import U32, ProtocolError
@@ -111,7 +111,7 @@ class FrameDecoder:
         (n,) = U32.unpack_from(buf, start)
         if not OWN_FRAME_MIN <= n <= min(self._max, OWN_FRAME_MAX) or avail >= n:
             return
-        own = bytearray(n + _PAGE)
+        own = raw_bytearray(n + _PAGE)  # filled whole before it is read
         at = (-(address(own) + n)) % _PAGE
         frame = memoryview(own)[at : at + n]
         frame[:avail] = memoryview(buf)[start:end]
