@@ -78,13 +78,20 @@ class FrameDecoder:
         """Free space to receive into; say how much arrived with `advance`."""
         if self._frame is None:
             self._own_frame()
-        if self._frame is not None:
-            return self._frame[self._got :]  # the rest of this frame, no more
+        frame = self._frame
+        if frame is not None and self._got < len(frame):
+            return frame[self._got :]  # the rest of it, no more
+        # Also after a whole large frame not yet taken: what follows it is
+        # the next frame's, and goes here.
         self._make_room(MIN_FREE)
         return memoryview(self._buf)[self._end :]
 
+    def _filling(self) -> bool:
+        """A large frame is being received into its own buffer."""
+        return self._frame is not None and self._got < len(self._frame)
+
     def advance(self, n: int) -> None:
-        if self._frame is not None:
+        if self._filling():
             self._got += n
         else:
             self._end += n

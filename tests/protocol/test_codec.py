@@ -196,6 +196,24 @@ def test_feed_completes_a_large_frame_begun_in_its_own_buffer() -> None:
     assert dec.next_message() is None
 
 
+def test_bytes_after_a_large_frame_not_yet_taken_go_to_the_next_frame() -> None:
+    """Receiving goes on while a whole large frame waits to be taken (its
+    owner not ready yet): never into an empty buffer, and in order."""
+    big, small = codec.encode(_write(7, 64, 1)), codec.encode(m.VersionMismatch(13))
+    stream, i, dec = big + small + big, 0, FrameDecoder()
+    while i < len(stream):  # nothing taken meanwhile
+        buf = dec.get_buffer()
+        assert len(buf) > 0
+        n = min(len(buf), 50_000, len(stream) - i)
+        buf[:n] = stream[i : i + n]
+        dec.advance(n)
+        i += n
+    out = []
+    while (x := dec.next_message()) is not None:
+        out.append(codec.encode(x))
+    assert out == [big, small, big]
+
+
 def test_frames_over_own_frame_max_grow_with_the_data() -> None:
     """A claim larger than OWN_FRAME_MAX gets no buffer of its size up front."""
     dec = FrameDecoder()
