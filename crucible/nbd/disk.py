@@ -194,10 +194,14 @@ class Disk:
 
     async def block_status(self, offset: int, length: int, req_one: bool) -> list[tuple[int, int]]:
         """From the volume's map of the blocks that hold data, without reading
-        any; where that map is not known (a downstairs that cannot tell), by
-        reading the blocks, at most MAX_STATUS_BYTES at a time."""
+        any (waiting for it while it is fetched, just after activation); where
+        that map is not known (a downstairs that cannot tell), by reading the
+        blocks, at most MAX_STATUS_BYTES at a time."""
         first, last = self.outer_blocks(offset, length)
         runs = self.up.allocation(first, last - first)
+        if runs is None:
+            await self.up.allocation_settled()  # a map on its way beats reading
+            runs = self.up.allocation(first, last - first)
         if runs is None:
             length = min(length, MAX_STATUS_BYTES)
             first, last = self.outer_blocks(offset, length)

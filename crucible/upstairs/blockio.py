@@ -54,6 +54,11 @@ class BlockIO(ABC):
         """Which blocks hold data, as runs of (start, count, allocated), when
         known without reading them; else None."""
 
+    async def allocation_settled(self) -> None:
+        """Wait while that map is being fetched (just after activation), so
+        that `allocation` then says what it will go on saying."""
+        return None  # this one fetches none
+
     async def read(self, block: int, count: int) -> bytes:
         data, _ = await self.read_with_status(block, count)
         return data

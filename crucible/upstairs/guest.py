@@ -20,7 +20,7 @@ import logging
 import ssl
 import uuid
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import Any, cast
 
 from crucible.common.definition import RegionDefinition
@@ -93,7 +93,7 @@ class Upstairs(BlockIO):
         self._conns: dict[int, Connection] = {}
         self._connecting: dict[int, asyncio.Task[None]] = {}
         self._probes: dict[int, asyncio.Task[None]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._fetches: set[asyncio.Task[None]] = set()  # of the allocation map
         # Requests waiting for room, in order: (bytes the job carries, what queues it).
         self._backlog: deque[tuple[int, Callable[[], None]]] = deque()
         self._ticker: asyncio.Task[None] | None = None
@@ -124,7 +124,7 @@ class Upstairs(BlockIO):
         """Drop every connection and stop the timers (no flush: see deactivate)."""
         if self._ticker is not None:
             self._ticker.cancel()
-        for t in [*self._connecting.values(), *self._probes.values(), *self._tasks]:
+        for t in [*self._connecting.values(), *self._probes.values(), *self._fetches]:
             t.cancel()
         for conn in list(self._conns.values()):
             conn.close()
@@ -399,12 +399,15 @@ class Upstairs(BlockIO):
             runs = await fetch_allocation(f.repair_addr, total, self._tls)
             self._apply(self.core.allocation_fetched(f.epoch, runs))
 
-        self._spawn(fetch())
+        task = asyncio.get_running_loop().create_task(fetch())
+        self._fetches.add(task)
+        task.add_done_callback(self._fetches.discard)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    async def allocation_settled(self) -> None:
+        """Return once no map of the blocks holding data is being fetched
+        (each fetch ends within ALLOCATION_TIMEOUT)."""
+        while self._fetches:
+            await asyncio.wait(set(self._fetches))
 
     def allocation(self, block: int, count: int) -> list[tuple[int, int, bool]] | None:
         """Which blocks of [block, block+count) hold data, as runs of (start,

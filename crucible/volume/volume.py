@@ -220,6 +220,9 @@ class Volume(BlockIO):
             runs += [(block + off + (s - b), c, a) for s, c, a in got]
         return runs
 
+    async def allocation_settled(self) -> None:
+        await asyncio.gather(*(sub.allocation_settled() for sub in self.subs))
+
     # ---- writes ----------------------------------------------------------------------
 
     def _split(self, block: int, count: int, done: WriteDone, each: Piece) -> None:

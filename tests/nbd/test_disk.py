@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 
 from crucible.nbd import protocol as p
-from crucible.nbd.disk import MAX_EXTENTS, RangeLocks, block_runs, status_extents
+from crucible.nbd.disk import MAX_EXTENTS, Disk, RangeLocks, block_runs, status_extents
+from crucible.upstairs.blockio import BlockIO, Buffer, ReadDone, WriteDone
 
 HOLE = p.STATE_HOLE | p.STATE_ZERO
 
@@ -60,3 +61,58 @@ def test_range_locks_hold_back_only_what_overlaps() -> None:
         return order
 
     assert asyncio.run(run()) == ["elsewhere", "overlapping write", "behind the second"]
+
+
+class _MapOnItsWay(BlockIO):
+    """A volume whose map of blocks holding data arrives after a while; reading
+    blocks to learn it is what block status must not do meanwhile."""
+
+    def __init__(self) -> None:
+        self.arrived = asyncio.Event()
+        self.reads = 0
+
+    @property
+    def block_size(self) -> int:
+        return 512
+
+    @property
+    def total_blocks(self) -> int:
+        return 16
+
+    def submit_read(self, block: int, count: int, done: ReadDone) -> None:
+        self.reads += 1
+        done((bytes(count * 512), [None] * count))
+
+    def submit_write(self, block: int, data: Buffer, done: WriteDone) -> None:
+        done(None)
+
+    def submit_write_unwritten(self, block: int, data: Buffer, done: WriteDone) -> None:
+        done(None)
+
+    def submit_trim(self, block: int, count: int, done: WriteDone) -> None:
+        done(None)
+
+    def submit_flush(self, done: WriteDone, snapshot: str | None = None) -> None:
+        done(None)
+
+    def allocation(self, block: int, count: int) -> list[tuple[int, int, bool]] | None:
+        if not self.arrived.is_set():
+            return None
+        return [(block, count, block < 4)]
+
+    async def allocation_settled(self) -> None:
+        await self.arrived.wait()
+
+
+def test_block_status_waits_for_a_map_on_its_way_instead_of_reading() -> None:
+    async def run() -> None:
+        vol = _MapOnItsWay()
+        disk = Disk(vol, lambda coro: None)
+        status = asyncio.ensure_future(disk.block_status(0, 4 * 512, False))
+        await asyncio.sleep(0)
+        assert not status.done()
+        vol.arrived.set()
+        assert await status == [(4 * 512, 0)]
+        assert vol.reads == 0
+
+    asyncio.run(run())

@@ -4,16 +4,20 @@ the map from a region's extent files (SEEK_DATA / SEEK_HOLE)."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import random
 import uuid
 from pathlib import Path
 
+import pytest
+
 from crucible.common.definition import RegionDefinition
 from crucible.region.allocation import allocated_runs
 from crucible.region.region import Region
 from crucible.upstairs.allocation import MAX_LOG, Allocation, State
-from tests.support import contexts_for
+from crucible.upstairs.guest import Upstairs
+from tests.support import Cluster, cluster, contexts_for
 
 
 def _flags(a: Allocation, total: int) -> list[bool]:
@@ -98,3 +102,25 @@ def test_region_map_from_holes(tmp_path: Path) -> None:
         assert allocated_runs(region.dir, d) == [], "a trimmed block is a hole again"
     finally:
         region.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_the_map_fetched_at_activation_can_be_waited_for(tmp_path: Path) -> None:
+    """Just after activation the map is on its way from a downstairs:
+    allocation_settled returns once it is in, and from then on it is known."""
+
+    async def go(c: Cluster) -> None:
+        async with Upstairs(c.targets) as up:
+            await up.activate(1)
+            page = 4096 // up.block_size  # the holes' grain in the extent files
+            await up.write(page, b"\x01" * 4096)
+            await up.allocation_settled()
+            assert up.allocation(0, 3 * page) == [
+                (0, page, False),
+                (page, page, True),
+                (2 * page, page, False),
+            ]
+
+    with cluster(tmp_path) as c:
+        asyncio.run(go(c))
