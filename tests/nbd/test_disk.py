@@ -7,7 +7,8 @@ import asyncio
 
 from crucible.nbd import protocol as p
 from crucible.nbd.disk import MAX_EXTENTS, Disk, RangeLocks, block_runs, status_extents
-from crucible.upstairs.blockio import BlockIO, Buffer, ReadDone, WriteDone
+from crucible.upstairs.blockio import ReadDone
+from tests.volume.test_volume_reads import MemoryDisk
 
 HOLE = p.STATE_HOLE | p.STATE_ZERO
 
@@ -63,37 +64,18 @@ def test_range_locks_hold_back_only_what_overlaps() -> None:
     assert asyncio.run(run()) == ["elsewhere", "overlapping write", "behind the second"]
 
 
-class _MapOnItsWay(BlockIO):
+class _MapOnItsWay(MemoryDisk):
     """A volume whose map of blocks holding data arrives after a while; reading
     blocks to learn it is what block status must not do meanwhile."""
 
     def __init__(self) -> None:
+        super().__init__(16)
         self.arrived = asyncio.Event()
         self.reads = 0
 
-    @property
-    def block_size(self) -> int:
-        return 512
-
-    @property
-    def total_blocks(self) -> int:
-        return 16
-
     def submit_read(self, block: int, count: int, done: ReadDone) -> None:
         self.reads += 1
-        done((bytes(count * 512), [None] * count))
-
-    def submit_write(self, block: int, data: Buffer, done: WriteDone) -> None:
-        done(None)
-
-    def submit_write_unwritten(self, block: int, data: Buffer, done: WriteDone) -> None:
-        done(None)
-
-    def submit_trim(self, block: int, count: int, done: WriteDone) -> None:
-        done(None)
-
-    def submit_flush(self, done: WriteDone, snapshot: str | None = None) -> None:
-        done(None)
+        super().submit_read(block, count, done)
 
     def allocation(self, block: int, count: int) -> list[tuple[int, int, bool]] | None:
         if not self.arrived.is_set():
@@ -108,11 +90,12 @@ def test_block_status_waits_for_a_map_on_its_way_instead_of_reading() -> None:
     async def run() -> None:
         vol = _MapOnItsWay()
         disk = Disk(vol, lambda coro: None)
-        status = asyncio.ensure_future(disk.block_status(0, 4 * 512, False))
+        bs = vol.block_size
+        status = asyncio.ensure_future(disk.block_status(0, 4 * bs, False))
         await asyncio.sleep(0)
         assert not status.done()
         vol.arrived.set()
-        assert await status == [(4 * 512, 0)]
+        assert await status == [(4 * bs, 0)]
         assert vol.reads == 0
 
     asyncio.run(run())
