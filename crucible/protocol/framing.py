@@ -78,20 +78,21 @@ class FrameDecoder:
         """Free space to receive into; say how much arrived with `advance`."""
         if self._frame is None:
             self._own_frame()
-        frame = self._frame
-        if frame is not None and self._got < len(frame):
+        frame = self._filling()
+        if frame is not None:
             return frame[self._got :]  # the rest of it, no more
         # Also after a whole large frame not yet taken: what follows it is
         # the next frame's, and goes here.
         self._make_room(MIN_FREE)
         return memoryview(self._buf)[self._end :]
 
-    def _filling(self) -> bool:
-        """A large frame is being received into its own buffer."""
-        return self._frame is not None and self._got < len(self._frame)
+    def _filling(self) -> memoryview | None:
+        """The large frame being received into its own buffer, if one is."""
+        frame = self._frame
+        return frame if frame is not None and self._got < len(frame) else None
 
     def advance(self, n: int) -> None:
-        if self._filling():
+        if self._filling() is not None:
             self._got += n
         else:
             self._end += n
