@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import os
@@ -75,14 +76,28 @@ def _ephemeral_start() -> int:
         return 32768
 
 
+# Ports handed out lately, with their repair ports: a port chosen but not yet
+# bound (a --metrics port picked before the cluster starts) is free to the
+# kernel, so without this a later pick could take it too.
+_GIVEN: collections.deque[int] = collections.deque(maxlen=4096)
+_GIVEN_SET: set[int] = set()
+
+
 def free_port(run: int = 1, step: int = 1) -> int:
     """The first of `run` free ports `step` apart whose repair ports (+4000) are free
-    too, all below the ephemeral range, so no outgoing connection takes one later."""
+    too, all below the ephemeral range, so no outgoing connection takes one later,
+    and none of them handed out before by this process."""
     rng = random.Random()
     top = min(_ephemeral_start(), 65536) - 4000 - run * step
     for _ in range(200):
         p = rng.randrange(10000, max(top, 10001))
-        if all(_bindable(q) and _bindable(q + 4000) for q in range(p, p + run * step, step)):
+        ports = [q + r for q in range(p, p + run * step, step) for r in (0, 4000)]
+        if _GIVEN_SET.isdisjoint(ports) and all(_bindable(q) for q in ports):
+            for q in ports:
+                if len(_GIVEN) == _GIVEN.maxlen:
+                    _GIVEN_SET.discard(_GIVEN[0])
+                _GIVEN.append(q)
+                _GIVEN_SET.add(q)
             return p
     raise RuntimeError("no free ports found")
 
