@@ -80,7 +80,6 @@ def _ephemeral_start() -> int:
 # bound (a --metrics port picked before the cluster starts) is free to the
 # kernel, so without this a later pick could take it too.
 _GIVEN: collections.deque[int] = collections.deque(maxlen=4096)
-_GIVEN_SET: set[int] = set()
 
 
 def free_port(run: int = 1, step: int = 1) -> int:
@@ -92,12 +91,8 @@ def free_port(run: int = 1, step: int = 1) -> int:
     for _ in range(200):
         p = rng.randrange(10000, max(top, 10001))
         ports = [q + r for q in range(p, p + run * step, step) for r in (0, 4000)]
-        if _GIVEN_SET.isdisjoint(ports) and all(_bindable(q) for q in ports):
-            for q in ports:
-                if len(_GIVEN) == _GIVEN.maxlen:
-                    _GIVEN_SET.discard(_GIVEN[0])
-                _GIVEN.append(q)
-                _GIVEN_SET.add(q)
+        if not any(q in _GIVEN for q in ports) and all(_bindable(q) for q in ports):
+            _GIVEN.extend(ports)
             return p
     raise RuntimeError("no free ports found")
 
