@@ -84,7 +84,17 @@ class FrameDecoder:
         # Also after a whole large frame not yet taken: what follows it is
         # the next frame's, and goes here.
         self._make_room(MIN_FREE)
-        return memoryview(self._buf)[self._end :]
+        return memoryview(self._buf)[self._end : self._end + self._shared_offer()]
+
+    def _shared_offer(self) -> int:
+        """How much one receive into the shared buffer may bring: less than
+        OWN_FRAME_MIN past the end of the frame at the start, so a large
+        frame never arrives whole here, and is moved to its own buffer by
+        the next get_buffer (only a caller that leaves whole frames untaken
+        gives that up, never progress)."""
+        avail = self._end - self._start
+        owed = U32.unpack_from(self._buf, self._start)[0] - avail if avail >= 4 else -avail
+        return max(owed + OWN_FRAME_MIN - 1, MIN_FREE)
 
     def _filling(self) -> memoryview | None:
         """The large frame being received into its own buffer, if one is."""

@@ -7,7 +7,7 @@ import uuid
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from crucible.common.errors import CrucibleError, ErrorKind, NegotiationKind
@@ -167,6 +167,7 @@ def _write(job: int, nblocks: int, fill: int) -> m.Write:
     st.lists(st.integers(1, 300), min_size=1, max_size=4),
     st.lists(st.integers(1, 1 << 18), min_size=1, max_size=5),
 )
+@example(sizes=[32], chunks=[131464])  # a whole 128 KiB frame in one receive
 def test_large_frames_land_in_their_own_aligned_buffers(
     sizes: list[int], chunks: list[int]
 ) -> None:
