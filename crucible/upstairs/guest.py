@@ -380,9 +380,14 @@ class Upstairs(BlockIO):
         if conn is not None or task is not None:
             self._apply(self.core.disconnected(cid, self._now()))
 
+    # Compiled with mypyc, a coroutine cancelled while it awaits a compiled
+    # coroutine that is inside aiohttp fails in asyncio's task step ("invalid
+    # exception object") and crashes the process: so the HTTP fetches below
+    # run as tasks of their own, which cancellation reaches through a future.
+
     def _start_probe(self, p: Probe) -> None:
         async def probe() -> None:
-            caps = await fetch_capabilities(p.repair_addr, self._tls)
+            caps = await asyncio.ensure_future(fetch_capabilities(p.repair_addr, self._tls))
             if self._probes.get(p.client) is task:
                 del self._probes[p.client]
                 self._apply(self.core.probed(p.client, p.attempt, caps, self._now()))
@@ -396,7 +401,7 @@ class Upstairs(BlockIO):
     def _start_fetch_allocation(self, f: FetchAllocation) -> None:
         async def fetch() -> None:
             total = self.core.region.total_blocks if self.core.region else 0
-            runs = await fetch_allocation(f.repair_addr, total, self._tls)
+            runs = await asyncio.ensure_future(fetch_allocation(f.repair_addr, total, self._tls))
             self._apply(self.core.allocation_fetched(f.epoch, runs))
 
         task = asyncio.get_running_loop().create_task(fetch())
