@@ -3,7 +3,9 @@ NBD clients); the rest, unit and simulation tests, run in seconds
 (`scripts/test --quick` runs only those). A test not marked slow that starts
 a process fails, so the quick set stays quick. Process-level tests draw
 their random choices from `rng`, whose seed is printed when one fails and
-can be set with CRUCIBLE_TEST_SEED to replay it."""
+can be set with CRUCIBLE_TEST_SEED to replay it. Property tests explore new
+examples on every run; a failure prints the `@reproduce_failure` line that
+replays it."""
 
 from __future__ import annotations
 
@@ -14,6 +16,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from hypothesis import settings
+
+settings.register_profile("crucible", print_blob=True)
+settings.load_profile("crucible")
 
 SEED_ENV = "CRUCIBLE_TEST_SEED"
 
