@@ -53,10 +53,16 @@ class Phase(Enum):
 Work = Job | ReconcileOp | m.ExtentVersionsPlease
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class Send:
     conn: int
     msg: m.Message
+
+    # Not the dataclass's __init__: compiled with mypyc, that one runs
+    # interpreted, and a Send is made for every reply.
+    def __init__(self, conn: int, msg: m.Message) -> None:
+        self.conn = conn
+        self.msg = msg
 
 
 @dataclass(slots=True)

@@ -12,16 +12,24 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 END = 1 << 64
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class _Range:
     start: int
     blocking: int | None
-    nonblocking: list[int] = field(default_factory=list)
+    nonblocking: list[int]
+
+    # Not the dataclass's __init__: compiled with mypyc, that one runs interpreted.
+    def __init__(
+        self, start: int, blocking: int | None, nonblocking: list[int] | None = None
+    ) -> None:
+        self.start = start
+        self.blocking = blocking
+        self.nonblocking = [] if nonblocking is None else nonblocking
 
 
 class BlockMap:

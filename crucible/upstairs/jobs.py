@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import assert_never
 
@@ -21,24 +21,48 @@ class IOState(Enum):
     ERROR = "error"
 
 
-@dataclass(slots=True)
+# init=False and an __init__ of its own: compiled with mypyc, the one a
+# dataclass generates runs interpreted, at several times the cost per object.
+@dataclass(slots=True, init=False)
 class WriteOp:
     start: int
     contexts: list[m.BlockContext]
     data: bytes | bytearray | memoryview
-    unwritten: bool = False
-    to: int | None = None  # a rewrite of bad blocks: this client only (rewrite.py)
+    unwritten: bool
+    to: int | None  # a rewrite of bad blocks: this client only (rewrite.py)
+
+    def __init__(
+        self,
+        start: int,
+        contexts: list[m.BlockContext],
+        data: bytes | bytearray | memoryview,
+        unwritten: bool = False,
+        to: int | None = None,
+    ) -> None:
+        self.start = start
+        self.contexts = contexts
+        self.data = data
+        self.unwritten = unwritten
+        self.to = to
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class ReadOp:
     start: int
     count: int
     # Fetches a good copy of blocks that are bad on this client, for them to
     # be rewritten there (rewrite.py).
-    mend: int | None = None
+    mend: int | None
     # To all three, the replies' contexts compared (the background verify).
-    compare: bool = False
+    compare: bool
+
+    def __init__(
+        self, start: int, count: int, mend: int | None = None, compare: bool = False
+    ) -> None:
+        self.start = start
+        self.count = count
+        self.mend = mend
+        self.compare = compare
 
 
 @dataclass(slots=True)
@@ -123,32 +147,62 @@ def zero_hash(block_size: int) -> int:
 Reply = tuple[list[m.ReadBlockContext], m.Data, set[int]]
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)  # init=False: see WriteOp
 class Job:
     id: int
     op: Op
     deps: list[int]
     state: list[IOState]
-    guest: object | None = None  # token of the guest request waiting on this job
-    gw_id: int = 0
-    acked: bool = False
-    finished: bool = False  # complete on all three and counted as such
-    replay: bool = False
-    retried: bool = False  # a read queued again for another replica after one failed it
-    avoid: tuple[int, ...] = ()  # clients a read must not go to (they failed it)
-    replies: dict[int, Reply] = field(default_factory=dict)  # of a comparing read
-    read_contexts: list[m.ReadBlockContext] | None = None
-    read_data: m.Data | None = None  # as stored: sealed, in an encrypted volume
-    read_plain: bytearray | None = None  # then, what the guest gets
+    guest: object | None  # token of the guest request waiting on this job
+    gw_id: int
+    acked: bool
+    finished: bool  # complete on all three and counted as such
+    replay: bool
+    retried: bool  # a read queued again for another replica after one failed it
+    avoid: tuple[int, ...]  # clients a read must not go to (they failed it)
+    replies: dict[int, Reply]  # of a comparing read
+    read_contexts: list[m.ReadBlockContext] | None
+    read_data: m.Data | None  # as stored: sealed, in an encrypted volume
+    read_plain: bytearray | None  # then, what the guest gets
     # A read whose replies each had bad blocks: the blocks that verified so far,
     # and which are still missing. Acked once none are.
-    read_pieces: tuple[bytearray, list[m.ReadBlockContext], set[int]] | None = None
-    errors: list[str] = field(default_factory=list)
-    nbytes: int = 0  # write payload: what backpressure and barriers count
+    read_pieces: tuple[bytearray, list[m.ReadBlockContext], set[int]] | None
+    errors: list[str]
+    nbytes: int  # write payload: what backpressure and barriers count
     # A live close's (gen, flush, dirty) from each client.
-    closed: dict[int, tuple[int, int, bool]] = field(default_factory=dict)
+    closed: dict[int, tuple[int, int, bool]]
     # Clients being live-repaired when this job was queued: their copy is partial.
-    partial: tuple[int, ...] = ()
+    partial: tuple[int, ...]
+
+    def __init__(
+        self,
+        id: int,
+        op: Op,
+        deps: list[int],
+        state: list[IOState],
+        guest: object | None = None,
+        gw_id: int = 0,
+    ) -> None:
+        self.id = id
+        self.op = op
+        self.deps = deps
+        self.state = state
+        self.guest = guest
+        self.gw_id = gw_id
+        self.acked = False
+        self.finished = False
+        self.replay = False
+        self.retried = False
+        self.avoid = ()
+        self.replies = {}
+        self.read_contexts = None
+        self.read_data = None
+        self.read_plain = None
+        self.read_pieces = None
+        self.errors = []
+        self.nbytes = 0
+        self.closed = {}
+        self.partial = ()
 
     def count(self, s: IOState) -> int:
         return sum(1 for x in self.state if x is s)
