@@ -55,6 +55,7 @@ CPU_TARGETS = {
     "rand-write-4k-qd32": 4.0,
     "rand-read-4k-qd32": 2.0,
 }
+PROCESSES = ("crucible-nbd", "downstairs 0", "downstairs 1", "downstairs 2")
 TICK = os.sysconf("SC_CLK_TCK")
 MIB = 1 << 20
 
@@ -70,6 +71,9 @@ class Result:
     ios: int
     mib: float
     cpu_s: float  # user + system of every serving process during the test
+    # Each process's share, in the order served: crucible-nbd, then the
+    # three downstairs (or qemu-nbd alone).
+    cpu_split: list[float]
 
     @property
     def cpu_us_per_io(self) -> float:
@@ -78,6 +82,10 @@ class Result:
     @property
     def cpu_ms_per_mib(self) -> float:
         return self.cpu_s / self.mib * 1e3 if self.mib else 0.0
+
+    @property
+    def split_us_per_io(self) -> list[float]:
+        return [s / self.ios * 1e6 if self.ios else 0.0 for s in self.cpu_split]
 
 
 def build() -> str:
@@ -89,11 +97,16 @@ def build() -> str:
 
 def cpu_seconds(pids: list[int]) -> float:
     """User + system time so far of these processes (all their threads)."""
-    total = 0
+    return sum(cpu_each(pids))
+
+
+def cpu_each(pids: list[int]) -> list[float]:
+    """User + system time so far of each of these processes."""
+    out = []
     for pid in pids:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / TICK
+        out.append((int(fields[11]) + int(fields[12])) / TICK)  # utime, stime
+    return out
 
 
 def fio(
@@ -137,14 +150,26 @@ def run_test(
     runtime: float,
 ) -> Result:
     name, rw, bs, depth = test
-    before = cpu_seconds(pids)
+    before = cpu_each(pids)
     f = fio(uri, name, rw, bs, depth, size_mib, runtime)
-    cpu = cpu_seconds(pids) - before
-    r = Result(rnd, name, server, f["mb_s"], f["iops"], f["p99_ms"], int(f["ios"]), f["mib"], cpu)
+    split = [a - b for a, b in zip(cpu_each(pids), before, strict=True)]
+    r = Result(
+        rnd,
+        name,
+        server,
+        f["mb_s"],
+        f["iops"],
+        f["p99_ms"],
+        int(f["ios"]),
+        f["mib"],
+        sum(split),
+        split,
+    )
+    shares = " + ".join(f"{us:.0f}" for us in r.split_us_per_io) if len(split) > 1 else ""
     print(
         f"  {server:9} {name:20} {r.mb_s:8.1f} MB/s {r.iops:8.0f} IOPS "
         f"p99 {r.p99_ms:7.2f} ms  CPU {r.cpu_us_per_io:8.1f} us/IO "
-        f"{r.cpu_ms_per_mib:6.2f} ms/MiB",
+        f"{r.cpu_ms_per_mib:6.2f} ms/MiB" + (f"  (nbd + ds0..2: {shares})" if shares else ""),
         flush=True,
     )
     return r
@@ -261,6 +286,10 @@ def summarize(results: list[Result], rounds: int) -> list[dict[str, Any]]:
         them = statistics.median(r.cpu_us_per_io for r in theirs)
         p99 = statistics.median(r.p99_ms for r in ours)
         qp99 = statistics.median(r.p99_ms for r in theirs)
+        # Per process, the median over rounds: which of the four to work on.
+        split = [
+            statistics.median(col) for col in zip(*(r.split_us_per_io for r in ours), strict=True)
+        ]
         thr_ok = "ok" if statistics.median(thr) >= tt else "MISS"
         cpu_ok = "ok" if statistics.median(cpu) <= ct else "MISS"
         print(
@@ -278,6 +307,7 @@ def summarize(results: list[Result], rounds: int) -> list[dict[str, Any]]:
                 "cpu_ratios": cpu,
                 "cpu_target": ct,
                 "cpu_us_per_io": us,
+                "cpu_us_per_io_by_process": dict(zip(PROCESSES, split, strict=True)),
                 "qemu_cpu_us_per_io": them,
                 "cpu_ms_per_mib": statistics.median(r.cpu_ms_per_mib for r in ours),
                 "qemu_cpu_ms_per_mib": statistics.median(r.cpu_ms_per_mib for r in theirs),
@@ -285,6 +315,10 @@ def summarize(results: list[Result], rounds: int) -> list[dict[str, Any]]:
                 "qemu_p99_ms": qp99,
             }
         )
+    print("\nour CPU per IO by process (median us):")
+    for row in summary:
+        parts = "  ".join(f"{k} {v:6.0f}" for k, v in row["cpu_us_per_io_by_process"].items())
+        print(f"  {row['test']:20} {parts}")
     return summary
 
 
@@ -347,7 +381,12 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     rows = [
-        {**asdict(r), "cpu_us_per_io": r.cpu_us_per_io, "cpu_ms_per_mib": r.cpu_ms_per_mib}
+        {
+            **asdict(r),
+            "cpu_us_per_io": r.cpu_us_per_io,
+            "cpu_ms_per_mib": r.cpu_ms_per_mib,
+            "cpu_us_per_io_by_process": r.split_us_per_io,
+        }
         for r in results
     ]
     (args.out / f"nbd-{stamp}.json").write_text(

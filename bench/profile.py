@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.nbd import TESTS, cpu_seconds, crucible_server, fio
+from bench.nbd import PROCESSES, TESTS, cpu_each, crucible_server, fio
 
 PY_SPY = Path(sys.executable).parent / "py-spy"
 
@@ -45,7 +45,6 @@ def main() -> None:
     base = Path(tempfile.mkdtemp(prefix="crucible-profile-"))
     try:
         with crucible_server(base, args.size_mib << 20, args.extra) as (uri, pids):
-            names = ["crucible-nbd", "downstairs 0", "downstairs 1", "downstairs 2"]
             for name, rw, bs, depth in TESTS:
                 if name not in wanted:
                     continue
@@ -64,16 +63,16 @@ def main() -> None:
                         (pids[1], args.out / f"profile-{name}-downstairs.svg"),
                     )
                 ]
-                before = [cpu_seconds([p]) for p in pids]
+                before = cpu_each(pids)
                 ios = 0
                 t0 = time.monotonic()
                 while time.monotonic() - t0 < args.seconds:
                     ios += int(fio(uri, name, rw, bs, depth, args.size_mib, args.seconds)["ios"])
-                after = [cpu_seconds([p]) for p in pids]
+                after = cpu_each(pids)
                 for s in spies:
                     s.wait()
                 per = [(a - b) / ios * 1e6 for a, b in zip(after, before, strict=True)]
-                split = ", ".join(f"{n} {us:.0f}" for n, us in zip(names, per, strict=True))
+                split = ", ".join(f"{n} {us:.0f}" for n, us in zip(PROCESSES, per, strict=True))
                 print(f"{name:20} CPU us per IO: {split}; all {sum(per):.0f}", flush=True)
     finally:
         shutil.rmtree(base, ignore_errors=True)
