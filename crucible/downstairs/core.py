@@ -71,10 +71,14 @@ class Disconnect:
     reason: str
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class Execute:
     conn: int
     work: Work
+
+    def __init__(self, conn: int, work: Work) -> None:  # made per job: as Send's
+        self.conn = conn
+        self.work = work
 
 
 @dataclass(slots=True)
@@ -237,7 +241,7 @@ class DownstairsCore:
                 Send(cid, m.YesItsMe(v, self.repair_addr)),
             ]
         if isinstance(msg, m.PromoteToActive) and conn.phase is Phase.NEGOTIATED:
-            if (msg.upstairs_id, msg.session_id) != (conn.upstairs_id, conn.session_id):
+            if not _same_ids(msg, conn):
                 return [
                     Send(cid, m.UuidMismatch(conn.upstairs_id)),
                     Disconnect(cid, "PromoteToActive ids differ from HereIAm"),
@@ -335,8 +339,7 @@ class DownstairsCore:
         if isinstance(job, m.Trim) and not self.capabilities.trim:
             # As a plain V13 downstairs, which cannot decode the message.
             return [Disconnect(cid, "Trim is not supported here")]
-        if (job.upstairs_id, job.session_id) != (conn.upstairs_id, conn.session_id):
-            # (a tuple compares identical ids without calling UUID.__eq__)
+        if not _same_ids(job, conn):
             return [
                 Send(cid, m.UuidMismatch(conn.upstairs_id)),
                 Log(f"connection {cid}: job {job.job_id} from a foreign upstairs or session"),
@@ -462,6 +465,16 @@ class DownstairsCore:
 
 
 _WRITES = (m.Write, m.WriteUnwritten)
+
+
+def _same_ids(msg: Job | m.PromoteToActive, conn: Conn) -> bool:
+    """The message names the connection's upstairs and session. Identity
+    first: decoding gives equal ids one object, and compiled code compares
+    a pair of UUIDs by calling UUID.__eq__, which is Python."""
+    up, sess = msg.upstairs_id, msg.session_id
+    return (up is conn.upstairs_id or up == conn.upstairs_id) and (
+        sess is conn.session_id or sess == conn.session_id
+    )
 
 
 def work_id(work: Work) -> int:
