@@ -18,7 +18,6 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
 from aiohttp import web
@@ -34,6 +33,7 @@ from crucible.downstairs.core import (
     Send,
     Work,
 )
+from crucible.downstairs.disk_thread import DiskThread
 from crucible.downstairs.http_guard import GuardedFactory
 from crucible.downstairs.probing import OS
 from crucible.downstairs.repair import REPAIR_PORT_OFFSET, fetch_extent, make_app
@@ -193,7 +193,7 @@ class DownstairsServer:
         self._block_size = region.definition.block_size
         self.paused = False  # no connection is read: too much write data waits for disk
         self._held: set[_Connection] = set()
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="disk")
+        self._disk = DiskThread()
         self._tasks: list[asyncio.Task[None]] = []
         self._server: asyncio.Server | None = None
         self._runner: web.AppRunner | None = None
@@ -258,7 +258,7 @@ class DownstairsServer:
             c.close("server shutting down")
         if self._runner is not None:
             await self._runner.cleanup()
-        self._pool.shutdown(wait=True)
+        self._disk.close()
 
     def _new_connection(self) -> _Connection:
         conn = _Connection(self, self._next_id)
@@ -379,7 +379,6 @@ class DownstairsServer:
     async def _disk_worker(self) -> None:
         """Runs what goes to the disk thread, one item at a time; small work
         queued behind it is drained once it is done."""
-        loop = asyncio.get_running_loop()
         while True:
             if not self._queue or _runs_inline(self._queue[0][1], self._block_size):
                 self._drain()
@@ -396,9 +395,7 @@ class DownstairsServer:
                 try:
                     if DS.on:
                         _work_started(work)
-                    outcome = await loop.run_in_executor(
-                        self._pool, ops.run, self.region, work, self._fetch
-                    )
+                    outcome = await self._disk.run(ops.run, self.region, work, self._fetch)
                     if DS.on:
                         _work_done(work)
                 finally:
