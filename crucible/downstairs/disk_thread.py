@@ -30,26 +30,27 @@ class DiskThread:
     def __init__(self, name: str = "disk") -> None:
         self._name = name
         self._inbox: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+        # (Not `_thread`: mypyc names its C field `__thread`, a C keyword.)
+        self._worker: threading.Thread | None = None
 
     def run(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         """`fn(*args)` on the thread, after what is queued before it; its
         result or exception arrives in the future. Cancelling the future does
         not stop a call already begun."""
         loop = asyncio.get_running_loop()
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._serve, name=self._name, daemon=True)
-            self._thread.start()
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._serve, name=self._name, daemon=True)
+            self._worker.start()
         fut: asyncio.Future[T] = loop.create_future()
         self._inbox.put((loop, fut, fn, args))
         return fut
 
     def close(self) -> None:
         """Stop the thread once the item in hand (if any) is done."""
-        if self._thread is not None:
+        if self._worker is not None:
             self._inbox.put(None)
-            self._thread.join()
-            self._thread = None
+            self._worker.join()
+            self._worker = None
 
     def _serve(self) -> None:
         while True:
