@@ -17,6 +17,7 @@ from typing import Any
 
 from crucible.protocol import messages as m
 from crucible.protocol.fields import PLAIN_CONTEXT
+from crucible.protocol.integrity import plain_contexts
 from crucible.protocol.wire import U32, U64, ProtocolError, cached_uuid, struct_run, uuid_bytes
 
 Parts = list[bytes | bytearray | memoryview]
@@ -211,7 +212,7 @@ def _fast_write(body: memoryview) -> m.Message | None:
     elif raw[8::9].count(0) != nctx:
         return None
     else:
-        contexts = m.plain_contexts(struct_run(PLAIN_CONTEXT, nctx).unpack(raw))
+        contexts = plain_contexts(struct_run(PLAIN_CONTEXT, nctx).unpack(raw))
     (data_len,) = U64.unpack_from(body, end_ctx)
     if end_ctx + 8 + data_len != len(body):
         return None

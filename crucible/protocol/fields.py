@@ -21,11 +21,11 @@ from crucible.common.errors import (
     NegotiationKind,
 )
 from crucible.protocol import wire
+from crucible.protocol.integrity import plain_contexts
 from crucible.protocol.messages import (
     BlockContext,
     EncryptionContext,
     ReadBlockContext,
-    plain_contexts,
 )
 from crucible.protocol.wire import U32, U64, DecodeError, Reader, struct_run
 

@@ -9,11 +9,8 @@ in MESSAGE_TYPES (bincode numbers enum variants in declaration order).
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable
 from dataclasses import dataclass
-from itertools import repeat
-from operator import itemgetter
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from crucible.common.definition import RegionDefinition
 from crucible.common.errors import CrucibleError
@@ -52,19 +49,6 @@ class EncryptionContext(NamedTuple):
 class BlockContext(NamedTuple):
     hash: int
     encryption: EncryptionContext | None = None
-
-
-def plain_contexts(hashes: Iterable[int]) -> list[BlockContext]:
-    """BlockContext(h) for each hash. A NamedTuple's own __new__ is Python
-    code; tuple.__new__ makes the same tuples without it (a MiB written
-    carries 256 of them, at every hop)."""
-    make: Any = tuple.__new__
-    return list(map(make, repeat(BlockContext), zip(hashes, repeat(None))))
-
-
-def all_plain(contexts: list[BlockContext]) -> bool:
-    """No context carries encryption: the whole run takes the one-pass paths."""
-    return list(map(itemgetter(1), contexts)).count(None) == len(contexts)
 
 
 # A read block's context: None = Empty (never written), int = Unencrypted{hash},

@@ -60,7 +60,8 @@ import xxhash
 
 from crucible.common.errors import CrucibleError, ErrorKind
 from crucible.libc import address, libc
-from crucible.protocol.messages import BlockContext, ReadBlockContext, all_plain
+from crucible.protocol.integrity import all_plain
+from crucible.protocol.messages import BlockContext, ReadBlockContext
 from crucible.protocol.wire import struct_run
 from crucible.region.context import (
     BadSlot,

@@ -15,8 +15,8 @@ from typing import BinaryIO
 
 from crucible.common.definition import RegionDefinition, RegionError
 from crucible.common.errors import CrucibleError, ErrorKind
-from crucible.protocol.integrity import block_hash, block_hashes
-from crucible.protocol.messages import BlockContext, ReadBlockContext, all_plain
+from crucible.protocol.integrity import all_plain, block_hash, block_hashes
+from crucible.protocol.messages import BlockContext, ReadBlockContext
 from crucible.region.definition import (
     REGION_JSON,
     fsync_dir,

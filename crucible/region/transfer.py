@@ -5,8 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from crucible.protocol.integrity import block_hashes
-from crucible.protocol.messages import plain_contexts
+from crucible.protocol.integrity import block_hashes, plain_contexts
 from crucible.region.region import Progress, Region
 
 CHUNK_BYTES = 32 << 20

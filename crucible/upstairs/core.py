@@ -33,7 +33,7 @@ from crucible.common.errors import CrucibleError, ErrorKind
 from crucible.observe.probes import UP
 from crucible.protocol import messages as m
 from crucible.protocol.capabilities import Capabilities
-from crucible.protocol.integrity import block_hashes
+from crucible.protocol.integrity import block_hashes, plain_contexts
 from crucible.protocol.roles import JOB_REPLY_TYPES
 from crucible.protocol.wire import SocketAddr
 from crucible.upstairs.actions import Action, Complete, Drop, Log
@@ -215,7 +215,7 @@ class UpstairsCore:
         if cipher is not None:
             data, contexts = cipher.seal(start, data, bs)
         else:
-            contexts = m.plain_contexts(block_hashes(data, bs))
+            contexts = plain_contexts(block_hashes(data, bs))
         # Fast ack: durability is promised by the next flush, not by the write.
         acts = self.ds.enqueue(WriteOp(start, contexts, data, unwritten), None, now)
         self.ds.allocation.mark(start, count, True)

@@ -3,7 +3,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from crucible.protocol.messages import BlockContext, EncryptionContext, plain_contexts
+from crucible.protocol.integrity import plain_contexts
+from crucible.protocol.messages import BlockContext, EncryptionContext
 from crucible.region.context import decode_slot, encode_plain_slots, encode_slot
 from crucible.region.layout import SLOT_SIZE, ExtentLayout, pack_bitmap, unpack_bitmap
 
