@@ -4,7 +4,7 @@ block (so it is checked without the key)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Sequence
 from itertools import repeat
 from operator import itemgetter
 from typing import Any
@@ -21,22 +21,29 @@ def sealed_hash(nonce: bytes, tag: bytes, ciphertext: bytes | memoryview) -> int
     return h.intdigest()
 
 
-def plain_contexts(hashes: Iterable[int]) -> list[BlockContext]:
+_ENCRYPTION = itemgetter(1)  # a BlockContext's encryption
+
+
+def plain_contexts(hashes: Sequence[int]) -> list[BlockContext]:
     """BlockContext(h) for each hash. A NamedTuple's own __new__ is Python
     code; tuple.__new__ makes the same tuples without it (a MiB written
     carries 256 of them, at every hop). Here, not beside BlockContext: this
     module is compiled, and the call is made for every write."""
     make: Any = tuple.__new__
+    if len(hashes) == 1:  # a one-block write, the commonest
+        return [make(BlockContext, (hashes[0], None))]
     return list(map(make, repeat(BlockContext), zip(hashes, repeat(None))))
 
 
 def all_plain(contexts: list[BlockContext]) -> bool:
     """No context carries encryption: the whole run takes the one-pass paths."""
-    return list(map(itemgetter(1), contexts)).count(None) == len(contexts)
+    return list(map(_ENCRYPTION, contexts)).count(None) == len(contexts)
 
 
 def block_hashes(data: bytes | bytearray | memoryview, block_size: int) -> list[int]:
     """xxh64 of each block of `data` (whole blocks), in one pass of C calls."""
+    if len(data) == block_size:
+        return [xxhash.xxh64_intdigest(data)]
     view = memoryview(data)
     blocks = [view[i : i + block_size] for i in range(0, len(view), block_size)]
     return list(map(xxhash.xxh64_intdigest, blocks))

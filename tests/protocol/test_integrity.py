@@ -1,0 +1,37 @@
+"""Block hashes and plain contexts: the one-block shortcuts give what the
+general path gives."""
+
+from __future__ import annotations
+
+import random
+
+import xxhash
+from hypothesis import given
+from hypothesis import strategies as st
+
+from crucible.protocol.integrity import all_plain, block_hashes, plain_contexts
+from crucible.protocol.messages import BlockContext, EncryptionContext
+
+
+@given(st.integers(1, 8), st.sampled_from([512, 4096]), st.integers(0, 2**32))
+def test_block_hashes_hash_each_block(blocks: int, bs: int, seed: int) -> None:
+    data = random.Random(seed).randbytes(blocks * bs)
+    want = [xxhash.xxh64_intdigest(data[i : i + bs]) for i in range(0, len(data), bs)]
+    for form in (data, bytearray(data), memoryview(data)):
+        assert block_hashes(form, bs) == want
+
+
+@given(st.lists(st.integers(0, 2**64 - 1), max_size=300))
+def test_plain_contexts_are_block_contexts(hashes: list[int]) -> None:
+    for form in (hashes, tuple(hashes)):
+        ctxs = plain_contexts(form)
+        assert ctxs == [BlockContext(h) for h in hashes]
+        assert all(type(c) is BlockContext and c.encryption is None for c in ctxs)
+        assert all_plain(ctxs)
+
+
+def test_all_plain_sees_one_sealed_context() -> None:
+    sealed = BlockContext(1, EncryptionContext(bytes(12), bytes(16)))
+    assert not all_plain([BlockContext(2), sealed])
+    assert not all_plain([sealed])
+    assert all_plain([])
