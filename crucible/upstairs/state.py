@@ -84,7 +84,9 @@ CONNECTING = frozenset(
 NEGOTIATING = frozenset({Stage.HELLO, Stage.PROBE, Stage.PROMOTE, Stage.REGION, Stage.VERSIONS})
 # Connected: pinged, and dropped when silent too long.
 CONNECTED = (CONNECTING - {Stage.CONNECT}) | {Stage.ACTIVE, Stage.LIVE_REPAIR}
-TAKES_IO = frozenset({Stage.ACTIVE, Stage.LIVE_REPAIR})
+# A tuple, not a set: it is asked on every IO and reply, and an Enum's
+# __hash__ is Python code where a tuple compares by identity.
+TAKES_IO = (Stage.ACTIVE, Stage.LIVE_REPAIR)
 
 
 @dataclass(frozen=True, slots=True)
