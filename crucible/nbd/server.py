@@ -163,6 +163,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.out: OutputBatcher | None = None
         self._handshake: Handshake | None = None  # None once transmission begins
+        self._size = 0  # the export's size as the handshake told the client
         self._rx = bytearray(RX_BUFFER)
         self._rxv = memoryview(self._rx)
         self._start = self._end = 0  # unparsed bytes are _rx[_start:_end]
@@ -199,7 +200,9 @@ class _Connection(asyncio.BufferedProtocol):
         log.info("nbd client %d connected from %s", self.cid, peer)
         loop = asyncio.get_running_loop()
         self._deadline = loop.call_later(self.server.handshake_timeout, self._too_slow)
-        self._handshake = Handshake(self.export.info())
+        info = self.export.info()
+        self._size = info.size
+        self._handshake = Handshake(info)
         self.out.write(self._handshake.data_to_send())
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -421,7 +424,7 @@ class _Connection(asyncio.BufferedProtocol):
         if writes and self.export.read_only:
             return p.EPERM
         if cmd != p.Cmd.FLUSH and (
-            offset + length > self.export.size or (length == 0 and cmd != p.Cmd.WRITE)
+            offset + length > self._size or (length == 0 and cmd != p.Cmd.WRITE)
         ):
             return p.ENOSPC if cmd in (p.Cmd.WRITE, p.Cmd.WRITE_ZEROES) else p.EINVAL
         if cmd == p.Cmd.READ and length > MAX_PAYLOAD:
