@@ -70,10 +70,13 @@ class Result:
     p99_ms: float
     ios: int
     mib: float
-    cpu_s: float  # user + system of every serving process during the test
-    # Each process's share, in the order served: crucible-nbd, then the
-    # three downstairs (or qemu-nbd alone).
+    # User + system of each serving process during the test, in the order
+    # served: crucible-nbd, then the three downstairs (or qemu-nbd alone).
     cpu_split: list[float]
+
+    @property
+    def cpu_s(self) -> float:
+        return sum(self.cpu_split)
 
     @property
     def cpu_us_per_io(self) -> float:
@@ -162,7 +165,6 @@ def run_test(
         f["p99_ms"],
         int(f["ios"]),
         f["mib"],
-        sum(split),
         split,
     )
     shares = " + ".join(f"{us:.0f}" for us in r.split_us_per_io) if len(split) > 1 else ""
@@ -383,6 +385,7 @@ def main() -> None:
     rows = [
         {
             **asdict(r),
+            "cpu_s": r.cpu_s,
             "cpu_us_per_io": r.cpu_us_per_io,
             "cpu_ms_per_mib": r.cpu_ms_per_mib,
             "cpu_us_per_io_by_process": r.split_us_per_io,
