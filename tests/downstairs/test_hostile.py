@@ -191,14 +191,19 @@ def big_region(tmp_path: Path) -> Path:
     return region
 
 
-def test_replies_a_peer_does_not_read_are_bounded(tmp_path: Path) -> None:
+@pytest.mark.parametrize("blocks", [256, 16])  # 1 MiB (the disk thread's) and 64 KiB reads
+def test_replies_a_peer_does_not_read_are_bounded(tmp_path: Path, blocks: int) -> None:
+    """2 GiB of replies asked for in a few MB of requests, read only once
+    the server stopped reading them: its memory stays bounded."""
     with downstairs(big_region(tmp_path)) as ds:
         c = Client(ds.port, gen=1)
         c.negotiate()
         base = rss(ds.proc.pid)
-        reads = 2000  # of 1 MiB each: 2 GiB of replies asked for in 200 KB
+        reads = 2000 * 256 // blocks
         msgs = [
-            codec.encode(m.ReadRequest(c.upstairs_id, c.session_id, 1 + i, [], i % 64 * 256, 256))
+            codec.encode(
+                m.ReadRequest(c.upstairs_id, c.session_id, 1 + i, [], i * blocks % 16384, blocks)
+            )
             for i in range(reads)
         ]
         sender = threading.Thread(target=c.sock.sendall, args=(b"".join(msgs),), daemon=True)
