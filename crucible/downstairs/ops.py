@@ -20,10 +20,11 @@ log = logging.getLogger("crucible.downstairs")
 FetchExtent = Callable[[SocketAddr, int, BinaryIO], None]
 
 
-def run(region: Region, work: Work, fetch: FetchExtent) -> Any:
-    """The outcome of one piece of work: its result, or the CrucibleError it failed with."""
+def run(region: Region, work: Work, fetch: FetchExtent, cached_only: bool = False) -> Any:
+    """The outcome of one piece of work: its result, or the CrucibleError it
+    failed with. `cached_only` (a read): WouldBlock rather than wait for the disk."""
     try:
-        return _run(region, work, fetch)
+        return _run(region, work, fetch, cached_only)
     except CrucibleError as e:
         return e
     except RegionError as e:
@@ -32,12 +33,12 @@ def run(region: Region, work: Work, fetch: FetchExtent) -> Any:
         return CrucibleError(ErrorKind.IoError, f"{e.strerror or e}")
 
 
-def _run(region: Region, work: Work, fetch: FetchExtent) -> Any:
+def _run(region: Region, work: Work, fetch: FetchExtent, cached_only: bool) -> Any:
     match work:
         case m.Write():
             return region.write(work.start, work.contexts, work.data)
         case m.ReadRequest():
-            return region.read(work.start, work.count)
+            return region.read(work.start, work.count, cached_only)
         case m.Flush():
             region.flush(work.flush_number, work.gen_number, work.extent_limit)
             if work.snapshot_name is not None:

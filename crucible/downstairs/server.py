@@ -46,6 +46,7 @@ from crucible.protocol.codec import encode_parts
 from crucible.protocol.framing import FrameDecoder
 from crucible.protocol.roles import is_job
 from crucible.protocol.wire import ProtocolError
+from crucible.region.extent import WouldBlock
 from crucible.region.region import Region
 from crucible.tls import TlsAccept, TlsFiles
 
@@ -190,6 +191,7 @@ class DownstairsServer:
         self._wake = asyncio.Event()  # the worker: work for the disk thread is queued
         self._busy = False  # the disk thread runs an item: nothing else may start
         self._draining = False
+        self._uncached: Work | None = None  # a large read found not all in the page cache
         self._block_size = region.definition.block_size
         self.paused = False  # no connection is read: too much write data waits for disk
         self._held: set[_Connection] = set()
@@ -344,21 +346,32 @@ class DownstairsServer:
         try:
             while self._queue and not self._busy:
                 conn_id, work, nbytes = self._queue[0]
-                if not _runs_inline(work, self._block_size):
+                # A large read runs here too if the page cache holds its data:
+                # the hop to the disk thread and back costs more than the copy.
+                cached_only = not _runs_inline(work, self._block_size)
+                if cached_only and (work is self._uncached or not isinstance(work, m.ReadRequest)):
                     self._wake.set()
                     return
                 self._queue.popleft()
                 self._queued_bytes -= nbytes
-                if self.core.wants(conn_id):  # not fenced meanwhile
+                if not self.core.wants(conn_id):  # fenced meanwhile
+                    continue
+                try:
+                    if DS.on:
+                        _work_started(work)
                     try:
-                        if DS.on:
-                            _work_started(work)
-                        outcome = ops.run(self.region, work, self._fetch)
-                        if DS.on:
-                            _work_done(work)
-                        self.apply(self.core.finished(conn_id, work, outcome))
-                    except Exception:
-                        self._failed(conn_id, work)
+                        outcome = ops.run(self.region, work, self._fetch, cached_only)
+                    except WouldBlock:  # back to the head, for the disk thread
+                        self._queue.appendleft((conn_id, work, nbytes))
+                        self._queued_bytes += nbytes
+                        self._uncached = work
+                        self._wake.set()
+                        return
+                    if DS.on:
+                        _work_done(work)
+                    self.apply(self.core.finished(conn_id, work, outcome))
+                except Exception:
+                    self._failed(conn_id, work)
         finally:
             self._draining = False
 
@@ -393,8 +406,9 @@ class DownstairsServer:
             try:
                 self._busy = True
                 try:
-                    if DS.on:
+                    if DS.on and work is not self._uncached:  # (else started on the loop)
                         _work_started(work)
+                    self._uncached = None
                     outcome = await self._disk.run(ops.run, self.region, work, self._fetch)
                     if DS.on:
                         _work_done(work)

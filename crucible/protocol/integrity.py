@@ -14,7 +14,7 @@ import xxhash
 from crucible.protocol.messages import BlockContext
 
 
-def sealed_hash(nonce: bytes, tag: bytes, ciphertext: bytes | memoryview) -> int:
+def sealed_hash(nonce: bytes, tag: bytes, ciphertext: bytes | bytearray | memoryview) -> int:
     h = xxhash.xxh64(nonce)
     h.update(tag)
     h.update(ciphertext)
@@ -49,7 +49,7 @@ def block_hashes(data: bytes | bytearray | memoryview, block_size: int) -> list[
     return list(map(xxhash.xxh64_intdigest, blocks))
 
 
-def block_hash(ctx: BlockContext, block: bytes | memoryview) -> int:
+def block_hash(ctx: BlockContext, block: bytes | bytearray | memoryview) -> int:
     """The hash `ctx` must carry for `block` as stored."""
     enc = ctx.encryption
     if enc is None:

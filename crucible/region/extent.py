@@ -59,7 +59,7 @@ from typing import Literal
 import xxhash
 
 from crucible.common.errors import CrucibleError, ErrorKind
-from crucible.libc import address, libc
+from crucible.libc import address, libc, raw_bytearray
 from crucible.protocol.integrity import all_plain
 from crucible.protocol.messages import BlockContext, ReadBlockContext
 from crucible.protocol.wire import struct_run
@@ -127,6 +127,31 @@ def direct_pwrite(fd: int, data: memoryview, offset: int) -> None:
     with memoryview(buf) as whole, whole[:n] as view:
         view[:] = data
         pwrite_all(fd, view, offset)
+
+
+class WouldBlock(Exception):
+    """A read asked only of the page cache found some of its data missing."""
+
+
+# Linux: preadv2 fails with EAGAIN rather than wait for the disk.
+_RWF_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
+
+
+def pread_cached(fd: int, size: int, offset: int) -> bytearray:
+    """`size` bytes at `offset` if the page cache holds all of them; else
+    WouldBlock, having waited for nothing (also where RWF_NOWAIT is unknown)."""
+    if _RWF_NOWAIT is None:
+        raise WouldBlock
+    buf = raw_bytearray(size)
+    try:
+        got = os.preadv(fd, [buf], offset, _RWF_NOWAIT)
+    except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EOPNOTSUPP, errno.EINVAL):
+            raise WouldBlock from None
+        raise
+    if got != size:  # partly cached, or short: the blocking read says which
+        raise WouldBlock
+    return buf
 
 
 def pread_exact(fd: int, size: int, offset: int) -> bytes:
@@ -334,14 +359,21 @@ class Extent:
         if start < 0 or n < 0 or start + n > self.layout.blocks:
             raise CrucibleError(ErrorKind.OffsetInvalid)
 
-    def read(self, start: int, n: int) -> tuple[list[ReadBlockContext], bytes]:
+    def read(
+        self, start: int, n: int, cached_only: bool = False
+    ) -> tuple[list[ReadBlockContext], bytes | bytearray]:
+        """The contexts and data of n blocks. `cached_only`: WouldBlock rather
+        than wait for the disk for the data (its contexts are read as usual)."""
         self._check_range(start, n)
         for b in self.damaged:
             if start <= b < start + n:
                 raise CrucibleError(ErrorKind.MissingContextSlot, values=(b, self.number))
         bs = self.layout.block_size
         try:
-            data = pread_exact(self.fd, n * bs, start * bs)
+            if cached_only:
+                data: bytes | bytearray = pread_cached(self.fd, n * bs, start * bs)
+            else:
+                data = pread_exact(self.fd, n * bs, start * bs)
             return self._read_contexts(start, n), data
         except OSError as e:
             raise io_error(e, f"read extent {self.number}") from None

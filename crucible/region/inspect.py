@@ -44,7 +44,9 @@ def _letters(values: list[object]) -> str:
     return "".join(seen.setdefault(v, "ABC"[len(seen)]) for v in values)
 
 
-def _block_view(region: Region, block: int) -> tuple[bytes | None, SlotContext | None, str]:
+def _block_view(
+    region: Region, block: int
+) -> tuple[bytes | bytearray | None, SlotContext | None, str]:
     eid, off = divmod(block, region.definition.extent_size)
     ext = region.extent(eid)
     try:

@@ -251,15 +251,18 @@ class Region:
             ext.trim(off, n)
             self.dirty_extents.add(eid)
 
-    def read(self, start: int, count: int) -> tuple[list[ReadBlockContext], bytes]:
+    def read(
+        self, start: int, count: int, cached_only: bool = False
+    ) -> tuple[list[ReadBlockContext], bytes | bytearray]:
+        """`cached_only`: raise extent.WouldBlock rather than wait for the disk."""
         pieces = self._pieces(start, count)
         if len(pieces) == 1:
             eid, off, n, _ = pieces[0]
-            return self.extent(eid).read(off, n)
+            return self.extent(eid).read(off, n, cached_only)
         ctxs: list[ReadBlockContext] = []
         parts = []
         for eid, off, n, _ in pieces:
-            c, d = self.extent(eid).read(off, n)
+            c, d = self.extent(eid).read(off, n, cached_only)
             ctxs.extend(c)
             parts.append(d)
         return ctxs, b"".join(parts)

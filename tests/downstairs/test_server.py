@@ -3,6 +3,7 @@ read-only mode, ordering, and bad input that must change nothing."""
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import socket
@@ -19,6 +20,7 @@ from tests.support import (
     DOWNSTAIRS,
     Client,
     Downstairs,
+    contexts_for,
     downstairs,
     free_port,
     pattern,
@@ -170,6 +172,44 @@ def test_jobs_wait_for_their_dependencies(ds: Downstairs) -> None:
     c.expect(m.BarrierAck)
     c.send(m.ReadRequest(c.upstairs_id, c.session_id, 1004, [1000, 1003], 3, 1))
     assert bytes(c.expect(m.ReadResponse).data) == pattern(3, 5)
+
+
+def drop_page_cache(region: Path) -> None:
+    """Evict the extent files' clean pages: the next read waits for the disk."""
+    for path in region.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def test_large_reads_in_order_from_the_cache_or_the_disk(ds: Downstairs, region: Path) -> None:
+    """A large read runs on the loop when the page cache holds its data and
+    goes to the disk thread when not; either way the jobs behind it wait."""
+    c = Client(ds.port)
+    c.negotiate()
+    n = 300  # 150 KiB: over the size that always runs on the loop
+    old = b"".join(pattern(b, 1) for b in range(n))
+    new = b"".join(pattern(b, 2) for b in range(n))
+    assert isinstance(c.write(0, old), m.WriteAck)
+    assert isinstance(c.flush(1), m.FlushAck)
+    for cold in (True, False, True):
+        if cold:
+            drop_page_cache(region)
+        first, then, last = c.job_id(), c.job_id(), c.job_id()
+        c.send(m.ReadRequest(c.upstairs_id, c.session_id, first, [], 0, n))
+        c.send(c.write_msg(0, new, deps=[first], job_id=then))
+        c.send(m.ReadRequest(c.upstairs_id, c.session_id, last, [then], 0, n))
+        r1, ack, r2 = c.recv(), c.recv(), c.recv()
+        assert isinstance(r1, m.ReadResponse) and r1.job_id == first and bytes(r1.data) == old
+        assert isinstance(ack, m.WriteAck) and ack.job_id == then
+        assert isinstance(r2, m.ReadResponse) and r2.job_id == last and bytes(r2.data) == new
+        assert r2.blocks == [ctx.hash for ctx in contexts_for(new)]
+        c.send(c.write_msg(0, old))  # back, for the next round
+        assert isinstance(c.recv(), m.WriteAck)
 
 
 def test_hash_mismatch_writes_nothing(ds: Downstairs) -> None:

@@ -69,13 +69,13 @@ def tamper(c: Cluster, replica: int, change: Callable[[Region], None]) -> None:
     c.start(replica)
 
 
-def sealed(region: Region, i: int) -> tuple[m.EncryptionContext, bytes]:
+def sealed(region: Region, i: int) -> tuple[m.EncryptionContext, bytes | bytearray]:
     ctxs, data = region.read(i, 1)
     assert isinstance(ctxs[0], m.EncryptionContext)
     return ctxs[0], data
 
 
-def put(region: Region, i: int, enc: m.EncryptionContext, data: bytes) -> None:
+def put(region: Region, i: int, enc: m.EncryptionContext, data: bytes | bytearray) -> None:
     region.write(i, [m.BlockContext(block_hash(m.BlockContext(0, enc), data), enc)], data)
 
 
