@@ -279,6 +279,21 @@ def contexts_for(data: bytes, block_size: int = 512) -> list[m.BlockContext]:
     ]
 
 
+def drop_page_cache(path: Path, sync: bool = True) -> None:
+    """Evict a file's pages, or those of every file under a directory, from
+    the page cache, so the next read waits for the disk. Without `sync` only
+    the clean pages go: the dirty ones stay."""
+    files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            if sync:
+                os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def pattern(block: int, version: int, block_size: int = 512) -> bytes:
     """Deterministic, distinct content for (block, version)."""
     head = f"block {block} version {version} ".encode()

@@ -3,7 +3,6 @@ read-only mode, ordering, and bad input that must change nothing."""
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import socket
@@ -22,6 +21,7 @@ from tests.support import (
     Downstairs,
     contexts_for,
     downstairs,
+    drop_page_cache,
     free_port,
     pattern,
     wait_listening,
@@ -172,18 +172,6 @@ def test_jobs_wait_for_their_dependencies(ds: Downstairs) -> None:
     c.expect(m.BarrierAck)
     c.send(m.ReadRequest(c.upstairs_id, c.session_id, 1004, [1000, 1003], 3, 1))
     assert bytes(c.expect(m.ReadResponse).data) == pattern(3, 5)
-
-
-def drop_page_cache(region: Path) -> None:
-    """Evict the extent files' clean pages: the next read waits for the disk."""
-    for path in region.rglob("*"):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
 
 
 def test_large_reads_in_order_from_the_cache_or_the_disk(ds: Downstairs, region: Path) -> None:

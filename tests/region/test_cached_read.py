@@ -14,18 +14,9 @@ from crucible.region.extent import WouldBlock, pread_cached
 from crucible.region.layout import extent_path
 from crucible.region.region import Region
 from tests.region.conftest import MakeRegion
+from tests.support import drop_page_cache
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "RWF_NOWAIT"), reason="needs preadv2 RWF_NOWAIT")
-
-
-def drop_cache(path: Path) -> None:
-    """Evict a file's clean pages from the page cache."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def test_pread_cached_reads_only_what_the_cache_holds(tmp_path: Path) -> None:
@@ -35,13 +26,13 @@ def test_pread_cached_reads_only_what_the_cache_holds(tmp_path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         assert pread_cached(fd, len(data), 0) == data  # just written: cached
-        drop_cache(path)
+        drop_page_cache(path)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no readahead: just what is read
         assert os.pread(fd, 8192, 0) == data[:8192]
         assert pread_cached(fd, 8192, 0) == data[:8192]
         with pytest.raises(WouldBlock):  # a cached head is not enough
             pread_cached(fd, len(data), 0)
-        drop_cache(path)
+        drop_page_cache(path)
         with pytest.raises(WouldBlock):
             pread_cached(fd, len(data), 0)
         os.pread(fd, len(data), 0)
@@ -69,7 +60,7 @@ def test_region_read_cached_matches_the_blocking_read(make_region: MakeRegion) -
     assert bytes(data) == b"".join(blocks[start : start + count])
     assert r.read(start, count, cached_only=True) == (ctxs, data)
 
-    drop_cache(extent_path(r.dir, 1))
+    drop_page_cache(extent_path(r.dir, 1))
     with pytest.raises(WouldBlock):
         r.read(start, count, cached_only=True)
     assert r.read(start, count) == (ctxs, data)  # waits, and fills the cache
