@@ -337,9 +337,10 @@ class DownstairsServer:
             self._drain()
 
     def _drain(self) -> None:
-        """Run queued small work right here, in order, so its replies leave in
-        this loop iteration; stop at work for the disk thread (the worker takes
-        it from the head of the queue, so order is kept)."""
+        """Run queued small work (and large reads the page cache can answer)
+        right here, in order, so its replies leave in this loop iteration;
+        stop at work for the disk thread (the worker takes it from the head
+        of the queue, so order is kept)."""
         if self._draining:
             return  # work finishing below queued more: this loop takes it
         self._draining = True
