@@ -394,22 +394,22 @@ class DownstairsServer:
         """Runs what goes to the disk thread, one item at a time; small work
         queued behind it is drained once it is done."""
         while True:
-            if not self._queue or _runs_inline(self._queue[0][1], self._block_size):
-                self._drain()
-                if not self._queue or _runs_inline(self._queue[0][1], self._block_size):
-                    self._wake.clear()
-                    await self._wake.wait()
+            self._drain()  # what is left at the head is work for the disk thread
+            if not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
                 continue
             conn_id, work, nbytes = self._queue.popleft()
             self._queued_bytes -= nbytes
+            started = work is self._uncached  # (its try on the loop fired the start probe)
+            self._uncached = None
             if not self.core.wants(conn_id):
                 continue  # its upstairs was replaced or went away: never touch the disk
             try:
                 self._busy = True
                 try:
-                    if DS.on and work is not self._uncached:  # (else started on the loop)
+                    if DS.on and not started:
                         _work_started(work)
-                    self._uncached = None
                     outcome = await self._disk.run(ops.run, self.region, work, self._fetch)
                     if DS.on:
                         _work_done(work)
