@@ -52,8 +52,9 @@ from crucible.upstairs.blockio import (
 )
 from crucible.upstairs.core import UpstairsCore
 from crucible.upstairs.options import Options
+from crucible.upstairs.repair_http import fetch_allocation, fetch_capabilities
 from crucible.upstairs.status import UpstairsStatus, VerifyStatus
-from crucible.upstairs.transport import Connection, fetch_allocation, fetch_capabilities
+from crucible.upstairs.transport import Connection
 
 log = logging.getLogger("crucible.upstairs")
 
