@@ -401,9 +401,11 @@ class DownstairsTracer:
         self.t = tracing
         self.extent_size = extent_size
         self.begun: dict[int, list[Any]] = {}  # id(message) -> [start ns, events]
+        dones: set[str] = set()  # (live-repair jobs share done probes)
         for op, (start, done) in DS_JOBS.items():
             DS.attach(start, self._start)
-            if not DS.attached(done):  # (live-repair jobs share done probes)
+            if done not in dones:
+                dones.add(done)
                 DS.attach(done, self._done(f"submit-{op.replace('_', '-')}"))
         for op in DS_DISK:
             DS.attach(f"os__{op}__start", self._event(f"os-{op}-start"))

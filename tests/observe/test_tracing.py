@@ -130,10 +130,12 @@ def test_crutest_spans_reach_an_otlp_http_collector(tmp_path: Path) -> None:
         c = Cluster(tmp_path, "--extent-size", "64", "--extent-count", "8")
         try:
             c.stop()
-            c.start(None, "--trace-endpoint", endpoint)
+            # Metrics on too: their handlers share the probes the spans are made from.
+            for i in range(3):
+                c.start(i, "--trace-endpoint", endpoint, "--metrics", f"127.0.0.1:{free_port()}")
             r = run_tool(
                 "crutest", "rand", *c.target_args(), "--count", "20", "--seed", "1",
-                "--trace-endpoint", endpoint,
+                "--trace-endpoint", endpoint, "--metrics", f"127.0.0.1:{free_port()}",
             )  # fmt: skip
             assert r.returncode == 0, r.stdout + r.stderr
 
