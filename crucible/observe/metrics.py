@@ -10,9 +10,6 @@ upstairs' tables from the server's thread.
 from __future__ import annotations
 
 import errno
-import math
-import time
-from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -31,16 +28,8 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from crucible.observe.probes import DS, DS_DISK, DS_IO, DS_LIVE, DS_OPS, GW_OPS, NBD, UP
+from crucible.observe.tally import Cell, ClientOp, DiskOp, DsJob, GuestOp, Hist, Requests
 from crucible.tls import TlsFiles
-
-# From 50 us (a job answered from the page cache) to 10 s (a stalled downstairs).
-LATENCY_BUCKETS = (
-    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
-    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-)  # fmt: skip
-
-
-MAX_OPEN = 100_000  # timings begun and not yet done, at most
 
 
 class MetricsError(Exception):
@@ -68,26 +57,22 @@ def serve(host: str, port: int, registry: CollectorRegistry, tls: TlsFiles | Non
 
 
 class Tally(Collector):
-    """Counters and latency histograms kept as plain numbers.
-
-    prometheus_client's own take a lock and walk their buckets on every
-    update: a few microseconds, several times per guest IO. These are bumped
-    by one thread only (the event loop's, where the probes fire), so they
-    need no lock; a scrape from the server's thread reads them as they are.
-    """
+    """Families of the counters and histograms in tally.py, for a scrape."""
 
     def __init__(self) -> None:
-        self.counters: dict[str, tuple[str, list[str], dict[tuple[str, ...], list[float]]]] = {}
+        self.counters: dict[str, tuple[str, list[str], dict[tuple[str, ...], Cell]]] = {}
         self.histograms: dict[str, tuple[str, list[str], dict[tuple[str, ...], Hist]]] = {}
 
-    def counter(self, name: str, doc: str, labels: list[str]) -> Callable[..., list[float]]:
-        """A counter family; call it with label values for a child: a [value]
-        to add to."""
-        children: dict[tuple[str, ...], list[float]] = {}
+    def counter(self, name: str, doc: str, labels: list[str]) -> Callable[..., Cell]:
+        """A counter family; call it with label values for a child."""
+        children: dict[tuple[str, ...], Cell] = {}
         self.counters[name] = (doc, labels, children)
 
-        def child(*values: str) -> list[float]:
-            return children.setdefault(values, [0.0])
+        def child(*values: str) -> Cell:
+            cell = children.get(values)
+            if cell is None:
+                cell = children[values] = Cell()
+            return cell
 
         return child
 
@@ -104,7 +89,7 @@ class Tally(Collector):
         for name, (doc, labels, counters) in self.counters.items():
             fam = CounterMetricFamily(name, doc, labels=labels)
             for values, cell in list(counters.items()):
-                fam.add_metric(list(values), cell[0])
+                fam.add_metric(list(values), cell.value)
             yield fam
         for name, (doc, labels, hists) in self.histograms.items():
             hfam = HistogramMetricFamily(name, doc, labels=labels)
@@ -112,48 +97,6 @@ class Tally(Collector):
                 buckets, total = h.snapshot()
                 hfam.add_metric(list(values), buckets, total)
             yield hfam
-
-
-class Hist:
-    """One histogram's buckets (LATENCY_BUCKETS, then +Inf) and sum."""
-
-    __slots__ = ("counts", "sum")
-
-    def __init__(self) -> None:
-        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
-        self.sum = 0.0
-
-    def observe(self, seconds: float) -> None:
-        self.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
-        self.sum += seconds
-
-    def snapshot(self) -> tuple[list[tuple[str, float]], float]:
-        """Cumulative buckets, as the text format has them."""
-        out, running = [], 0
-        for le, n in zip((*LATENCY_BUCKETS, math.inf), list(self.counts), strict=True):
-            running += n
-            out.append(("+Inf" if le == math.inf else repr(le), float(running)))
-        return out, self.sum
-
-
-def _timer(
-    observe: Callable[[float], None],
-) -> tuple[Callable[[Any], None], Callable[[Any], None]]:
-    """(start, done) handlers that time a key from start to done."""
-    begun: dict[Any, float] = {}
-    clock = time.perf_counter
-
-    def on_start(key: Any) -> None:
-        if len(begun) > MAX_OPEN:  # keys that never saw their done (a connection lost)
-            begun.clear()
-        begun[key] = clock()
-
-    def on_done(key: Any) -> None:
-        t0 = begun.pop(key, None)
-        if t0 is not None:
-            observe(clock() - t0)
-
-    return on_start, on_done
 
 
 class UpstairsMetrics:
@@ -206,47 +149,26 @@ class UpstairsMetrics:
         UP.attach("up__status", self.status.update)
 
     def _attach_guest(self, op: str) -> None:
-        ops, nbytes = self.ops(op), self.bytes(op)
-        on_start, on_done = _timer(self.latency(op).observe)
-
-        def start(jid: int, n: int, guest: bool, extent: int | None) -> None:
-            if guest:
-                on_start(jid)
-
-        def done(jid: int, n: int, guest: bool) -> None:
-            if guest:
-                on_done(jid)
-                ops[0] += 1
-                nbytes[0] += n
-
-        UP.attach(f"gw__{op}__start", start)
-        UP.attach(f"gw__{op}__done", done)
+        h = GuestOp(self.ops(op), self.bytes(op), self.latency(op))
+        UP.attach(f"gw__{op}__start", h.start)
+        UP.attach(f"gw__{op}__done", h.done)
 
     def _attach_clients(self, probe: str, op: str) -> None:
         errors = [self.ds_errors(str(c)) for c in range(3)]
-        timers = [_timer(self.ds_latency(str(c), op).observe) for c in range(3)]
-
-        def start(jid: int, cid: int) -> None:
-            timers[cid][0](jid)
-
-        def done(jid: int, cid: int, err: object) -> None:
-            timers[cid][1](jid)
-            if err is not None:
-                errors[cid][0] += 1
-
-        UP.attach(f"{probe}__start", start)
-        UP.attach(f"{probe}__done", done)
+        h = ClientOp([self.ds_latency(str(c), op) for c in range(3)], errors)
+        UP.attach(f"{probe}__start", h.start)
+        UP.attach(f"{probe}__done", h.done)
 
     def _fault(self, cid: int, why: str) -> None:
-        self.faults(str(cid))[0] += 1
+        self.faults(str(cid)).value += 1
 
     def _replayed(self, cid: int, jobs: int) -> None:
-        self.replays(str(cid))[0] += 1
-        self.replayed(str(cid))[0] += jobs
+        self.replays(str(cid)).value += 1
+        self.replayed(str(cid)).value += jobs
 
     def _activated(self, gen: int, error: str | None) -> None:
         if error is None:
-            self.activations[0] += 1
+            self.activations.value += 1
 
 
 class StatusCollector(Collector):
@@ -329,10 +251,10 @@ class _Connections:
         self.accepted = t.counter(f"{prefix}_connects", f"{who} connections accepted", [])()
         self.gone = 0
         now = Gauge(f"{prefix}_connections", f"{who} connections open now", registry=registry)
-        now.set_function(lambda: self.accepted[0] - self.gone)
+        now.set_function(lambda: self.accepted.value - self.gone)
 
     def opened(self, *_: Any) -> None:
-        self.accepted[0] += 1
+        self.accepted.value += 1
 
     def closed(self, *_: Any) -> None:
         self.gone += 1
@@ -378,34 +300,21 @@ class DownstairsMetrics:
         for op in DS_IO:
             self._attach_job(op)
         for op in DS_DISK:
-            start, done = _timer(self.disk(op).observe)
-            DS.attach(f"os__{op}__start", lambda jid, msg, start=start: start(id(msg)))
-            DS.attach(f"os__{op}__done", lambda jid, msg, done=done: done(id(msg)))
+            disk = DiskOp(self.disk(op))
+            DS.attach(f"os__{op}__start", disk.start)
+            DS.attach(f"os__{op}__done", disk.done)
         DS.attach("connection__open", self.connections.opened)
         DS.attach("connection__close", self.connections.closed)
         DS.attach("repair__served", self._served)
 
     def _attach_job(self, op: str) -> None:
-        jobs, errors = self.jobs(op), self.errors(op)
-        on_start, on_done = _timer(self.latency(op).observe)
-        counted = self.read_bytes if op == "read" else self.write_bytes
-
-        def start(jid: int, msg: Any) -> None:
-            on_start(id(msg))
-
-        def done(jid: int, msg: Any, err: object, nbytes: int) -> None:
-            on_done(id(msg))
-            jobs[0] += 1
-            if err is not None:
-                errors[0] += 1
-            elif nbytes:
-                counted[0] += nbytes
-
-        DS.attach(f"submit__{op}__start", start)
-        DS.attach(f"submit__{op}__done", done)
+        moved = self.read_bytes if op == "read" else self.write_bytes
+        h = DsJob(self.jobs(op), self.errors(op), moved, self.latency(op))
+        DS.attach(f"submit__{op}__start", h.start)
+        DS.attach(f"submit__{op}__done", h.done)
 
     def _served(self, extent: int, nbytes: int) -> None:
-        self.repair_bytes[0] += nbytes
+        self.repair_bytes.value += nbytes
 
 
 class NbdMetrics:
@@ -419,11 +328,6 @@ class NbdMetrics:
             "crucible_nbd_request_bytes", "Bytes NBD requests asked for, by command", ["command"]
         )
         registry.register(t)
-
-        def request(command: str, length: int) -> None:
-            requests(command)[0] += 1
-            nbytes(command)[0] += length
-
         NBD.attach("nbd__connection__open", connections.opened)
         NBD.attach("nbd__connection__close", connections.closed)
-        NBD.attach("nbd__request", request)
+        NBD.attach("nbd__request", Requests(requests, nbytes).request)
