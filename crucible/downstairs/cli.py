@@ -41,7 +41,7 @@ from crucible.downstairs.server import IDLE_TIMEOUT, DownstairsServer, ListenErr
 from crucible.observe import logs, options
 from crucible.observe.metrics import DownstairsMetrics
 from crucible.observe.options import Observing
-from crucible.observe.tracing import DownstairsTracer
+from crucible.observe.tracers import DownstairsTracer
 from crucible.region import snapshot
 from crucible.region.inspect import dump_block, dump_extent_blocks, dump_extents, verify_region
 from crucible.region.region import Region

@@ -1,9 +1,10 @@
-"""A finished span as this package records it: a plain tuple, cheap to make
-on the IO path, turned into the exporters' forms on the sending thread."""
+"""A finished span as this package records it: plain values, cheap to make
+on the IO path, turned into the exporters' forms on the sending thread.
+Compiled with the IO path (scripts/compile)."""
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan
@@ -14,36 +15,68 @@ _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _SCOPE = InstrumentationScope("crucible")
 
 
-class Child(NamedTuple):
+class Child:
     """A span under a SpanRecord, in its trace, with its attributes and these."""
 
-    name: str
-    span_id: int
-    start_ns: int
-    end_ns: int
-    attrs: dict[str, Any]
-    error: str | None = None
-    kind: SpanKind = SpanKind.INTERNAL
+    def __init__(
+        self,
+        name: str,
+        span_id: int,
+        start_ns: int,
+        end_ns: int,
+        attrs: dict[str, Any],
+        error: str | None = None,
+        kind: SpanKind = SpanKind.INTERNAL,
+    ) -> None:
+        self.name = name
+        self.span_id = span_id
+        self.start_ns = start_ns
+        self.end_ns = end_ns
+        self.attrs = attrs
+        self.error = error
+        self.kind = kind
 
 
-class SpanRecord(NamedTuple):
-    name: str
-    trace_id: int
-    span_id: int
-    parent_id: int | None
-    start_ns: int
-    end_ns: int
-    attrs: dict[str, Any]
-    events: tuple[tuple[str, int, dict[str, Any] | None], ...] = ()  # (name, time ns, attrs)
-    links: tuple[tuple[int, int], ...] = ()  # (trace id, span id)
-    error: str | None = None
-    kind: SpanKind = SpanKind.INTERNAL
-    children: tuple[Child, ...] = ()
+class SpanRecord:
+    """A finished span (a class, not a NamedTuple: made on the IO path by
+    compiled code, which builds one of these without the interpreter)."""
+
+    def __init__(
+        self,
+        name: str,
+        trace_id: int,
+        span_id: int,
+        parent_id: int | None,
+        start_ns: int,
+        end_ns: int,
+        attrs: dict[str, Any],
+        events: tuple[tuple[str, int, dict[str, Any] | None], ...] = (),
+        links: tuple[tuple[int, int], ...] = (),
+        error: str | None = None,
+        kind: SpanKind = SpanKind.INTERNAL,
+        children: tuple[Child, ...] = (),
+    ) -> None:
+        self.name = name
+        self.trace_id = trace_id
+        self.span_id = span_id
+        self.parent_id = parent_id
+        self.start_ns = start_ns
+        self.end_ns = end_ns
+        self.attrs = attrs
+        self.events = events  # (name, time ns, attributes)
+        self.links = links  # (trace id, span id)
+        self.error = error
+        self.kind = kind
+        self.children = children
 
 
 def expand(r: SpanRecord) -> list[SpanRecord]:
     """A record and its children, as records of their own."""
-    return [r._replace(children=()), *(child_record(r, c) for c in r.children)]
+    alone = SpanRecord(
+        r.name, r.trace_id, r.span_id, r.parent_id, r.start_ns, r.end_ns, r.attrs, r.events,
+        r.links, r.error, r.kind,
+    )  # fmt: skip
+    return [alone, *(child_record(r, c) for c in r.children)]
 
 
 def child_record(r: SpanRecord, c: Child) -> SpanRecord:

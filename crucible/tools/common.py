@@ -21,7 +21,7 @@ from crucible.common.errors import CrucibleError, ErrorKind
 from crucible.observe import logs, options
 from crucible.observe.metrics import NbdMetrics, UpstairsMetrics
 from crucible.observe.options import Observing
-from crucible.observe.tracing import UpstairsTracer
+from crucible.observe.tracers import UpstairsTracer
 from crucible.protocol.wire import SocketAddr
 from crucible.tls import TlsError
 from crucible.tools import control

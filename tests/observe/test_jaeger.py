@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import socket
 from collections.abc import Iterator, Sequence
 
@@ -268,3 +269,38 @@ def test_an_absent_agent_fails_every_export_not_every_other() -> None:
     for _ in range(3):
         assert exporter.export_records([record], resource)
     assert port.delivered == 4
+
+
+def test_ids_times_and_numbers_of_every_size_arrive_as_they_were(agent: JaegerAgent) -> None:
+    # The encoder works 64-bit ids in 32-bit halves and varints in pieces:
+    # the thrift library's reader (in the agent) must read back every value,
+    # at the edges of each piece and at random (seeded).
+    seed = 20261205
+    rng = random.Random(seed)
+    edges = [0, 1, (1 << 31) - 1, 1 << 31, (1 << 32) - 1, 1 << 32, (1 << 56) - 1, 1 << 56,
+             (1 << 62) - 1, 1 << 62, (1 << 63) - 1, 1 << 63, (1 << 64) - 1]  # fmt: skip
+    ids = edges + [rng.getrandbits(rng.randint(1, 64)) for _ in range(300)]
+    numbers = [-(1 << 63), -1, (1 << 61) - 1, 1 << 61, (1 << 63) - 1, 0, 300]
+    records = []
+    for i, span_id in enumerate(ids):
+        trace_id = (ids[-1 - i] << 64) | ids[(i * 7) % len(ids)] or 1
+        start = 1_764_950_000_000_000_000 + rng.getrandbits(40)
+        records.append(
+            SpanRecord(
+                f"s{i}", trace_id, span_id or 1, ids[(i * 3) % len(ids)] or None, start,
+                start + rng.getrandbits(rng.randint(1, 40)) * 1000,
+                {"n": numbers[i % len(numbers)], "i": i},
+                ((f"e{i}", start + 5000, None),),
+            )
+        )  # fmt: skip
+    exporter = JaegerAgentExporter("127.0.0.1", agent.port)
+    assert exporter.export_records(records, Resource.create({"service.name": "ids"}))
+    assert agent.wait_for(lambda: len(agent.spans()) == len(records), WAIT_S), f"seed {seed}"
+    got = {s.operation: s for s in agent.spans()}
+    for i, r in enumerate(records):
+        s = got[r.name]
+        assert (s.trace_id, s.span_id) == (r.trace_id, r.span_id), f"seed {seed}, span {i}"
+        assert s.parent_span_id == (r.parent_id or 0), f"seed {seed}, span {i}"
+        assert (s.start_us, s.duration_us) == (r.start_ns // 1000, (r.end_ns - r.start_ns) // 1000)
+        assert s.tags["n"] == r.attrs["n"] and s.tags["i"] == i
+        assert s.logs == [((r.start_ns + 5000) // 1000, {"event": f"e{i}"})]

@@ -16,7 +16,8 @@ from prometheus_client import CollectorRegistry
 from crucible.observe.metrics import UpstairsMetrics
 from crucible.observe.probes import DS, UP, Provider
 from crucible.observe.spans import SpanRecord
-from crucible.observe.tracing import Tracing, UpstairsTracer, job_ids
+from crucible.observe.tracers import UpstairsTracer, job_ids
+from crucible.observe.tracing import Tracing
 from tests.upstairs.sim import Sim
 
 WRITES, READS, BS = 12, 7, 512

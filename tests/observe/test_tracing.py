@@ -14,13 +14,13 @@ import pytest
 
 from crucible.cli_util import stop_process
 from crucible.observe.spans import SpanRecord
+from crucible.observe.tracers import job_ids
 from crucible.observe.tracing import (
     BATCH,
     MAX_QUEUE,
     Batcher,
     TraceError,
     Tracing,
-    job_ids,
     parse_endpoint,
 )
 from tests.observe.jaeger_agent import JaegerAgent, JSpan
