@@ -29,7 +29,7 @@ from thrift.protocol.TCompactProtocol import TCompactProtocol
 from thrift.Thrift import TMessageType, TType
 from thrift.transport.TTransport import TMemoryBuffer
 
-from crucible.observe.jaeger_wire import encode_process, encode_record, encode_span
+from crucible.observe.jaeger_wire import encode_process, encode_records, encode_span, pack
 from crucible.observe.spans import SpanRecord, from_readable
 
 log = logging.getLogger(__name__)
@@ -119,25 +119,27 @@ class JaegerAgentExporter(SpanExporter):
         return sock
 
     def _export(self, sock: socket.socket, spans: Sequence[ReadableSpan]) -> bool:
-        items = []
+        by_process: dict[bytes, list[bytes]] = {}  # spans of equal Processes share datagrams
         for span in spans:
-            process = self._process(span.resource)
             record = from_readable(span)
             if record is not None:
                 scope = span.instrumentation_scope
-                items.append((process, encode_span(record, scope.name if scope else None,
-                                                   scope.version if scope else None)))  # fmt: skip
-        return self._send_all(sock, items)
+                encoded = encode_span(record, scope.name if scope else None,
+                                      scope.version if scope else None)  # fmt: skip
+                by_process.setdefault(self._process(span.resource), []).append(encoded)
+        ok = True
+        for process, encoded_spans in by_process.items():
+            ok &= self._send_spans(sock, process, encoded_spans)
+        return ok
 
-    def export_records(self, records: Sequence[SpanRecord], resource: Resource) -> bool:
+    def export_records(self, records: list[SpanRecord], resource: Resource) -> bool:
         """Send spans recorded by this package (tracing.py), all of one resource.
         A failure raises OSError with its reason: the caller says it (once)."""
         if self._closed:
             return False
         sock = self._connect()
-        process = self._process(resource)
-        items = [(process, span) for r in records for span in encode_record(r)]
-        if not self._send_all(sock, items) and self._error is not None:
+        sent = self._send_spans(sock, self._process(resource), encode_records(records))
+        if not sent and self._error is not None:
             raise self._error
         return True
 
@@ -146,30 +148,13 @@ class JaegerAgentExporter(SpanExporter):
             self._last_resource, self._last_process = resource, _encode_process(resource)
         return self._last_process
 
-    def _send_all(self, sock: socket.socket, items: list[tuple[bytes, bytes]]) -> bool:
-        """Send encoded spans, each with its encoded Process, in as few datagrams
-        as fit: spans of equal Processes share them."""
+    def _send_spans(self, sock: socket.socket, process: bytes, spans: list[bytes]) -> bool:
+        """Send encoded spans of one Process in as few datagrams as fit."""
+        budget = self.max_packet - len(_datagram(process, [], 0)) - _HEAD_GROWTH
+        groups, too_large = pack(spans, budget)
+        self.dropped += too_large
         ok = True
-        # Encoded Process -> the encoded spans waiting for its next datagram and their size.
-        pending: dict[bytes, tuple[list[bytes], int]] = {}
-        budgets: dict[bytes, int] = {}  # encoded Process -> room for spans in a datagram
-        for process, encoded in items:
-            budget = budgets.get(process)
-            if budget is None:
-                empty = len(_datagram(process, [], 0))
-                budget = budgets[process] = self.max_packet - empty - _HEAD_GROWTH
-            if len(encoded) > budget:
-                self.dropped += 1
-                continue
-            group, size = pending.get(process, ([], 0))
-            if size + len(encoded) > budget:
-                # Send as soon as a datagram is full rather than after encoding everything:
-                # a burst of back-to-back datagrams overflows a receiver's socket buffer.
-                ok &= self._send(sock, process, group)
-                group, size = [], 0
-            group.append(encoded)
-            pending[process] = (group, size + len(encoded))
-        for process, (group, _) in pending.items():
+        for group in groups:
             ok &= self._send(sock, process, group)
         return ok
 

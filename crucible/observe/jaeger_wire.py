@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Final
 
 from opentelemetry.trace import SpanKind
 
@@ -136,12 +136,14 @@ _LONG_VALUE = _zigzag(_LONG) + _field(4, _C_I64)
 _STRING_VALUE = _zigzag(_STRING) + _field(1, _C_BINARY)
 
 # Made once and kept, up to _KEPT each: most repeat from span to span (keys,
-# ids, names). Ints are not kept: a job id is new in every span.
+# ids, names). Large ints are not kept: a job id is new in every span.
 _KEPT = 10_000
 _heads: dict[str, bytes] = {}  # a Tag's key field and vType's header, by key
 _long_heads: dict[str, bytes] = {}  # and an i64 Tag's vType and value field header
 _strings: dict[tuple[str, str], bytes] = {}  # a string Tag, by key and value
 _texts: dict[str, bytes] = {}  # a binary field's length and bytes, by text
+_SMALL_INTS: Final = 1 << 10
+_small_ints: dict[tuple[str, int], bytes] = {}  # an i64 Tag below _SMALL_INTS
 
 
 def _head(key: str) -> bytes:
@@ -165,12 +167,14 @@ def _text_field(text: str) -> bytes:
 def _tag(key: str, value: Any) -> bytes:
     """A Tag: key (1), vType (2), then the one value field its type names."""
     if isinstance(value, int) and not isinstance(value, bool) and _I64_MIN <= value <= _I64_MAX:
-        head = _long_heads.get(key)
-        if head is None:
-            if len(_long_heads) >= _KEPT:
-                _long_heads.clear()
-            head = _long_heads[key] = _head(key) + _LONG_VALUE
-        return head + _zigzag(value) + b"\0"
+        if 0 <= value < _SMALL_INTS:  # client ids, the first extents: kept
+            tag = _small_ints.get((key, value))
+            if tag is None:
+                if len(_small_ints) >= _KEPT:
+                    _small_ints.clear()
+                tag = _small_ints[(key, value)] = _long_tag(key, value)
+            return tag
+        return _long_tag(key, value)
     if isinstance(value, str):
         tag = _strings.get((key, value))
         if tag is None:
@@ -190,13 +194,24 @@ def _tag(key: str, value: Any) -> bytes:
     return _head(key) + body + b"\0"
 
 
+def _long_tag(key: str, value: int) -> bytes:
+    head = _long_heads.get(key)
+    if head is None:
+        if len(_long_heads) >= _KEPT:
+            _long_heads.clear()
+        head = _long_heads[key] = _head(key) + _LONG_VALUE
+    return head + _zigzag(value) + b"\0"
+
+
 def _tags(tags: Iterable[tuple[str, Any]]) -> list[bytes]:
     return [_tag(key, value) for key, value in tags]
 
 
-_KIND_TAGS = [
-    (SpanKind.SERVER, _tag("span.kind", "server")),
-    (SpanKind.CLIENT, _tag("span.kind", "client")),
+_SERVER: Final = SpanKind.SERVER
+_CLIENT: Final = SpanKind.CLIENT
+_SERVER_TAG = _tag("span.kind", "server")
+_CLIENT_TAG = _tag("span.kind", "client")
+_OTHER_KINDS = [
     (SpanKind.PRODUCER, _tag("span.kind", "producer")),
     (SpanKind.CONSUMER, _tag("span.kind", "consumer")),
 ]
@@ -204,12 +219,14 @@ _ERROR_TAG = _tag("error", True)  # what the Jaeger UI marks a failed span by
 
 
 def _status(kind: SpanKind, error: str | None) -> list[bytes]:
-    """The tags that say a span's kind and whether it failed."""
-    out: list[bytes] = []
-    for k, tag in _KIND_TAGS:
-        if kind is k:  # (by identity: an enum's hash runs in Python)
-            out.append(tag)
-            break
+    """The tags that say a span's kind and whether it failed. (Kinds are
+    told apart by identity: an enum's hash runs in Python.)"""
+    if kind is _SERVER:
+        out = [_SERVER_TAG]
+    elif kind is _CLIENT:
+        out = [_CLIENT_TAG]
+    else:
+        out = [tag for k, tag in _OTHER_KINDS if kind is k]
     if error is not None:
         out.append(_ERROR_TAG)
         if error:
@@ -236,6 +253,37 @@ def encode_record(r: SpanRecord) -> list[bytes]:
             _span_bytes(trace, _id(c.span_id), own_id, c.name, c.start_ns, c.end_ns, shared, tags)
         )
     return out
+
+
+def encode_records(records: list[SpanRecord]) -> list[bytes]:
+    """Records and their children, as Span structs."""
+    out: list[bytes] = []
+    for r in records:
+        out += encode_record(r)
+    return out
+
+
+def pack(spans: list[bytes], budget: int) -> tuple[list[list[bytes]], int]:
+    """Encoded spans in order, grouped so that no group's bytes exceed
+    `budget` (a datagram's room for spans); and how many were left out for
+    being larger than that alone."""
+    groups: list[list[bytes]] = []
+    group: list[bytes] = []
+    size = 0
+    too_large = 0
+    for span in spans:
+        n = len(span)
+        if n > budget:
+            too_large += 1
+            continue
+        if size + n > budget:
+            groups.append(group)
+            group, size = [], 0
+        group.append(span)
+        size += n
+    if group:
+        groups.append(group)
+    return groups, too_large
 
 
 def encode_span(r: SpanRecord, scope: str | None = None, version: str | None = None) -> bytes:

@@ -32,8 +32,10 @@ MAX_OPEN: Final = 100_000  # spans begun and not yet ended, at most
 _LOW64: Final = (1 << 64) - 1
 _SESSIONS_KEPT: Final = 64
 
-_CLIENT = SpanKind.CLIENT
-_SERVER = SpanKind.SERVER
+_CLIENT: Final = SpanKind.CLIENT
+_SERVER: Final = SpanKind.SERVER
+# A client's part's own attributes (shared by every such span: never changed).
+_CLIENT_ATTRS: Final = [{"crucible.client": cid} for cid in range(3)]
 
 
 def random_id(bits: int) -> int:
@@ -105,6 +107,10 @@ class UpstairsTracer:
         self.add: Callable[[SpanRecord], None] = tracing.batcher.add
         self.bound: int = tracing.bound
         self.session = session
+        self._up: uuid.UUID | None = None  # the session of the last job begun
+        self._sess: uuid.UUID | None = None
+        self._key = b""
+        self._named: dict[str, Any] = {}
         self.jobs: dict[int, _Job] = {}
         self.extents: dict[int, int] = {}  # extent under live repair -> start ns
         self.activation: tuple[int, int, int] | None = None  # (trace, span, start ns)
@@ -130,7 +136,10 @@ class UpstairsTracer:
     def begin(self, jid: int, op: str, nbytes: int, extent: int | None) -> None:
         """A job to trace if its trace is sampled: its ids are worked out once."""
         up, sess = self.session()
-        key, named = _session(up.int, sess.int)
+        if up is not self._up or sess is not self._sess:  # (a new session: rare)
+            self._up, self._sess = up, sess
+            self._key, self._named = _session(up.int, sess.int)
+        key, named = self._key, self._named
         trace_id, span_id = _ids(key, jid)
         if (trace_id & _LOW64) >= self.bound:
             return
@@ -179,9 +188,8 @@ class UpstairsTracer:
         job.sent[cid] = 0
         error = None if err is None else str(err)
         job.children.append(
-            Child(name, random_id(64), start, time.time_ns(), {"crucible.client": cid},
-                  error, _CLIENT)
-        )  # fmt: skip
+            Child(name, random_id(64), start, time.time_ns(), _CLIENT_ATTRS[cid], error, _CLIENT)
+        )
 
     def live_start(self, jid: int, op: str, extent: int | None) -> None:
         self.begin(jid, op, 0, extent)

@@ -107,11 +107,11 @@ def test_metrics_and_spans_count_the_work() -> None:
     UpstairsMetrics(registry)
     tracing = Tracing("127.0.0.1:9", 1.0, "test")  # (nothing is sent: records kept below)
     records: list[SpanRecord] = []
-    tracing.batcher.add = records.append  # type: ignore[method-assign, assignment]
     with tempfile.TemporaryDirectory() as tmp:
         sim = Sim(Path(tmp))
         ids = sim.up.ds.session
-        UpstairsTracer(tracing, lambda: (ids.upstairs_id, sim.up.ds.session.session_id))
+        tracer = UpstairsTracer(tracing, lambda: (ids.upstairs_id, sim.up.ds.session.session_id))
+        tracer.add = records.append  # kept here instead of sent
         try:
             _workload(sim)
             session = sim.up.ds.session

@@ -13,16 +13,10 @@ from pathlib import Path
 import pytest
 
 from crucible.cli_util import stop_process
+from crucible.observe.batcher import BATCH, MAX_QUEUE, Batcher
 from crucible.observe.spans import SpanRecord
 from crucible.observe.tracers import job_ids
-from crucible.observe.tracing import (
-    BATCH,
-    MAX_QUEUE,
-    Batcher,
-    TraceError,
-    Tracing,
-    parse_endpoint,
-)
+from crucible.observe.tracing import TraceError, Tracing, parse_endpoint
 from tests.observe.jaeger_agent import JaegerAgent, JSpan
 from tests.observe.otlp_receiver import OSpan, OtlpGrpcReceiver, OtlpHttpReceiver
 from tests.support import DOWNSTAIRS, Cluster, free_port, run_tool, wait_listening
