@@ -20,16 +20,26 @@ from opentelemetry.trace import SpanKind
 from crucible.observe.spans import SpanRecord
 
 # jaeger.thrift enums TagType and SpanRefType.
-_STRING, _DOUBLE, _BOOL, _LONG, _BINARY = range(5)
-_FOLLOWS_FROM = 1
+_STRING: Final = 0
+_DOUBLE: Final = 1
+_BOOL: Final = 2
+_LONG: Final = 3
+_BINARY: Final = 4
+_FOLLOWS_FROM: Final = 1
 
-_I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
+_I64_MIN: Final = -(1 << 63)
+_I64_MAX: Final = (1 << 63) - 1
 
 # Field headers hold the field id's delta from the previous field and the
 # field's type; integers are zigzag varints; a struct ends with a 0 byte.
-_C_TRUE, _C_FALSE, _C_I32, _C_I64, _C_DOUBLE, _C_BINARY, _C_LIST, _C_STRUCT = (
-    1, 2, 5, 6, 7, 8, 9, 12,
-)  # fmt: skip
+_C_TRUE: Final = 1
+_C_FALSE: Final = 2
+_C_I32: Final = 5
+_C_I64: Final = 6
+_C_DOUBLE: Final = 7
+_C_BINARY: Final = 8
+_C_LIST: Final = 9
+_C_STRUCT: Final = 12
 
 
 def _varint(n: int) -> bytes:
@@ -64,8 +74,8 @@ def _continued(low: int) -> bytes:
     return acc.to_bytes(7, "little") + _GOING_ON[low]
 
 
-_SMALL = [bytes([i]) for i in range(0x80)]
-_GOING_ON = [bytes([i | 0x80]) for i in range(0x80)]
+_SMALL: Final = [bytes([i]) for i in range(0x80)]
+_GOING_ON: Final = [bytes([i | 0x80]) for i in range(0x80)]
 
 
 def _zigzag(n: int) -> bytes:
@@ -126,24 +136,25 @@ def _text(value: object) -> str:
 
 
 # The next field, of each type (field ids that follow on from the last).
-_I64_FIELD = _field(1, _C_I64)
-_NEXT_BINARY = _field(1, _C_BINARY)
-_NEXT_LIST = _field(1, _C_LIST)
-_ONE = _zigzag(1)
+_I64_FIELD: Final = _field(1, _C_I64)
+_NEXT_BINARY: Final = _field(1, _C_BINARY)
+_NEXT_LIST: Final = _field(1, _C_LIST)
+_ONE: Final = _zigzag(1)
 
 # A Tag's fields after its key: vType, then the value's field header.
-_LONG_VALUE = _zigzag(_LONG) + _field(4, _C_I64)
-_STRING_VALUE = _zigzag(_STRING) + _field(1, _C_BINARY)
+_LONG_VALUE: Final = _zigzag(_LONG) + _field(4, _C_I64)
+_STRING_VALUE: Final = _zigzag(_STRING) + _field(1, _C_BINARY)
 
 # Made once and kept, up to _KEPT each: most repeat from span to span (keys,
 # ids, names). Large ints are not kept: a job id is new in every span.
-_KEPT = 10_000
-_heads: dict[str, bytes] = {}  # a Tag's key field and vType's header, by key
-_long_heads: dict[str, bytes] = {}  # and an i64 Tag's vType and value field header
-_strings: dict[tuple[str, str], bytes] = {}  # a string Tag, by key and value
-_texts: dict[str, bytes] = {}  # a binary field's length and bytes, by text
+_KEPT: Final = 10_000
+_heads: Final[dict[str, bytes]] = {}  # a Tag's key field and vType's header, by key
+_long_heads: Final[dict[str, bytes]] = {}  # and an i64 Tag's vType and value field header
+_strings: Final[dict[tuple[str, str], bytes]] = {}  # a string Tag, by key and value
+_texts: Final[dict[str, bytes]] = {}  # a binary field's length and bytes, by text
+_events: Final[dict[str, bytes]] = {}  # a Log's fields, by the event's name (see _event_fields)
 _SMALL_INTS: Final = 1 << 10
-_small_ints: dict[tuple[str, int], bytes] = {}  # an i64 Tag below _SMALL_INTS
+_small_ints: Final[dict[tuple[str, int], bytes]] = {}  # an i64 Tag below _SMALL_INTS
 
 
 def _head(key: str) -> bytes:
@@ -209,13 +220,13 @@ def _tags(tags: Iterable[tuple[str, Any]]) -> list[bytes]:
 
 _SERVER: Final = SpanKind.SERVER
 _CLIENT: Final = SpanKind.CLIENT
-_SERVER_TAG = _tag("span.kind", "server")
-_CLIENT_TAG = _tag("span.kind", "client")
-_OTHER_KINDS = [
+_SERVER_TAG: Final = _tag("span.kind", "server")
+_CLIENT_TAG: Final = _tag("span.kind", "client")
+_OTHER_KINDS: Final = [
     (SpanKind.PRODUCER, _tag("span.kind", "producer")),
     (SpanKind.CONSUMER, _tag("span.kind", "consumer")),
 ]
-_ERROR_TAG = _tag("error", True)  # what the Jaeger UI marks a failed span by
+_ERROR_TAG: Final = _tag("error", True)  # what the Jaeger UI marks a failed span by
 
 
 def _status(kind: SpanKind, error: str | None) -> list[bytes]:
@@ -240,18 +251,20 @@ def encode_record(r: SpanRecord) -> list[bytes]:
     trace = _trace_fields(r.trace_id)
     own_id = _id(r.span_id)
     shared = _tags(r.attrs.items())
+    joined = b"".join(shared)
+    status = _status(r.kind, r.error)
     out = [
         _span_bytes(
             trace, own_id, _parent_id(r), r.name, r.start_ns, r.end_ns,
-            shared, _status(r.kind, r.error), r.links, r.events,
+            len(shared) + len(status), joined + b"".join(status), r.links, r.events,
         )
     ]  # fmt: skip
     for c in r.children:
-        tags = _tags(c.attrs.items())
-        tags += _status(c.kind, c.error)
-        out.append(
-            _span_bytes(trace, _id(c.span_id), own_id, c.name, c.start_ns, c.end_ns, shared, tags)
-        )
+        own = _tags(c.attrs.items())
+        own += _status(c.kind, c.error)
+        n, tags = len(shared) + len(own), joined + b"".join(own)
+        span_id = _id(c.span_id)
+        out.append(_span_bytes(trace, span_id, own_id, c.name, c.start_ns, c.end_ns, n, tags))
     return out
 
 
@@ -288,14 +301,15 @@ def pack(spans: list[bytes], budget: int) -> tuple[list[list[bytes]], int]:
 
 def encode_span(r: SpanRecord, scope: str | None = None, version: str | None = None) -> bytes:
     """A Span struct (its children, if any, are encode_record's)."""
-    extra = _status(r.kind, r.error)
+    tags = _tags(r.attrs.items())
+    tags += _status(r.kind, r.error)
     if scope is not None:
-        extra.append(_tag("otel.scope.name", scope))
+        tags.append(_tag("otel.scope.name", scope))
         if version:
-            extra.append(_tag("otel.scope.version", version))
+            tags.append(_tag("otel.scope.version", version))
     return _span_bytes(
         _trace_fields(r.trace_id), _id(r.span_id), _parent_id(r), r.name,
-        r.start_ns, r.end_ns, _tags(r.attrs.items()), extra, r.links, r.events,
+        r.start_ns, r.end_ns, len(tags), b"".join(tags), r.links, r.events,
     )  # fmt: skip
 
 
@@ -317,13 +331,13 @@ def _span_bytes(
     name: str,
     start_ns: int,
     end_ns: int,
-    tags: list[bytes],
-    more_tags: list[bytes],
+    tag_count: int,
+    tags: bytes,
     links: tuple[tuple[int, int], ...] = (),
     events: tuple[tuple[str, int, dict[str, Any] | None], ...] = (),
 ) -> bytes:
     """A Span struct, its fields 1-11 in order, from pieces already encoded
-    (the trace id's fields, the span's and its parent's ids, the tags)."""
+    (the trace id's fields, the span's and its parent's ids, its tags)."""
     i64 = _I64_FIELD
     parts = [trace, i64, span_id, i64, parent, _NEXT_BINARY, _text_field(name)]
     add = parts.append
@@ -340,34 +354,41 @@ def _span_bytes(
     add(_varint((start_ns // 1000) << 1))
     add(i64)
     add(_varint(((end_ns - start_ns) // 1000) << 1))
-    n = len(tags) + len(more_tags)
-    if n:
+    if tag_count:
         add(_NEXT_LIST)
-        add(_list_head(n))
-        parts += tags
-        parts += more_tags
+        add(_list_head(tag_count))
+        add(tags)
     if events:
-        add(_field(1 if n else 2, _C_LIST))
+        add(_field(1 if tag_count else 2, _C_LIST))
         add(_list_head(len(events)))
         for ename, ts, attrs in events:
             add(i64)
             add(_varint((ts // 1000) << 1))
-            add(_NEXT_LIST)
             if attrs:
                 fields = [_tag("event", ename), *_tags(attrs.items())]
+                add(_NEXT_LIST)
                 add(_list_head(len(fields)))
                 parts += fields
+                add(b"\0")
             else:
-                add(_ONE_STRUCT)
-                add(_tag("event", ename))
-            add(b"\0")
+                add(_event_fields(ename))
     add(b"\0")
     return b"".join(parts)
 
 
+def _event_fields(name: str) -> bytes:
+    """A Log's fields (2) when they are the event's name alone, and its end."""
+    out = _events.get(name)
+    if out is None:
+        if len(_events) >= _KEPT:
+            _events.clear()
+        out = _events[name] = _NEXT_LIST + _ONE_STRUCT + _tag("event", name) + b"\0"
+    return out
+
+
 # The flags field (sampled) after operationName (delta 2) or references (1).
-_FLAGS_AFTER = [b"", _field(1, _C_I32) + _ONE, _field(2, _C_I32) + _ONE]
-_ONE_STRUCT = _list_head(1)
+_FLAGS_AFTER: Final = [b"", _field(1, _C_I32) + _ONE, _field(2, _C_I32) + _ONE]
+_ONE_STRUCT: Final = _list_head(1)
 
 
 def encode_process(service: str, attributes: dict[str, Any]) -> bytes:

@@ -53,7 +53,7 @@ def _ids(session_key: bytes, job_id: int) -> tuple[int, int]:
     return xxhash.xxh3_128_intdigest(key) or 1, xxhash.xxh3_64_intdigest(key) or 1
 
 
-_sessions: dict[tuple[int, int], tuple[bytes, dict[str, Any]]] = {}
+_sessions: Final[dict[tuple[int, int], tuple[bytes, dict[str, Any]]]] = {}
 
 
 def _session(upstairs_id: int, session_id: int) -> tuple[bytes, dict[str, Any]]:
