@@ -47,8 +47,10 @@ class Provider:
         return probe in self._handlers
 
     def fire(self, probe: str, *args: Any) -> None:
-        for h in self._handlers.get(probe, ()):
-            h(*args)
+        handlers = self._handlers.get(probe)
+        if handlers is not None:
+            for h in handlers:
+                h(*args)
 
 
 def _pairs(stems: list[str], ends: tuple[str, ...] = ("start", "done")) -> list[str]:

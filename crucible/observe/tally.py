@@ -24,6 +24,7 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 
 MAX_OPEN: Final = 100_000  # timings begun and not yet done, at most
+_clock: Final = time.perf_counter  # (compiled, a Final is a C static: no lookups)
 
 
 class Cell:
@@ -71,12 +72,12 @@ class Timer:
     def start(self, key: int) -> None:
         if len(self.begun) > MAX_OPEN:  # keys that never saw their done (a connection lost)
             self.begun.clear()
-        self.begun[key] = time.perf_counter()
+        self.begun[key] = _clock()
 
     def done(self, key: int) -> None:
         t0 = self.begun.pop(key, None)
         if t0 is not None:
-            self.hist.observe(time.perf_counter() - t0)
+            self.hist.observe(_clock() - t0)
 
 
 # ---- the upstairs' handlers ------------------------------------------------------------

@@ -30,7 +30,7 @@ class Kind(Enum):
     RESERVED = "reserved"  # never sent
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)  # (not slotted: compiled, see scripts/compile)
 class Role:
     kind: Kind
     reply: type | None = None  # a job: what answers it when it succeeds
