@@ -16,6 +16,7 @@ same way on both sides, so a sampled job is sampled everywhere.
 from __future__ import annotations
 
 import random
+import struct
 import time
 import uuid
 from collections.abc import Callable
@@ -31,7 +32,11 @@ from crucible.observe.tracing import Tracing
 MAX_OPEN: Final = 100_000  # spans begun and not yet ended, at most
 _LOW64: Final = (1 << 64) - 1
 _SESSIONS_KEPT: Final = 64
-_now: Final = time.time_ns  # (compiled, a Final is a C static: no lookups)
+# (Compiled, a Final is a C static: calling these looks nothing up.)
+_now: Final = time.time_ns
+_xxh128: Final = xxhash.xxh3_128_intdigest
+_xxh64: Final = xxhash.xxh3_64_intdigest
+_u64: Final = struct.Struct("<Q").pack
 
 _CLIENT: Final = SpanKind.CLIENT
 _SERVER: Final = SpanKind.SERVER
@@ -50,8 +55,8 @@ def job_ids(upstairs_id: uuid.UUID, session_id: uuid.UUID, job_id: int) -> tuple
 
 
 def _ids(session_key: bytes, job_id: int) -> tuple[int, int]:
-    key = session_key + job_id.to_bytes(8, "little")
-    return xxhash.xxh3_128_intdigest(key) or 1, xxhash.xxh3_64_intdigest(key) or 1
+    key = session_key + _u64(job_id)
+    return _xxh128(key) or 1, _xxh64(key) or 1
 
 
 _sessions: Final[dict[tuple[int, int], tuple[bytes, dict[str, Any]]]] = {}

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import TypeGuard
+from typing import Final, TypeGuard
 
 from crucible.protocol import messages as m
 
@@ -48,7 +48,7 @@ def _live(reply: type) -> Role:
     return Role(Kind.JOB, reply, mutating=True, live_repair=True)
 
 
-ROLES: dict[type, Role] = {
+ROLES: Final[dict[type, Role]] = {
     m.HereIAm: _NEG,
     m.YesItsMe: _NEG_REPLY,
     m.VersionMismatch: _NEG_REPLY,
@@ -100,13 +100,15 @@ def of_kind(kind: Kind) -> tuple[type, ...]:
     return tuple(cls for cls, role in ROLES.items() if role.kind is kind)
 
 
-JOB_TYPES = of_kind(Kind.JOB)
-JOB_REPLY_TYPES = frozenset(of_kind(Kind.JOB_REPLY))
-NEGOTIATION_TYPES = of_kind(Kind.NEGOTIATION)
-MUTATING = frozenset(cls for cls, role in ROLES.items() if role.mutating)
-RESETS = frozenset(cls for cls, role in ROLES.items() if role.resets)
-LIVE_REPAIR_TYPES = frozenset(cls for cls, role in ROLES.items() if role.live_repair)
-REPLY_OF: dict[type, type] = {cls: r.reply for cls, r in ROLES.items() if r.reply is not None}
+JOB_TYPES: Final = of_kind(Kind.JOB)
+JOB_REPLY_TYPES: Final = frozenset(of_kind(Kind.JOB_REPLY))
+NEGOTIATION_TYPES: Final = of_kind(Kind.NEGOTIATION)
+MUTATING: Final = frozenset(cls for cls, role in ROLES.items() if role.mutating)
+RESETS: Final = frozenset(cls for cls, role in ROLES.items() if role.resets)
+LIVE_REPAIR_TYPES: Final = frozenset(cls for cls, role in ROLES.items() if role.live_repair)
+REPLY_OF: Final[dict[type, type]] = {
+    cls: r.reply for cls, r in ROLES.items() if r.reply is not None
+}
 
 # The same groups as types, for `match` with `assert_never`.
 Job = (
@@ -154,5 +156,5 @@ def is_reconcile_op(msg: object) -> TypeGuard[ReconcileOp]:
     return type(msg) in _RECONCILE_OPS
 
 
-_JOBS = frozenset(JOB_TYPES)
-_RECONCILE_OPS = frozenset(of_kind(Kind.RECONCILE))
+_JOBS: Final = frozenset(JOB_TYPES)
+_RECONCILE_OPS: Final = frozenset(of_kind(Kind.RECONCILE))
