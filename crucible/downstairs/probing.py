@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 from crucible.observe.probes import DS_JOBS
 from crucible.protocol import messages as m
 
 # The submit probes of each job message, and the os probes of those that
 # reach the region.
-SUBMIT: dict[type, tuple[str, str]] = {
+SUBMIT: Final[dict[type, tuple[str, str]]] = {
     m.ReadRequest: DS_JOBS["read"],
     m.Write: DS_JOBS["write"],
     m.WriteUnwritten: DS_JOBS["writeunwritten"],
@@ -22,7 +22,7 @@ SUBMIT: dict[type, tuple[str, str]] = {
     m.ExtentLiveReopen: DS_JOBS["el_reopen"],
     m.ExtentLiveNoOp: DS_JOBS["el_noop"],
 }
-OS: dict[type, tuple[str, str]] = {
+OS: Final[dict[type, tuple[str, str]]] = {
     t: (f"os__{op}__start", f"os__{op}__done")
     for t, op in [
         (m.ReadRequest, "read"),
