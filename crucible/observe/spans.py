@@ -70,6 +70,12 @@ class SpanRecord:
         self.children = children
 
 
+def sampled(trace_id: int, bound: int) -> bool:
+    """Whether a trace is kept, its low 64 bits below `bound`: decided on
+    its id alone, so that every process keeps the same traces."""
+    return trace_id & 0xFFFFFFFFFFFFFFFF < bound
+
+
 def expand(r: SpanRecord) -> list[SpanRecord]:
     """A record and its children, as records of their own."""
     alone = SpanRecord(

@@ -26,11 +26,10 @@ import xxhash
 from opentelemetry.trace import SpanKind
 
 from crucible.observe.probes import DS, DS_DISK, DS_JOBS, DS_LIVE, DS_OPS, GW_OPS, UP
-from crucible.observe.spans import Child, SpanRecord
+from crucible.observe.spans import Child, SpanRecord, sampled
 from crucible.observe.tracing import Tracing
 
 MAX_OPEN: Final = 100_000  # spans begun and not yet ended, at most
-_LOW64: Final = (1 << 64) - 1
 _SESSIONS_KEPT: Final = 64
 # (Compiled, a Final is a C static: calling these looks nothing up.)
 _now: Final = time.time_ns
@@ -147,7 +146,7 @@ class UpstairsTracer:
             self._key, self._named = _session(up.int, sess.int)
         key, named = self._key, self._named
         trace_id, span_id = _ids(key, jid)
-        if (trace_id & _LOW64) >= self.bound:
+        if not sampled(trace_id, self.bound):
             return
         if len(self.jobs) > MAX_OPEN:  # jobs never finished (a session that ended)
             self.jobs.clear()
@@ -208,7 +207,7 @@ class UpstairsTracer:
             return
         up, _ = self.session()
         trace_id = random_id(128)
-        if (trace_id & _LOW64) < self.bound:
+        if sampled(trace_id, self.bound):
             attrs: dict[str, Any] = {"crucible.upstairs_id": str(up), "crucible.extent": extent}
             self.add(
                 SpanRecord(
@@ -317,7 +316,7 @@ class DownstairsTracer:
             return
         key, named = _session(msg.upstairs_id.int, msg.session_id.int)
         trace_id, job_span = _ids(key, jid)
-        if (trace_id & _LOW64) >= self.bound:
+        if not sampled(trace_id, self.bound):
             return
         attrs = dict(named)
         attrs["crucible.job_id"] = jid

@@ -12,21 +12,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
 
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
-from opentelemetry.trace import SpanKind
 
 from crucible.common.address import host_port
 from crucible.observe.batcher import Batcher, Send
 from crucible.observe.jaeger import JaegerAgentExporter
-from crucible.observe.spans import Child, SpanRecord, expand, to_readable
+from crucible.observe.spans import SpanRecord, expand, sampled, to_readable
 
 log = logging.getLogger("crucible.tracing")
 
 EXPORT_TIMEOUT = 2.0  # seconds an export may take before it counts as failed
-_LOW64 = (1 << 64) - 1
 
 
 class TraceError(Exception):
@@ -97,38 +94,7 @@ class Tracing:
         self.bound = int(min(max(sample, 0.0), 1.0) * (1 << 64))  # keep low 64 bits below it
 
     def sampled(self, trace_id: int) -> bool:
-        return (trace_id & _LOW64) < self.bound
-
-    def emit(
-        self,
-        name: str,
-        trace_id: int,
-        span_id: int,
-        parent_id: int | None,
-        start_ns: int,
-        end_ns: int,
-        attrs: dict[str, Any],
-        events: tuple[tuple[str, int, dict[str, Any] | None], ...] = (),
-        error: str | None = None,
-        kind: SpanKind = SpanKind.INTERNAL,
-        children: tuple[Child, ...] = (),
-    ) -> None:
-        self.batcher.add(
-            SpanRecord(
-                name,
-                trace_id,
-                span_id,
-                parent_id,
-                start_ns,
-                end_ns,
-                attrs,
-                events,
-                (),
-                error,
-                kind,
-                children,
-            )
-        )
+        return sampled(trace_id, self.bound)
 
     def shutdown(self) -> None:
         """Send what is queued (within the export timeout) and stop."""

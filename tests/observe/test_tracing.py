@@ -169,7 +169,11 @@ def test_otlp_grpc_endpoint() -> None:
         up, sess = uuid.uuid4(), uuid.uuid4()
         trace_id, span_id = job_ids(up, sess, 1000)
         now = time.time_ns()
-        t.emit("gw-write", trace_id, span_id, None, now, now + 1000, {"crucible.job_id": 1000})
+        t.batcher.add(
+            SpanRecord(
+                "gw-write", trace_id, span_id, None, now, now + 1000, {"crucible.job_id": 1000}
+            )
+        )
         t.shutdown()  # sends what is queued
         assert collector.wait_for(lambda: bool(collector.spans()), WAIT)
         (s,) = collector.spans()
