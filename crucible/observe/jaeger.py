@@ -133,7 +133,7 @@ class JaegerAgentExporter(SpanExporter):
         return ok
 
     def export_records(self, records: list[SpanRecord], resource: Resource) -> bool:
-        """Send spans recorded by this package (tracing.py), all of one resource.
+        """Send spans recorded by this package (tracers.py), all of one resource.
         A failure raises OSError with its reason: the caller says it (once)."""
         if self._closed:
             return False
