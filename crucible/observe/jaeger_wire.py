@@ -157,21 +157,25 @@ _SMALL_INTS: Final = 1 << 10
 _small_ints: Final[dict[tuple[str, int], bytes]] = {}  # an i64 Tag below _SMALL_INTS
 
 
+def _keep(cache: dict[Any, bytes], key: Any, encoded: bytes) -> bytes:
+    """Keep `encoded` in `cache` under `key` (emptying a full one first)."""
+    if len(cache) >= _KEPT:
+        cache.clear()
+    cache[key] = encoded
+    return encoded
+
+
 def _head(key: str) -> bytes:
     head = _heads.get(key)
     if head is None:
-        if len(_heads) >= _KEPT:
-            _heads.clear()
-        head = _heads[key] = _field(1, _C_BINARY) + _bin(_utf8(key)) + _field(1, _C_I32)
+        head = _keep(_heads, key, _field(1, _C_BINARY) + _bin(_utf8(key)) + _field(1, _C_I32))
     return head
 
 
 def _text_field(text: str) -> bytes:
     out = _texts.get(text)
     if out is None:
-        if len(_texts) >= _KEPT:
-            _texts.clear()
-        out = _texts[text] = _bin(_utf8(text))
+        out = _keep(_texts, text, _bin(_utf8(text)))
     return out
 
 
@@ -181,18 +185,15 @@ def _tag(key: str, value: Any) -> bytes:
         if 0 <= value < _SMALL_INTS:  # client ids, the first extents: kept
             tag = _small_ints.get((key, value))
             if tag is None:
-                if len(_small_ints) >= _KEPT:
-                    _small_ints.clear()
-                tag = _small_ints[(key, value)] = _long_tag(key, value)
+                tag = _keep(_small_ints, (key, value), _long_tag(key, value))
             return tag
         return _long_tag(key, value)
     if isinstance(value, str):
         tag = _strings.get((key, value))
         if tag is None:
-            if len(_strings) >= _KEPT:
-                _strings.clear()
-            tag = _head(key) + _STRING_VALUE + _text_field(value) + b"\0"
-            _strings[(key, value)] = tag
+            tag = _keep(
+                _strings, (key, value), _head(key) + _STRING_VALUE + _text_field(value) + b"\0"
+            )
         return tag
     if isinstance(value, bool):
         body = _zigzag(_BOOL) + _field(3, _C_TRUE if value else _C_FALSE)
@@ -208,9 +209,7 @@ def _tag(key: str, value: Any) -> bytes:
 def _long_tag(key: str, value: int) -> bytes:
     head = _long_heads.get(key)
     if head is None:
-        if len(_long_heads) >= _KEPT:
-            _long_heads.clear()
-        head = _long_heads[key] = _head(key) + _LONG_VALUE
+        head = _keep(_long_heads, key, _head(key) + _LONG_VALUE)
     return head + _zigzag(value) + b"\0"
 
 
@@ -380,9 +379,7 @@ def _event_fields(name: str) -> bytes:
     """A Log's fields (2) when they are the event's name alone, and its end."""
     out = _events.get(name)
     if out is None:
-        if len(_events) >= _KEPT:
-            _events.clear()
-        out = _events[name] = _NEXT_LIST + _ONE_STRUCT + _tag("event", name) + b"\0"
+        out = _keep(_events, name, _NEXT_LIST + _ONE_STRUCT + _tag("event", name) + b"\0")
     return out
 
 

@@ -20,6 +20,7 @@ import struct
 import time
 import uuid
 from collections.abc import Callable
+from functools import partial
 from typing import Any, Final
 
 import xxhash
@@ -121,15 +122,15 @@ class UpstairsTracer:
         self.activation: tuple[int, int, int] | None = None  # (trace, span, start ns)
         self.reconcile: tuple[int, int] | None = None  # (start ns, extents)
         for op in GW_OPS:
-            UP.attach(f"gw__{op}__start", _JobStart(self, op).start)
+            UP.attach(f"gw__{op}__start", partial(self.begin, op))
             UP.attach(f"gw__{op}__done", self._job_acked)
         for op in DS_OPS:
             UP.attach(f"ds__{op}__client__start", self._client_start)
-            UP.attach(f"ds__{op}__client__done", _ClientDone(self, f"ds-{op}-client").done)
+            UP.attach(f"ds__{op}__client__done", partial(self.client_done, f"ds-{op}-client"))
         for op in DS_LIVE:
             UP.attach(f"ds__{op}__start", self._client_start)
-            UP.attach(f"ds__{op}__done", _ClientDone(self, f"ds-{op}").done)
-            UP.attach(f"gw__{op}__start", _JobStart(self, op).live_start)
+            UP.attach(f"ds__{op}__done", partial(self.client_done, f"ds-{op}"))
+            UP.attach(f"gw__{op}__start", partial(self.live_start, op))
             UP.attach(f"gw__{op}__done", self._job_acked)
         UP.attach("gw__reopen__done", self._extent_done)
         UP.attach("up__job__finished", self._job_finished)
@@ -138,8 +139,9 @@ class UpstairsTracer:
         UP.attach("up__reconcile__start", self._reconcile_start)
         UP.attach("up__reconcile__done", self._reconcile_done)
 
-    def begin(self, jid: int, op: str, nbytes: int, extent: int | None) -> None:
-        """A job to trace if its trace is sampled: its ids are worked out once."""
+    def begin(self, op: str, jid: int, nbytes: int, guest: bool, extent: int | None) -> None:
+        """gw__OP__start: a job to trace if its trace is sampled (its ids are
+        worked out once)."""
         up, sess = self.session()
         if up is not self._up or sess is not self._sess:  # (a new session: rare)
             self._up, self._sess = up, sess
@@ -184,6 +186,8 @@ class UpstairsTracer:
             job.sent[cid] = _now()
 
     def client_done(self, name: str, jid: int, cid: int, err: Any) -> None:
+        """ds__OP__client__done (or a live-repair job's ds__OP__done): the
+        client's part, a span called `name`."""
         job = self.jobs.get(jid)
         if job is None:
             return
@@ -196,8 +200,8 @@ class UpstairsTracer:
             Child(name, random_id(64), start, _now(), _CLIENT_ATTRS[cid], error, _CLIENT)
         )
 
-    def live_start(self, jid: int, op: str, extent: int | None) -> None:
-        self.begin(jid, op, 0, extent)
+    def live_start(self, op: str, jid: int, extent: int | None) -> None:
+        self.begin(op, jid, 0, False, extent)
         if op == "close" and extent is not None:
             self.extents[extent] = _now()
 
@@ -248,31 +252,6 @@ class UpstairsTracer:
         self.add(SpanRecord("reconcile", trace_id, random_id(64), parent, start, _now(), attrs))
 
 
-class _JobStart:
-    """gw__OP__start for one kind of job."""
-
-    def __init__(self, tracer: UpstairsTracer, op: str) -> None:
-        self.tracer = tracer
-        self.op = op
-
-    def start(self, jid: int, nbytes: int, guest: bool, extent: int | None) -> None:
-        self.tracer.begin(jid, self.op, nbytes, extent)
-
-    def live_start(self, jid: int, extent: int | None) -> None:
-        self.tracer.live_start(jid, self.op, extent)
-
-
-class _ClientDone:
-    """ds__OP__client__done (or a live-repair job's ds__OP__done): a span's name."""
-
-    def __init__(self, tracer: UpstairsTracer, name: str) -> None:
-        self.tracer = tracer
-        self.name = name
-
-    def done(self, jid: int, cid: int, err: Any) -> None:
-        self.tracer.client_done(self.name, jid, cid, err)
-
-
 class _Open:
     """A downstairs job begun: when, and the region's work on it so far."""
 
@@ -295,22 +274,24 @@ class DownstairsTracer:
             DS.attach(start, self._start)
             if done not in dones:
                 dones.add(done)
-                DS.attach(done, _DsDone(self, f"submit-{op.replace('_', '-')}").done)
+                DS.attach(done, partial(self.done, f"submit-{op.replace('_', '-')}"))
         for op in DS_DISK:
-            DS.attach(f"os__{op}__start", _DsEvent(self, f"os-{op}-start").event)
-            DS.attach(f"os__{op}__done", _DsEvent(self, f"os-{op}-done").event)
+            DS.attach(f"os__{op}__start", partial(self.event, f"os-{op}-start"))
+            DS.attach(f"os__{op}__done", partial(self.event, f"os-{op}-done"))
 
     def _start(self, jid: int, msg: Any) -> None:
         if len(self.begun) > MAX_OPEN:  # jobs of connections that went away
             self.begun.clear()
         self.begun[id(msg)] = _Open(_now())
 
-    def event(self, name: str, msg: Any) -> None:
+    def event(self, name: str, jid: int, msg: Any) -> None:
+        """os__OP__start/done: an event called `name` on the job's span."""
         rec = self.begun.get(id(msg))
         if rec is not None:
             rec.events.append((name, _now(), None))
 
     def done(self, name: str, jid: int, msg: Any, err: Any, nbytes: int) -> None:
+        """submit__OP__done: the job's span, called `name`."""
         rec = self.begun.pop(id(msg), None)
         if rec is None:
             return
@@ -332,25 +313,3 @@ class DownstairsTracer:
                 tuple(rec.events), error=error, kind=_SERVER,
             )
         )  # fmt: skip
-
-
-class _DsEvent:
-    """os__OP__start/done: an event on the job's span."""
-
-    def __init__(self, tracer: DownstairsTracer, name: str) -> None:
-        self.tracer = tracer
-        self.name = name
-
-    def event(self, jid: int, msg: Any) -> None:
-        self.tracer.event(self.name, msg)
-
-
-class _DsDone:
-    """submit__OP__done: the job's span, named for its kind."""
-
-    def __init__(self, tracer: DownstairsTracer, name: str) -> None:
-        self.tracer = tracer
-        self.name = name
-
-    def done(self, jid: int, msg: Any, err: Any, nbytes: int) -> None:
-        self.tracer.done(self.name, jid, msg, err, nbytes)
