@@ -13,7 +13,11 @@ is queued. Without an answer (a Rust downstairs, an error, a log grown too
 long) the map stays unknown and block status reads the blocks instead.
 
 Blocks are tracked as sorted, disjoint runs of allocated blocks: the cost of
-an update or a query is in runs touched, not blocks.
+an update or a query is in runs touched, not blocks. Scattered writes to a
+fresh volume can cut it into as many runs as blocks, so past MAX_RUNS
+neighbouring runs are merged: the map then counts a few holes as data,
+which block status may always say (a reader gets the zeros it would have
+skipped), and its memory and the cost of an update stay bounded.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from enum import Enum
 
 Runs = list[tuple[int, int]]  # (first block, block count)
 MAX_LOG = 100_000  # operations logged while the map is fetched; past it, give up
+MAX_RUNS = 16_384  # runs kept; past it, each run is merged with the next
 
 
 class State(Enum):
@@ -59,6 +64,7 @@ class Allocation:
             return
         self._starts = [s for s, _ in runs]
         self._ends = [s + n for s, n in runs]
+        self._bound()
         for start, count, allocated in self._log:
             self._set(start, count, allocated)
         self._log = []
@@ -99,6 +105,16 @@ class Allocation:
                 keep_ends.append(ends[hi - 1])
         starts[lo:hi] = keep_starts
         ends[lo:hi] = keep_ends
+        if len(starts) > MAX_RUNS:
+            self._bound()
+
+    def _bound(self) -> None:
+        """Merge each pair of neighbouring runs (the hole between them counted
+        as data) until at most MAX_RUNS are left."""
+        while len(self._starts) > MAX_RUNS:
+            self._starts = self._starts[0::2]
+            ends = self._ends
+            self._ends = ends[1::2] + ends[-1:] if len(ends) % 2 else ends[1::2]
 
     def query(self, first: int, count: int) -> list[tuple[int, int, bool]] | None:
         """[first, first+count) as runs of (start, count, allocated), in

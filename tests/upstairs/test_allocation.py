@@ -15,6 +15,7 @@ import pytest
 from crucible.common.definition import RegionDefinition
 from crucible.region.allocation import allocated_runs
 from crucible.region.region import Region
+from crucible.upstairs import allocation
 from crucible.upstairs.allocation import MAX_LOG, Allocation, State
 from crucible.upstairs.guest import Upstairs
 from tests.support import Cluster, cluster, contexts_for
@@ -53,6 +54,32 @@ def test_marks_match_a_flag_per_block(rng: random.Random) -> None:
     # A query of a middle range starts and ends where asked.
     part = a.query(37, 50)
     assert part is not None and part[0][0] == 37 and sum(n for _, n, _ in part) == 50
+
+
+def test_a_scattered_map_stays_bounded_and_never_calls_data_a_hole(
+    rng: random.Random, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every other block written: past MAX_RUNS runs, neighbours merge. Every
+    block written is still data; blocks trimmed or written after the merge
+    are exact again."""
+    monkeypatch.setattr(allocation, "MAX_RUNS", 64)
+    total = 2000
+    a = Allocation()
+    a.begin()
+    a.loaded(a.epoch, [(b, 1) for b in range(0, 400, 2)])  # 200 runs from the downstairs
+    assert len(a.runs()) <= 64
+    model = [b < 400 and b % 2 == 0 for b in range(total)]
+    for b in rng.sample(range(400, total), 600):
+        a.mark(b, 1, True)
+        model[b] = True
+        assert len(a.runs()) <= 64
+    flags = _flags(a, total)
+    assert all(flags[b] for b in range(total) if model[b]), "a written block reported as a hole"
+    assert sum(flags) < total, "still tells some holes apart"
+    a.mark(1000, 100, False)
+    a.mark(1050, 3, True)
+    flags = _flags(a, total)
+    assert flags[1000:1100] == [False] * 50 + [True] * 3 + [False] * 47
 
 
 def test_the_log_is_laid_over_a_map_taken_later() -> None:
