@@ -262,15 +262,7 @@ def encode_record(r: SpanRecord, w: BytesWriter | None = None) -> list[bytes]:
     buffer to work in, left empty."""
     if w is None:
         w = BytesWriter()
-    _trace_fields(w, r.trace_id)
-    trace_end = len(w)
-    w.append(_I64_FIELD)
-    _id(w, r.span_id)
-    w.append(_I64_FIELD)
-    if r.parent_id is not None:
-        _id(w, r.parent_id)
-    else:
-        w.append(0)
+    trace_end = _span_ids(w, r)
     status = _status(r.kind, r.error)
     shared_at, shared_end = _span_rest(w, r, len(r.attrs) + len(status), status)
     own = w.getvalue()
@@ -302,6 +294,21 @@ def encode_record(r: SpanRecord, w: BytesWriter | None = None) -> list[bytes]:
             out.append(w.getvalue())
             w.truncate(0)
     return out
+
+
+def _span_ids(w: BytesWriter, r: SpanRecord) -> int:
+    """A Span struct's traceIdLow (1), traceIdHigh (2), spanId (3) and
+    parentSpanId (4); where its trace's fields end."""
+    _trace_fields(w, r.trace_id)
+    trace_end = len(w)
+    w.append(_I64_FIELD)
+    _id(w, r.span_id)
+    w.append(_I64_FIELD)
+    if r.parent_id is not None:
+        _id(w, r.parent_id)
+    else:
+        w.append(0)
+    return trace_end
 
 
 def _span_rest(
@@ -401,14 +408,7 @@ def encode_span(r: SpanRecord, scope: str | None = None, version: str | None = N
         if version:
             extra.append(_made(lambda w: _tag(w, "otel.scope.version", version)))
     w = BytesWriter()
-    _trace_fields(w, r.trace_id)
-    w.append(_I64_FIELD)
-    _id(w, r.span_id)
-    w.append(_I64_FIELD)
-    if r.parent_id is not None:
-        _id(w, r.parent_id)
-    else:
-        w.append(0)
+    _span_ids(w, r)
     _span_rest(w, r, len(r.attrs) + len(extra), extra)
     return w.getvalue()
 
