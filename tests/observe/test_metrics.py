@@ -12,7 +12,7 @@ import subprocess
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -27,7 +27,10 @@ WRITES, SIZE = 16, 64 * 1024
 WAIT = 60.0
 
 
-def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+Scrape = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(port: int) -> Scrape:
     """Every sample at http://127.0.0.1:port/metrics, by (name, labels)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
         text = r.read().decode()
@@ -89,11 +92,34 @@ def volume(base: Path, *nbd_args: str) -> Iterator[Volume]:
         v.stop()
 
 
+def _client_latency(c: int) -> tuple[str, tuple[tuple[str, str], ...]]:
+    return ("crucible_upstairs_downstairs_job_latency_seconds_count",
+            (("client", str(c)), ("op", "write")))  # fmt: skip
+
+
+def _settled(ports: list[int], ready: Callable[[list[Scrape]], bool]) -> list[Scrape]:
+    """Scrapes of `ports` once `ready` holds for them, or at the deadline. (The
+    guest's flush is acked at two of three: the third downstairs may still be
+    finishing the writes when the guest is done.)"""
+    deadline = time.monotonic() + WAIT
+    while True:
+        scrapes = [scrape(p) for p in ports]
+        if ready(scrapes) or time.monotonic() >= deadline:
+            return scrapes
+        time.sleep(0.1)
+
+
 def test_counters_move_as_the_work_did(tmp_path: Path) -> None:
     with volume(tmp_path) as v:
         v.write()
-        up = scrape(v.metrics)
         op = (("op", "write"),)
+        up, *dss = _settled(
+            [v.metrics, *v.ds_metrics],
+            lambda s: (
+                all(s[0].get(_client_latency(c), 0) >= WRITES for c in range(3))
+                and all(ds.get(("crucible_downstairs_jobs_total", op), 0) >= WRITES for ds in s[1:])
+            ),
+        )
         assert up[("crucible_upstairs_guest_ops_total", op)] == WRITES
         assert up[("crucible_upstairs_guest_bytes_total", op)] == WRITES * SIZE
         assert up[("crucible_upstairs_guest_latency_seconds_count", op)] == WRITES
@@ -103,11 +129,8 @@ def test_counters_move_as_the_work_did(tmp_path: Path) -> None:
         assert up[("crucible_nbd_request_bytes_total", cmd)] == WRITES * SIZE
         assert up[("crucible_nbd_connects_total", ())] == 2  # (wait_listening, then qemu-io)
         for c in range(3):
-            key = ("crucible_upstairs_downstairs_job_latency_seconds_count",
-                   (("client", str(c)), ("op", "write")))  # fmt: skip
-            assert up[key] == WRITES
-        for port in v.ds_metrics:
-            ds = scrape(port)
+            assert up[_client_latency(c)] == WRITES
+        for ds in dss:
             assert ds[("crucible_downstairs_jobs_total", op)] == WRITES
             assert ds[("crucible_downstairs_write_bytes_total", ())] == WRITES * SIZE
             assert ds[("crucible_downstairs_job_latency_seconds_count", op)] == WRITES
