@@ -199,8 +199,10 @@ class DownstairsCore:
             return []  # fenced or gone: the reply would go nowhere
         failed = isinstance(outcome, CrucibleError)
         if DS.on and is_job(work):
-            err = outcome if failed else None
-            DS.fire(SUBMIT[type(work)][1], work.job_id, work, err, moved_bytes(work, outcome))
+            answered = SUBMIT[type(work)][1]
+            if answered.handlers:
+                err = outcome if failed else None
+                answered.fire4(work.job_id, work, err, moved_bytes(work, outcome))
         acts: list[Action] = [Send(conn_id, self._reply(conn, work, outcome))]
         if failed:
             acts.append(Log(f"{type(work).__name__} {work_id(work)} failed: {outcome}"))
@@ -367,7 +369,9 @@ class DownstairsCore:
             return [Log(f"connection {cid}: duplicate job {job.job_id} ignored")]
         conn.load += self._cost(job)
         if DS.on:
-            DS.fire(SUBMIT[type(job)][0], job.job_id, job)
+            taken = SUBMIT[type(job)][0]
+            if taken.handlers:
+                taken.fire2(job.job_id, job)
         acts: list[Action] = [Execute(cid, j) for j in conn.work.add(job)]
         if self.log_jobs:
             acts.insert(0, JobLog(job))

@@ -35,7 +35,7 @@ from crucible.downstairs.core import (
 )
 from crucible.downstairs.disk_thread import DiskThread
 from crucible.downstairs.http_guard import GuardedFactory
-from crucible.downstairs.probing import OS
+from crucible.downstairs.probing import OS, WORK_DONE, WORK_START
 from crucible.downstairs.repair import REPAIR_PORT_OFFSET, fetch_extent, make_app
 from crucible.libc import trim_heap
 from crucible.netio import OutputBatcher
@@ -469,18 +469,20 @@ _NO_DISK = (m.Barrier, m.ExtentLiveNoOp, m.ExtentVersionsPlease)
 
 def _work_started(work: Work) -> None:
     if is_job(work):
-        DS.fire("work__start", work.job_id)
-        names = OS.get(type(work))
-        if names:
-            DS.fire(names[0], work.job_id, work)
+        if WORK_START.handlers:
+            WORK_START.fire1(work.job_id)
+        disk = OS.get(type(work))
+        if disk is not None and disk[0].handlers:
+            disk[0].fire2(work.job_id, work)
 
 
 def _work_done(work: Work) -> None:
     if is_job(work):
-        names = OS.get(type(work))
-        if names:
-            DS.fire(names[1], work.job_id, work)
-        DS.fire("work__done", work.job_id)
+        disk = OS.get(type(work))
+        if disk is not None and disk[1].handlers:
+            disk[1].fire2(work.job_id, work)
+        if WORK_DONE.handlers:
+            WORK_DONE.fire1(work.job_id)
 
 
 def _work_bytes(work: Work) -> int:

@@ -27,7 +27,7 @@ import struct
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Final, cast
 
 from crucible.common.errors import CrucibleError, ErrorKind
 from crucible.libc import raw_bytearray
@@ -396,8 +396,8 @@ class _Connection(asyncio.BufferedProtocol):
             self._flow()
             self._maybe_finish()
             return
-        if NBD.on:
-            NBD.fire("nbd__request", _COMMANDS.get(cmd, "unknown"), length)
+        if _REQUEST.handlers:
+            _REQUEST.fire2(_COMMANDS.get(cmd, "unknown"), length)
         error = self.check(flags, cmd, offset, length)
         if error:
             self.send_error(cookie, error, "request refused")
@@ -539,6 +539,7 @@ class _Connection(asyncio.BufferedProtocol):
 # (a command number no client should send is "unknown": a label per number
 # would let one client make the metrics grow by thousands of series)
 _COMMANDS = {int(c): c.name.lower() for c in p.Cmd}
+_REQUEST: Final = NBD.probe("nbd__request")
 
 
 def _errno(e: BaseException) -> int:

@@ -7,9 +7,11 @@ same leading arguments (the job id, then the client id where Crucible passes
 one), and whatever is attached (metrics, tracing, a test) is called in the
 firing thread. Arguments after Crucible's are ours (a message, a byte count).
 
-A probe with nothing attached costs one attribute test at its site: every
-site checks its provider's `on` flag before looking a probe up or building
-arguments (`if UP.on: UP.fire("gw__read__start", job_id)`).
+A probe with nothing attached costs one attribute test at its site: a site
+checks its provider's `on` flag before looking a probe up or building
+arguments (`if UP.on: UP.fire("up__fault", cid, why)`); a site on the IO
+path holds its Probe and checks that probe's own handlers
+(`if p.handlers: p.fire2(job_id, cid)`).
 """
 
 from __future__ import annotations
@@ -20,36 +22,71 @@ from typing import Any
 Handler = Callable[..., None]
 
 
+class Probe:
+    """One probe and the handlers attached to it, called in order.
+
+    A site on the IO path holds its probe and tests `handlers` before it
+    builds any argument; fire1..fire4 then call each handler with that many
+    arguments (compiled, without packing them into a tuple)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.handlers: list[Handler] = []
+
+    def fire(self, *args: Any) -> None:
+        for h in self.handlers:
+            h(*args)
+
+    def fire1(self, a: Any) -> None:
+        for h in self.handlers:
+            h(a)
+
+    def fire2(self, a: Any, b: Any) -> None:
+        for h in self.handlers:
+            h(a, b)
+
+    def fire3(self, a: Any, b: Any, c: Any) -> None:
+        for h in self.handlers:
+            h(a, b, c)
+
+    def fire4(self, a: Any, b: Any, c: Any, d: Any) -> None:
+        for h in self.handlers:
+            h(a, b, c, d)
+
+
 class Provider:
     """A set of probes under one name (crucible_upstairs, crucible_downstairs)."""
 
     def __init__(self, name: str, probes: list[str]) -> None:
         self.name = name
         self.names = frozenset(probes)
+        self.probes = {p: Probe(p) for p in probes}
         self.on = False  # anything attached to any probe of this provider
-        self._handlers: dict[str, list[Handler]] = {}
+
+    def probe(self, name: str) -> Probe:
+        p = self.probes.get(name)
+        if p is None:
+            raise KeyError(f"{self.name} has no probe {name!r}")
+        return p
 
     def attach(self, probe: str, handler: Handler) -> None:
-        if probe not in self.names:
-            raise KeyError(f"{self.name} has no probe {probe!r}")
-        self._handlers.setdefault(probe, []).append(handler)
+        self.probe(probe).handlers.append(handler)
         self.on = True
 
     def detach(self, probe: str, handler: Handler) -> None:
-        hs = self._handlers.get(probe, [])
-        if handler in hs:
-            hs.remove(handler)
-        if not hs:
-            self._handlers.pop(probe, None)
-        self.on = bool(self._handlers)
+        p = self.probes.get(probe)
+        if p is not None and handler in p.handlers:
+            p.handlers.remove(handler)
+        self.on = any(p.handlers for p in self.probes.values())
 
     def attached(self, probe: str) -> bool:
-        return probe in self._handlers
+        p = self.probes.get(probe)
+        return p is not None and bool(p.handlers)
 
     def fire(self, probe: str, *args: Any) -> None:
-        handlers = self._handlers.get(probe)
-        if handlers is not None:
-            for h in handlers:
+        p = self.probes.get(probe)
+        if p is not None:
+            for h in p.handlers:
                 h(*args)
 
 

@@ -31,6 +31,7 @@ take it, their replies, the ack rules, faults, and live repair's jobs.
 from __future__ import annotations
 
 import uuid
+from typing import Final
 
 from crucible.common.definition import RegionDefinition
 from crucible.common.errors import CrucibleError, ErrorKind
@@ -71,6 +72,7 @@ from crucible.upstairs.verify import bad_blocks, check_blocks, check_read_reply,
 REPAIR_BACKOFF = 1.0
 REPAIR_BACKOFF_MAX = 600.0
 REPAIR_ATTEMPTS = 10
+_JOB_FINISHED: Final = UP.probe("up__job__finished")
 READ_HOME_BYTES = 1 << 20  # a read's home replica is picked per MiB of the volume
 SPILL_JOBS = 8  # a read leaves its home when that one has more than this many more in flight
 
@@ -179,7 +181,9 @@ class Downstairs:
                 c.inflight_jobs += 1
                 c.inflight_bytes += job.nbytes
                 if UP.on:
-                    UP.fire(probe_names(job).client_start, job.id, c.id)
+                    sent = probe_names(job).client_start
+                    if sent.handlers:
+                        sent.fire2(job.id, c.id)
                 if own or stage is Stage.LIVE_REPAIR or self._own_deps(c, job):
                     acts.append(Send(c.id, self._message_for(c, job)))
                 else:
@@ -325,7 +329,9 @@ class Downstairs:
         c.inflight_bytes -= job.nbytes
         c.last_progress = now
         if UP.on:
-            UP.fire(probe_names(job).client_done, job.id, c.id, err)
+            answered = probe_names(job).client_done
+            if answered.handlers:
+                answered.fire3(job.id, c.id, err)
         acts: list[Action] = []
         if err is not None:
             job.state[c.id] = IOState.ERROR
@@ -551,8 +557,8 @@ class Downstairs:
             elif job.guest is not None:
                 acts.append(Complete(job.guest, acks.final_result(job)))
         self.table.mark_finished(job)
-        if UP.on:
-            UP.fire("up__job__finished", job.id)
+        if _JOB_FINISHED.handlers:
+            _JOB_FINISHED.fire1(job.id)
         op = job.op
         if isinstance(op, ReadOp) and op.compare:
             acts += self._compared(job, now)
@@ -571,13 +577,14 @@ class Downstairs:
 
     def _fire_start(self, job: Job) -> None:
         p = probe_names(job)
-        if p.live:
-            UP.fire(p.gw_start, job.id, self._extent(job))
-            return
-        n = job_bytes(job, self._block_size)
-        UP.fire(p.gw_start, job.id, n, job.gw_id != 0, self._extent(job))
-        if p.to_ds is not None:
-            UP.fire(p.to_ds, job.id)
+        if p.gw_start.handlers:
+            if p.live:
+                p.gw_start.fire2(job.id, self._extent(job))
+            else:
+                n = job_bytes(job, self._block_size)
+                p.gw_start.fire4(job.id, n, job.gw_id != 0, self._extent(job))
+        if p.to_ds is not None and p.to_ds.handlers:
+            p.to_ds.fire1(job.id)
 
     def _acked(self, job: Job) -> None:
         """A job is acked to its guest (or, for one of ours, done with)."""
@@ -589,10 +596,12 @@ class Downstairs:
         if not UP.on:
             return
         p = probe_names(job)
+        if not p.gw_done.handlers:
+            return
         if p.live:
-            UP.fire(p.gw_done, job.id, self._extent(job))
+            p.gw_done.fire2(job.id, self._extent(job))
         else:
-            UP.fire(p.gw_done, job.id, n, job.gw_id != 0)
+            p.gw_done.fire3(job.id, n, job.gw_id != 0)
 
     @property
     def _block_size(self) -> int:

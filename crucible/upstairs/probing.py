@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from crucible.observe.probes import UP, Probe
 from crucible.upstairs.jobs import (
     BarrierOp,
     FlushOp,
@@ -37,20 +38,20 @@ class Names(NamedTuple):
     """The probes one kind of job fires."""
 
     op: str
-    gw_start: str
-    gw_done: str
-    to_ds: str | None  # up__to__ds__*__start (none for live-repair jobs)
-    client_start: str
-    client_done: str
+    gw_start: Probe
+    gw_done: Probe
+    to_ds: Probe | None  # up__to__ds__*__start (none for live-repair jobs)
+    client_start: Probe
+    client_done: Probe
     live: bool
 
 
 def _names(op: str, live: bool) -> Names:
     client = f"ds__{op}" if live else f"ds__{op}__client"
-    to_ds = None if live else f"up__to__ds__{op}__start"
+    to_ds = None if live else UP.probe(f"up__to__ds__{op}__start")
     return Names(
-        op, f"gw__{op}__start", f"gw__{op}__done", to_ds, f"{client}__start", f"{client}__done",
-        live,
+        op, UP.probe(f"gw__{op}__start"), UP.probe(f"gw__{op}__done"), to_ds,
+        UP.probe(f"{client}__start"), UP.probe(f"{client}__done"), live,
     )  # fmt: skip
 
 

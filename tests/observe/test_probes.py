@@ -26,13 +26,14 @@ WRITES, READS, BS = 12, 7, 512
 @pytest.fixture(autouse=True)
 def isolated_probes() -> Iterator[None]:
     """Handlers attached here go away after the test (the providers are global)."""
-    saved = [(p, {k: list(v) for k, v in p._handlers.items()}) for p in (UP, DS)]  # noqa: SLF001
+    saved = [(p, {name: list(pr.handlers) for name, pr in p.probes.items()}) for p in (UP, DS)]
     try:
         yield
     finally:
         for p, handlers in saved:
-            p._handlers = handlers  # noqa: SLF001
-            p.on = bool(handlers)
+            for name, hs in handlers.items():
+                p.probes[name].handlers = hs
+            p.on = any(handlers.values())
 
 
 def test_a_provider_knows_its_probes() -> None:
