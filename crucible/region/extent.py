@@ -61,7 +61,7 @@ import xxhash
 from crucible.common.errors import CrucibleError, ErrorKind
 from crucible.libc import address, libc, raw_bytearray
 from crucible.protocol.integrity import all_plain
-from crucible.protocol.messages import BlockContext, ReadBlockContext
+from crucible.protocol.messages import BlockContext, EncryptionContext, ReadBlockContext
 from crucible.protocol.wire import struct_run
 from crucible.region.context import (
     BadSlot,
@@ -214,11 +214,55 @@ def runs(flags: list[bool]) -> list[tuple[int, int]]:
     return out
 
 
+CONTEXT_CHUNK = 32  # blocks whose contexts are read, kept and dropped together
+CONTEXT_CHUNKS = 8192  # chunks a region keeps at most (about 1.5 KiB each)
+
+
+class ContextCache:
+    """The contexts of recently read blocks, decoded, so that a small read
+    needs one syscall (its data) instead of two. Each extent keeps its own in
+    chunks of CONTEXT_CHUNK blocks (`Extent.context_chunks`); the extents of
+    one region share this budget of `capacity` chunks, and past it all are
+    dropped and kept anew (reads that keep to a working set that fits gain;
+    others pay one slot array of CONTEXT_CHUNK slots per miss). Writes and
+    trims update the chunks they touch; a closed extent's chunks go with it.
+    Only the context is kept: the upstairs still checks every block's data
+    against it."""
+
+    def __init__(self, capacity: int = CONTEXT_CHUNKS) -> None:
+        self.capacity = capacity
+        self.held = 0
+        self.extents: set[Extent] = set()
+
+    def room(self, ext: Extent) -> None:
+        """`ext` is about to keep one more chunk."""
+        if self.held >= self.capacity:
+            for e in self.extents:
+                e.context_chunks.clear()
+            self.extents.clear()
+            self.held = 0
+        self.held += 1
+        self.extents.add(ext)
+
+    def forget(self, ext: Extent) -> None:
+        """`ext` drops every chunk it keeps."""
+        if ext in self.extents:
+            self.extents.discard(ext)
+            self.held -= len(ext.context_chunks)
+        ext.context_chunks.clear()
+
+
 class Extent:
     """An open extent. Not thread-safe: the downstairs runs one disk op at a time."""
 
     def __init__(
-        self, number: int, path: Path, layout: ExtentLayout, fd: int, read_only: bool
+        self,
+        number: int,
+        path: Path,
+        layout: ExtentLayout,
+        fd: int,
+        read_only: bool,
+        cache: ContextCache | None = None,
     ) -> None:
         self.number = number
         self.path = path
@@ -232,6 +276,8 @@ class Extent:
         self.unsynced = bytearray(layout.blocks)  # written since the last fdatasync
         self.damaged: set[int] = set()
         self._direct = -2  # the O_DIRECT fd for large writes; -2 not opened yet, -1 none
+        self.cache = cache
+        self.context_chunks: dict[int, list[ReadBlockContext]] = {}  # see ContextCache
 
     # ---- lifecycle ----------------------------------------------------------
 
@@ -247,7 +293,14 @@ class Extent:
             os.close(fd)
 
     @classmethod
-    def open(cls, number: int, path: Path, layout: ExtentLayout, read_only: bool) -> Extent:
+    def open(
+        cls,
+        number: int,
+        path: Path,
+        layout: ExtentLayout,
+        read_only: bool,
+        cache: ContextCache | None = None,
+    ) -> Extent:
         try:
             fd = os.open(path, os.O_RDONLY if read_only else os.O_RDWR)
         except FileNotFoundError:
@@ -262,7 +315,7 @@ class Extent:
                     f"extent file {path} is {size} bytes, expected {layout.file_size}"
                     + (" (truncated)" if size < layout.file_size else ""),
                 )
-            ext = cls(number, path, layout, fd, read_only)
+            ext = cls(number, path, layout, fd, read_only, cache)
             ext._load()
             return ext
         except BaseException:
@@ -287,6 +340,7 @@ class Extent:
             self._recover_slots(0, lay.blocks)
 
     def close(self) -> tuple[int, int, bool]:
+        self._forget_contexts()
         os.close(self.fd)
         if self._direct >= 0:
             os.close(self._direct)
@@ -318,6 +372,7 @@ class Extent:
 
     def _recover_slots(self, start: int, n: int) -> None:
         """Choose each block's active slot from the data actually on disk."""
+        self._forget_contexts()
         bs = self.layout.block_size
         data = pread_exact(self.fd, n * bs, start * bs)
         raw_a, raw_b = self._slot_arrays(start, n)
@@ -374,9 +429,41 @@ class Extent:
                 data: bytes | bytearray = pread_cached(self.fd, n * bs, start * bs)
             else:
                 data = pread_exact(self.fd, n * bs, start * bs)
-            return self._read_contexts(start, n), data
+            return self._contexts(start, n), data
         except OSError as e:
             raise io_error(e, f"read extent {self.number}") from None
+
+    def _contexts(self, start: int, n: int) -> list[ReadBlockContext]:
+        """The contexts of n blocks: kept ones when they lie in one chunk."""
+        c = start // CONTEXT_CHUNK
+        cache = self.cache
+        if cache is None or not n or (start + n - 1) // CONTEXT_CHUNK != c:
+            return self._read_contexts(start, n)
+        chunk = self.context_chunks.get(c)
+        if chunk is None:
+            first = c * CONTEXT_CHUNK
+            try:
+                chunk = self._read_contexts(first, min(CONTEXT_CHUNK, self.layout.blocks - first))
+            except CrucibleError:  # a bad slot in the chunk: this read's own may be good
+                return self._read_contexts(start, n)
+            cache.room(self)
+            self.context_chunks[c] = chunk
+        at = start - c * CONTEXT_CHUNK
+        return chunk[at : at + n]
+
+    def _update_contexts(self, start: int, new: list[ReadBlockContext]) -> None:
+        """Blocks from `start` now read as `new`: the chunks kept say so."""
+        end = start + len(new)
+        for c in range(start // CONTEXT_CHUNK, (end - 1) // CONTEXT_CHUNK + 1):
+            chunk = self.context_chunks.get(c)
+            if chunk is not None:
+                first = c * CONTEXT_CHUNK
+                lo, hi = max(start, first), min(end, first + len(chunk))
+                chunk[lo - first : hi - first] = new[lo - start : hi - start]
+
+    def _forget_contexts(self) -> None:
+        if self.cache is not None:
+            self.cache.forget(self)
 
     def _read_contexts(self, start: int, n: int) -> list[ReadBlockContext]:
         act = self.active
@@ -425,22 +512,30 @@ class Extent:
     def _write_run(self, start: int, data: memoryview, contexts: list[BlockContext]) -> None:
         bs = self.layout.block_size
         flush_id = self.flush_number
+        new: list[ReadBlockContext]
         if all_plain(contexts):
             # Plaintext on disk: each hash already covers its block.
-            slots = encode_plain_slots(list(map(itemgetter(0), contexts)), flush_id)
+            hashes = list(map(itemgetter(0), contexts))
+            slots = encode_plain_slots(hashes, flush_id)
+            new = list(hashes)
         else:
             parts = []
+            new = []
             for j, ctx in enumerate(contexts):
                 odh = ctx.hash
-                if ctx.encryption is not None:
+                enc = ctx.encryption
+                if enc is not None:
                     odh = xxhash.xxh64_intdigest(data[j * bs : (j + 1) * bs])
+                    new.append(EncryptionContext(bytes(enc.nonce), bytes(enc.tag)))
+                else:
+                    new.append(ctx.hash)
                 parts.append(encode_slot(ctx, odh, flush_id))
             slots = b"".join(parts)
         offset = start * bs
         if len(data) >= DIRECT_BYTES and self._direct_fd() >= 0:
-            self._replace_blocks(start, slots, lambda: self._put_direct(data, offset))
+            self._replace_blocks(start, slots, new, lambda: self._put_direct(data, offset))
             return
-        self._replace_blocks(start, slots, lambda: pwrite_all(self.fd, data, offset))
+        self._replace_blocks(start, slots, new, lambda: pwrite_all(self.fd, data, offset))
         if len(data) >= WRITEBACK_BYTES:
             start_writeback(self.fd, offset, len(data))
 
@@ -476,14 +571,20 @@ class Extent:
         self._check_range(start, n)
         bs = self.layout.block_size
         self._replace_blocks(
-            start, bytes(SLOT_SIZE * n), lambda: punch_hole(self.fd, start * bs, n * bs)
+            start, bytes(SLOT_SIZE * n), [None] * n, lambda: punch_hole(self.fd, start * bs, n * bs)
         )
 
-    def _replace_blocks(self, start: int, slots: bytes, put_data: Callable[[], None]) -> None:
+    def _replace_blocks(
+        self,
+        start: int,
+        slots: bytes,
+        new: list[ReadBlockContext],
+        put_data: Callable[[], None],
+    ) -> None:
         """The write protocol: dirty mark (synced) once per flush, a sync before
         reusing a slot not yet durable, new contexts into the inactive slots
-        (`slots`: the encoded slot of each block in turn), then the data, then
-        the in-memory flip."""
+        (`slots`: the encoded slot of each block in turn; `new`: each as a
+        read returns it), then the data, then the in-memory flip."""
         lay = self.layout
         n = len(slots) // SLOT_SIZE
         fd = self.fd
@@ -517,6 +618,8 @@ class Extent:
                 self.damaged.update(range(start, start + n))
             raise io_error(e, f"write extent {self.number}") from None
         self.active[start : start + n] = bytes(target)
+        if self.context_chunks:
+            self._update_contexts(start, new)
         self.unsynced[start : start + n] = b"\x01" * n
         if self.damaged:
             self.damaged.difference_update(range(start, start + n))

@@ -23,7 +23,7 @@ from crucible.region.definition import (
     load_definition,
     save_definition,
 )
-from crucible.region.extent import Extent
+from crucible.region.extent import ContextCache, Extent
 from crucible.region.layout import (
     EXTENT_FORMAT_VERSION,
     META,
@@ -69,6 +69,7 @@ class Region:
         self.close_counts: dict[int, int] = {}
         self._flush_pool: ThreadPoolExecutor | None = None
         self._lock_fd: int | None = None
+        self.context_cache = ContextCache()
 
     # ---- create / open / close ------------------------------------------------
 
@@ -165,7 +166,8 @@ class Region:
             )
 
     def _open_extent(self, eid: int) -> Extent:
-        return Extent.open(eid, extent_path(self.dir, eid), self.layout, self.read_only)
+        path = extent_path(self.dir, eid)
+        return Extent.open(eid, path, self.layout, self.read_only, self.context_cache)
 
     def close(self) -> None:
         if self._flush_pool is not None:
