@@ -6,6 +6,7 @@ share."""
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import sys
@@ -47,13 +48,17 @@ def compare(
 ) -> tuple[Ratios, Ratios]:
     """Per (test, setting) other than the first: throughput ratios and CPU
     per IO ratios to the first setting, one per round. `server(setting)`
-    runs the volume in that setting: (NBD URI, the pids to count CPU of)."""
+    runs the volume in that setting: (NBD URI, the pids to count CPU of).
+    Every other round runs the settings in reverse order, and each setting
+    starts once the disk has written back what the one before left dirty:
+    neither the order nor the last run's writeback favours a setting."""
     ratios: Ratios = {}
     cpu_ratios: Ratios = {}
     for rnd in range(repeat):
         got: dict[tuple[str, str], float] = {}
         cpu: dict[tuple[str, str], float] = {}
-        for setting in settings:
+        for setting in settings if rnd % 2 == 0 else settings[::-1]:
+            os.sync()
             with server(setting) as (uri, pids):
                 for name, rw, bs, depth in tests:
                     before = cpu_seconds(pids)
