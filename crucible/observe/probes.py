@@ -86,8 +86,7 @@ class Provider:
     def fire(self, probe: str, *args: Any) -> None:
         p = self.probes.get(probe)
         if p is not None:
-            for h in p.handlers:
-                h(*args)
+            p.fire(*args)
 
 
 def _pairs(stems: list[str], ends: tuple[str, ...] = ("start", "done")) -> list[str]:

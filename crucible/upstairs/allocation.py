@@ -114,7 +114,7 @@ class Allocation:
         while len(self._starts) > MAX_RUNS:
             self._starts = self._starts[0::2]
             ends = self._ends
-            self._ends = ends[1::2] + ends[-1:] if len(ends) % 2 else ends[1::2]
+            self._ends = (ends[1::2] + ends[-1:]) if len(ends) % 2 else ends[1::2]
 
     def query(self, first: int, count: int) -> list[tuple[int, int, bool]] | None:
         """[first, first+count) as runs of (start, count, allocated), in
