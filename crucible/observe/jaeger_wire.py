@@ -314,7 +314,7 @@ def _span_ids(w: BytesWriter, r: SpanRecord) -> int:
 def _span_rest(
     w: BytesWriter, r: SpanRecord, tag_count: int, extra: list[bytes]
 ) -> tuple[int, int]:
-    """A Span struct's fields from operationName (3) on, its own attributes
+    """A Span struct's fields from operationName (5) on, its own attributes
     then `extra` as its tags; where its attributes' tags begin and end."""
     w.append(_NEXT_BINARY)
     w.write(_text_field(r.name))
