@@ -59,7 +59,6 @@ class Provider:
 
     def __init__(self, name: str, probes: list[str]) -> None:
         self.name = name
-        self.names = frozenset(probes)
         self.probes = {p: Probe(p) for p in probes}
         self.on = False  # anything attached to any probe of this provider
 

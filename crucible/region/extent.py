@@ -451,9 +451,15 @@ class Extent:
         at = start - c * CONTEXT_CHUNK
         return chunk[at : at + n]
 
-    def _update_contexts(self, start: int, new: list[ReadBlockContext]) -> None:
-        """Blocks from `start` now read as `new`: the chunks kept say so."""
-        end = start + len(new)
+    def _update_contexts(self, start: int, n: int, written: list[BlockContext] | None) -> None:
+        """n blocks from `start` were written with these contexts (None:
+        trimmed): the chunks kept say what a read of them now returns."""
+        new: list[ReadBlockContext] = [None] * n if written is None else [
+            ctx.hash if ctx.encryption is None
+            else EncryptionContext(bytes(ctx.encryption.nonce), bytes(ctx.encryption.tag))
+            for ctx in written
+        ]  # fmt: skip
+        end = start + n
         for c in range(start // CONTEXT_CHUNK, (end - 1) // CONTEXT_CHUNK + 1):
             chunk = self.context_chunks.get(c)
             if chunk is not None:
@@ -512,30 +518,22 @@ class Extent:
     def _write_run(self, start: int, data: memoryview, contexts: list[BlockContext]) -> None:
         bs = self.layout.block_size
         flush_id = self.flush_number
-        new: list[ReadBlockContext]
         if all_plain(contexts):
             # Plaintext on disk: each hash already covers its block.
-            hashes = list(map(itemgetter(0), contexts))
-            slots = encode_plain_slots(hashes, flush_id)
-            new = list(hashes)
+            slots = encode_plain_slots(list(map(itemgetter(0), contexts)), flush_id)
         else:
             parts = []
-            new = []
             for j, ctx in enumerate(contexts):
                 odh = ctx.hash
-                enc = ctx.encryption
-                if enc is not None:
+                if ctx.encryption is not None:
                     odh = xxhash.xxh64_intdigest(data[j * bs : (j + 1) * bs])
-                    new.append(EncryptionContext(bytes(enc.nonce), bytes(enc.tag)))
-                else:
-                    new.append(ctx.hash)
                 parts.append(encode_slot(ctx, odh, flush_id))
             slots = b"".join(parts)
         offset = start * bs
         if len(data) >= DIRECT_BYTES and self._direct_fd() >= 0:
-            self._replace_blocks(start, slots, new, lambda: self._put_direct(data, offset))
+            self._replace_blocks(start, slots, contexts, lambda: self._put_direct(data, offset))
             return
-        self._replace_blocks(start, slots, new, lambda: pwrite_all(self.fd, data, offset))
+        self._replace_blocks(start, slots, contexts, lambda: pwrite_all(self.fd, data, offset))
         if len(data) >= WRITEBACK_BYTES:
             start_writeback(self.fd, offset, len(data))
 
@@ -571,20 +569,20 @@ class Extent:
         self._check_range(start, n)
         bs = self.layout.block_size
         self._replace_blocks(
-            start, bytes(SLOT_SIZE * n), [None] * n, lambda: punch_hole(self.fd, start * bs, n * bs)
+            start, bytes(SLOT_SIZE * n), None, lambda: punch_hole(self.fd, start * bs, n * bs)
         )
 
     def _replace_blocks(
         self,
         start: int,
         slots: bytes,
-        new: list[ReadBlockContext],
+        written: list[BlockContext] | None,
         put_data: Callable[[], None],
     ) -> None:
         """The write protocol: dirty mark (synced) once per flush, a sync before
         reusing a slot not yet durable, new contexts into the inactive slots
-        (`slots`: the encoded slot of each block in turn; `new`: each as a
-        read returns it), then the data, then the in-memory flip."""
+        (`slots`: the encoded slot of each block in turn, of `written`, or
+        empty for a trim), then the data, then the in-memory flip."""
         lay = self.layout
         n = len(slots) // SLOT_SIZE
         fd = self.fd
@@ -619,7 +617,7 @@ class Extent:
             raise io_error(e, f"write extent {self.number}") from None
         self.active[start : start + n] = bytes(target)
         if self.context_chunks:
-            self._update_contexts(start, new)
+            self._update_contexts(start, n, written)
         self.unsynced[start : start + n] = b"\x01" * n
         if self.damaged:
             self.damaged.difference_update(range(start, start + n))

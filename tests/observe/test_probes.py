@@ -52,7 +52,7 @@ def test_a_provider_knows_its_probes() -> None:
 
 def _record(provider: Provider) -> list[tuple[str, tuple[Any, ...]]]:
     fired: list[tuple[str, tuple[Any, ...]]] = []
-    for name in provider.names:
+    for name in provider.probes:
         provider.attach(name, lambda *args, name=name: fired.append((name, args)))
     return fired
 
