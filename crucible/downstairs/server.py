@@ -39,7 +39,7 @@ from crucible.downstairs.probing import OS, WORK_DONE, WORK_START
 from crucible.downstairs.repair import REPAIR_PORT_OFFSET, fetch_extent, make_app
 from crucible.libc import trim_heap
 from crucible.netio import OutputBatcher
-from crucible.observe.probes import DS
+from crucible.observe.probes import DS, clock
 from crucible.protocol import messages as m
 from crucible.protocol.capabilities import NONE, OURS
 from crucible.protocol.codec import encode_parts
@@ -358,8 +358,9 @@ class DownstairsServer:
                 if not self.core.wants(conn_id):  # fenced meanwhile
                     continue
                 try:
+                    t0 = 0.0
                     if DS.on:
-                        _work_started(work)
+                        t0 = _work_started(work)
                     try:
                         outcome = ops.run(self.region, work, self._fetch, cached_only)
                     except WouldBlock:  # back to the head, for the disk thread
@@ -369,7 +370,7 @@ class DownstairsServer:
                         self._wake.set()
                         return
                     if DS.on:
-                        _work_done(work)
+                        _work_done(work, t0)
                     self.apply(self.core.finished(conn_id, work, outcome))
                 except Exception:
                     self._failed(conn_id, work)
@@ -408,11 +409,12 @@ class DownstairsServer:
             try:
                 self._busy = True
                 try:
-                    if DS.on and not started:
-                        _work_started(work)
+                    t0 = 0.0
+                    if DS.on:
+                        t0 = clock() if started else _work_started(work)
                     outcome = await self._disk.run(ops.run, self.region, work, self._fetch)
                     if DS.on:
-                        _work_done(work)
+                        _work_done(work, t0)
                 finally:
                     self._busy = False
                 self.apply(self.core.finished(conn_id, work, outcome))
@@ -467,20 +469,23 @@ _WRITES = (m.Write, m.WriteUnwritten)
 _NO_DISK = (m.Barrier, m.ExtentLiveNoOp, m.ExtentVersionsPlease)
 
 
-def _work_started(work: Work) -> None:
+def _work_started(work: Work) -> float:
+    """Fire a job's start probes; when its region work begins (the clock)."""
     if is_job(work):
         if WORK_START.handlers:
             WORK_START.fire1(work.job_id)
         disk = OS.get(type(work))
         if disk is not None and disk[0].handlers:
             disk[0].fire2(work.job_id, work)
+    return clock()
 
 
-def _work_done(work: Work) -> None:
+def _work_done(work: Work, t0: float) -> None:
+    """Fire a job's done probes; the region's work began at `t0`."""
     if is_job(work):
         disk = OS.get(type(work))
         if disk is not None and disk[1].handlers:
-            disk[1].fire2(work.job_id, work)
+            disk[1].fire3(work.job_id, work, clock() - t0)
         if WORK_DONE.handlers:
             WORK_DONE.fire1(work.job_id)
 

@@ -113,7 +113,7 @@ class UpstairsMetrics:
         )
         self.ds_latency = t.histogram(
             "crucible_upstairs_downstairs_job_latency_seconds",
-            "A job on one downstairs, sent to answered",
+            "A job on one downstairs, queued to answered",
             ["client", "op"],
         )
         self.ds_errors = t.counter(
@@ -150,13 +150,11 @@ class UpstairsMetrics:
 
     def _attach_guest(self, op: str) -> None:
         h = GuestOp(self.ops(op), self.bytes(op), self.latency(op))
-        UP.attach(f"gw__{op}__start", h.start)
         UP.attach(f"gw__{op}__done", h.done)
 
     def _attach_clients(self, probe: str, op: str) -> None:
         errors = [self.ds_errors(str(c)) for c in range(3)]
         h = ClientOp([self.ds_latency(str(c), op) for c in range(3)], errors)
-        UP.attach(f"{probe}__start", h.start)
         UP.attach(f"{probe}__done", h.done)
 
     def _fault(self, cid: int, why: str) -> None:
@@ -300,9 +298,7 @@ class DownstairsMetrics:
         for op in DS_IO:
             self._attach_job(op)
         for op in DS_DISK:
-            disk = DiskOp(self.disk(op))
-            DS.attach(f"os__{op}__start", disk.start)
-            DS.attach(f"os__{op}__done", disk.done)
+            DS.attach(f"os__{op}__done", DiskOp(self.disk(op)).done)
         DS.attach("connection__open", self.connections.opened)
         DS.attach("connection__close", self.connections.closed)
         DS.attach("repair__served", self._served)

@@ -75,8 +75,10 @@ class Timer:
         self.begun[key] = _clock()
 
     def done(self, key: int) -> None:
-        t0 = self.begun.pop(key, None)
-        if t0 is not None:
+        begun = self.begun
+        t0 = begun.get(key)
+        if t0 is not None:  # (get and del: compiled, dict.pop is a generic method call)
+            del begun[key]
             self.hist.observe(_clock() - t0)
 
 
@@ -84,43 +86,33 @@ class Timer:
 
 
 class GuestOp:
-    """gw__OP__start/done of one kind of job: guest jobs counted and timed
-    from queued to acked (the upstairs' own jobs are not the guest's IO)."""
+    """gw__OP__done of one kind of job: guest jobs counted and timed from
+    queued to acked (the upstairs' own jobs are not the guest's IO)."""
 
     def __init__(self, ops: Cell, nbytes: Cell, latency: Hist) -> None:
         self.ops = ops
         self.nbytes = nbytes
-        self.timer = Timer(latency)
+        self.latency = latency
 
-    def start(self, jid: int, n: int, guest: bool, extent: int | None) -> None:
+    def done(self, jid: int, n: int, guest: bool, seconds: float) -> None:
         if guest:
-            self.timer.start(jid)
-
-    def done(self, jid: int, n: int, guest: bool) -> None:
-        if guest:
-            self.timer.done(jid)
+            self.latency.observe(seconds)
             self.ops.value += 1
             self.nbytes.value += n
 
 
 class ClientOp:
-    """ds__OP__client__start/done: each downstairs' part of a job, timed from
-    sent to answered, and its errors."""
+    """ds__OP__client__done: each downstairs' part of a job, timed from
+    queued to answered, and its errors."""
 
     def __init__(self, latency: list[Hist], errors: list[Cell]) -> None:
-        self.timers = [Timer(h) for h in latency]
+        self.latency = latency
         self.errors = errors
 
-    def start(self, jid: int, cid: int) -> None:
-        self.timers[cid].start(jid)
-
-    def done(self, jid: int, cid: int, err: Any) -> None:
-        self.timers[cid].done(jid)
+    def done(self, jid: int, cid: int, err: Any, seconds: float) -> None:
+        self.latency[cid].observe(seconds)
         if err is not None:
             self.errors[cid].value += 1
-
-
-# ---- the downstairs' handlers ----------------------------------------------------------
 
 
 class DsJob:
@@ -146,16 +138,13 @@ class DsJob:
 
 
 class DiskOp:
-    """os__OP__start/done: the region's part of a job, timed."""
+    """os__OP__done: the region's part of a job, timed."""
 
     def __init__(self, latency: Hist) -> None:
-        self.timer = Timer(latency)
+        self.latency = latency
 
-    def start(self, jid: int, msg: Any) -> None:
-        self.timer.start(id(msg))
-
-    def done(self, jid: int, msg: Any) -> None:
-        self.timer.done(id(msg))
+    def done(self, jid: int, msg: Any, seconds: float) -> None:
+        self.latency.observe(seconds)
 
 
 # ---- NBD --------------------------------------------------------------------------------

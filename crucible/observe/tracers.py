@@ -185,7 +185,7 @@ class UpstairsTracer:
         if job is not None:  # (else not sampled)
             job.sent[cid] = _now()
 
-    def client_done(self, name: str, jid: int, cid: int, err: Any) -> None:
+    def client_done(self, name: str, jid: int, cid: int, err: Any, *_: Any) -> None:
         """ds__OP__client__done (or a live-repair job's ds__OP__done): the
         client's part, a span called `name`."""
         job = self.jobs.get(jid)
@@ -284,7 +284,7 @@ class DownstairsTracer:
             self.begun.clear()
         self.begun[id(msg)] = _Open(_now())
 
-    def event(self, name: str, jid: int, msg: Any) -> None:
+    def event(self, name: str, jid: int, msg: Any, *_: Any) -> None:
         """os__OP__start/done: an event called `name` on the job's span."""
         rec = self.begun.get(id(msg))
         if rec is not None:

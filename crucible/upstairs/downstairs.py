@@ -35,7 +35,7 @@ from typing import Final
 
 from crucible.common.definition import RegionDefinition
 from crucible.common.errors import CrucibleError, ErrorKind
-from crucible.observe.probes import UP
+from crucible.observe.probes import UP, clock
 from crucible.protocol import messages as m
 from crucible.protocol.wire import SocketAddr
 from crucible.upstairs import acks
@@ -154,8 +154,11 @@ class Downstairs:
     def add_job(self, job: Job, now: float) -> list[Action]:
         """Put a job in the table and send it to every client that takes it."""
         self.table.insert(job)
+        sent = None
         if UP.on:
+            job.queued = clock()
             self._fire_start(job)
+            sent = probe_names(job).client_start
         rep = self.repair
         sess = self.session
         acts: list[Action] = []
@@ -180,10 +183,8 @@ class Downstairs:
                     c.last_progress = now
                 c.inflight_jobs += 1
                 c.inflight_bytes += job.nbytes
-                if UP.on:
-                    sent = probe_names(job).client_start
-                    if sent.handlers:
-                        sent.fire2(job.id, c.id)
+                if sent is not None and sent.handlers:
+                    sent.fire2(job.id, c.id)
                 if own or stage is Stage.LIVE_REPAIR or self._own_deps(c, job):
                     acts.append(Send(c.id, self._message_for(c, job)))
                 else:
@@ -331,7 +332,7 @@ class Downstairs:
         if UP.on:
             answered = probe_names(job).client_done
             if answered.handlers:
-                answered.fire3(job.id, c.id, err)
+                answered.fire4(job.id, c.id, err, clock() - job.queued)
         acts: list[Action] = []
         if err is not None:
             job.state[c.id] = IOState.ERROR
@@ -601,7 +602,7 @@ class Downstairs:
         if p.live:
             p.gw_done.fire2(job.id, self._extent(job))
         else:
-            p.gw_done.fire3(job.id, n, job.gw_id != 0)
+            p.gw_done.fire4(job.id, n, job.gw_id != 0, clock() - job.queued)
 
     @property
     def _block_size(self) -> int:

@@ -173,6 +173,7 @@ class Job:
     closed: dict[int, tuple[int, int, bool]]
     # Clients being live-repaired when this job was queued: their copy is partial.
     partial: tuple[int, ...]
+    queued: float  # when, by the probes' clock (set only while probes are attached)
 
     def __init__(
         self,
@@ -203,6 +204,7 @@ class Job:
         self.nbytes = 0
         self.closed = {}
         self.partial = ()
+        self.queued = 0.0
 
     def count(self, s: IOState) -> int:
         return sum(1 for x in self.state if x is s)

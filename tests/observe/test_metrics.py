@@ -130,11 +130,14 @@ def test_counters_move_as_the_work_did(tmp_path: Path) -> None:
         assert up[("crucible_nbd_connects_total", ())] == 2  # (wait_listening, then qemu-io)
         for c in range(3):
             assert up[_client_latency(c)] == WRITES
+            summed = (_client_latency(c)[0].replace("_count", "_sum"), _client_latency(c)[1])
+            assert 0 < up[summed] < 60
         for ds in dss:
             assert ds[("crucible_downstairs_jobs_total", op)] == WRITES
             assert ds[("crucible_downstairs_write_bytes_total", ())] == WRITES * SIZE
             assert ds[("crucible_downstairs_job_latency_seconds_count", op)] == WRITES
             assert ds[("crucible_downstairs_disk_latency_seconds_count", op)] == WRITES
+            assert 0 < ds[("crucible_downstairs_disk_latency_seconds_sum", op)] < 60
             assert ds[("crucible_downstairs_connections", ())] == 1
             assert ds[("crucible_downstairs_errors_total", op)] == 0
         # State comes from the once-a-second status record.

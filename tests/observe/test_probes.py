@@ -92,6 +92,9 @@ def test_every_start_has_its_done() -> None:
     assert sent == answered and all(v == 1 for v in sent.values())
     writes = [args for n, args in up if n == "gw__write__done"]
     assert len(writes) == WRITES and all(a[1] == 2 * BS and a[2] for a in writes)
+    # Done probes carry the seconds since the job was queued.
+    timed = writes + [args for n, args in up if n.endswith("__client__done")]
+    assert all(isinstance(a[-1], float) and 0 <= a[-1] < 60 for a in timed)
     assert [n for n, _ in up].count("up__activate__done") == 1
     # Each downstairs: one submit start and one done per job, writes with their bytes.
     submitted = Counter(args[0] for n, args in ds if n.startswith("submit__") and "start" in n)
@@ -127,6 +130,8 @@ def test_metrics_and_spans_count_the_work() -> None:
     for c in "012":
         labels = {"client": c, "op": "write"}
         assert value("crucible_upstairs_downstairs_job_latency_seconds_count", labels) == WRITES
+        summed = value("crucible_upstairs_downstairs_job_latency_seconds_sum", labels)
+        assert summed is not None and 0 < summed < 60
     assert value("crucible_upstairs_activations_total") == 1
     writes = [r for r in records if r.name == "gw-write"]
     assert len(writes) == WRITES

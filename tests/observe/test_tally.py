@@ -8,6 +8,7 @@ from crucible.observe.tally import (
     MAX_OPEN,
     Cell,
     ClientOp,
+    DiskOp,
     DsJob,
     GuestOp,
     Hist,
@@ -51,20 +52,21 @@ def test_a_timer_observes_only_what_it_saw_start_and_stays_bounded() -> None:
 def test_handlers_count_what_the_probes_say() -> None:
     ops, nbytes, lat = Cell(), Cell(), Hist()
     g = GuestOp(ops, nbytes, lat)
-    g.start(7, 4096, True, 0)
-    g.done(7, 4096, True)
-    g.start(8, 4096, False, 0)  # the upstairs' own job: not the guest's IO
-    g.done(8, 4096, False)
-    assert (ops.value, nbytes.value, _cumulative(lat)["+Inf"]) == (1, 4096, 1)
+    g.done(7, 4096, True, 0.0003)
+    g.done(8, 4096, False, 0.0002)  # the upstairs' own job: not the guest's IO
+    assert (ops.value, nbytes.value, _cumulative(lat)["0.0005"], lat.sum) == (1, 4096, 1, 0.0003)
 
     hists, errors = [Hist() for _ in range(3)], [Cell() for _ in range(3)]
     c = ClientOp(hists, errors)
-    for cid in range(3):
-        c.start(9, cid)
-    c.done(9, 0, None)
-    c.done(9, 2, "an error")
+    c.done(9, 0, None, 0.002)
+    c.done(9, 2, "an error", 0.02)
     assert [_cumulative(h)["+Inf"] for h in hists] == [1, 0, 1]
+    assert [h.sum for h in hists] == [0.002, 0.0, 0.02]
     assert [e.value for e in errors] == [0, 0, 1]
+
+    disk = DiskOp(Hist())
+    disk.done(3, object(), 0.0001)
+    assert _cumulative(disk.latency)["0.0001"] == 1
 
     jobs, errs, moved = Cell(), Cell(), Cell()
     d = DsJob(jobs, errs, moved, Hist())
