@@ -21,7 +21,7 @@ from typing import Any, assert_never
 
 from crucible.common.definition import RegionDefinition
 from crucible.common.errors import CrucibleError, ErrorKind
-from crucible.downstairs.probing import SUBMIT, moved_bytes
+from crucible.downstairs.probing import JOBS as PROBES
 from crucible.downstairs.work import WorkQueue
 from crucible.observe.probes import DS
 from crucible.protocol import messages as m
@@ -198,11 +198,10 @@ class DownstairsCore:
         if conn is None or conn_id not in self.active:
             return []  # fenced or gone: the reply would go nowhere
         failed = isinstance(outcome, CrucibleError)
-        if DS.on and is_job(work):
-            answered = SUBMIT[type(work)][1]
-            if answered.handlers:
-                err = outcome if failed else None
-                answered.fire4(work.job_id, work, err, moved_bytes(work, outcome))
+        if DS.on:
+            p = PROBES.get(type(work))
+            if p is not None:
+                p.answered(work, outcome, outcome if failed else None)
         acts: list[Action] = [Send(conn_id, self._reply(conn, work, outcome))]
         if failed:
             acts.append(Log(f"{type(work).__name__} {work_id(work)} failed: {outcome}"))
@@ -369,9 +368,7 @@ class DownstairsCore:
             return [Log(f"connection {cid}: duplicate job {job.job_id} ignored")]
         conn.load += self._cost(job)
         if DS.on:
-            taken = SUBMIT[type(job)][0]
-            if taken.handlers:
-                taken.fire2(job.job_id, job)
+            PROBES[type(job)].taken(job)
         acts: list[Action] = [Execute(cid, j) for j in conn.work.add(job)]
         if self.log_jobs:
             acts.insert(0, JobLog(job))

@@ -35,7 +35,7 @@ from crucible.downstairs.core import (
 )
 from crucible.downstairs.disk_thread import DiskThread
 from crucible.downstairs.http_guard import GuardedFactory
-from crucible.downstairs.probing import OS, WORK_DONE, WORK_START
+from crucible.downstairs.probing import JOBS as PROBES
 from crucible.downstairs.repair import REPAIR_PORT_OFFSET, fetch_extent, make_app
 from crucible.libc import trim_heap
 from crucible.netio import OutputBatcher
@@ -44,7 +44,6 @@ from crucible.protocol import messages as m
 from crucible.protocol.capabilities import NONE, OURS
 from crucible.protocol.codec import encode_parts
 from crucible.protocol.framing import FrameDecoder
-from crucible.protocol.roles import is_job
 from crucible.protocol.wire import ProtocolError
 from crucible.region.extent import WouldBlock
 from crucible.region.region import Region
@@ -471,23 +470,17 @@ _NO_DISK = (m.Barrier, m.ExtentLiveNoOp, m.ExtentVersionsPlease)
 
 def _work_started(work: Work) -> float:
     """Fire a job's start probes; when its region work begins (the clock)."""
-    if is_job(work):
-        if WORK_START.handlers:
-            WORK_START.fire1(work.job_id)
-        disk = OS.get(type(work))
-        if disk is not None and disk[0].handlers:
-            disk[0].fire2(work.job_id, work)
+    p = PROBES.get(type(work))
+    if p is not None:
+        p.began(work)
     return clock()
 
 
 def _work_done(work: Work, t0: float) -> None:
     """Fire a job's done probes; the region's work began at `t0`."""
-    if is_job(work):
-        disk = OS.get(type(work))
-        if disk is not None and disk[1].handlers:
-            disk[1].fire3(work.job_id, work, clock() - t0)
-        if WORK_DONE.handlers:
-            WORK_DONE.fire1(work.job_id)
+    p = PROBES.get(type(work))
+    if p is not None:
+        p.ended(work, clock() - t0)
 
 
 def _work_bytes(work: Work) -> int:

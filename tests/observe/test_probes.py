@@ -13,11 +13,13 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
+from crucible.downstairs.probing import JOBS
 from crucible.observe.metrics import UpstairsMetrics
 from crucible.observe.probes import DS, UP, Provider
 from crucible.observe.spans import SpanRecord
 from crucible.observe.tracers import UpstairsTracer, job_ids
 from crucible.observe.tracing import Tracing
+from crucible.protocol.roles import JOB_TYPES
 from tests.upstairs.sim import Sim
 
 WRITES, READS, BS = 12, 7, 512
@@ -34,6 +36,10 @@ def isolated_probes() -> Iterator[None]:
             for name, hs in handlers.items():
                 p.probes[name].handlers = hs
             p.on = any(handlers.values())
+
+
+def test_every_kind_of_downstairs_job_has_its_probes() -> None:
+    assert set(JOBS) == set(JOB_TYPES)
 
 
 def test_a_provider_knows_its_probes() -> None:
