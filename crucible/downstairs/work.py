@@ -57,14 +57,21 @@ class WorkQueue:
     def _place(self, job: Job) -> bool:
         """Start the job if every dependency is complete (True), or file it
         under the first one that is not."""
+        # (get and del, not pop: compiled, dict.pop is a generic method call)
         is_complete = self.completed.is_complete
         deps = job.dependencies
-        i = self._checked.pop(job.job_id, 0)
+        jid = job.job_id
+        checked = self._checked.get(jid)
+        i = 0
+        if checked is not None:
+            i = checked
+            del self._checked[jid]
         while i < len(deps) and is_complete(deps[i]):
             i += 1
         if i == len(deps):
-            self.waiting.pop(job.job_id, None)
-            self.started.add(job.job_id)
+            if checked is not None:  # (it waited)
+                del self.waiting[jid]
+            self.started.add(jid)
             return True
         self._checked[job.job_id] = i
         self.waiting[job.job_id] = job
@@ -89,7 +96,12 @@ class WorkQueue:
             woken = list(self.waiting.values())
             self._blocked.clear()
         else:
-            woken = self._blocked.pop(job.job_id, [])
+            blocked = self._blocked.get(job.job_id)
+            if blocked is None:
+                return []  # (most jobs: nothing waits on them)
+            del self._blocked[job.job_id]
+            woken = blocked
         ready = [j for j in woken if self._place(j)]
-        ready.sort(key=lambda j: j.job_id)
+        if len(ready) > 1:
+            ready.sort(key=lambda j: j.job_id)
         return ready

@@ -164,9 +164,10 @@ class UpstairsTracer:
             job.acked = _now()
 
     def _job_finished(self, jid: int) -> None:
-        job = self.jobs.pop(jid, None)
+        job = self.jobs.get(jid)
         if job is None:  # not sampled
             return
+        del self.jobs[jid]  # (get and del: compiled, dict.pop is a generic method call)
         attrs = job.attrs
         if job.nbytes:
             attrs["crucible.bytes"] = job.nbytes
@@ -292,9 +293,11 @@ class DownstairsTracer:
 
     def done(self, name: str, jid: int, msg: Any, err: Any, nbytes: int) -> None:
         """submit__OP__done: the job's span, called `name`."""
-        rec = self.begun.pop(id(msg), None)
+        ident = id(msg)
+        rec = self.begun.get(ident)
         if rec is None:
             return
+        del self.begun[ident]
         key, named = _session(msg.upstairs_id.int, msg.session_id.int)
         trace_id, job_span = _ids(key, jid)
         if not sampled(trace_id, self.bound):
