@@ -332,7 +332,7 @@ class Downstairs:
         if UP.on:
             answered = probe_names(job).client_done
             if answered.handlers:
-                answered.fire4(job.id, c.id, err, clock() - job.queued)
+                answered.fire4(job.id, c.id, err, _since_queued(job))
         acts: list[Action] = []
         if err is not None:
             job.state[c.id] = IOState.ERROR
@@ -602,7 +602,7 @@ class Downstairs:
         if p.live:
             p.gw_done.fire2(job.id, self._extent(job))
         else:
-            p.gw_done.fire4(job.id, n, job.gw_id != 0, clock() - job.queued)
+            p.gw_done.fire4(job.id, n, job.gw_id != 0, _since_queued(job))
 
     @property
     def _block_size(self) -> int:
@@ -889,3 +889,9 @@ def _describe(op: Op) -> str:
 
 def _addr(a: SocketAddr) -> str:
     return f"{a[0]}:{a[1]}"
+
+
+def _since_queued(job: Job) -> float:
+    """Seconds since the job was queued, for its done probes (0 for a job
+    queued before anything was attached)."""
+    return clock() - job.queued if job.queued else 0.0

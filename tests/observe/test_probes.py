@@ -112,6 +112,20 @@ def test_every_start_has_its_done() -> None:
     assert guest["read"].ops == READS and guest["read"].bytes == READS * 3 * BS
 
 
+def test_a_job_queued_before_anything_was_attached_reports_no_time() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        sim = Sim(Path(tmp))
+        try:
+            sim.activate()
+            sim.apply(sim.up.write(object(), 0, b"\x01" * BS, sim.now))
+            up = _record(UP)  # attached while the write is out to the downstairs
+            sim.settle()
+        finally:
+            sim.close()
+    answered = [args for n, args in up if n == "ds__write__client__done"]
+    assert len(answered) == 3 and all(a[3] == 0.0 for a in answered)
+
+
 def test_metrics_and_spans_count_the_work() -> None:
     registry = CollectorRegistry()
     UpstairsMetrics(registry)
