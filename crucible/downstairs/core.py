@@ -21,7 +21,7 @@ from typing import Any, assert_never
 
 from crucible.common.definition import RegionDefinition
 from crucible.common.errors import CrucibleError, ErrorKind
-from crucible.downstairs.probing import JOBS as PROBES
+from crucible.downstairs.probing import JOB_PROBES
 from crucible.downstairs.work import WorkQueue
 from crucible.observe.probes import DS
 from crucible.protocol import messages as m
@@ -199,7 +199,7 @@ class DownstairsCore:
             return []  # fenced or gone: the reply would go nowhere
         failed = isinstance(outcome, CrucibleError)
         if DS.on:
-            p = PROBES.get(type(work))
+            p = JOB_PROBES.get(type(work))
             if p is not None:
                 p.answered(work, outcome, outcome if failed else None)
         acts: list[Action] = [Send(conn_id, self._reply(conn, work, outcome))]
@@ -368,7 +368,7 @@ class DownstairsCore:
             return [Log(f"connection {cid}: duplicate job {job.job_id} ignored")]
         conn.load += self._cost(job)
         if DS.on:
-            PROBES[type(job)].taken(job)
+            JOB_PROBES[type(job)].taken(job)
         acts: list[Action] = [Execute(cid, j) for j in conn.work.add(job)]
         if self.log_jobs:
             acts.insert(0, JobLog(job))

@@ -62,7 +62,7 @@ class JobProbes:
         return 0
 
 
-JOBS: Final[dict[type, JobProbes]] = {
+JOB_PROBES: Final[dict[type, JobProbes]] = {
     m.ReadRequest: JobProbes("read", "read", _READ),
     m.Write: JobProbes("write", "write", _WRITTEN),
     m.WriteUnwritten: JobProbes("writeunwritten", "writeunwritten", _WRITTEN),

@@ -35,7 +35,7 @@ from crucible.downstairs.core import (
 )
 from crucible.downstairs.disk_thread import DiskThread
 from crucible.downstairs.http_guard import GuardedFactory
-from crucible.downstairs.probing import JOBS as PROBES
+from crucible.downstairs.probing import JOB_PROBES
 from crucible.downstairs.repair import REPAIR_PORT_OFFSET, fetch_extent, make_app
 from crucible.libc import trim_heap
 from crucible.netio import OutputBatcher
@@ -470,7 +470,7 @@ _NO_DISK = (m.Barrier, m.ExtentLiveNoOp, m.ExtentVersionsPlease)
 
 def _work_started(work: Work) -> float:
     """Fire a job's start probes; when its region work begins (the clock)."""
-    p = PROBES.get(type(work))
+    p = JOB_PROBES.get(type(work))
     if p is not None:
         p.began(work)
     return clock()
@@ -478,7 +478,7 @@ def _work_started(work: Work) -> float:
 
 def _work_done(work: Work, t0: float) -> None:
     """Fire a job's done probes; the region's work began at `t0`."""
-    p = PROBES.get(type(work))
+    p = JOB_PROBES.get(type(work))
     if p is not None:
         p.ended(work, clock() - t0)
 

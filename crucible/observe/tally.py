@@ -115,6 +115,9 @@ class ClientOp:
             self.errors[cid].value += 1
 
 
+# ---- the downstairs' handlers ----------------------------------------------------------
+
+
 class DsJob:
     """submit__OP__start/done: a job counted and timed from received to
     answered (keyed by its message: job ids are per upstairs)."""

@@ -60,6 +60,7 @@ from crucible.upstairs.jobs import (
 from crucible.upstairs.live_repair import LiveRepair
 from crucible.upstairs.options import Options
 from crucible.upstairs.probing import GUEST_OPS, extent_of, job_bytes, op_name
+from crucible.upstairs.probing import Names as ProbeNames
 from crucible.upstairs.probing import names as probe_names
 from crucible.upstairs.rewrite import rewrites, runs, touched_after
 from crucible.upstairs.scrub import Scrub, compare
@@ -157,8 +158,9 @@ class Downstairs:
         sent = None
         if UP.on:
             job.queued = clock()
-            self._fire_start(job)
-            sent = probe_names(job).client_start
+            p = probe_names(job)
+            self._fire_start(job, p)
+            sent = p.client_start
         rep = self.repair
         sess = self.session
         acts: list[Action] = []
@@ -576,8 +578,7 @@ class Downstairs:
             acts += self._repair_step(rep, job, now)
         return acts
 
-    def _fire_start(self, job: Job) -> None:
-        p = probe_names(job)
+    def _fire_start(self, job: Job, p: ProbeNames) -> None:
         if p.gw_start.handlers:
             if p.live:
                 p.gw_start.fire2(job.id, self._extent(job))

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from crucible.downstairs.probing import JOBS
+from crucible.downstairs.probing import JOB_PROBES
 from crucible.observe.metrics import UpstairsMetrics
 from crucible.observe.probes import DS, UP, Provider
 from crucible.observe.spans import SpanRecord
@@ -39,7 +39,7 @@ def isolated_probes() -> Iterator[None]:
 
 
 def test_every_kind_of_downstairs_job_has_its_probes() -> None:
-    assert set(JOBS) == set(JOB_TYPES)
+    assert set(JOB_PROBES) == set(JOB_TYPES)
 
 
 def test_a_provider_knows_its_probes() -> None:
