@@ -73,9 +73,15 @@ def _pack_read_response(msg: Any, tag: int) -> Parts | None:
         if blocks.count(None) == n:
             ctxs = bytes(4 * n)  # each the u32 tag of Empty
         elif type(blocks[0]) is m.EncryptionContext:
-            ctxs = struct_run("I12s16s", n).pack(*[v for c in blocks for v in (1, *c)])
+            # Each (tag, nonce, tag) in a run of triples: filled by slices, not per block.
+            sealed: list[Any] = [1] * (3 * n)
+            sealed[1::3] = list(map(itemgetter(0), blocks))
+            sealed[2::3] = list(map(itemgetter(1), blocks))
+            ctxs = struct_run("I12s16s", n).pack(*sealed)
         else:
-            ctxs = struct_run("IQ", n).pack(*[v for c in blocks for v in (2, c)])
+            plain: list[Any] = [2] * (2 * n)  # (the Unencrypted tag, hash) pairs
+            plain[1::2] = blocks
+            ctxs = struct_run("IQ", n).pack(*plain)
     except (struct.error, TypeError):
         return None
     total = 4 + READ_REPLY_HEAD.body.size + len(ctxs) + 8 + len(data)

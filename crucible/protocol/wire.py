@@ -8,7 +8,6 @@ closed connection.
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import struct
 import uuid
@@ -37,19 +36,25 @@ def cached_uuid(raw: bytes) -> uuid.UUID:
 CACHED_RUN = 2048  # longer runs are built each time: a peer picks the lengths
 
 
+CACHED_RUNS = 128  # kept at most; past that all are dropped and built anew
+_RUNS: dict[tuple[str, int], struct.Struct] = {}
+
+
 def struct_run(item: str, count: int) -> struct.Struct:
     """`count` little-endian repetitions of a struct format (the per-count
     layouts of lists on the wire and on disk). Short ones, the usual sizes,
     are built once each; a cached Struct costs memory in proportion to its
-    count, so long ones are not kept."""
-    if count <= CACHED_RUN:
-        return _cached_run(item, count)
-    return struct.Struct(f"<{item * count}")
-
-
-@functools.lru_cache(maxsize=128)
-def _cached_run(item: str, count: int) -> struct.Struct:
-    return struct.Struct("<" + item * count)
+    count, so long ones are not kept. (A dict, not functools.lru_cache: it is
+    looked up several times per message, and the cache's call costs more.)"""
+    key = (item, count)
+    run = _RUNS.get(key)
+    if run is None:
+        run = struct.Struct(f"<{item * count}")
+        if count <= CACHED_RUN:
+            if len(_RUNS) >= CACHED_RUNS:
+                _RUNS.clear()
+            _RUNS[key] = run
+    return run
 
 
 class DecodeError(ValueError):

@@ -174,6 +174,7 @@ class Job:
     # Clients being live-repaired when this job was queued: their copy is partial.
     partial: tuple[int, ...]
     queued: float  # when, by the probes' clock (set only while probes are attached)
+    is_flush_like: bool  # a flush or barrier (asked several times per job: kept)
 
     def __init__(
         self,
@@ -205,6 +206,7 @@ class Job:
         self.closed = {}
         self.partial = ()
         self.queued = 0.0
+        self.is_flush_like = isinstance(op, FLUSH_LIKE)
 
     def count(self, s: IOState) -> int:
         return sum(1 for x in self.state if x is s)
@@ -212,10 +214,6 @@ class Job:
     @property
     def complete(self) -> bool:
         return IOState.IN_PROGRESS not in self.state
-
-    @property
-    def is_flush_like(self) -> bool:
-        return isinstance(self.op, FLUSH_LIKE)
 
     @property
     def kind(self) -> str:
