@@ -157,6 +157,15 @@ def chunk(cookie: int, kind: int, payload_len: int, done: bool) -> bytes:
     return _CHUNK.pack(STRUCTURED_REPLY_MAGIC, flags, kind, cookie, payload_len)
 
 
+_DATA_CHUNK = struct.Struct(">IHHQIQ")  # a chunk header, then the data's offset
+
+
+def data_chunk_head(cookie: int, offset: int, nbytes: int) -> bytes:
+    """What goes before the data of the one, final OFFSET_DATA chunk of a read."""
+    magic, kind = STRUCTURED_REPLY_MAGIC, Reply.OFFSET_DATA.value
+    return _DATA_CHUNK.pack(magic, REPLY_FLAG_DONE, kind, cookie, 8 + nbytes, offset)
+
+
 def error_chunk(cookie: int, error: int, message: str = "") -> bytes:
     text = message.encode()[:4096]
     payload = struct.pack(">IH", error, len(text)) + text

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import struct
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
@@ -37,6 +36,17 @@ from crucible.nbd.handshake import ExportInfo, Handshake, HandshakeError, Negoti
 from crucible.netio import OutputBatcher
 from crucible.observe.probes import NBD
 from crucible.upstairs.blockio import BlockIO
+
+# Commands as plain ints for the per-request checks: compiled, comparing an
+# int with an IntEnum member is a generic Python comparison, several of them
+# per request.
+READ: Final = int(p.Cmd.READ)
+WRITE: Final = int(p.Cmd.WRITE)
+DISC: Final = int(p.Cmd.DISC)
+FLUSH: Final = int(p.Cmd.FLUSH)
+TRIM: Final = int(p.Cmd.TRIM)
+WRITE_ZEROES: Final = int(p.Cmd.WRITE_ZEROES)
+BLOCK_STATUS: Final = int(p.Cmd.BLOCK_STATUS)
 
 log = logging.getLogger("crucible.nbd")
 
@@ -223,7 +233,7 @@ class _Connection(asyncio.BufferedProtocol):
                 return
             payload, self._payload = self._payload, None
             flags, cookie, offset, length = self._write_req
-            self._dispatch(flags, p.Cmd.WRITE, cookie, offset, length, payload)
+            self._dispatch(flags, WRITE, cookie, offset, length, payload)
             return
         self._end += nbytes
         if self._handshake is not None:
@@ -364,7 +374,7 @@ class _Connection(asyncio.BufferedProtocol):
             if magic != p.REQUEST_MAGIC:
                 self.close(f"bad request magic {magic:#x}")
                 return
-            if cmd != p.Cmd.WRITE:
+            if cmd != WRITE:
                 self._start = start + REQ_SIZE
                 self._dispatch(flags, cmd, cookie, offset, length, b"")
                 continue
@@ -390,7 +400,7 @@ class _Connection(asyncio.BufferedProtocol):
     def _dispatch(
         self, flags: int, cmd: int, cookie: int, offset: int, length: int, data: bytes | bytearray
     ) -> None:
-        if cmd == p.Cmd.DISC:
+        if cmd == DISC:
             log.info("nbd client %d disconnects", self.cid)
             self._disconnecting = True
             self._flow()
@@ -403,9 +413,9 @@ class _Connection(asyncio.BufferedProtocol):
             self.send_error(cookie, error, "request refused")
             return
         self._started(length)
-        if cmd == p.Cmd.READ:
+        if cmd == READ:
             self.disk.read(offset, length, lambda r: self._read_done(cookie, offset, length, r))
-        elif cmd == p.Cmd.WRITE:
+        elif cmd == WRITE:
             fua = bool(flags & p.CMD_FLAG_FUA)
             self.disk.write(offset, data, fua, lambda e: self._done(cookie, length, e))
         else:
@@ -418,16 +428,14 @@ class _Connection(asyncio.BufferedProtocol):
             return p.EINVAL
         if flags & ~allowed:
             return p.EINVAL
-        if cmd == p.Cmd.BLOCK_STATUS and not self.settings.allocation:
+        if cmd == BLOCK_STATUS and not self.settings.allocation:
             return p.EINVAL
-        writes = cmd in (p.Cmd.WRITE, p.Cmd.TRIM, p.Cmd.WRITE_ZEROES)
+        writes = cmd in (WRITE, TRIM, WRITE_ZEROES)
         if writes and self.export.read_only:
             return p.EPERM
-        if cmd != p.Cmd.FLUSH and (
-            offset + length > self._size or (length == 0 and cmd != p.Cmd.WRITE)
-        ):
-            return p.ENOSPC if cmd in (p.Cmd.WRITE, p.Cmd.WRITE_ZEROES) else p.EINVAL
-        if cmd == p.Cmd.READ and length > MAX_PAYLOAD:
+        if cmd != FLUSH and (offset + length > self._size or (length == 0 and cmd != WRITE)):
+            return p.ENOSPC if cmd in (WRITE, WRITE_ZEROES) else p.EINVAL
+        if cmd == READ and length > MAX_PAYLOAD:
             return p.EINVAL
         return 0
 
@@ -435,11 +443,11 @@ class _Connection(asyncio.BufferedProtocol):
         """FLUSH, TRIM, WRITE_ZEROES, BLOCK_STATUS: each in a task of its own."""
         disk = self.disk
         try:
-            if cmd == p.Cmd.FLUSH:
+            if cmd == FLUSH:
                 await disk.flush()
-            elif cmd == p.Cmd.TRIM:
+            elif cmd == TRIM:
                 await disk.trim(offset, length)
-            elif cmd == p.Cmd.WRITE_ZEROES:
+            elif cmd == WRITE_ZEROES:
                 no_hole = bool(flags & p.CMD_FLAG_NO_HOLE)
                 if flags & p.CMD_FLAG_FAST_ZERO and no_hole:
                     self._ended(length)
@@ -452,7 +460,7 @@ class _Connection(asyncio.BufferedProtocol):
                 self._ended(length)
                 self.send(p.block_status_chunk(cookie, p.ALLOCATION_CONTEXT_ID, extents))
                 return
-            if flags & p.CMD_FLAG_FUA and cmd != p.Cmd.FLUSH:
+            if flags & p.CMD_FLAG_FUA and cmd != FLUSH:
                 await disk.flush()
         except asyncio.CancelledError:
             raise
@@ -508,8 +516,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def send_data(self, cookie: int, offset: int, data: memoryview) -> None:
         if self.settings.structured:
-            head = p.chunk(cookie, p.Reply.OFFSET_DATA, 8 + len(data), True)
-            self.send(head + struct.pack(">Q", offset), data)
+            self.send(p.data_chunk_head(cookie, offset, len(data)), data)
         else:
             self.send(p.simple_reply(cookie), data)
 

@@ -244,14 +244,22 @@ class Downstairs:
         op = job.op
         assert isinstance(op, ReadOp) and self.region is not None
         home = (op.start * self.region.block_size // READ_HOME_BYTES + self.turn) % 3
-        order = [self.clients[(home + k) % 3] for k in range(3)]
-        ok = [c for c in order if c.state.stage is Stage.ACTIVE and c.id not in job.avoid]
-        if not ok:
+        avoid = job.avoid
+        first: Client | None = None  # the first that may serve it, from the home on
+        least: Client | None = None  # the first of those with the fewest in flight
+        for k in range(3):  # (no lists: this runs for every read)
+            c = self.clients[(home + k) % 3]
+            if c.state.stage is not Stage.ACTIVE or c.id in avoid:
+                continue
+            if first is None:
+                first = c
+            if least is None or c.inflight_jobs < least.inflight_jobs:
+                least = c
+        if first is None or least is None:
             return None
-        fewest = min(c.inflight_jobs for c in ok)
-        if ok[0] is order[0] and ok[0].inflight_jobs <= fewest + SPILL_JOBS:
-            return ok[0]
-        return next(c for c in ok if c.inflight_jobs == fewest)
+        if first is self.clients[home] and first.inflight_jobs <= least.inflight_jobs + SPILL_JOBS:
+            return first
+        return least
 
     def _retry_read(self, job: Job, failed: Client, now: float) -> list[Action]:
         """A read not yet served that `failed` could not serve: its guest
