@@ -17,14 +17,14 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, assert_never
+from typing import Any, Final, assert_never
 
+import crucible.protocol.messages as m
 from crucible.common.definition import RegionDefinition
 from crucible.common.errors import CrucibleError, ErrorKind
 from crucible.downstairs.probing import JOB_PROBES
 from crucible.downstairs.work import WorkQueue
 from crucible.observe.probes import DS
-from crucible.protocol import messages as m
 from crucible.protocol.capabilities import OURS, Capabilities
 from crucible.protocol.roles import (
     MUTATING,
@@ -108,12 +108,12 @@ class Conn:
     load: int = 0  # bytes its accepted, unanswered jobs hold or will send back
 
 
-REPLY_BLOCK_OVERHEAD = 64  # a block's context in a ReadResponse, with room to spare
-REPLY_HEADER = 4096
-JOB_OVERHEAD = 512  # what a queued job costs besides its data, roughly
+REPLY_BLOCK_OVERHEAD: Final = 64  # a block's context in a ReadResponse, with room to spare
+REPLY_HEADER: Final = 4096
+JOB_OVERHEAD: Final = 512  # what a queued job costs besides its data, roughly
 
 # Work that stamps a generation on extents: never above the negotiated one.
-_STAMPS_GEN = (m.Flush, m.ExtentLiveFlushClose, m.ExtentFlush)
+_STAMPS_GEN: Final = (m.Flush, m.ExtentLiveFlushClose, m.ExtentFlush)
 
 
 class DownstairsCore:
@@ -437,17 +437,17 @@ class DownstairsCore:
         the error themselves)."""
         up, sess = conn.upstairs_id, conn.session_id
         err = outcome if isinstance(outcome, CrucibleError) else None
-        match work:  # the bulk of all replies first
-            case m.Write() | m.WriteUnwritten() | m.Trim() | m.Flush() | m.Barrier():
-                if err:
-                    return m.ErrorReport(up, sess, work.job_id, err)
-                reply: m.Message = REPLY_OF[type(work)](up, sess, work.job_id, None)
-                return reply
+        match work:  # the bulk of all replies first (reads: one test, not five)
             case m.ReadRequest():
                 if err:
                     return m.ErrorReport(up, sess, work.job_id, err)
                 ctxs, data = outcome
                 return m.ReadResponse(up, sess, work.job_id, ctxs, data)
+            case m.Write() | m.WriteUnwritten() | m.Trim() | m.Flush() | m.Barrier():
+                if err:
+                    return m.ErrorReport(up, sess, work.job_id, err)
+                reply: m.Message = REPLY_OF[type(work)](up, sess, work.job_id, None)
+                return reply
             case m.ExtentLiveClose() | m.ExtentLiveFlushClose():
                 return m.ExtentLiveCloseAck(up, sess, work.job_id, outcome)
             case m.ExtentLiveRepair() | m.ExtentLiveReopen() | m.ExtentLiveNoOp():
@@ -465,7 +465,7 @@ class DownstairsCore:
                 assert_never(work)
 
 
-_WRITES = (m.Write, m.WriteUnwritten)
+_WRITES: Final = (m.Write, m.WriteUnwritten)
 
 
 def _same_ids(msg: Job | m.PromoteToActive, conn: Conn) -> bool:

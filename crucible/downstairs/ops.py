@@ -6,10 +6,10 @@ import logging
 from collections.abc import Callable
 from typing import Any, BinaryIO, assert_never
 
+import crucible.protocol.messages as m
 from crucible.common.definition import RegionError
 from crucible.common.errors import CrucibleError, ErrorKind
 from crucible.downstairs.core import Work
-from crucible.protocol import messages as m
 from crucible.protocol.wire import SocketAddr
 from crucible.region import snapshot
 from crucible.region.region import Region

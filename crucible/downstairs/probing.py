@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any, Final
 
+import crucible.protocol.messages as m
 from crucible.observe.probes import DS, DS_JOBS, Probe
-from crucible.protocol import messages as m
 
 WORK_START: Final = DS.probe("work__start")
 WORK_DONE: Final = DS.probe("work__done")

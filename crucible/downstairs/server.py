@@ -18,10 +18,11 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, Final, cast
 
 from aiohttp import web
 
+import crucible.protocol.messages as m
 from crucible.downstairs import ops
 from crucible.downstairs.core import (
     Action,
@@ -40,7 +41,6 @@ from crucible.downstairs.repair import REPAIR_PORT_OFFSET, fetch_extent, make_ap
 from crucible.libc import trim_heap
 from crucible.netio import OutputBatcher
 from crucible.observe.probes import DS, clock
-from crucible.protocol import messages as m
 from crucible.protocol.capabilities import NONE, OURS
 from crucible.protocol.codec import encode_parts
 from crucible.protocol.framing import FrameDecoder
@@ -52,15 +52,15 @@ from crucible.tls import TlsAccept, TlsFiles
 log = logging.getLogger("crucible.downstairs")
 joblog = logging.getLogger("crucible.downstairs.jobs")
 
-INLINE_BYTES = 64 * 1024  # smaller IO runs on the loop: a thread hop costs more
-PAUSE_BYTES = 256 << 20  # stop reading sockets while this much data waits for disk
-RESUME_BYTES = 64 << 20
+INLINE_BYTES: Final = 64 * 1024  # smaller IO runs on the loop: a thread hop costs more
+PAUSE_BYTES: Final = 256 << 20  # stop reading sockets while this much data waits for disk
+RESUME_BYTES: Final = 64 << 20
 # One connection stops being read while its unanswered jobs and unsent replies
 # hold this much (its jobs keep running), and is read again below half of it.
-CONN_LOAD_LIMIT = 64 << 20
-REPLY_BACKLOG = 4 << 20  # the transport's high-water mark: resume_writing below a quarter
+CONN_LOAD_LIMIT: Final = 64 << 20
+REPLY_BACKLOG: Final = 4 << 20  # the transport's high-water mark: resume_writing below a quarter
 IDLE_TIMEOUT = 45.0
-HELLO_TIMEOUT = 5.0  # an upstairs says HereIAm as soon as it connects
+HELLO_TIMEOUT: Final = 5.0  # an upstairs says HereIAm as soon as it connects
 
 
 class ListenError(Exception):
@@ -464,8 +464,8 @@ class DownstairsServer:
                     c.close(f"no Crucible hello in {HELLO_TIMEOUT:g} s: not an upstairs")
 
 
-_WRITES = (m.Write, m.WriteUnwritten)
-_NO_DISK = (m.Barrier, m.ExtentLiveNoOp, m.ExtentVersionsPlease)
+_WRITES: Final = (m.Write, m.WriteUnwritten)
+_NO_DISK: Final = (m.Barrier, m.ExtentLiveNoOp, m.ExtentVersionsPlease)
 
 
 def _work_started(work: Work) -> float:

@@ -22,7 +22,7 @@ import asyncio
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from crucible.nbd import protocol as p
+import crucible.nbd.protocol as p
 from crucible.upstairs.blockio import BlockIO, ReadResult
 
 MAX_STATUS_BYTES = 64 << 20  # one BLOCK_STATUS answered by reading covers at most this

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import struct
 from enum import IntEnum
+from typing import Final
 
 NBDMAGIC = 0x4E42444D41474943
 IHAVEOPT = 0x49484156454F5054
 REPLY_MAGIC = 0x3E889045565A9  # option replies
-REQUEST_MAGIC = 0x25609513
-SIMPLE_REPLY_MAGIC = 0x67446698
-STRUCTURED_REPLY_MAGIC = 0x668E33EF
+REQUEST_MAGIC: Final = 0x25609513
+SIMPLE_REPLY_MAGIC: Final = 0x67446698
+STRUCTURED_REPLY_MAGIC: Final = 0x668E33EF
 
 # Handshake flags (server) and client flags.
 FLAG_FIXED_NEWSTYLE = 1 << 0
@@ -70,15 +71,15 @@ class Cmd(IntEnum):
     BLOCK_STATUS = 7
 
 
-CMD_FLAG_FUA = 1 << 0
-CMD_FLAG_NO_HOLE = 1 << 1
-CMD_FLAG_DF = 1 << 2
-CMD_FLAG_REQ_ONE = 1 << 3
-CMD_FLAG_FAST_ZERO = 1 << 4
+CMD_FLAG_FUA: Final = 1 << 0
+CMD_FLAG_NO_HOLE: Final = 1 << 1
+CMD_FLAG_DF: Final = 1 << 2
+CMD_FLAG_REQ_ONE: Final = 1 << 3
+CMD_FLAG_FAST_ZERO: Final = 1 << 4
 
 # Flags each served command accepts; anything else (and CACHE, which is not
 # advertised) is EINVAL. DISC is handled before any of this.
-ALLOWED_FLAGS: dict[int, int] = {
+ALLOWED_FLAGS: Final[dict[int, int]] = {
     Cmd.READ: CMD_FLAG_FUA,
     Cmd.WRITE: CMD_FLAG_FUA,
     Cmd.FLUSH: CMD_FLAG_FUA,
@@ -96,27 +97,27 @@ class Reply(IntEnum):
     ERROR = (1 << 15) + 1
 
 
-REPLY_FLAG_DONE = 1
+REPLY_FLAG_DONE: Final = 1
 
 STATE_HOLE = 1 << 0
 STATE_ZERO = 1 << 1
 
-EPERM = 1
-EIO = 5
-EINVAL = 22
-ENOSPC = 28
-EOVERFLOW = 75
-ENOTSUP = 95
-ESHUTDOWN = 108
+EPERM: Final = 1
+EIO: Final = 5
+EINVAL: Final = 22
+ENOSPC: Final = 28
+EOVERFLOW: Final = 75
+ENOTSUP: Final = 95
+ESHUTDOWN: Final = 108
 
 BASE_ALLOCATION = "base:allocation"
 ALLOCATION_CONTEXT_ID = 1
 
 OPTION_HEADER = struct.Struct(">QII")  # IHAVEOPT, option, length
-REQUEST = struct.Struct(">IHHQQI")  # magic, flags, type, cookie, offset, length
+REQUEST: Final = struct.Struct(">IHHQQI")  # magic, flags, type, cookie, offset, length
 _OPT_REPLY = struct.Struct(">QIII")
-_SIMPLE = struct.Struct(">IIQ")
-_CHUNK = struct.Struct(">IHHQI")
+_SIMPLE: Final = struct.Struct(">IIQ")
+_CHUNK: Final = struct.Struct(">IHHQI")
 
 
 def server_greeting() -> bytes:
@@ -157,7 +158,7 @@ def chunk(cookie: int, kind: int, payload_len: int, done: bool) -> bytes:
     return _CHUNK.pack(STRUCTURED_REPLY_MAGIC, flags, kind, cookie, payload_len)
 
 
-_DATA_CHUNK = struct.Struct(">IHHQIQ")  # a chunk header, then the data's offset
+_DATA_CHUNK: Final = struct.Struct(">IHHQIQ")  # a chunk header, then the data's offset
 
 
 def data_chunk_head(cookie: int, offset: int, nbytes: int) -> bytes:

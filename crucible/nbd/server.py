@@ -28,9 +28,9 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
+import crucible.nbd.protocol as p
 from crucible.common.errors import CrucibleError, ErrorKind
 from crucible.libc import raw_bytearray
-from crucible.nbd import protocol as p
 from crucible.nbd.disk import Disk
 from crucible.nbd.handshake import ExportInfo, Handshake, HandshakeError, Negotiated
 from crucible.netio import OutputBatcher
@@ -50,16 +50,16 @@ BLOCK_STATUS: Final = int(p.Cmd.BLOCK_STATUS)
 
 log = logging.getLogger("crucible.nbd")
 
-MAX_PAYLOAD = 32 << 20
-REPLY_BACKLOG = 8 << 20  # unsent reply bytes before the client's requests wait
-RX_BUFFER = 256 << 10  # request headers and small write payloads land here
-REQ_SIZE = p.REQUEST.size
-MAX_INFLIGHT = 512  # requests of one client in flight before reading pauses
-MAX_INFLIGHT_BYTES = 128 << 20
-MAX_SERVER_INFLIGHT_BYTES = 256 << 20  # the same, over every client together
+MAX_PAYLOAD: Final = 32 << 20
+REPLY_BACKLOG: Final = 8 << 20  # unsent reply bytes before the client's requests wait
+RX_BUFFER: Final = 256 << 10  # request headers and small write payloads land here
+REQ_SIZE: Final = p.REQUEST.size
+MAX_INFLIGHT: Final = 512  # requests of one client in flight before reading pauses
+MAX_INFLIGHT_BYTES: Final = 128 << 20
+MAX_SERVER_INFLIGHT_BYTES: Final = 256 << 20  # the same, over every client together
 HANDSHAKE_TIMEOUT = 30.0  # a client must be through the handshake by then
 MAX_CONNECTIONS = 128
-FAILURE_LOG_INTERVAL = 5.0  # seconds between log lines of one client's same failure
+FAILURE_LOG_INTERVAL: Final = 5.0  # seconds between log lines of one client's same failure
 
 
 @dataclass
@@ -545,7 +545,7 @@ class _Connection(asyncio.BufferedProtocol):
 
 # (a command number no client should send is "unknown": a label per number
 # would let one client make the metrics grow by thousands of series)
-_COMMANDS = {int(c): c.name.lower() for c in p.Cmd}
+_COMMANDS: Final = {int(c): c.name.lower() for c in p.Cmd}
 _REQUEST: Final = NBD.probe("nbd__request")
 
 

@@ -106,7 +106,7 @@ GW_LIVE = ["close", "repair", "reopen", "noop"]
 DS_OPS = ["read", "write", "write_unwritten", "flush", "barrier", "trim"]
 DS_LIVE = ["close", "repair", "reopen", "noop"]
 
-UP = Provider(
+UP: Final = Provider(
     "crucible_upstairs",
     [
         "up__status",  # ("stats", the DtraceInfo-shaped dict), every second
@@ -146,7 +146,7 @@ DS_JOBS: dict[str, tuple[str, str]] = {
 }
 DS_DISK = ["read", "write", "writeunwritten", "flush", "trim"]  # os__*__start/done
 
-DS = Provider(
+DS: Final = Provider(
     "crucible_downstairs",
     [
         *sorted({name for pair in DS_JOBS.values() for name in pair}),
@@ -162,7 +162,7 @@ DS = Provider(
     ],
 )
 
-NBD = Provider(
+NBD: Final = Provider(
     "crucible_nbd",
     [
         "nbd__connection__open",  # (peer)

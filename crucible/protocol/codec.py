@@ -12,6 +12,7 @@ the way out.
 from __future__ import annotations
 
 from dataclasses import fields
+from typing import Final
 
 from crucible.protocol import fastpath
 from crucible.protocol.fastpath import TAG_OF, Parts, with_bulk
@@ -23,7 +24,7 @@ __all__ = ["Parts", "decode_body", "encode", "encode_parts"]
 
 # Per message type: the codecs of its fields in order; "Data" (bulk bytes) is
 # handled apart because it is always the last field.
-_SCHEMA: list[tuple[type, list[tuple[str, Put, Get]], bool]] = []
+_SCHEMA: Final[list[tuple[type, list[tuple[str, Put, Get]], bool]]] = []
 for _cls in MESSAGE_TYPES:
     _specs: list[tuple[str, Put, Get]] = []
     _bulk = False

@@ -13,15 +13,15 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from operator import itemgetter
-from typing import Any
+from typing import Any, Final
 
-from crucible.protocol import messages as m
+import crucible.protocol.messages as m
 from crucible.protocol.fields import PLAIN_CONTEXT
 from crucible.protocol.integrity import plain_contexts
 from crucible.protocol.wire import U32, U64, ProtocolError, cached_uuid, struct_run, uuid_bytes
 
 Parts = list[bytes | bytearray | memoryview]
-TAG_OF: dict[type, int] = {cls: i for i, cls in enumerate(m.MESSAGE_TYPES)}
+TAG_OF: Final[dict[type, int]] = {cls: i for i, cls in enumerate(m.MESSAGE_TYPES)}
 
 
 class Layout:
@@ -36,10 +36,12 @@ class Layout:
 
 
 # A UUID is a u64 length (16) and its bytes.
-JOB_HEAD = Layout("IQ16sQ16sQQ")  # tag, upstairs_id, session_id, job_id, dependency count
-ACK = Layout("IQ16sQ16sQI")  # tag, upstairs_id, session_id, job_id, Ok
-READ_REPLY_HEAD = Layout("IQ16sQ16sQIQ")  # tag, upstairs_id, session_id, job_id, Ok, context count
-_START_COUNT = struct.Struct("<QQ")  # start block, and a block count or a context count
+JOB_HEAD: Final = Layout("IQ16sQ16sQQ")  # tag, upstairs_id, session_id, job_id, dependency count
+ACK: Final = Layout("IQ16sQ16sQI")  # tag, upstairs_id, session_id, job_id, Ok
+READ_REPLY_HEAD: Final = Layout(
+    "IQ16sQ16sQIQ"
+)  # tag, upstairs_id, session_id, job_id, Ok, context count
+_START_COUNT: Final = struct.Struct("<QQ")  # start block, and a block count or a context count
 
 
 def with_bulk(head: bytearray, data: bytes | bytearray | memoryview, name: str) -> Parts:
@@ -125,8 +127,8 @@ def _pack_write(msg: Any, tag: int) -> Parts | None:
     return with_bulk(head, msg.data, type(msg).__name__)
 
 
-_ACK_CLASSES = (m.WriteAck, m.WriteUnwrittenAck, m.FlushAck, m.BarrierAck, m.TrimAck)
-ENCODERS: dict[type, Callable[[Any, int], Parts | None]] = {
+_ACK_CLASSES: Final = (m.WriteAck, m.WriteUnwrittenAck, m.FlushAck, m.BarrierAck, m.TrimAck)
+ENCODERS: Final[dict[type, Callable[[Any, int], Parts | None]]] = {
     **dict.fromkeys(_ACK_CLASSES, _pack_ack),
     m.ReadResponse: _pack_read_response,
     m.ReadRequest: _pack_read_request,
@@ -150,7 +152,7 @@ def _fast_ack(body: memoryview) -> m.Message | None:
 
 # A reply of one plain block, the commonest: its head, the Unencrypted tag,
 # the hash and the data's length in one unpack.
-_ONE_PLAIN = struct.Struct(READ_REPLY_HEAD.body.format + "IQQ")
+_ONE_PLAIN: Final = struct.Struct(READ_REPLY_HEAD.body.format + "IQQ")
 
 
 def _fast_read_response(body: memoryview) -> m.Message | None:
@@ -239,7 +241,16 @@ def _fast_write(body: memoryview) -> m.Message | None:
     return msg
 
 
+# A read with one dependency, the commonest (the last write or barrier before
+# it): the whole body in one unpack.
+_READ_ONE_DEP: Final = struct.Struct(JOB_HEAD.body.format + "QQQ")
+
+
 def _fast_read_request(body: memoryview) -> m.Message | None:
+    if len(body) == _READ_ONE_DEP.size:
+        _, n1, up, n2, sess, job, ndeps, dep, start, count = _READ_ONE_DEP.unpack(body)
+        if ndeps == 1 and n1 == 16 and n2 == 16:
+            return m.ReadRequest(cached_uuid(up), cached_uuid(sess), job, [dep], start, count)
     head = _job_fields(body)
     if head is None:
         return None
@@ -250,7 +261,7 @@ def _fast_read_request(body: memoryview) -> m.Message | None:
     return m.ReadRequest(up, sess, job, deps, start, count)
 
 
-DECODERS: dict[int, Callable[[memoryview], m.Message | None]] = {
+DECODERS: Final[dict[int, Callable[[memoryview], m.Message | None]]] = {
     **{TAG_OF[c]: _fast_ack for c in _ACK_CLASSES},
     TAG_OF[m.Write]: _fast_write,
     TAG_OF[m.WriteUnwritten]: _fast_write,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from crucible.common.definition import RegionDefinition
 from crucible.common.errors import (
@@ -32,14 +32,14 @@ from crucible.protocol.wire import U32, U64, DecodeError, Reader, struct_run
 Put = Callable[[bytearray, Any], None]
 Get = Callable[[Reader], Any]
 
-QB = struct.Struct("<QB")  # a plain block context: hash, no encryption
-PLAIN_CONTEXT = "Qx"  # the same for struct_run: the None tag is a zero pad byte
-_IQ = struct.Struct("<IQ")
+QB: Final = struct.Struct("<QB")  # a plain block context: hash, no encryption
+PLAIN_CONTEXT: Final = "Qx"  # the same for struct_run: the None tag is a zero pad byte
+_IQ: Final = struct.Struct("<IQ")
 
 
 # ---- CrucibleError ----------------------------------------------------------------
 
-_PAYLOAD_CODECS: dict[str, tuple[Put, Get]] = {
+_PAYLOAD_CODECS: Final[dict[str, tuple[Put, Get]]] = {
     "u64": (wire.put_u64, Reader.u64),
     "u32": (wire.put_u32, Reader.u32),
     "bool": (wire.put_bool, Reader.boolean),
@@ -267,7 +267,7 @@ def _get_option(get: Get) -> Get:
 
 # Annotation name in messages.py -> (encoder, decoder). "Data", the bulk bytes
 # that end a message, is the codec's own (it is never copied on the way out).
-FIELD_CODECS: dict[str, tuple[Put, Get]] = {
+FIELD_CODECS: Final[dict[str, tuple[Put, Get]]] = {
     "u8": (wire.put_u8, Reader.u8),
     "ClientId": (wire.put_u8, Reader.u8),
     "u32": (wire.put_u32, Reader.u32),

@@ -34,21 +34,22 @@ Goals and costs, for whoever changes it:
 from __future__ import annotations
 
 import mmap
+from typing import Final
 
 from crucible.libc import address, raw_bytearray
 from crucible.protocol.codec import decode_body
 from crucible.protocol.messages import MAX_FRAME_LEN, Message
 from crucible.protocol.wire import U32, ProtocolError
 
-HELLO_MAX_FRAME = 64 << 10  # frames a peer may send before negotiation is done
+HELLO_MAX_FRAME: Final = 64 << 10  # frames a peer may send before negotiation is done
 
 
-SIZE = 256 << 10
-MIN_FREE = 64 << 10  # offered to each receive
-SHRINK_ABOVE = 16 * SIZE
-OWN_FRAME_MIN = 128 << 10
-OWN_FRAME_MAX = 4 << 20
-_PAGE = mmap.PAGESIZE
+SIZE: Final = 256 << 10
+MIN_FREE: Final = 64 << 10  # offered to each receive
+SHRINK_ABOVE: Final = 16 * SIZE
+OWN_FRAME_MIN: Final = 128 << 10
+OWN_FRAME_MAX: Final = 4 << 20
+_PAGE: Final = mmap.PAGESIZE
 
 
 class FrameDecoder:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from itertools import repeat
 from operator import itemgetter
-from typing import Any
+from typing import Any, Final
 
 import xxhash
 
@@ -21,7 +21,7 @@ def sealed_hash(nonce: bytes, tag: bytes, ciphertext: bytes | bytearray | memory
     return h.intdigest()
 
 
-_ENCRYPTION = itemgetter(1)  # a BlockContext's encryption
+_ENCRYPTION: Final = itemgetter(1)  # a BlockContext's encryption
 
 
 def plain_contexts(hashes: Sequence[int]) -> list[BlockContext]:

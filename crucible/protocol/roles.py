@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Final, TypeGuard
 
-from crucible.protocol import messages as m
+import crucible.protocol.messages as m
 
 
 class Kind(Enum):

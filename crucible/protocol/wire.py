@@ -11,16 +11,17 @@ from __future__ import annotations
 import ipaddress
 import struct
 import uuid
+from typing import Final
 
-U8 = struct.Struct("<B")
-U16 = struct.Struct("<H")
-U32 = struct.Struct("<I")
-U64 = struct.Struct("<Q")
+U8: Final = struct.Struct("<B")
+U16: Final = struct.Struct("<H")
+U32: Final = struct.Struct("<I")
+U64: Final = struct.Struct("<Q")
 
 SocketAddr = tuple[str, int]
 
 
-_UUIDS: dict[bytes, uuid.UUID] = {}
+_UUIDS: Final[dict[bytes, uuid.UUID]] = {}
 
 
 def cached_uuid(raw: bytes) -> uuid.UUID:
@@ -33,11 +34,11 @@ def cached_uuid(raw: bytes) -> uuid.UUID:
     return found
 
 
-CACHED_RUN = 2048  # longer runs are built each time: a peer picks the lengths
+CACHED_RUN: Final = 2048  # longer runs are built each time: a peer picks the lengths
 
 
-CACHED_RUNS = 128  # kept at most; past that all are dropped and built anew
-_RUNS: dict[tuple[str, int], struct.Struct] = {}
+CACHED_RUNS: Final = 128  # kept at most; past that all are dropped and built anew
+_RUNS: Final[dict[tuple[str, int], struct.Struct]] = {}
 
 
 def struct_run(item: str, count: int) -> struct.Struct:

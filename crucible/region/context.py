@@ -5,18 +5,18 @@ All zeros is None: a block never written."""
 from __future__ import annotations
 
 import struct
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from crucible.protocol.messages import BlockContext, EncryptionContext
 from crucible.protocol.wire import struct_run
 from crucible.region.layout import SLOT_SIZE
 
-_PLAIN = struct.Struct("<BQBQH")  # Some, hash, None, on_disk_hash, flush_id
-_ENC_HEAD = struct.Struct("<BQB")  # Some, hash, Some
-_ENC_TAIL = struct.Struct("<QH")
-_Q = struct.Struct("<Q")
+_PLAIN: Final = struct.Struct("<BQBQH")  # Some, hash, None, on_disk_hash, flush_id
+_ENC_HEAD: Final = struct.Struct("<BQB")  # Some, hash, Some
+_ENC_TAIL: Final = struct.Struct("<QH")
+_Q: Final = struct.Struct("<Q")
 EMPTY_SLOT = bytes(SLOT_SIZE)
-_PLAIN_SLOT = f"BQBQH{SLOT_SIZE - _PLAIN.size}x"  # one whole plain slot
+_PLAIN_SLOT: Final = f"BQBQH{SLOT_SIZE - _PLAIN.size}x"  # one whole plain slot
 
 
 class SlotContext(NamedTuple):

@@ -54,7 +54,7 @@ import threading
 from collections.abc import Callable
 from operator import itemgetter
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
 
 import xxhash
 
@@ -82,7 +82,7 @@ from crucible.region.layout import (
 )
 
 _Q = struct.Struct("<Q")
-_FLIP = bytes.maketrans(b"\x00\x01", b"\x01\x00")  # a slot index: the other slot
+_FLIP: Final = bytes.maketrans(b"\x00\x01", b"\x01\x00")  # a slot index: the other slot
 
 
 def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
@@ -94,8 +94,8 @@ def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> No
 
 
 _O_DIRECT: int = getattr(os, "O_DIRECT", 0)  # 0: none on this system
-DIRECT_BYTES = 256 << 10  # writes this large bypass the page cache
-BOUNCE_KEEP = 4 << 20  # a larger aligned buffer is dropped after its write
+DIRECT_BYTES: Final = 256 << 10  # writes this large bypass the page cache
+BOUNCE_KEEP: Final = 4 << 20  # a larger aligned buffer is dropped after its write
 
 
 # A page-aligned buffer per thread, reused: O_DIRECT needs aligned memory.
@@ -164,19 +164,19 @@ def pread_exact(fd: int, size: int, offset: int) -> bytes:
 
 
 # A slot's (Some tag, hash, encryption tag) and the rest skipped: plain is (1, hash, 0).
-_SLOT_HEAD = f"BQB{SLOT_SIZE - 10}x"
+_SLOT_HEAD: Final = f"BQB{SLOT_SIZE - 10}x"
 
 
 def io_error(e: OSError, what: str) -> CrucibleError:
     return CrucibleError(ErrorKind.IoError, f"{what}: {e.strerror or e}")
 
 
-_FALLOC_FL_KEEP_SIZE = 1
-_FALLOC_FL_PUNCH_HOLE = 2
+_FALLOC_FL_KEEP_SIZE: Final = 1
+_FALLOC_FL_PUNCH_HOLE: Final = 2
 
 
-_SYNC_FILE_RANGE_WRITE = 2
-WRITEBACK_BYTES = 256 << 10  # writes this large start their writeback at once
+_SYNC_FILE_RANGE_WRITE: Final = 2
+WRITEBACK_BYTES: Final = 256 << 10  # writes this large start their writeback at once
 
 
 def start_writeback(fd: int, offset: int, length: int) -> None:
@@ -214,8 +214,8 @@ def runs(flags: list[bool]) -> list[tuple[int, int]]:
     return out
 
 
-CONTEXT_CHUNK = 32  # blocks whose contexts are read, kept and dropped together
-CONTEXT_CHUNKS = 8192  # chunks a region keeps at most (about 1.5 KiB each)
+CONTEXT_CHUNK: Final = 32  # blocks whose contexts are read, kept and dropped together
+CONTEXT_CHUNKS: Final = 8192  # chunks a region keeps at most (about 1.5 KiB each)
 
 
 class ContextCache:

@@ -15,12 +15,13 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
-SLOT_SIZE = 48
-META_SIZE = 32
-EXTENT_FORMAT_VERSION = 2
+SLOT_SIZE: Final = 48
+META_SIZE: Final = 32
+EXTENT_FORMAT_VERSION: Final = 2
 # dirty u8, gen u64, flush u64, ext_version u32, bonus_sync_count u32, defrag_count u32
-META = struct.Struct("<BQQIII")
+META: Final = struct.Struct("<BQQIII")
 
 
 def extent_relpath(eid: int) -> Path:

@@ -15,10 +15,12 @@ of a job's per-client states.
 
 from __future__ import annotations
 
+from typing import Final
+
 from crucible.common.errors import CrucibleError, ErrorKind
 from crucible.upstairs.jobs import FlushOp, IOState, Job, ReadOp
 
-NOT_YET = object()  # no ack yet
+NOT_YET: Final = object()  # no ack yet
 
 
 def durable_on(job: Job) -> int:

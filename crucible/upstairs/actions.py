@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from crucible.protocol import messages as m
+import crucible.protocol.messages as m
 from crucible.protocol.wire import SocketAddr
 
 

@@ -15,8 +15,8 @@ import uuid
 from dataclasses import dataclass, field
 from enum import Enum
 
+import crucible.protocol.messages as m
 from crucible.common.definition import RegionDefinition
-from crucible.protocol import messages as m
 from crucible.protocol.capabilities import Capabilities
 from crucible.protocol.wire import SocketAddr
 from crucible.upstairs.actions import Action, Connect, Drop, Log, Probe, Send

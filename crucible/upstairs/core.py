@@ -28,10 +28,10 @@ from __future__ import annotations
 import dataclasses
 import uuid
 
+import crucible.protocol.messages as m
 from crucible.common.definition import RegionDefinition
 from crucible.common.errors import CrucibleError, ErrorKind
 from crucible.observe.probes import UP
-from crucible.protocol import messages as m
 from crucible.protocol.capabilities import Capabilities
 from crucible.protocol.integrity import block_hashes, plain_contexts
 from crucible.protocol.roles import JOB_REPLY_TYPES

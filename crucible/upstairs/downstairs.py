@@ -33,10 +33,10 @@ from __future__ import annotations
 import uuid
 from typing import Final
 
+import crucible.protocol.messages as m
 from crucible.common.definition import RegionDefinition
 from crucible.common.errors import CrucibleError, ErrorKind
 from crucible.observe.probes import UP, clock
-from crucible.protocol import messages as m
 from crucible.protocol.wire import SocketAddr
 from crucible.upstairs import acks
 from crucible.upstairs.actions import Action, Complete, Drop, FetchAllocation, Log, Send
@@ -70,12 +70,12 @@ from crucible.upstairs.verify import bad_blocks, check_blocks, check_read_reply,
 
 # A failed live repair is tried again after 1, 2, 4 ... s; after
 # REPAIR_ATTEMPTS failures in a row, every REPAIR_BACKOFF_MAX.
-REPAIR_BACKOFF = 1.0
-REPAIR_BACKOFF_MAX = 600.0
-REPAIR_ATTEMPTS = 10
+REPAIR_BACKOFF: Final = 1.0
+REPAIR_BACKOFF_MAX: Final = 600.0
+REPAIR_ATTEMPTS: Final = 10
 _JOB_FINISHED: Final = UP.probe("up__job__finished")
-READ_HOME_BYTES = 1 << 20  # a read's home replica is picked per MiB of the volume
-SPILL_JOBS = 8  # a read leaves its home when that one has more than this many more in flight
+READ_HOME_BYTES: Final = 1 << 20  # a read's home replica is picked per MiB of the volume
+SPILL_JOBS: Final = 8  # a read leaves its home when that one has more than this many more in flight
 
 
 class Downstairs:

@@ -21,12 +21,12 @@ import ssl
 import uuid
 from collections import deque
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, Final, cast
 
+import crucible.protocol.messages as m
 from crucible.common.definition import RegionDefinition
 from crucible.common.errors import CrucibleError, ErrorKind
 from crucible.observe.probes import UP
-from crucible.protocol import messages as m
 from crucible.protocol.codec import encode_parts
 from crucible.protocol.wire import SocketAddr
 from crucible.tls import connect_error
@@ -61,7 +61,7 @@ log = logging.getLogger("crucible.upstairs")
 # What a read completes with: the data, and each block's context (None: never written).
 _Callback = Callable[[Any], None]  # built once: a cast to it costs nothing per call
 
-MAX_IO_BYTES = 1 << 20  # guest IO is split into jobs of at most this size
+MAX_IO_BYTES: Final = 1 << 20  # guest IO is split into jobs of at most this size
 CONNECT_TIMEOUT = 10.0
 TICK = 0.05
 STATUS_INTERVAL = 1.0  # the up__status probe, as Crucible's

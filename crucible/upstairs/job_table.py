@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Final
 
 from crucible.upstairs.deps import BlockMap
 from crucible.upstairs.jobs import (
@@ -30,8 +30,8 @@ from crucible.upstairs.jobs import (
 )
 from crucible.upstairs.report import work_summary
 
-FIRST_JOB_ID = 1000
-RECENT_RETIRED = 8
+FIRST_JOB_ID: Final = 1000
+RECENT_RETIRED: Final = 8
 
 
 class JobTable:

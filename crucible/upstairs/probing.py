@@ -3,7 +3,7 @@ bytes a guest job moves: computed only while something is attached."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from crucible.observe.probes import UP, Probe
 from crucible.upstairs.jobs import (
@@ -30,7 +30,7 @@ _OP = {
     LiveReopenOp: "reopen",
 }
 # The kinds of guest job, as counted (Downstairs.guest_counts) and reported.
-GUEST_OPS = ("read", "write", "write_unwritten", "flush", "barrier", "trim")
+GUEST_OPS: Final = ("read", "write", "write_unwritten", "flush", "barrier", "trim")
 _LIVE = (LiveCloseOp, LiveRepairOp, LiveNoOp, LiveReopenOp)
 
 
@@ -55,8 +55,8 @@ def _names(op: str, live: bool) -> Names:
     )  # fmt: skip
 
 
-_NAMES = {t: _names(op, t in _LIVE) for t, op in _OP.items()}
-_WRITE_NAMES = {False: _names("write", False), True: _names("write_unwritten", False)}
+_NAMES: Final = {t: _names(op, t in _LIVE) for t, op in _OP.items()}
+_WRITE_NAMES: Final = {False: _names("write", False), True: _names("write_unwritten", False)}
 
 
 def names(job: Job) -> Names:

@@ -7,8 +7,8 @@ import asyncio
 import socket
 from typing import Protocol, cast
 
+import crucible.protocol.messages as m
 from crucible.netio import OutputBatcher
-from crucible.protocol import messages as m
 from crucible.protocol.framing import FrameDecoder
 from crucible.protocol.wire import ProtocolError
 

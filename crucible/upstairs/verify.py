@@ -15,8 +15,8 @@ import functools
 
 import xxhash
 
+import crucible.protocol.messages as m
 from crucible.common.errors import CrucibleError, ErrorKind
-from crucible.protocol import messages as m
 from crucible.protocol.integrity import block_hashes
 from crucible.upstairs.encryption import BlockCipher, InvalidBlock
 

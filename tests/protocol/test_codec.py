@@ -343,6 +343,32 @@ def test_fast_paths_agree_with_the_schema(cls: type, data: st.DataObject) -> Non
     assert_same_fields(fast, slow)
 
 
+@pytest.mark.parametrize(
+    "msg",
+    [
+        m.ReadRequest(UID, UID2, 1001, [1000], 77, 1),
+        m.ReadRequest(UID, UID2, 1001, [], 77, 1),
+        m.ReadRequest(UID, UID2, 1001, [998, 1000], 77, 2),
+        m.ReadResponse(UID, UID2, 1001, [0xFEDCBA9876543210], b"x" * 512),
+        m.ReadResponse(UID, UID2, 1001, [None], bytes(512)),
+        m.ReadResponse(UID, UID2, 1001, [5, 6], b"y" * 1024),
+    ],
+    ids=["read-1-dep", "read-0-deps", "read-2-deps", "reply-1-hash", "reply-1-empty", "reply-2"],
+)
+def test_the_one_unpack_shapes_decode_as_the_schema_does(msg: m.Message) -> None:
+    """A read with one dependency and a reply of one plain block decode in
+    one unpack; they, and the shapes beside them, give the schema's message.
+    A frame one byte short or long is not taken by the fast path."""
+    body_ = memoryview(codec.encode(msg))[4:]
+    fast, slow = codec.decode_body(body_), codec.decode_schema(body_)
+    assert type(fast) is type(slow) is type(msg)
+    assert_same_fields(fast, slow)
+    assert_same_fields(fast, msg)
+    decoder = fastpath.DECODERS[int.from_bytes(body_[:4], "little")]
+    assert decoder(memoryview(bytes(body_) + b"\0")) is None
+    assert decoder(body_[:-1]) is None
+
+
 # Crucible's NegotiationError, as bincode lays it out (common/src/lib.rs):
 # CrucibleError tag 41, then the NegotiationError tag, then its fields.
 NEGOTIATION_VECTORS = [
