@@ -159,11 +159,12 @@ def chunk(cookie: int, kind: int, payload_len: int, done: bool) -> bytes:
 
 
 _DATA_CHUNK: Final = struct.Struct(">IHHQIQ")  # a chunk header, then the data's offset
+_OFFSET_DATA: Final = int(Reply.OFFSET_DATA)  # (an Enum's .value is a Python-level property)
 
 
 def data_chunk_head(cookie: int, offset: int, nbytes: int) -> bytes:
     """What goes before the data of the one, final OFFSET_DATA chunk of a read."""
-    magic, kind = STRUCTURED_REPLY_MAGIC, Reply.OFFSET_DATA.value
+    magic, kind = STRUCTURED_REPLY_MAGIC, _OFFSET_DATA
     return _DATA_CHUNK.pack(magic, REPLY_FLAG_DONE, kind, cookie, 8 + nbytes, offset)
 
 

@@ -38,10 +38,14 @@ class Layout:
 # A UUID is a u64 length (16) and its bytes.
 JOB_HEAD: Final = Layout("IQ16sQ16sQQ")  # tag, upstairs_id, session_id, job_id, dependency count
 ACK: Final = Layout("IQ16sQ16sQI")  # tag, upstairs_id, session_id, job_id, Ok
-READ_REPLY_HEAD: Final = Layout(
-    "IQ16sQ16sQIQ"
-)  # tag, upstairs_id, session_id, job_id, Ok, context count
+# tag, upstairs_id, session_id, job_id, Ok, context count
+READ_REPLY_HEAD: Final = Layout("IQ16sQ16sQIQ")
 _START_COUNT: Final = struct.Struct("<QQ")  # start block, and a block count or a context count
+
+# A read with one dependency, the commonest (the last write or barrier before
+# it): the whole body in one pack or unpack.
+_READ_ONE_DEP: Final = struct.Struct(JOB_HEAD.body.format + "QQQ")
+_READ_ONE_DEP_FRAME: Final = struct.Struct(JOB_HEAD.frame.format + "QQQ")
 
 
 def with_bulk(head: bytearray, data: bytes | bytearray | memoryview, name: str) -> Parts:
@@ -102,7 +106,14 @@ def _job_head(msg: Any, tag: int, frame_len: int) -> bytes:
 
 
 def _pack_read_request(msg: Any, tag: int) -> Parts | None:
-    size = 4 + JOB_HEAD.body.size + 8 * len(msg.dependencies) + _START_COUNT.size
+    deps = msg.dependencies
+    if len(deps) == 1:  # the usual read (see _READ_ONE_DEP): one pack
+        one = _READ_ONE_DEP_FRAME
+        up, sess = uuid_bytes(msg.upstairs_id), uuid_bytes(msg.session_id)
+        return [
+            one.pack(one.size, tag, 16, up, 16, sess, msg.job_id, 1, deps[0], msg.start, msg.count)
+        ]
+    size = 4 + JOB_HEAD.body.size + 8 * len(deps) + _START_COUNT.size
     return [_job_head(msg, tag, size) + _START_COUNT.pack(msg.start, msg.count)]
 
 
@@ -239,11 +250,6 @@ def _fast_write(body: memoryview) -> m.Message | None:
     cls = m.MESSAGE_TYPES[U32.unpack_from(body)[0]]
     msg: m.Message = cls(up, sess, job, deps, start, contexts, body[end_ctx + 8 :])
     return msg
-
-
-# A read with one dependency, the commonest (the last write or barrier before
-# it): the whole body in one unpack.
-_READ_ONE_DEP: Final = struct.Struct(JOB_HEAD.body.format + "QQQ")
 
 
 def _fast_read_request(body: memoryview) -> m.Message | None:

@@ -95,7 +95,16 @@ class Client:
     extents_repaired: int = 0
     extents_confirmed: int = 0
 
-    _name: tuple[SocketAddr, str] | None = field(default=None, repr=False, compare=False)
+    # host:port of the target, kept (it goes with every reply's checks): see retarget.
+    name: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.name = f"{self.target[0]}:{self.target[1]}"
+
+    def retarget(self, target: SocketAddr) -> None:
+        """Talk to another downstairs (a replacement) from now on."""
+        self.target = target
+        self.name = f"{target[0]}:{target[1]}"
 
     # ---- state -----------------------------------------------------------------------
 
@@ -112,13 +121,6 @@ class Client:
     def mode(self) -> Mode:
         """How it rejoins; NEW once it has."""
         return self.state.mode or Mode.NEW
-
-    @property
-    def name(self) -> str:
-        """host:port of the target (built once per target: it is in every reply's checks)."""
-        if self._name is None or self._name[0] is not self.target:
-            self._name = (self.target, f"{self.target[0]}:{self.target[1]}")
-        return self._name[1]
 
     @property
     def holds_jobs(self) -> bool:

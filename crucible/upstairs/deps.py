@@ -100,6 +100,11 @@ def deps_for_client(
     began) are gone."""
     if not skipped and not floor:
         return deps
+    for d in deps:  # the usual case, none skipped nor gone, without the sets below
+        if d < floor or d in skipped:
+            break
+    else:
+        return deps
     out: set[int] = set()
     seen: set[int] = set()
     todo = list(deps)

@@ -711,7 +711,7 @@ class Downstairs:
             )
         acts = self.fault(c, f"replaced by {_addr(new)}", now)
         c.set_state(DsState(Stage.CONNECT, Mode.REPLACED))
-        c.target = new
+        c.retarget(new)
         c.region_uuid = None
         c.capabilities = None
         c.reconnect_at = now  # no reason to wait
