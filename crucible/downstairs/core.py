@@ -125,6 +125,7 @@ class DownstairsCore:
         capabilities: Capabilities = OURS,
     ) -> None:
         self.definition = definition
+        self._block_size = definition.block_size  # (read per job: a plain field)
         self.capabilities = capabilities
         self.read_only = read_only
         self.repair_addr = repair_addr
@@ -378,7 +379,7 @@ class DownstairsCore:
         if isinstance(job, _WRITES):
             return JOB_OVERHEAD + len(job.data)
         if isinstance(job, m.ReadRequest):
-            return JOB_OVERHEAD + job.count * self.definition.block_size
+            return JOB_OVERHEAD + job.count * self._block_size
         return JOB_OVERHEAD
 
     def _refuse_change(self, conn: Conn, msg: Job | ReconcileOp, work_id: int) -> list[Action]:

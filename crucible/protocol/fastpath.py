@@ -46,6 +46,10 @@ _START_COUNT: Final = struct.Struct("<QQ")  # start block, and a block count or 
 # it): the whole body in one pack or unpack.
 _READ_ONE_DEP: Final = struct.Struct(JOB_HEAD.body.format + "QQQ")
 _READ_ONE_DEP_FRAME: Final = struct.Struct(JOB_HEAD.frame.format + "QQQ")
+# A reply of one plain block, the commonest: its head, the Unencrypted tag,
+# the hash and the data's length in one pack or unpack.
+_ONE_PLAIN: Final = struct.Struct(READ_REPLY_HEAD.body.format + "IQQ")
+_ONE_PLAIN_FRAME: Final = struct.Struct(READ_REPLY_HEAD.frame.format + "IQQ")
 
 
 def with_bulk(head: bytearray, data: bytes | bytearray | memoryview, name: str) -> Parts:
@@ -75,6 +79,15 @@ def _pack_read_response(msg: Any, tag: int) -> Parts | None:
     if not isinstance(blocks, list):
         return None
     n = len(blocks)
+    one = _ONE_PLAIN_FRAME  # one plain block, the commonest: one pack
+    total = one.size + len(data)
+    if n == 1 and type(blocks[0]) is int and total <= m.MAX_FRAME_LEN:
+        up, sess = uuid_bytes(msg.upstairs_id), uuid_bytes(msg.session_id)
+        try:
+            head = one.pack(total, tag, 16, up, 16, sess, msg.job_id, 0, 1, 2, blocks[0], len(data))
+        except struct.error:  # a hash out of range: the schema path says so
+            return None
+        return [head, data]
     try:  # every context a plain hash (an int), every one sealed, or none written
         if blocks.count(None) == n:
             ctxs = bytes(4 * n)  # each the u32 tag of Empty
@@ -159,11 +172,6 @@ def _fast_ack(body: memoryview) -> m.Message | None:
         return None
     msg: m.Message = m.MESSAGE_TYPES[tag](cached_uuid(up), cached_uuid(sess), job, None)
     return msg
-
-
-# A reply of one plain block, the commonest: its head, the Unencrypted tag,
-# the hash and the data's length in one unpack.
-_ONE_PLAIN: Final = struct.Struct(READ_REPLY_HEAD.body.format + "IQQ")
 
 
 def _fast_read_response(body: memoryview) -> m.Message | None:

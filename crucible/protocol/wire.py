@@ -193,9 +193,24 @@ def put_string(out: bytearray, v: str) -> None:
     put_bytes(out, v.encode("utf-8"))
 
 
+# The last two UUIDs encoded, with their bytes: a connection's messages all
+# carry the same pair. (Whole tuples replaced: safe for any thread to read.)
+_UUID_BYTES: Final[list[tuple[uuid.UUID | None, bytes]]] = [(None, b""), (None, b"")]
+
+
 def uuid_bytes(v: uuid.UUID) -> bytes:
     """What `v.bytes` gives, without its Python-level property call."""
-    return v.int.to_bytes(16, "big")
+    last = _UUID_BYTES
+    a = last[0]
+    if a[0] is v:
+        return a[1]
+    b = last[1]
+    if b[0] is v:
+        return b[1]
+    raw = v.int.to_bytes(16, "big")
+    last[1] = a
+    last[0] = (v, raw)
+    return raw
 
 
 def put_uuid(out: bytearray, v: uuid.UUID) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mmap
+import random
 import uuid
 from typing import Any
 
@@ -15,7 +16,7 @@ from crucible.libc import address
 from crucible.protocol import codec, fastpath, fields, framing
 from crucible.protocol import messages as m
 from crucible.protocol.framing import FrameDecoder
-from crucible.protocol.wire import ProtocolError, Reader
+from crucible.protocol.wire import ProtocolError, Reader, uuid_bytes
 from tests.protocol.strategies import message_strategy, messages
 
 UID = uuid.UUID("01020304-0506-0708-090a-0b0c0d0e0f10")
@@ -356,10 +357,13 @@ def test_fast_paths_agree_with_the_schema(cls: type, data: st.DataObject) -> Non
     ids=["read-1-dep", "read-0-deps", "read-2-deps", "reply-1-hash", "reply-1-empty", "reply-2"],
 )
 def test_the_one_unpack_shapes_decode_as_the_schema_does(msg: m.Message) -> None:
-    """A read with one dependency and a reply of one plain block decode in
-    one unpack; they, and the shapes beside them, give the schema's message.
-    A frame one byte short or long is not taken by the fast path."""
-    body_ = memoryview(codec.encode(msg))[4:]
+    """A read with one dependency and a reply of one plain block are packed
+    and unpacked in one go; they, and the shapes beside them, give the
+    schema's bytes and message. A frame one byte short or long is not taken
+    by the fast path."""
+    frame = codec.encode(msg)
+    assert frame == b"".join(codec.encode_schema(msg))
+    body_ = memoryview(frame)[4:]
     fast, slow = codec.decode_body(body_), codec.decode_schema(body_)
     assert type(fast) is type(slow) is type(msg)
     assert_same_fields(fast, slow)
@@ -431,3 +435,12 @@ def test_sealed_and_unwritten_contexts_take_the_fast_paths() -> None:
         decoded = fastpath.DECODERS[fastpath.TAG_OF[type(msg)]](memoryview(frame)[4:])
         assert decoded is not None
         assert_same_fields(decoded, msg)
+
+
+def test_uuid_bytes_are_right_for_whichever_uuid_comes() -> None:
+    """The encoder keeps the bytes of the last two UUIDs it saw: a third,
+    or the two in any order, still get their own."""
+    rng = random.Random(7)
+    ids = [uuid.UUID(int=rng.getrandbits(128)) for _ in range(3)]
+    for i in [0, 1, 0, 1, 2, 0, 2, 1, 1, 0] + [rng.randrange(3) for _ in range(200)]:
+        assert uuid_bytes(ids[i]) == ids[i].bytes
