@@ -113,7 +113,7 @@ REPLY_HEADER: Final = 4096
 JOB_OVERHEAD: Final = 512  # what a queued job costs besides its data, roughly
 
 # Work that stamps a generation on extents: never above the negotiated one.
-_STAMPS_GEN: Final = (m.Flush, m.ExtentLiveFlushClose, m.ExtentFlush)
+_STAMPS_GEN = (m.Flush, m.ExtentLiveFlushClose, m.ExtentFlush)
 
 
 class DownstairsCore:
@@ -466,7 +466,7 @@ class DownstairsCore:
                 assert_never(work)
 
 
-_WRITES: Final = (m.Write, m.WriteUnwritten)
+_WRITES = (m.Write, m.WriteUnwritten)
 
 
 def _same_ids(msg: Job | m.PromoteToActive, conn: Conn) -> bool:

@@ -464,8 +464,8 @@ class DownstairsServer:
                     c.close(f"no Crucible hello in {HELLO_TIMEOUT:g} s: not an upstairs")
 
 
-_WRITES: Final = (m.Write, m.WriteUnwritten)
-_NO_DISK: Final = (m.Barrier, m.ExtentLiveNoOp, m.ExtentVersionsPlease)
+_WRITES = (m.Write, m.WriteUnwritten)
+_NO_DISK = (m.Barrier, m.ExtentLiveNoOp, m.ExtentVersionsPlease)
 
 
 def _work_started(work: Work) -> float:

@@ -18,7 +18,7 @@ from typing import Any, Final
 
 # From 50 us (a job answered from the page cache) to 10 s (a stalled downstairs).
 # (Not Final: compiled, a Final tuple is built anew wherever it is used.)
-LATENCY_BUCKETS: Final = (
+LATENCY_BUCKETS = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip

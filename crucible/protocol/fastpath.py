@@ -151,7 +151,7 @@ def _pack_write(msg: Any, tag: int) -> Parts | None:
     return with_bulk(head, msg.data, type(msg).__name__)
 
 
-_ACK_CLASSES: Final = (m.WriteAck, m.WriteUnwrittenAck, m.FlushAck, m.BarrierAck, m.TrimAck)
+_ACK_CLASSES = (m.WriteAck, m.WriteUnwrittenAck, m.FlushAck, m.BarrierAck, m.TrimAck)
 ENCODERS: Final[dict[type, Callable[[Any, int], Parts | None]]] = {
     **dict.fromkeys(_ACK_CLASSES, _pack_ack),
     m.ReadResponse: _pack_read_response,

@@ -13,8 +13,10 @@ from __future__ import annotations
 import bisect
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Final
 
-END = 1 << 64
+END: Final = 1 << 64
+_bisect_right: Final = bisect.bisect_right  # (compiled: a static, not a module lookup)
 
 
 @dataclass(slots=True, init=False)
@@ -42,7 +44,7 @@ class BlockMap:
 
     def _split(self, at: int) -> int:
         """Make a range begin at `at`; return its index."""
-        i = bisect.bisect_right(self._starts, at) - 1
+        i = _bisect_right(self._starts, at) - 1
         r = self._ranges[i]
         if r.start == at:
             return i
@@ -71,6 +73,10 @@ class BlockMap:
 
     def add_read(self, job_id: int, start: int, count: int) -> list[int]:
         lo, hi = self._span(start, start + count)
+        if hi == lo + 1:  # one range (a small read): no set, no sort
+            r = self._ranges[lo]
+            r.nonblocking.append(job_id)
+            return [] if r.blocking is None else [r.blocking]
         deps: set[int] = set()
         for r in self._ranges[lo:hi]:
             if r.blocking is not None:

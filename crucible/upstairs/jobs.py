@@ -6,7 +6,7 @@ import functools
 import uuid
 from dataclasses import dataclass
 from enum import Enum
-from typing import Final, assert_never
+from typing import assert_never
 
 import xxhash
 
@@ -116,11 +116,11 @@ class LiveReopenOp:
 
 LiveOp = LiveCloseOp | LiveRepairOp | LiveNoOp | LiveReopenOp
 Op = WriteOp | ReadOp | TrimOp | FlushOp | BarrierOp | LiveOp
-LIVE_OPS: Final = (LiveCloseOp, LiveRepairOp, LiveNoOp, LiveReopenOp)
-FLUSH_LIKE: Final = (FlushOp, BarrierOp)  # complete every job before them
-WRITE_LIKE: Final = (WriteOp, TrimOp)  # change blocks
+LIVE_OPS = (LiveCloseOp, LiveRepairOp, LiveNoOp, LiveReopenOp)
+FLUSH_LIKE = (FlushOp, BarrierOp)  # complete every job before them
+WRITE_LIKE = (WriteOp, TrimOp)  # change blocks
 # Sent to each client as its own message (see Downstairs._message_for).
-PER_CLIENT: Final = (*LIVE_OPS, TrimOp)
+PER_CLIENT = (*LIVE_OPS, TrimOp)
 
 
 def zero_fill(start: int, count: int, block_size: int) -> WriteOp:

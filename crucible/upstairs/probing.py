@@ -30,7 +30,7 @@ _OP = {
     LiveReopenOp: "reopen",
 }
 # The kinds of guest job, as counted (Downstairs.guest_counts) and reported.
-GUEST_OPS: Final = ("read", "write", "write_unwritten", "flush", "barrier", "trim")
+GUEST_OPS = ("read", "write", "write_unwritten", "flush", "barrier", "trim")
 _LIVE = (LiveCloseOp, LiveRepairOp, LiveNoOp, LiveReopenOp)
 
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import Final
 
 
 class UpState(Enum):
@@ -87,7 +86,7 @@ NEGOTIATING = frozenset({Stage.HELLO, Stage.PROBE, Stage.PROMOTE, Stage.REGION, 
 CONNECTED = (CONNECTING - {Stage.CONNECT}) | {Stage.ACTIVE, Stage.LIVE_REPAIR}
 # A tuple, not a set: it is asked on every IO and reply, and an Enum's
 # __hash__ is Python code where a tuple compares by identity.
-TAKES_IO: Final = (Stage.ACTIVE, Stage.LIVE_REPAIR)
+TAKES_IO = (Stage.ACTIVE, Stage.LIVE_REPAIR)
 
 
 @dataclass(frozen=True, slots=True)
