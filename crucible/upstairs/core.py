@@ -523,11 +523,12 @@ class UpstairsCore:
 
     def _maintain(self, now: float) -> list[Action]:
         ds = self.ds
-        barrier = ds.table.needs_barrier
+        opts = self.opts
         if self.state is UpState.ACTIVE and ds.all_active:
             # The steady state (checked after every finished job): nothing to
             # negotiate, fault or repair; only finished work may need a barrier.
-            if barrier(self.opts.barrier_jobs, self.opts.barrier_bytes):
+            # (A direct call: compiled, a bound method kept in a local is an object.)
+            if ds.table.needs_barrier(opts.barrier_jobs, opts.barrier_bytes):
                 return ds.enqueue(BarrierOp(), None, now)
             return []
         acts, refused = self.activation.check(ds, now)
@@ -543,7 +544,7 @@ class UpstairsCore:
                 if refused is not None:
                     err = CrucibleError(refused.err.kind, refused.reason)
                     return acts + self._disable(err, now)
-            if barrier(self.opts.barrier_jobs, self.opts.barrier_bytes):
+            if ds.table.needs_barrier(opts.barrier_jobs, opts.barrier_bytes):
                 acts += ds.enqueue(BarrierOp(), None, now)
         if self.state is UpState.DEACTIVATING:
             if not len(ds.table):
