@@ -235,6 +235,7 @@ async def _replace_refusals(rng: random.Random, c: Cluster, odd: Downstairs) -> 
         # A region of another shape: that one downstairs is refused, the volume goes on.
         await up.replace(t2, ("127.0.0.1", odd.port))
         await until(lambda: "has bs:" in up.info().downstairs[2].last_error, "a refusal")
+        assert up.info().downstairs[2].target == f"127.0.0.1:{odd.port}"  # named for the new one
         for _ in range(10):
             await g.write()
         await up.flush()

@@ -7,6 +7,7 @@ import itertools
 
 import pytest
 
+from crucible.upstairs.client import Client
 from crucible.upstairs.state import (
     ACTIVE,
     CONNECTING,
@@ -106,3 +107,10 @@ def test_names_people_read() -> None:
     assert s(Stage.PROBE, Mode.FAULTED).name == "negotiating"
     assert s(Stage.REPAIR_READY, Mode.FAULTED).name == "live-repair-ready"
     assert ACTIVE.name == "active" and IDLE.name == "new"
+
+
+def test_a_client_is_named_for_its_target_and_follows_a_replacement() -> None:
+    c = Client(1, ("127.0.0.1", 3810))
+    assert c.name == "127.0.0.1:3810"
+    c.retarget(("10.0.0.2", 3820))
+    assert (c.target, c.name) == (("10.0.0.2", 3820), "10.0.0.2:3820")
