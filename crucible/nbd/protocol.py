@@ -158,7 +158,7 @@ def chunk(cookie: int, kind: int, payload_len: int, done: bool) -> bytes:
     return _CHUNK.pack(STRUCTURED_REPLY_MAGIC, flags, kind, cookie, payload_len)
 
 
-_DATA_CHUNK: Final = struct.Struct(">IHHQIQ")  # a chunk header, then the data's offset
+_DATA_CHUNK: Final = struct.Struct(_CHUNK.format + "Q")  # a chunk header, then the data's offset
 _OFFSET_DATA: Final = int(Reply.OFFSET_DATA)  # (an Enum's .value is a Python-level property)
 
 

@@ -99,7 +99,7 @@ class Client:
     name: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self.name = f"{self.target[0]}:{self.target[1]}"
+        self.retarget(self.target)
 
     def retarget(self, target: SocketAddr) -> None:
         """Talk to another downstairs (a replacement) from now on."""

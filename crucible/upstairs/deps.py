@@ -104,8 +104,6 @@ def deps_for_client(
     stands for that job's own dependencies (`deps_of`; None once retired), so
     order through it is kept, and jobs below `floor` (before its session
     began) are gone."""
-    if not skipped and not floor:
-        return deps
     for d in deps:  # the usual case, none skipped nor gone, without the sets below
         if d < floor or d in skipped:
             break

@@ -18,7 +18,6 @@ from typing import Any, Final
 
 from crucible.upstairs.deps import BlockMap
 from crucible.upstairs.jobs import (
-    FLUSH_LIKE,
     LIVE_OPS,
     WRITE_LIKE,
     IOState,
@@ -95,12 +94,12 @@ class JobTable:
                 deps = self.blocks.add_read(jid, op.start, op.count)
             case _:
                 deps = self.blocks.add_barrier(jid)
-        self.need_flush = not isinstance(op, FLUSH_LIKE)
         gw = 0
         if guest is not None or isinstance(op, WRITE_LIKE):
             gw = self.next_gw
             self.next_gw += 1
         job = Job(jid, op, deps, [IOState.SKIPPED] * 3, guest, gw)
+        self.need_flush = not job.is_flush_like
         job.nbytes = len(op.data) if isinstance(op, WriteOp) else 0
         return job
 

@@ -74,6 +74,8 @@ def test_deps_for_a_client_that_skipped_jobs() -> None:
     table = {10: [5, 6], 6: [2], 11: [10]}
     lookup = table.get
     assert deps_for_client([10, 7], set(), 0, lookup) == [10, 7]  # nothing to rewrite
+    assert deps_for_client([10, 7], {3, 6}, 5, lookup) == [10, 7]  # others skipped, none gone
+    assert deps_for_client([10, 7], set(), 8, lookup) == [10]  # nothing skipped, 7 gone
     # 10 was skipped: it stands for its own deps; 6 too, down to 2.
     assert deps_for_client([10, 7], {10, 6}, 0, lookup) == [2, 5, 7]
     # A session that began at job 6 never saw 2 or 5.
