@@ -224,8 +224,10 @@ class ContextCache:
     chunks of CONTEXT_CHUNK blocks (`Extent.context_chunks`); the extents of
     one region share this budget of `capacity` chunks, and past it all are
     dropped and kept anew (reads that keep to a working set that fits gain;
-    others pay one slot array of CONTEXT_CHUNK slots per miss). Writes and
-    trims update the chunks they touch; a closed extent's chunks go with it.
+    others pay one slot array of CONTEXT_CHUNK slots per miss). A large read
+    or write keeps the chunks it covers whole, so a large read of what was
+    just written reads no slots. Writes and trims update the chunks they
+    touch; a closed extent's chunks go with it.
     Only the context is kept: the upstairs still checks every block's data
     against it."""
 
@@ -434,26 +436,62 @@ class Extent:
             raise io_error(e, f"read extent {self.number}") from None
 
     def _contexts(self, start: int, n: int) -> list[ReadBlockContext]:
-        """The contexts of n blocks: kept ones when they lie in one chunk."""
-        c = start // CONTEXT_CHUNK
+        """The contexts of n blocks: from the kept chunks when they hold them
+        all; else read, and the chunks the read covers whole are kept."""
         cache = self.cache
-        if cache is None or not n or (start + n - 1) // CONTEXT_CHUNK != c:
+        if cache is None or not n:
             return self._read_contexts(start, n)
-        chunk = self.context_chunks.get(c)
-        if chunk is None:
+        c = start // CONTEXT_CHUNK
+        last = (start + n - 1) // CONTEXT_CHUNK
+        chunks = self.context_chunks
+        if c == last:  # a small read: its one chunk, read whole when missing
+            chunk = chunks.get(c)
+            if chunk is None:
+                first = c * CONTEXT_CHUNK
+                try:
+                    chunk = self._read_contexts(first, self._chunk_len(c))
+                except CrucibleError:  # a bad slot in the chunk: this read's own may be good
+                    return self._read_contexts(start, n)
+                cache.room(self)
+                chunks[c] = chunk
+            at = start - c * CONTEXT_CHUNK
+            return chunk[at : at + n]
+        kept = [chunks.get(k) for k in range(c, last + 1)]
+        if None not in kept:
+            out: list[ReadBlockContext] = []
+            for chunk in kept:
+                assert chunk is not None
+                out += chunk
+            at = start - c * CONTEXT_CHUNK
+            return out[at : at + n] if at or len(out) != n else out
+        ctxs = self._read_contexts(start, n)
+        self._keep_whole_chunks(start, ctxs)
+        return ctxs
+
+    def _chunk_len(self, c: int) -> int:
+        """Blocks in chunk c (the extent's last one may be short)."""
+        return min(CONTEXT_CHUNK, self.layout.blocks - c * CONTEXT_CHUNK)
+
+    def _keep_whole_chunks(self, start: int, ctxs: list[ReadBlockContext]) -> None:
+        """Keep the chunks that `ctxs`, the contexts from `start` on, cover
+        whole and that are not kept yet."""
+        cache = self.cache
+        if cache is None:
+            return
+        end = start + len(ctxs)
+        for c in range(-(-start // CONTEXT_CHUNK), end // CONTEXT_CHUNK + 1):
             first = c * CONTEXT_CHUNK
-            try:
-                chunk = self._read_contexts(first, min(CONTEXT_CHUNK, self.layout.blocks - first))
-            except CrucibleError:  # a bad slot in the chunk: this read's own may be good
-                return self._read_contexts(start, n)
+            size = self._chunk_len(c)
+            if size <= 0 or first + size > end or c in self.context_chunks:
+                continue
             cache.room(self)
-            self.context_chunks[c] = chunk
-        at = start - c * CONTEXT_CHUNK
-        return chunk[at : at + n]
+            self.context_chunks[c] = ctxs[first - start : first - start + size]
 
     def _update_contexts(self, start: int, n: int, written: list[BlockContext] | None) -> None:
         """n blocks from `start` were written with these contexts (None:
-        trimmed): the chunks kept say what a read of them now returns."""
+        trimmed): the chunks kept say what a read of them now returns, and
+        the chunks written whole are kept (what was just written is often
+        read next)."""
         new: list[ReadBlockContext] = [None] * n if written is None else [
             ctx.hash if ctx.encryption is None
             else EncryptionContext(bytes(ctx.encryption.nonce), bytes(ctx.encryption.tag))
@@ -466,6 +504,8 @@ class Extent:
                 first = c * CONTEXT_CHUNK
                 lo, hi = max(start, first), min(end, first + len(chunk))
                 chunk[lo - first : hi - first] = new[lo - start : hi - start]
+        if n >= CONTEXT_CHUNK:
+            self._keep_whole_chunks(start, new)
 
     def _forget_contexts(self) -> None:
         if self.cache is not None:
@@ -616,7 +656,7 @@ class Extent:
                 self.damaged.update(range(start, start + n))
             raise io_error(e, f"write extent {self.number}") from None
         self.active[start : start + n] = bytes(target)
-        if self.context_chunks:
+        if self.context_chunks or (self.cache is not None and n >= CONTEXT_CHUNK):
             self._update_contexts(start, n, written)
         self.unsynced[start : start + n] = b"\x01" * n
         if self.damaged:

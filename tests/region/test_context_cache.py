@@ -39,12 +39,13 @@ def _as_read(ctx: BlockContext) -> ReadBlockContext:
     return ctx.encryption if ctx.encryption is not None else ctx.hash
 
 
+@pytest.mark.parametrize("capacity", [3, 1000])  # 3: dropped again and again
 @pytest.mark.parametrize("encrypted", [False, True])
 def test_reads_say_what_the_slots_say(
-    make_region: MakeRegion, rng: random.Random, encrypted: bool
+    make_region: MakeRegion, rng: random.Random, encrypted: bool, capacity: int
 ) -> None:
     r = make_region(bs=BS, es=ES, ec=EC, encrypted=encrypted)
-    r.context_cache.capacity = 3  # smaller than the chunks read: dropped again and again
+    r.context_cache.capacity = capacity
     model: list[ReadBlockContext] = [None] * TOTAL
     flushes = 0
     for _ in range(600):
@@ -68,8 +69,10 @@ def test_reads_say_what_the_slots_say(
             eid = rng.randrange(EC)
             r.close_extent(eid)
             r.reopen_extent(eid)
-        else:
+        elif op < 0.7:
             n = min(n, CONTEXT_CHUNK + 3)  # mostly within a chunk, some across two
+            assert r.read(start, n)[0] == model[start : start + n], (start, n)
+        else:  # across up to three chunks, some covered whole
             assert r.read(start, n)[0] == model[start : start + n], (start, n)
         assert r.context_cache.held == sum(
             len(e.context_chunks) for e in r.extents if e is not None
@@ -103,3 +106,29 @@ def test_a_bad_slot_fails_only_its_own_block(make_region: MakeRegion) -> None:
         r.read(1, 1)
     assert e.value.kind is ErrorKind.BadContextSlot
     assert r.read(0, 1)[0] == [ctxs[0].hash]
+
+
+def test_large_reads_and_writes_keep_the_chunks_they_cover_whole(make_region: MakeRegion) -> None:
+    """A read or write of whole chunks keeps them, so reading them again
+    needs no slots from disk; a chunk covered in part is not kept."""
+    r = make_region(bs=BS, es=ES, ec=EC)
+    ext = r.extent(1)
+    data = os.urandom(CONTEXT_CHUNK * BS)
+    ctxs = [
+        BlockContext(block_hash(BlockContext(0), data[i * BS : (i + 1) * BS]))
+        for i in range(CONTEXT_CHUNK)
+    ]
+    r.write(ES + CONTEXT_CHUNK, ctxs, data)  # extent 1's second chunk, whole
+    assert sorted(ext.context_chunks) == [1]
+    assert r.read(ES + CONTEXT_CHUNK, CONTEXT_CHUNK)[0] == [c.hash for c in ctxs]
+    r.close_extent(1)
+    r.reopen_extent(1)
+    ext = r.extent(1)
+    assert r.read(ES + 1, CONTEXT_CHUNK + 4)[0][-5:] == [c.hash for c in ctxs[:5]]
+    assert ext.context_chunks == {}  # neither chunk was read whole
+    assert r.read(ES, 2 * CONTEXT_CHUNK)[0] == [None] * CONTEXT_CHUNK + [c.hash for c in ctxs]
+    assert sorted(ext.context_chunks) == [0, 1]
+    assert r.context_cache.held == 2
+    assert r.read(ES + 3, 2 * CONTEXT_CHUNK - 5)[0] == ([None] * (CONTEXT_CHUNK - 3)) + [
+        c.hash for c in ctxs[:-2]
+    ]
