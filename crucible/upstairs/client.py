@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 import crucible.protocol.messages as m
+from crucible.common.address import format_host_port
 from crucible.common.definition import RegionDefinition
 from crucible.protocol.capabilities import Capabilities
 from crucible.protocol.wire import SocketAddr
@@ -104,7 +105,7 @@ class Client:
     def retarget(self, target: SocketAddr) -> None:
         """Talk to another downstairs (a replacement) from now on."""
         self.target = target
-        self.name = f"{target[0]}:{target[1]}"
+        self.name = format_host_port(target)
 
     # ---- state -----------------------------------------------------------------------
 

@@ -34,6 +34,7 @@ import uuid
 from typing import Final
 
 import crucible.protocol.messages as m
+from crucible.common.address import format_host_port
 from crucible.common.definition import RegionDefinition
 from crucible.common.errors import CrucibleError, ErrorKind
 from crucible.observe.probes import UP, clock
@@ -696,26 +697,27 @@ class Downstairs:
         if self.opts.read_only:
             return refuse("a read-only upstairs does not replace downstairs")
         by_target = {c.target: c for c in self.clients}
+        old_name, new_name = format_host_port(old), format_host_port(new)
         if new in by_target:
             if old in by_target:
-                return refuse(f"{_addr(new)} is already a downstairs here, as is {_addr(old)}")
+                return refuse(f"{new_name} is already a downstairs here, as is {old_name}")
             return [Complete(token, None)]  # asked again: already under way or done
         c = by_target.get(old)
         if c is None:
-            return refuse(f"{_addr(old)} is not one of this upstairs' downstairs")
+            return refuse(f"{old_name} is not one of this upstairs' downstairs")
         busy = [x for x in self.clients if x is not c and x.state.stage is not Stage.ACTIVE]
         if busy or self.repair is not None:
             who = busy[0] if busy else c
             return refuse(
                 f"downstairs {who.name} is {who.state.name}: only one may be out at a time"
             )
-        acts = self.fault(c, f"replaced by {_addr(new)}", now)
+        acts = self.fault(c, f"replaced by {new_name}", now)
         c.set_state(DsState(Stage.CONNECT, Mode.REPLACED))
         c.retarget(new)
         c.region_uuid = None
         c.capabilities = None
         c.reconnect_at = now  # no reason to wait
-        acts.append(Log(f"[{c.id}] replacing {_addr(old)} with {_addr(new)}", "warning"))
+        acts.append(Log(f"[{c.id}] replacing {old_name} with {new_name}", "warning"))
         return [*acts, Complete(token, None)]
 
     def _held_too_much(self, c: Client) -> bool:
@@ -894,10 +896,6 @@ def _describe(op: Op) -> str:
             return f"fln:{op.flush_number} gen:{op.gen}"
         case _:
             return ""
-
-
-def _addr(a: SocketAddr) -> str:
-    return f"{a[0]}:{a[1]}"
 
 
 def _since_queued(job: Job) -> float:

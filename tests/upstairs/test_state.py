@@ -114,3 +114,5 @@ def test_a_client_is_named_for_its_target_and_follows_a_replacement() -> None:
     assert c.name == "127.0.0.1:3810"
     c.retarget(("10.0.0.2", 3820))
     assert (c.target, c.name) == (("10.0.0.2", 3820), "10.0.0.2:3820")
+    c.retarget(("fd00::2", 3830))
+    assert c.name == "[fd00::2]:3830"  # as an address is written on the command line
