@@ -96,6 +96,12 @@ def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> No
 _O_DIRECT: int = getattr(os, "O_DIRECT", 0)  # 0: none on this system
 DIRECT_BYTES: Final = 256 << 10  # writes this large bypass the page cache
 BOUNCE_KEEP: Final = 4 << 20  # a larger aligned buffer is dropped after its write
+# Reads this large go through an fd that reads exactly what is asked, with no
+# readahead. The upstairs sends a MiB of the volume to one replica and the
+# next MiB to another, so what the kernel would read ahead of a large read
+# here is served elsewhere: reading it costs the page allocations and the IO
+# for nothing. Smaller reads keep readahead: the rest of their MiB comes here.
+EXACT_READ_BYTES: Final = 1 << 20
 
 
 # A page-aligned buffer per thread, reused: O_DIRECT needs aligned memory.
@@ -278,6 +284,7 @@ class Extent:
         self.unsynced = bytearray(layout.blocks)  # written since the last fdatasync
         self.damaged: set[int] = set()
         self._direct = -2  # the O_DIRECT fd for large writes; -2 not opened yet, -1 none
+        self._exact = -2  # the fd for large reads (EXACT_READ_BYTES), as _direct
         self.cache = cache
         self.context_chunks: dict[int, list[ReadBlockContext]] = {}  # see ContextCache
 
@@ -344,9 +351,10 @@ class Extent:
     def close(self) -> tuple[int, int, bool]:
         self._forget_contexts()
         os.close(self.fd)
-        if self._direct >= 0:
-            os.close(self._direct)
-        self._direct = -2
+        for extra in (self._direct, self._exact):
+            if extra >= 0:
+                os.close(extra)
+        self._direct = self._exact = -2
         self.fd = -1
         return self.gen, self.flush_number, self.dirty
 
@@ -426,11 +434,12 @@ class Extent:
             if start <= b < start + n:
                 raise CrucibleError(ErrorKind.MissingContextSlot, values=(b, self.number))
         bs = self.layout.block_size
+        fd = self.fd if n * bs < EXACT_READ_BYTES else self._exact_fd()
         try:
             if cached_only:
-                data: bytes | bytearray = pread_cached(self.fd, n * bs, start * bs)
+                data: bytes | bytearray = pread_cached(fd, n * bs, start * bs)
             else:
-                data = pread_exact(self.fd, n * bs, start * bs)
+                data = pread_exact(fd, n * bs, start * bs)
             return self._contexts(start, n), data
         except OSError as e:
             raise io_error(e, f"read extent {self.number}") from None
@@ -588,6 +597,24 @@ class Extent:
                 except OSError:
                     pass
         return self._direct
+
+    def _exact_fd(self) -> int:
+        """The extent's fd for large reads, opened at the first one: the
+        same file, with readahead off (POSIX_FADV_RANDOM holds per open
+        file); the extent's own fd where that cannot be had."""
+        if self._exact == -2:
+            self._exact = -1
+            try:
+                fd = os.open(self.path, os.O_RDONLY)
+            except OSError:
+                return self.fd
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            except (OSError, AttributeError):  # (AttributeError: no posix_fadvise here)
+                os.close(fd)
+                return self.fd
+            self._exact = fd
+        return self._exact if self._exact >= 0 else self.fd
 
     def _put_direct(self, data: memoryview, offset: int) -> None:
         try:

@@ -18,7 +18,7 @@ from crucible.common.errors import CrucibleError, ErrorKind
 from crucible.protocol.integrity import block_hash
 from crucible.protocol.messages import BlockContext, EncryptionContext
 from crucible.region import extent
-from crucible.region.extent import DIRECT_BYTES
+from crucible.region.extent import DIRECT_BYTES, EXACT_READ_BYTES
 from crucible.region.layout import extent_path, staging_dir
 from crucible.region.region import Region
 from tests.region.conftest import MakeRegion, tear
@@ -158,9 +158,9 @@ def test_dirty_reopen_recovers_latest_slot(make_region: MakeRegion) -> None:
     r.close()
 
 
-def direct_fds(path: Path) -> int:
-    """How many of this process's fds are open on `path` with O_DIRECT."""
-    found = 0
+def fds_on(path: Path) -> list[int]:
+    """The open flags of each of this process's fds open on `path`."""
+    found = []
     for fd in os.listdir("/proc/self/fd"):
         try:
             if os.readlink(f"/proc/self/fd/{fd}") != str(path):
@@ -168,8 +168,44 @@ def direct_fds(path: Path) -> int:
             flags = Path(f"/proc/self/fdinfo/{fd}").read_text().split("flags:")[1].split()[0]
         except OSError:
             continue  # the fd listdir itself used, closed by now
-        found += bool(int(flags, 8) & os.O_DIRECT)
+        found.append(int(flags, 8))
     return found
+
+
+def direct_fds(path: Path) -> int:
+    """How many of this process's fds are open on `path` with O_DIRECT."""
+    return sum(bool(flags & os.O_DIRECT) for flags in fds_on(path))
+
+
+def test_large_reads_go_through_an_fd_of_their_own(make_region: MakeRegion) -> None:
+    """A read of EXACT_READ_BYTES or more (asked of the page cache alone or
+    not) uses a second fd of the extent, opened at the first one and closed
+    with the extent; smaller reads use the extent's own. Both see the same
+    data, whichever way it was written."""
+    bs = 4096
+    n = EXACT_READ_BYTES // bs
+    r = make_region(bs=bs, es=2 * n, ec=1)
+    data = blocks(0, 2 * n, 7, bs)
+    r.write(0, contexts_for(data, bs), data)  # O_DIRECT
+    path = r.extent(0).path
+    base = len(fds_on(path)) - direct_fds(path)
+    assert r.read(1, n - 1)[1] == data[bs : n * bs]
+    assert len(fds_on(path)) - direct_fds(path) == base
+    small = blocks(3, 2, 8, bs)
+    r.write(3, contexts_for(small, bs), small)  # buffered, in the page cache only
+    want = data[: 3 * bs] + small + data[5 * bs :]
+    ctxs, got = r.read(0, n)
+    assert got == want[: n * bs] and ctxs == [c.hash for c in contexts_for(want, bs)][:n]
+    assert len(fds_on(path)) - direct_fds(path) == base + 1
+    assert r.read(n, n)[1] == want[n * bs :]
+    assert r.read(n, n, cached_only=True)[1] == want[n * bs :]
+    assert len(fds_on(path)) - direct_fds(path) == base + 1
+    r = reopen(r, read_only=True)
+    assert len(fds_on(path)) == 1  # its own only
+    assert r.read(0, 2 * n)[1] == want
+    assert len(fds_on(path)) == 2
+    r.close()
+    assert fds_on(path) == []
 
 
 def test_large_writes_bypass_the_page_cache(make_region: MakeRegion) -> None:
