@@ -7,6 +7,7 @@ import asyncio
 import gc
 import logging
 import math
+import resource
 import signal
 import subprocess
 import sys
@@ -202,6 +203,19 @@ def tune_allocator() -> None:
     if mallopt is not None:  # glibc; elsewhere the allocator's defaults stay
         mallopt(_M_MMAP_THRESHOLD, 64 << 20)
         mallopt(_M_TRIM_THRESHOLD, 128 << 20)
+
+
+def raise_open_file_limit() -> None:
+    """Let this process open as many files as the system allows it: the soft
+    limit up to the hard one. A downstairs holds every extent file of its
+    region open (and large IO opens one or two more fds of an extent), so a
+    region of a few thousand extents is past the usual soft limit of 1024."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard and hard != resource.RLIM_INFINITY:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):
+        pass  # as it was: opening too many files then fails with a clear error
 
 
 def run_async(coro: Coroutine[Any, Any, Any]) -> Any:

@@ -28,6 +28,7 @@ from crucible.cli_util import (
     port_number,
     positive_int,
     progress,
+    raise_open_file_limit,
     run_async,
     setup_logging,
     tls_files,
@@ -176,6 +177,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         args = parser.parse_args(args_list)
     if args.command in ("run", "seed", "clone"):
         args.tls = tls_files(parser, args)
+    raise_open_file_limit()
     try:
         code = _dispatch(args)
     except (RegionError, CrucibleError, ValueError, TlsError) as e:

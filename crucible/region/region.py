@@ -122,6 +122,9 @@ class Region:
             detail = e.detail or str(e)
             if e.kind == ErrorKind.BadMetadata and "bytes, expected" in detail:
                 detail += f" ({said}: the definition does not match the extent files)"
+            if detail.endswith(os.strerror(errno.EMFILE)):
+                n = d.extent_count
+                detail += f" (its {n} extent files are all held open: raise the limit, ulimit -n)"
             raise RegionError(f"cannot open region at {directory}: {detail}") from None
         except RegionError:
             region.close()

@@ -6,13 +6,16 @@ from __future__ import annotations
 import json
 import os
 import random
+import resource
 import socket
+import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from crucible.region.layout import ExtentLayout, extent_path
-from tests.support import Client, downstairs, free_port, pattern, run_cli
+from tests.support import DOWNSTAIRS, Client, downstairs, free_port, pattern, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -195,6 +198,37 @@ def test_run_truncated_extent(tmp_path: Path) -> None:
     path = extent_path(tmp_path / "r", 4)
     os.truncate(path, 1000)
     one_line_error(run_cli("run", "-d", str(tmp_path / "r"), "-p", "0"), "truncated", "004")
+
+
+def _open_files_limit(soft: int, hard: int) -> Callable[[], None]:
+    def limit() -> None:  # in the child, before exec
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    return limit
+
+
+def test_a_region_of_more_extents_than_the_soft_open_files_limit(tmp_path: Path) -> None:
+    """Every extent file is held open: the downstairs raises its soft limit
+    to the hard one, and past the hard one says what to do."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < 1024:
+        pytest.skip(f"a hard open-files limit of {hard}")
+    r = tmp_path / "r"
+    made = run_cli("create", "-d", str(r), "--extent-size", "8", "--extent-count", "300")
+    assert made.returncode == 0, made.stderr
+
+    def verify(soft: int, hard: int) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [DOWNSTAIRS, "verify", "-d", str(r)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            preexec_fn=_open_files_limit(soft, hard),
+        )
+
+    served = verify(128, hard)
+    assert served.returncode == 0, served.stderr
+    one_line_error(verify(128, 128), "Too many open files", "300 extent files", "ulimit -n")
 
 
 @pytest.mark.parametrize("which", ["downstairs", "repair"])
