@@ -225,8 +225,8 @@ CONTEXT_CHUNKS: Final = 8192  # chunks a region keeps at most (about 1.5 KiB eac
 
 
 class ContextCache:
-    """The contexts of recently read blocks, decoded, so that a small read
-    needs one syscall (its data) instead of two. Each extent keeps its own in
+    """The contexts of recently read (or largely written) blocks, decoded, so
+    that a read needs one syscall (its data) instead of two. Each extent keeps its own in
     chunks of CONTEXT_CHUNK blocks (`Extent.context_chunks`); the extents of
     one region share this budget of `capacity` chunks, and past it all are
     dropped and kept anew (reads that keep to a working set that fits gain;

@@ -1,4 +1,4 @@
-"""The contexts a region keeps for small reads (extent.ContextCache): what a
+"""The contexts a region keeps for reads (extent.ContextCache): what a
 read returns is always what the slots on disk say, through writes, trims,
 write-unwritten, flushes, extents closed and reopened, and the cache
 dropping everything when full."""
@@ -69,10 +69,10 @@ def test_reads_say_what_the_slots_say(
             eid = rng.randrange(EC)
             r.close_extent(eid)
             r.reopen_extent(eid)
-        elif op < 0.7:
-            n = min(n, CONTEXT_CHUNK + 3)  # mostly within a chunk, some across two
-            assert r.read(start, n)[0] == model[start : start + n], (start, n)
-        else:  # across up to three chunks, some covered whole
+        else:
+            if op < 0.7:
+                n = min(n, CONTEXT_CHUNK + 3)  # mostly within a chunk, some across two
+            # (else across up to three chunks, some covered whole)
             assert r.read(start, n)[0] == model[start : start + n], (start, n)
         assert r.context_cache.held == sum(
             len(e.context_chunks) for e in r.extents if e is not None
