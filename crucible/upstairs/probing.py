@@ -7,6 +7,7 @@ from typing import Final, NamedTuple
 
 from crucible.observe.probes import UP, Probe
 from crucible.upstairs.jobs import (
+    LIVE_OPS,
     BarrierOp,
     FlushOp,
     Job,
@@ -31,7 +32,6 @@ _OP = {
 }
 # The kinds of guest job, as counted (Downstairs.guest_counts) and reported.
 GUEST_OPS = ("read", "write", "write_unwritten", "flush", "barrier", "trim")
-_LIVE = (LiveCloseOp, LiveRepairOp, LiveNoOp, LiveReopenOp)
 
 
 class Names(NamedTuple):
@@ -55,7 +55,7 @@ def _names(op: str, live: bool) -> Names:
     )  # fmt: skip
 
 
-_NAMES: Final = {t: _names(op, t in _LIVE) for t, op in _OP.items()}
+_NAMES: Final = {t: _names(op, t in LIVE_OPS) for t, op in _OP.items()}
 _WRITE_NAMES: Final = {False: _names("write", False), True: _names("write_unwritten", False)}
 
 
