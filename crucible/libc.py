@@ -1,12 +1,14 @@
 """The C library, for the few calls Python's os module lacks (fallocate hole
-punching, sync_file_range, mallopt, malloc_trim). Errors are read with
-ctypes.get_errno()."""
+punching, sync_file_range, mallopt, malloc_trim, cachestat). Errors are read
+with ctypes.get_errno()."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import signal
+import sys
 from typing import cast
 
 libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -50,3 +52,23 @@ def raw_bytearray(n: int) -> bytearray:
     costs about as much as receiving it, and a length a peer claims but
     never sends then adds no resident memory beyond what the allocator holds."""
     return cast(bytearray, _new_bytearray(None, n))
+
+
+_SYS_CACHESTAT = 451  # one number on every architecture, from Linux 6.5 on
+_has_cachestat = sys.platform == "linux"  # cleared once the kernel says it has none
+
+
+def cached_pages(fd: int, offset: int, length: int) -> int | None:
+    """How many pages of a file's byte range the page cache holds, found
+    without reading any of it; None where the kernel cannot say (cachestat
+    came in Linux 6.5; a seccomp filter may refuse it)."""
+    global _has_cachestat
+    if not _has_cachestat:
+        return None
+    span = (ctypes.c_uint64 * 2)(offset, length)
+    stat = (ctypes.c_uint64 * 5)()  # cached, dirty, writeback, evicted, recently evicted
+    if libc.syscall(ctypes.c_long(_SYS_CACHESTAT), ctypes.c_long(fd), span, stat, ctypes.c_long(0)):
+        if ctypes.get_errno() in (errno.ENOSYS, errno.EPERM):
+            _has_cachestat = False
+        return None
+    return int(stat[0])

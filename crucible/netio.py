@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 
-Buffer = bytes | bytearray | memoryview
+from crucible.common.buffer import Buffer
 
 
 class OutputBatcher:

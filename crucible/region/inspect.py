@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 
+from crucible.common.buffer import Buffer
 from crucible.common.errors import CrucibleError
 from crucible.region.context import SlotContext
 from crucible.region.region import Region
@@ -44,9 +45,7 @@ def _letters(values: list[object]) -> str:
     return "".join(seen.setdefault(v, "ABC"[len(seen)]) for v in values)
 
 
-def _block_view(
-    region: Region, block: int
-) -> tuple[bytes | bytearray | None, SlotContext | None, str]:
+def _block_view(region: Region, block: int) -> tuple[Buffer | None, SlotContext | None, str]:
     eid, off = divmod(block, region.definition.extent_size)
     ext = region.extent(eid)
     try:

@@ -13,6 +13,7 @@ from operator import itemgetter
 from pathlib import Path
 from typing import BinaryIO
 
+from crucible.common.buffer import Buffer
 from crucible.common.definition import RegionDefinition, RegionError
 from crucible.common.errors import CrucibleError, ErrorKind
 from crucible.protocol.integrity import all_plain, block_hash, block_hashes
@@ -258,7 +259,7 @@ class Region:
 
     def read(
         self, start: int, count: int, cached_only: bool = False
-    ) -> tuple[list[ReadBlockContext], bytes | bytearray]:
+    ) -> tuple[list[ReadBlockContext], Buffer]:
         """`cached_only`: raise extent.WouldBlock rather than wait for the disk."""
         pieces = self._pieces(start, count)
         if len(pieces) == 1:

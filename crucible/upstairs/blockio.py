@@ -10,12 +10,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
+from crucible.common.buffer import Buffer
 from crucible.protocol import messages as m
 
 ReadResult = tuple[m.Data, list[m.ReadBlockContext]]
 ReadDone = Callable[[ReadResult | BaseException], None]
 WriteDone = Callable[[BaseException | None], None]
-Buffer = bytes | bytearray | memoryview
 
 
 class BlockIO(ABC):

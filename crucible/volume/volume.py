@@ -21,11 +21,11 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+from crucible.common.buffer import Buffer
 from crucible.common.errors import CrucibleError, ErrorKind
 from crucible.protocol import messages as m
 from crucible.upstairs.blockio import (
     BlockIO,
-    Buffer,
     ReadDone,
     ReadResult,
     WriteDone,

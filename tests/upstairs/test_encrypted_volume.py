@@ -69,10 +69,10 @@ def tamper(c: Cluster, replica: int, change: Callable[[Region], None]) -> None:
     c.start(replica)
 
 
-def sealed(region: Region, i: int) -> tuple[m.EncryptionContext, bytes | bytearray]:
+def sealed(region: Region, i: int) -> tuple[m.EncryptionContext, bytes]:
     ctxs, data = region.read(i, 1)
     assert isinstance(ctxs[0], m.EncryptionContext)
-    return ctxs[0], data
+    return ctxs[0], bytes(data)
 
 
 def put(region: Region, i: int, enc: m.EncryptionContext, data: bytes | bytearray) -> None:

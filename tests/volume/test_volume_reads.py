@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import asyncio
 
+from crucible.common.buffer import Buffer
 from crucible.protocol import messages as m
-from crucible.upstairs.blockio import BlockIO, Buffer, ReadDone, WriteDone
+from crucible.upstairs.blockio import BlockIO, ReadDone, WriteDone
 from crucible.volume.sources import Source
 from crucible.volume.volume import Volume
 
