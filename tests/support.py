@@ -279,6 +279,17 @@ def contexts_for(data: bytes, block_size: int = 512) -> list[m.BlockContext]:
     ]
 
 
+def on_memory_fs(path: Path) -> bool:
+    """Whether `path` is on tmpfs or ramfs, whose pages are the file itself."""
+    best, kind = "", ""
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        _, mount, fstype = line.split()[:3]
+        at = f"{path.resolve()}/"
+        if at.startswith(mount.rstrip("/") + "/") and len(mount) >= len(best):
+            best, kind = mount, fstype
+    return kind in ("tmpfs", "ramfs")
+
+
 def drop_page_cache(path: Path, sync: bool = True) -> None:
     """Evict a file's pages, or those of every file under a directory, from
     the page cache, so the next read waits for the disk. Without `sync` only

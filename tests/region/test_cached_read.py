@@ -14,24 +14,14 @@ from crucible.region.extent import WouldBlock, pread_cached
 from crucible.region.layout import extent_path
 from crucible.region.region import Region
 from tests.region.conftest import MakeRegion
-from tests.support import drop_page_cache
+from tests.support import drop_page_cache, on_memory_fs
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "RWF_NOWAIT"), reason="needs preadv2 RWF_NOWAIT")
 
 
-def fs_type(path: Path) -> str:
-    """The type of the filesystem that holds `path`."""
-    best, kind = "", ""
-    for line in Path("/proc/self/mounts").read_text().splitlines():
-        _, mount, fstype = line.split()[:3]
-        if (f"{path}/").startswith(mount.rstrip("/") + "/") and len(mount) >= len(best):
-            best, kind = mount, fstype
-    return kind
-
-
 @pytest.fixture(autouse=True)
 def disk_backed(tmp_path: Path) -> None:
-    if fs_type(tmp_path.resolve()) in ("tmpfs", "ramfs"):
+    if on_memory_fs(tmp_path):
         pytest.skip("a memory filesystem's pages are the file: none can be dropped")
 
 
