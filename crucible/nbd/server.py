@@ -390,7 +390,8 @@ class _Connection(asyncio.BufferedProtocol):
             # The rest of the payload goes straight into a buffer of its own.
             payload = raw_bytearray(length)  # filled whole before it is read
             have = self._end - body
-            payload[:have] = self._rxv[body : self._end]
+            # Through a view: a bytearray's slice takes a memoryview by way of a copy.
+            memoryview(payload)[:have] = self._rxv[body : self._end]
             self._start = self._end = 0
             self._payload, self._got = payload, have
             self._write_req = (flags, cookie, offset, length)
