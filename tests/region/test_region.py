@@ -212,7 +212,7 @@ def test_large_reads_of_uncached_data_go_around_the_page_cache(make_region: Make
     want = data[: 3 * bs] + small + data[5 * bs :]
     ctxs, got = r.read(0, n)
     assert got == want[: n * bs] and ctxs == [c.hash for c in contexts_for(want, bs)][:n]
-    assert held(path, 0, n * bs) <= 2  # the small write's pages at most
+    assert held(path, 0, n * bs) in (0, 1, 2)  # the small write's pages at most
     fd = os.open(path, os.O_RDONLY)
     os.pread(fd, n * bs, n * bs)  # now the page cache holds the second half whole
     os.close(fd)
