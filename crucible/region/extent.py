@@ -143,11 +143,7 @@ def direct_pread(fd: int, size: int, offset: int) -> memoryview:
     buf = raw_bytearray(size + mmap.PAGESIZE)
     at = -address(buf) % mmap.PAGESIZE
     view = memoryview(buf)[at : at + size]
-    got = os.preadv(fd, [view], offset)
-    if got != size:
-        raise CrucibleError(
-            ErrorKind.IoError, f"short read: {got} of {size} bytes at offset {offset}"
-        )
+    check_whole(os.preadv(fd, [view], offset), size, offset)
     return view
 
 
@@ -181,12 +177,17 @@ def pages_spanned(offset: int, size: int) -> int:
     return (offset + size - 1) // mmap.PAGESIZE - offset // mmap.PAGESIZE + 1
 
 
+def check_whole(got: int, size: int, offset: int) -> None:
+    """A read at `offset` gave `got` of the `size` bytes it asked for: all or an IoError."""
+    if got != size:
+        raise CrucibleError(
+            ErrorKind.IoError, f"short read: {got} of {size} bytes at offset {offset}"
+        )
+
+
 def pread_exact(fd: int, size: int, offset: int) -> bytes:
     data = os.pread(fd, size, offset)
-    if len(data) != size:
-        raise CrucibleError(
-            ErrorKind.IoError, f"short read: {len(data)} of {size} bytes at offset {offset}"
-        )
+    check_whole(len(data), size, offset)
     return data
 
 
