@@ -153,7 +153,6 @@ class FrameDecoder:
         if start:
             view = memoryview(buf)  # (a bytearray's own slice would be copied twice)
             view[:avail] = view[start:end]
-            view.release()  # the buffer may be grown below
             self._start, self._end = 0, avail
         if len(buf) - avail < want:
             grown = bytearray(max(2 * len(buf), avail + want))
