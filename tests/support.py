@@ -281,10 +281,9 @@ def contexts_for(data: bytes, block_size: int = 512) -> list[m.BlockContext]:
 
 def on_memory_fs(path: Path) -> bool:
     """Whether `path` is on tmpfs or ramfs, whose pages are the file itself."""
-    best, kind = "", ""
+    at, best, kind = f"{path.resolve()}/", "", ""
     for line in Path("/proc/self/mounts").read_text().splitlines():
         _, mount, fstype = line.split()[:3]
-        at = f"{path.resolve()}/"
         if at.startswith(mount.rstrip("/") + "/") and len(mount) >= len(best):
             best, kind = mount, fstype
     return kind in ("tmpfs", "ramfs")
