@@ -12,6 +12,7 @@ import uuid
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from crucible.common.buffer import Buffer
 from crucible.common.definition import RegionDefinition
 from crucible.common.errors import CrucibleError
 from crucible.protocol.wire import SocketAddr
@@ -36,7 +37,7 @@ BoolVec = list[bool]
 OptJobId = int | None
 OptU32 = int | None
 OptSnapshot = str | None
-Data = bytes | bytearray | memoryview
+Data = Buffer  # bulk bytes: the codec finds these fields by this name
 UnitResult = CrucibleError | None  # Result<(), CrucibleError>: None is Ok
 CloseResult = tuple[int, int, bool] | CrucibleError  # Ok((gen, flush, dirty))
 
