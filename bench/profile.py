@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.nbd import PROCESSES, TESTS, cpu_each, crucible_server, fio
+from bench.nbd import PROCESSES, TESTS, build, cpu_each, crucible_server, fio
 
 PY_SPY = Path(sys.executable).parent / "py-spy"
 
@@ -42,6 +42,12 @@ def main() -> None:
     if unknown:
         sys.exit(f"bench.profile: unknown tests {sorted(unknown)}")
     args.out.mkdir(parents=True, exist_ok=True)
+    # mypyc's functions make no Python frames: only native unwinding sees
+    # them, and that needs py-spy to pause the process for each sample.
+    compiled = build() != "pure Python"
+    spy = [str(PY_SPY), "record", "-r", "200", "-d", str(int(args.seconds))]
+    spy += ["--native"] if compiled else ["--nonblocking"]
+    print(f"build: {build()}", flush=True)
     base = Path(tempfile.mkdtemp(prefix="crucible-profile-"))
     try:
         with crucible_server(base, args.size_mib << 20, args.extra) as (uri, pids):
@@ -50,33 +56,42 @@ def main() -> None:
                     continue
                 if "read" in rw:  # read what was written, not holes
                     fio(uri, "fill", "write", "1M", 8, args.size_mib, 5)
-                secs = str(int(args.seconds))
-                spy = [str(PY_SPY), "record", "--nonblocking", "-r", "200", "-d", secs, "-p"]
+                # The CPU figures from a run nobody samples (a paused process
+                # costs more per IO), then the same test again for the graphs.
+                before = cpu_each(pids)
+                ios = run_for(args.seconds, uri, (name, rw, bs, depth), args.size_mib)
+                after = cpu_each(pids)
+                per = [(a - b) / ios * 1e6 for a, b in zip(after, before, strict=True)]
+                split = ", ".join(f"{n} {us:.0f}" for n, us in zip(PROCESSES, per, strict=True))
+                print(f"{name:20} CPU us per IO: {split}; all {sum(per):.0f}", flush=True)
                 spies = [
                     subprocess.Popen(
-                        [*spy, str(pid), "-o", str(svg)],
+                        [*spy, "-p", str(pid), "-o", str(svg)],
                         stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL,
+                        stderr=subprocess.PIPE,
                     )
                     for pid, svg in (
                         (pids[0], args.out / f"profile-{name}-nbd.svg"),
                         (pids[1], args.out / f"profile-{name}-downstairs.svg"),
                     )
                 ]
-                before = cpu_each(pids)
-                ios = 0
-                t0 = time.monotonic()
-                while time.monotonic() - t0 < args.seconds:
-                    ios += int(fio(uri, name, rw, bs, depth, args.size_mib, args.seconds)["ios"])
-                after = cpu_each(pids)
+                run_for(args.seconds, uri, (name, rw, bs, depth), args.size_mib)
                 for s in spies:
-                    s.wait()
-                per = [(a - b) / ios * 1e6 for a, b in zip(after, before, strict=True)]
-                split = ", ".join(f"{n} {us:.0f}" for n, us in zip(PROCESSES, per, strict=True))
-                print(f"{name:20} CPU us per IO: {split}; all {sum(per):.0f}", flush=True)
+                    _, err = s.communicate()
+                    if s.returncode:
+                        sys.exit(f"bench.profile: py-spy failed: {err.decode().strip()}")
     finally:
         shutil.rmtree(base, ignore_errors=True)
     print(f"flame graphs in {args.out}/profile-*.svg")
+
+
+def run_for(seconds: float, uri: str, test: tuple[str, str, str, int], size_mib: int) -> int:
+    """Run the fio test again and again for at least `seconds`; the IOs done."""
+    ios = 0
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        ios += int(fio(uri, *test, size_mib, seconds)["ios"])
+    return ios
 
 
 if __name__ == "__main__":
