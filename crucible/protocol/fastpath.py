@@ -16,11 +16,12 @@ from operator import itemgetter
 from typing import Any, Final
 
 import crucible.protocol.messages as m
+from crucible.common.buffer import Buffer
 from crucible.protocol.fields import PLAIN_CONTEXT
 from crucible.protocol.integrity import plain_contexts
 from crucible.protocol.wire import U32, U64, ProtocolError, cached_uuid, struct_run, uuid_bytes
 
-Parts = list[bytes | bytearray | memoryview]
+Parts = list[Buffer]
 TAG_OF: Final[dict[type, int]] = {cls: i for i, cls in enumerate(m.MESSAGE_TYPES)}
 
 
@@ -52,7 +53,7 @@ _ONE_PLAIN: Final = struct.Struct(READ_REPLY_HEAD.body.format + "IQQ")
 _ONE_PLAIN_FRAME: Final = struct.Struct(READ_REPLY_HEAD.frame.format + "IQQ")
 
 
-def with_bulk(head: bytearray, data: bytes | bytearray | memoryview, name: str) -> Parts:
+def with_bulk(head: bytearray, data: Buffer, name: str) -> Parts:
     """A frame whose bulk data follows the header (`head` begins with room for
     the frame length): the data's length, the frame length in front, and the
     data as its own buffer, never copied."""

@@ -36,6 +36,7 @@ from __future__ import annotations
 import mmap
 from typing import Final
 
+from crucible.common.buffer import Buffer
 from crucible.libc import address, raw_bytearray
 from crucible.protocol.codec import decode_body
 from crucible.protocol.messages import MAX_FRAME_LEN, Message
@@ -108,7 +109,7 @@ class FrameDecoder:
         else:
             self._end += n
 
-    def feed(self, data: bytes | bytearray | memoryview) -> None:
+    def feed(self, data: Buffer) -> None:
         view = memoryview(data).cast("B")
         if self._frame is not None:  # the rest of a large frame first
             k = min(len(view), len(self._frame) - self._got)

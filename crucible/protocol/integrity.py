@@ -11,10 +11,11 @@ from typing import Any, Final
 
 import xxhash
 
+from crucible.common.buffer import Buffer
 from crucible.protocol.messages import BlockContext
 
 
-def sealed_hash(nonce: bytes, tag: bytes, ciphertext: bytes | bytearray | memoryview) -> int:
+def sealed_hash(nonce: bytes, tag: bytes, ciphertext: Buffer) -> int:
     h = xxhash.xxh64(nonce)
     h.update(tag)
     h.update(ciphertext)
@@ -40,7 +41,7 @@ def all_plain(contexts: list[BlockContext]) -> bool:
     return list(map(_ENCRYPTION, contexts)).count(None) == len(contexts)
 
 
-def block_hashes(data: bytes | bytearray | memoryview, block_size: int) -> list[int]:
+def block_hashes(data: Buffer, block_size: int) -> list[int]:
     """xxh64 of each block of `data` (whole blocks), in one pass of C calls."""
     if len(data) == block_size:
         return [xxhash.xxh64_intdigest(data)]
@@ -49,7 +50,7 @@ def block_hashes(data: bytes | bytearray | memoryview, block_size: int) -> list[
     return list(map(xxhash.xxh64_intdigest, blocks))
 
 
-def block_hash(ctx: BlockContext, block: bytes | bytearray | memoryview) -> int:
+def block_hash(ctx: BlockContext, block: Buffer) -> int:
     """The hash `ctx` must carry for `block` as stored."""
     enc = ctx.encryption
     if enc is None:

@@ -13,6 +13,8 @@ import struct
 import uuid
 from typing import Final
 
+from crucible.common.buffer import Buffer
+
 U8: Final = struct.Struct("<B")
 U16: Final = struct.Struct("<H")
 U32: Final = struct.Struct("<I")
@@ -184,7 +186,7 @@ def put_bool(out: bytearray, v: bool) -> None:
     out.append(1 if v else 0)
 
 
-def put_bytes(out: bytearray, v: bytes | bytearray | memoryview) -> None:
+def put_bytes(out: bytearray, v: Buffer) -> None:
     out += U64.pack(len(v))
     out += v
 

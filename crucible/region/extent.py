@@ -86,7 +86,7 @@ _Q = struct.Struct("<Q")
 _FLIP: Final = bytes.maketrans(b"\x00\x01", b"\x01\x00")  # a slot index: the other slot
 
 
-def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+def pwrite_all(fd: int, data: Buffer, offset: int) -> None:
     view = memoryview(data)
     while view:
         n = os.pwrite(fd, view, offset)

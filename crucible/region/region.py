@@ -228,7 +228,7 @@ class Region:
         self,
         start: int,
         contexts: list[BlockContext],
-        data: bytes | bytearray | memoryview,
+        data: Buffer,
         only_unwritten: bool = False,
     ) -> None:
         if self.read_only:

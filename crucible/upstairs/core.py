@@ -29,6 +29,7 @@ import dataclasses
 import uuid
 
 import crucible.protocol.messages as m
+from crucible.common.buffer import Buffer
 from crucible.common.definition import RegionDefinition
 from crucible.common.errors import CrucibleError, ErrorKind
 from crucible.observe.probes import UP
@@ -200,7 +201,7 @@ class UpstairsCore:
         self,
         token: object,
         start: int,
-        data: bytes | bytearray | memoryview,
+        data: Buffer,
         now: float,
         unwritten: bool = False,
     ) -> list[Action]:

@@ -25,6 +25,7 @@ import uuid
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCMSIV
 
+from crucible.common.buffer import Buffer
 from crucible.protocol import messages as m
 from crucible.protocol.integrity import sealed_hash
 
@@ -65,9 +66,7 @@ class BlockCipher:
     def _ad(self, index: int) -> bytes:
         return _AD.pack(self._volume, index)
 
-    def seal(
-        self, start: int, data: bytes | bytearray | memoryview, block_size: int
-    ) -> tuple[bytes, list[m.BlockContext]]:
+    def seal(self, start: int, data: Buffer, block_size: int) -> tuple[bytes, list[m.BlockContext]]:
         """Blocks [start, ...) of `data` sealed: the ciphertext and each block's context."""
         bs = block_size
         count = len(data) // bs

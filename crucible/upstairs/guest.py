@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any, Final, cast
 
 import crucible.protocol.messages as m
+from crucible.common.buffer import Buffer
 from crucible.common.definition import RegionDefinition
 from crucible.common.errors import CrucibleError, ErrorKind
 from crucible.observe.probes import UP
@@ -207,23 +208,17 @@ class Upstairs(BlockIO):
 
             self._when_room(0, queue)
 
-    def submit_write(
-        self, block: int, data: bytes | bytearray | memoryview, done: WriteDone
-    ) -> None:
+    def submit_write(self, block: int, data: Buffer, done: WriteDone) -> None:
         """Write whole blocks; `done` is called once every piece is queued (a
         write is acked when queued: the next flush makes it durable). The
         volume keeps `data`, which the caller must not change."""
         self._submit_write(block, data, done, unwritten=False)
 
-    def submit_write_unwritten(
-        self, block: int, data: bytes | bytearray | memoryview, done: WriteDone
-    ) -> None:
+    def submit_write_unwritten(self, block: int, data: Buffer, done: WriteDone) -> None:
         """As submit_write, but only blocks never written are written."""
         self._submit_write(block, data, done, unwritten=True)
 
-    def _submit_write(
-        self, block: int, data: bytes | bytearray | memoryview, done: WriteDone, unwritten: bool
-    ) -> None:
+    def _submit_write(self, block: int, data: Buffer, done: WriteDone, unwritten: bool) -> None:
         if 0 < len(data) <= MAX_IO_BYTES and not self._backlog and self.core.has_room(len(data)):
             # One job, queued now (the core checks the request): the common case.
             self._apply(self.core.write(done, block, data, self._now(), unwritten))
@@ -234,9 +229,7 @@ class Upstairs(BlockIO):
             return
         self._write_pieces(block, data, done, unwritten)
 
-    def _write_pieces(
-        self, block: int, data: bytes | bytearray | memoryview, done: WriteDone, unwritten: bool
-    ) -> None:
+    def _write_pieces(self, block: int, data: Buffer, done: WriteDone, unwritten: bool) -> None:
         bs = self.core.region.block_size if self.core.region else 1
         view = memoryview(data).cast("B") if len(data) > MAX_IO_BYTES else None
         offsets = range(0, len(data), MAX_IO_BYTES)
@@ -346,7 +339,7 @@ class Upstairs(BlockIO):
 
     def _apply(self, actions: list[Action]) -> None:
         last: m.Message | None = None
-        parts: list[bytes | bytearray | memoryview] = []
+        parts: list[Buffer] = []
         for a in actions:
             match a:
                 case Send():

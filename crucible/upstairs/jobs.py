@@ -11,6 +11,7 @@ from typing import assert_never
 import xxhash
 
 import crucible.protocol.messages as m
+from crucible.common.buffer import Buffer
 from crucible.protocol.wire import SocketAddr
 
 
@@ -27,7 +28,7 @@ class IOState(Enum):
 class WriteOp:
     start: int
     contexts: list[m.BlockContext]
-    data: bytes | bytearray | memoryview
+    data: Buffer
     unwritten: bool
     to: int | None  # a rewrite of bad blocks: this client only (rewrite.py)
 
@@ -35,7 +36,7 @@ class WriteOp:
         self,
         start: int,
         contexts: list[m.BlockContext],
-        data: bytes | bytearray | memoryview,
+        data: Buffer,
         unwritten: bool = False,
         to: int | None = None,
     ) -> None:
