@@ -44,10 +44,10 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     # mypyc's functions make no Python frames: only native unwinding sees
     # them, and that needs py-spy to pause the process for each sample.
-    compiled = build() != "pure Python"
+    which = build()
     spy = [str(PY_SPY), "record", "-r", "200", "-d", str(int(args.seconds))]
-    spy += ["--native"] if compiled else ["--nonblocking"]
-    print(f"build: {build()}", flush=True)
+    spy += ["--nonblocking"] if which == "pure Python" else ["--native"]
+    print(f"build: {which}", flush=True)
     base = Path(tempfile.mkdtemp(prefix="crucible-profile-"))
     try:
         with crucible_server(base, args.size_mib << 20, args.extra) as (uri, pids):
