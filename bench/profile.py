@@ -57,7 +57,8 @@ def main() -> None:
                 if "read" in rw:  # read what was written, not holes
                     fio(uri, "fill", "write", "1M", 8, args.size_mib, 5)
                 # The CPU figures from a run nobody samples (a paused process
-                # costs more per IO), then the same test again for the graphs.
+                # costs more per IO), then the same test again for the graphs
+                # (its reads find cached what the first run's reads left).
                 before = cpu_each(pids)
                 ios = run_for(args.seconds, uri, (name, rw, bs, depth), args.size_mib)
                 after = cpu_each(pids)
