@@ -7,13 +7,14 @@ three local downstairs against qemu-nbd serving a raw file, in the same run.
 Runs sequential write and read at 1 MiB queue depth 8, then random write and
 read at 4 KiB queue depth 32. For each test: MB/s, IOPS, p99 latency, and the
 CPU time (user + system, from /proc) of every process serving it -- our
-crucible-nbd and its three downstairs, or qemu-nbd -- per IO and per MiB.
-CPU per IO is the headline: unlike MB/s it barely moves with the load of a
-shared machine. Each round serves both at once and runs each test on one,
-then the other, so each ratio compares runs seconds apart; --repeat N
-rounds report the median and spread of those ratios against the targets. JSON and a PNG
-chart go under --out (default bench/results). Flags after `--` go to
-crucible-nbd (e.g. `-- --read-all-replicas`).
+crucible-nbd and its three downstairs, or qemu-nbd -- per IO and per MiB,
+and their minor page faults per IO. CPU per IO is the headline: unlike MB/s
+it barely moves with the load of a shared machine. Each round serves both at
+once and runs each test on one, then the other, so each ratio compares runs
+seconds apart; --repeat N rounds report the median and spread of those
+ratios against the targets. JSON and a PNG chart go under --out (default
+bench/results). Flags after `--` go to crucible-nbd (e.g.
+`-- --read-all-replicas`).
 """
 
 from __future__ import annotations
@@ -73,6 +74,11 @@ class Result:
     # User + system of each serving process during the test, in the order
     # served: crucible-nbd, then the three downstairs (or qemu-nbd alone).
     cpu_split: list[float]
+    faults_split: list[int]  # minor page faults of each, in the same order
+
+    @property
+    def faults_per_io(self) -> float:
+        return sum(self.faults_split) / self.ios if self.ios else 0.0
 
     @property
     def cpu_s(self) -> float:
@@ -105,10 +111,18 @@ def cpu_seconds(pids: list[int]) -> float:
 
 def cpu_each(pids: list[int]) -> list[float]:
     """User + system time so far of each of these processes."""
+    return [cpu for cpu, _ in counters(pids)]
+
+
+def counters(pids: list[int]) -> list[tuple[float, int]]:
+    """User + system seconds and minor page faults so far of each process: a
+    page fault is memory the process touches for the first time, or again
+    after giving it back."""
     out = []
     for pid in pids:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        out.append((int(fields[11]) + int(fields[12])) / TICK)  # utime, stime
+        # minflt, utime, stime
+        out.append(((int(fields[11]) + int(fields[12])) / TICK, int(fields[7])))
     return out
 
 
@@ -153,9 +167,9 @@ def run_test(
     runtime: float,
 ) -> Result:
     name, rw, bs, depth = test
-    before = cpu_each(pids)
+    before = counters(pids)
     f = fio(uri, name, rw, bs, depth, size_mib, runtime)
-    split = [a - b for a, b in zip(cpu_each(pids), before, strict=True)]
+    after = counters(pids)
     r = Result(
         rnd,
         name,
@@ -165,13 +179,15 @@ def run_test(
         f["p99_ms"],
         int(f["ios"]),
         f["mib"],
-        split,
+        [a[0] - b[0] for a, b in zip(after, before, strict=True)],
+        [a[1] - b[1] for a, b in zip(after, before, strict=True)],
     )
-    shares = " + ".join(f"{us:.0f}" for us in r.split_us_per_io) if len(split) > 1 else ""
+    shares = " + ".join(f"{us:.0f}" for us in r.split_us_per_io) if len(r.cpu_split) > 1 else ""
     print(
         f"  {server:9} {name:20} {r.mb_s:8.1f} MB/s {r.iops:8.0f} IOPS "
         f"p99 {r.p99_ms:7.2f} ms  CPU {r.cpu_us_per_io:8.1f} us/IO "
-        f"{r.cpu_ms_per_mib:6.2f} ms/MiB" + (f"  (nbd + ds0..2: {shares})" if shares else ""),
+        f"{r.cpu_ms_per_mib:6.2f} ms/MiB  faults/IO {r.faults_per_io:6.1f}"
+        + (f"  (nbd + ds0..2: {shares})" if shares else ""),
         flush=True,
     )
     return r
@@ -312,6 +328,8 @@ def summarize(results: list[Result], rounds: int) -> list[dict[str, Any]]:
                 "cpu_us_per_io_by_process": dict(zip(PROCESSES, split, strict=True)),
                 "qemu_cpu_us_per_io": them,
                 "cpu_ms_per_mib": statistics.median(r.cpu_ms_per_mib for r in ours),
+                "faults_per_io": statistics.median(r.faults_per_io for r in ours),
+                "qemu_faults_per_io": statistics.median(r.faults_per_io for r in theirs),
                 "qemu_cpu_ms_per_mib": statistics.median(r.cpu_ms_per_mib for r in theirs),
                 "p99_ms": p99,
                 "qemu_p99_ms": qp99,
@@ -321,6 +339,9 @@ def summarize(results: list[Result], rounds: int) -> list[dict[str, Any]]:
     for row in summary:
         parts = "  ".join(f"{k} {v:6.0f}" for k, v in row["cpu_us_per_io_by_process"].items())
         print(f"  {row['test']:20} {parts}")
+    print("\npage faults per IO, all our processes vs qemu-nbd (median):")
+    for row in summary:
+        print(f"  {row['test']:20} {row['faults_per_io']:8.1f} vs {row['qemu_faults_per_io']:6.1f}")
     return summary
 
 
@@ -389,6 +410,7 @@ def main() -> None:
             "cpu_us_per_io": r.cpu_us_per_io,
             "cpu_ms_per_mib": r.cpu_ms_per_mib,
             "cpu_us_per_io_by_process": r.split_us_per_io,
+            "faults_per_io": r.faults_per_io,
         }
         for r in results
     ]
