@@ -195,7 +195,8 @@ _M_MMAP_THRESHOLD = -3
 
 
 # Free memory at the top of the heap is given back only beyond this: above
-# any heap the IO limits allow (Options), so a process keeps its peak.
+# any heap the IO limits allow (the upstairs' Options and the NBD server's,
+# the downstairs' PAUSE_BYTES), so a process keeps its peak.
 _KEEP_FREED = 1 << 30
 
 
