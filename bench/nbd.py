@@ -121,7 +121,7 @@ def counters(pids: list[int]) -> list[tuple[float, int]]:
     out = []
     for pid in pids:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        # minflt, utime, stime
+        # utime + stime, minflt
         out.append(((int(fields[11]) + int(fields[12])) / TICK, int(fields[7])))
     return out
 
