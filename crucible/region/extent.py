@@ -41,6 +41,9 @@ Crash-safety argument (ext4/xfs, which may persist writes out of order):
   page-cache pages. Nothing above relies on it: fdatasync is per file, not
   per fd, so a flush covers both, and the kernel keeps the page cache and
   the direct writes coherent.
+* A small read that misses the page cache starts reading the window around
+  it too (READ_AROUND_BYTES), while such windows are used (MISSES_LIMIT):
+  the data large writes sent around the cache comes back in few disk reads.
 """
 
 from __future__ import annotations
@@ -104,6 +107,14 @@ BOUNCE_KEEP: Final = 4 << 20  # a larger aligned buffer is dropped after its wri
 # (see Extent._read_large). Smaller reads keep readahead: the rest of their
 # MiB comes here.
 EXACT_READ_BYTES: Final = 1 << 20
+# A smaller read that misses the page cache also starts reading the aligned
+# window around it (the kernel reads just the blocks asked for a random
+# read): the upstairs reads a MiB of the volume from one replica, so the
+# next reads near it come here. As the kernel's read-around of mmap faults,
+# it stops while misses outnumber hits by MISSES_LIMIT: then reads are random
+# beyond what the cache holds and the window would only cost disk time.
+READ_AROUND_BYTES: Final = 128 << 10
+MISSES_LIMIT: Final = 100
 
 
 # A page-aligned buffer per thread, reused: O_DIRECT needs aligned memory.
@@ -151,6 +162,10 @@ class WouldBlock(Exception):
     """A read asked only of the page cache found some of its data missing."""
 
 
+class CannotProbe(WouldBlock):
+    """The filesystem cannot read from the page cache alone (tmpfs, FUSE)."""
+
+
 # Linux: preadv2 fails with EAGAIN rather than wait for the disk.
 _RWF_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
 
@@ -164,8 +179,10 @@ def pread_cached(fd: int, size: int, offset: int) -> bytearray:
     try:
         got = os.preadv(fd, [buf], offset, _RWF_NOWAIT)
     except OSError as e:
-        if e.errno in (errno.EAGAIN, errno.EOPNOTSUPP, errno.EINVAL):
+        if e.errno == errno.EAGAIN:
             raise WouldBlock from None
+        if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise CannotProbe from None
         raise
     if got != size:  # partly cached, or short: the blocking read says which
         raise WouldBlock
@@ -213,6 +230,15 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
     left to write: the disk works while writes arrive instead of all at once
     at the flush. Only a hint: where unsupported, nothing happens."""
     libc.sync_file_range(fd, ctypes.c_long(offset), ctypes.c_long(length), _SYNC_FILE_RANGE_WRITE)
+
+
+def will_need(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start reading a range into the page cache, without
+    waiting. Only a hint: where unsupported, nothing happens."""
+    try:
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+    except (OSError, AttributeError):  # (AttributeError: no posix_fadvise here)
+        pass
 
 
 def punch_hole(fd: int, offset: int, length: int) -> None:
@@ -307,6 +333,8 @@ class Extent:
         self.damaged: set[int] = set()
         self._direct = -2  # the O_DIRECT fd for large IO; -2 not opened yet, -1 none
         self._exact = -2  # the fd for large reads the page cache holds, as _direct
+        self.misses = 0  # small reads that missed the page cache, less those that hit
+        self._probe = _RWF_NOWAIT is not None  # cleared where the filesystem has no RWF_NOWAIT
         self.cache = cache
         self.context_chunks: dict[int, list[ReadBlockContext]] = {}  # see ContextCache
 
@@ -463,7 +491,7 @@ class Extent:
             elif cached_only:
                 data = pread_cached(self.fd, size, offset)
             else:
-                data = pread_exact(self.fd, size, offset)
+                data = self._read_small(size, offset)
             return self._contexts(start, n), data
         except OSError as e:
             raise io_error(e, f"read extent {self.number}") from None
@@ -489,6 +517,30 @@ class Extent:
             except OSError as e:
                 self._direct_refused(e)
         return pread_exact(self._exact_fd(), size, offset)
+
+    def _read_small(self, size: int, offset: int) -> Buffer:
+        """A read smaller than EXACT_READ_BYTES: from the page cache when it
+        holds the data (no more syscalls than a plain read); else, unless
+        misses have outnumbered hits by MISSES_LIMIT, with the window around
+        it started too. The try already started this read's own blocks, so
+        they come first from the disk."""
+        if not self._probe or size >= READ_AROUND_BYTES:
+            return pread_exact(self.fd, size, offset)
+        try:
+            data = pread_cached(self.fd, size, offset)
+        except CannotProbe:
+            self._probe = False
+        except WouldBlock:
+            if self.misses < MISSES_LIMIT:
+                self.misses += 1
+                end = self.layout.blocks * self.layout.block_size
+                at = offset - offset % READ_AROUND_BYTES
+                will_need(self.fd, at, min(READ_AROUND_BYTES, end - at))
+        else:
+            if self.misses:
+                self.misses -= 1
+            return data
+        return pread_exact(self.fd, size, offset)
 
     def _contexts(self, start: int, n: int) -> list[ReadBlockContext]:
         """The contexts of n blocks: from the kept chunks when they hold them

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 
-from crucible.common.buffer import Buffer
 from crucible.common.errors import CrucibleError
 from crucible.region.context import SlotContext
 from crucible.region.region import Region
@@ -45,7 +44,9 @@ def _letters(values: list[object]) -> str:
     return "".join(seen.setdefault(v, "ABC"[len(seen)]) for v in values)
 
 
-def _block_view(region: Region, block: int) -> tuple[Buffer | None, SlotContext | None, str]:
+def _block_view(region: Region, block: int) -> tuple[bytes | None, SlotContext | None, str]:
+    """A block's data (as bytes: they are compared as dict keys), its active
+    slot's context and the slot's name; or None, None and why it is unreadable."""
     eid, off = divmod(block, region.definition.extent_size)
     ext = region.extent(eid)
     try:
@@ -53,7 +54,7 @@ def _block_view(region: Region, block: int) -> tuple[Buffer | None, SlotContext 
     except CrucibleError as e:
         return None, None, str(e)
     (sc,) = ext.active_slots(off, 1)
-    return data, sc, "B" if ext.active[off] else "A"
+    return bytes(data), sc, "B" if ext.active[off] else "A"
 
 
 def dump_extent_blocks(regions: list[Region], eid: int, out: Out) -> int:

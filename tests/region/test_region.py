@@ -19,7 +19,7 @@ from crucible.common.errors import CrucibleError, ErrorKind
 from crucible.protocol.integrity import block_hash
 from crucible.protocol.messages import BlockContext, EncryptionContext
 from crucible.region import extent
-from crucible.region.extent import DIRECT_BYTES, EXACT_READ_BYTES
+from crucible.region.extent import DIRECT_BYTES, EXACT_READ_BYTES, MISSES_LIMIT, READ_AROUND_BYTES
 from crucible.region.layout import extent_path, staging_dir
 from crucible.region.region import Region
 from tests.region.conftest import MakeRegion, tear
@@ -224,6 +224,43 @@ def test_large_reads_of_uncached_data_go_around_the_page_cache(make_region: Make
     assert [f & os.O_ACCMODE for f in fds_on(path) if f & os.O_DIRECT] == [os.O_RDONLY]
     r.close()
     assert fds_on(path) == []
+
+
+def test_small_reads_that_miss_the_page_cache_start_the_window_around_them(
+    make_region: MakeRegion,
+) -> None:
+    """A small read of data the page cache does not hold also starts reading
+    its aligned READ_AROUND_BYTES window into the cache, so the next reads
+    near it are hits; once misses outnumber hits by MISSES_LIMIT a miss
+    reads only its own blocks, and hits turn the window back on."""
+    bs = 4096
+    w = READ_AROUND_BYTES // bs  # blocks in a window
+    r = make_region(bs=bs, es=8 * w, ec=1)
+    path = r.extent(0).path
+    if held(path, 0, 1) is None or on_memory_fs(path):
+        pytest.skip("needs cachestat (Linux 6.5) and a disk-backed filesystem")
+    data = blocks(0, 8 * w, 5, bs)
+    r.write(0, contexts_for(data, bs), data)  # O_DIRECT: nothing in the page cache
+    assert held(path, 0, len(data)) == 0
+    ext = r.extent(0)
+
+    def read(block: int) -> None:
+        assert r.read(block, 1)[1] == data[block * bs : (block + 1) * bs]
+
+    def window(k: int) -> int | None:
+        return held(path, k * READ_AROUND_BYTES, READ_AROUND_BYTES)
+
+    read(w + 5)  # a miss: its window is read (or being read) into the cache
+    assert (window(0), window(1), window(2), ext.misses) == (0, w, 0, 1)
+    read(2 * w - 1)  # a hit
+    assert ext.misses == 0
+    ext.misses = MISSES_LIMIT
+    read(3 * w + 2)  # a miss with too many before it: its own block alone
+    assert (window(3), ext.misses) == (1, MISSES_LIMIT)
+    read(w)  # a hit
+    read(5 * w + 7)  # read-around again
+    assert (window(5), ext.misses) == (w, MISSES_LIMIT)
+    r.close()
 
 
 def test_large_reads_are_buffered_where_the_kernel_cannot_say_what_is_cached(
