@@ -13,6 +13,7 @@ from typing import cast
 
 libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
+ZEROED_BYTES = 64 << 10
 _new_bytearray = ctypes.pythonapi.PyByteArray_FromStringAndSize
 _new_bytearray.restype = ctypes.py_object
 _new_bytearray.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
@@ -50,7 +51,10 @@ def raw_bytearray(n: int) -> bytearray:
     """A bytearray of n bytes left as the allocator gave them, not zeroed: for
     a buffer that is filled whole before any of it is read. Zeroing a MiB
     costs about as much as receiving it, and a length a peer claims but
-    never sends then adds no resident memory beyond what the allocator holds."""
+    never sends then adds no resident memory beyond what the allocator holds.
+    Below ZEROED_BYTES zeroing costs less than the ctypes call."""
+    if n < ZEROED_BYTES:
+        return bytearray(n)
     return cast(bytearray, _new_bytearray(None, n))
 
 
