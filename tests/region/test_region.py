@@ -250,8 +250,18 @@ def test_small_reads_that_miss_the_page_cache_start_the_window_around_them(
     def window(k: int) -> int | None:
         return held(path, k * READ_AROUND_BYTES, READ_AROUND_BYTES)
 
-    read(w + 5)  # a miss: its window is read (or being read) into the cache
+    def settle(k: int) -> None:
+        """Wait for the disk read of a window's pages (in the cache from the
+        start, but a read asked of the cache alone fails until they are filled)."""
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.pread(fd, READ_AROUND_BYTES, k * READ_AROUND_BYTES)
+        finally:
+            os.close(fd)
+
+    read(w + 5)  # a miss: its window is being read into the cache
     assert (window(0), window(1), window(2), ext.misses) == (0, w, 0, 1)
+    settle(1)
     read(2 * w - 1)  # a hit
     assert ext.misses == 0
     ext.misses = MISSES_LIMIT
