@@ -235,11 +235,11 @@ def test_small_reads_that_miss_the_page_cache_start_the_window_around_them(
     reads only its own blocks, and hits turn the window back on."""
     bs = 4096
     w = READ_AROUND_BYTES // bs  # blocks in a window
-    r = make_region(bs=bs, es=8 * w, ec=1)
+    r = make_region(bs=bs, es=16 * w, ec=1)
     path = r.extent(0).path
     if held(path, 0, 1) is None or on_memory_fs(path):
         pytest.skip("needs cachestat (Linux 6.5) and a disk-backed filesystem")
-    data = blocks(0, 8 * w, 5, bs)
+    data = blocks(0, 16 * w, 5, bs)
     r.write(0, contexts_for(data, bs), data)  # O_DIRECT: nothing in the page cache
     assert held(path, 0, len(data)) == 0
     ext = r.extent(0)
@@ -259,17 +259,31 @@ def test_small_reads_that_miss_the_page_cache_start_the_window_around_them(
         finally:
             os.close(fd)
 
-    read(w + 5)  # a miss: its window is being read into the cache
-    assert (window(0), window(1), window(2), ext.misses) == (0, w, 0, 1)
-    settle(1)
-    read(2 * w - 1)  # a hit
+    def miss(tries: list[int], count: int) -> int:
+        """With `count` misses counted, read a block in the first window of
+        `tries` whose read is taken for a miss, and return that window. The
+        try that starts a read's own blocks can find them already read (a
+        fast disk, the thread preempted): that read counts as a hit, and the
+        next window is tried."""
+        for k in tries:
+            ext.misses = count
+            read(k * w + 3)
+            if ext.misses != max(count - 1, 0):
+                return k
+            assert window(k) == 1  # its own block alone
+        raise AssertionError(f"no read of windows {tries} missed the page cache")
+
+    k = miss([1, 3, 5], 0)
+    assert (window(k), window(k + 1), ext.misses) == (w, 0, 1)
+    settle(k)
+    read(k * w + w - 1)  # a hit
     assert ext.misses == 0
-    ext.misses = MISSES_LIMIT
-    read(3 * w + 2)  # a miss with too many before it: its own block alone
-    assert (window(3), ext.misses) == (1, MISSES_LIMIT)
-    read(w)  # a hit
-    read(5 * w + 7)  # read-around again
-    assert (window(5), ext.misses) == (w, MISSES_LIMIT)
+    j = miss([7, 9, 11], MISSES_LIMIT)  # too many misses before it: its own block alone
+    assert (window(j), ext.misses) == (1, MISSES_LIMIT)
+    read(k * w)  # a hit
+    assert ext.misses == MISSES_LIMIT - 1
+    m = miss([13, 14, 15], MISSES_LIMIT - 1)  # read-around again
+    assert (window(m), ext.misses) == (w, MISSES_LIMIT)
     r.close()
 
 
