@@ -113,6 +113,9 @@ EXACT_READ_BYTES: Final = 1 << 20
 # next reads near it come here. As the kernel's read-around of mmap faults,
 # it stops while misses outnumber hits by MISSES_LIMIT: then reads are random
 # beyond what the cache holds and the window would only cost disk time.
+# The count is approximate, which a limit this loose allows: a read that comes
+# while its window is still being read counts as a miss, and a miss whose own
+# block arrives before the try looks again counts as a hit.
 READ_AROUND_BYTES: Final = 128 << 10
 MISSES_LIMIT: Final = 100
 
@@ -232,13 +235,15 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
     libc.sync_file_range(fd, ctypes.c_long(offset), ctypes.c_long(length), _SYNC_FILE_RANGE_WRITE)
 
 
-def will_need(fd: int, offset: int, length: int) -> None:
-    """Ask the kernel to start reading a range into the page cache, without
-    waiting. Only a hint: where unsupported, nothing happens."""
+def advise(fd: int, offset: int, length: int, advice: str) -> bool:
+    """posix_fadvise with the advice named ("WILLNEED", "RANDOM"). Only a
+    hint: where the kernel or the platform lacks it, nothing happens and the
+    answer is False."""
     try:
-        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+        os.posix_fadvise(fd, offset, length, getattr(os, "POSIX_FADV_" + advice))
     except (OSError, AttributeError):  # (AttributeError: no posix_fadvise here)
-        pass
+        return False
+    return True
 
 
 def punch_hole(fd: int, offset: int, length: int) -> None:
@@ -535,7 +540,7 @@ class Extent:
                 self.misses += 1
                 end = self.layout.blocks * self.layout.block_size
                 at = offset - offset % READ_AROUND_BYTES
-                will_need(self.fd, at, min(READ_AROUND_BYTES, end - at))
+                advise(self.fd, at, min(READ_AROUND_BYTES, end - at), "WILLNEED")
         else:
             if self.misses:
                 self.misses -= 1
@@ -715,9 +720,7 @@ class Extent:
                 fd = os.open(self.path, os.O_RDONLY)
             except OSError:
                 return self.fd
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-            except (OSError, AttributeError):  # (AttributeError: no posix_fadvise here)
+            if not advise(fd, 0, 0, "RANDOM"):
                 os.close(fd)
                 return self.fd
             self._exact = fd
