@@ -18,6 +18,7 @@ from typing import Any, BinaryIO
 from aiohttp import web
 
 from crucible.common.address import http_url
+from crucible.common.buffer import is_zeros
 from crucible.common.definition import RegionDefinition, RegionError
 from crucible.common.errors import CrucibleError, ErrorKind
 from crucible.observe.probes import DS
@@ -134,7 +135,6 @@ def _get(addr: SocketAddr, path: str, tls: ssl.SSLContext | None) -> bytes:
 
 
 SPARSE_PIECE = 64 << 10
-_ZEROS = bytes(SPARSE_PIECE)
 
 
 def copy_sparse(src: BinaryIO, out: BinaryIO) -> None:
@@ -145,7 +145,7 @@ def copy_sparse(src: BinaryIO, out: BinaryIO) -> None:
         view = memoryview(chunk)
         for off in range(0, len(view), SPARSE_PIECE):
             piece = view[off : off + SPARSE_PIECE]
-            if piece == _ZEROS[: len(piece)]:
+            if is_zeros(piece):
                 out.seek(len(piece), os.SEEK_CUR)
             else:
                 out.write(piece)

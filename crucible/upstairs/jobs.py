@@ -11,7 +11,7 @@ from typing import assert_never
 import xxhash
 
 import crucible.protocol.messages as m
-from crucible.common.buffer import Buffer
+from crucible.common.buffer import Buffer, zeros
 from crucible.protocol.wire import SocketAddr
 
 
@@ -127,14 +127,9 @@ PER_CLIENT = (*LIVE_OPS, TrimOp)
 def zero_fill(start: int, count: int, block_size: int) -> WriteOp:
     """Blocks written with zeros: what a trim becomes for a downstairs that
     cannot trim (the zeros are one shared buffer per size)."""
-    data = _zeros(count * block_size)
+    data = zeros(count * block_size)
     ctx = m.BlockContext(zero_hash(block_size))
     return WriteOp(start, [ctx] * count, data)
-
-
-@functools.lru_cache(maxsize=8)
-def _zeros(n: int) -> bytes:
-    return bytes(n)
 
 
 @functools.lru_cache(maxsize=8)

@@ -11,11 +11,10 @@ whose copy verifies.
 
 from __future__ import annotations
 
-import functools
-
 import xxhash
 
 import crucible.protocol.messages as m
+from crucible.common.buffer import is_zeros
 from crucible.common.errors import CrucibleError, ErrorKind
 from crucible.protocol.integrity import block_hashes
 from crucible.upstairs.encryption import BlockCipher, InvalidBlock
@@ -81,19 +80,18 @@ def check_blocks(
     if cipher is None and block_hashes(data, bs) == blocks:
         return [], None  # every block plain and matching: the usual reply, in one pass
     view = memoryview(data)
-    zero = _zeros(bs)
     plain = bytearray(len(data)) if cipher is not None else None
     out: Bad = []
     for i, ctx in enumerate(blocks):
         block = view[i * bs : (i + 1) * bs]
         if ctx is None:
-            if block == zero:
+            if is_zeros(block):
                 continue
             kind, why = ErrorKind.MissingBlockContext, "has data but no context"
         elif isinstance(ctx, int):
             if xxhash.xxh64_intdigest(block) != ctx:
                 kind, why = ErrorKind.HashMismatch, "does not match its hash: corrupt replica"
-            elif cipher is not None and block != zero:
+            elif cipher is not None and not is_zeros(block):
                 kind, why = ErrorKind.DecryptionError, "is not encrypted, in an encrypted volume"
             else:
                 continue  # (a plain zero block's plaintext is the zeros already there)
@@ -117,11 +115,6 @@ def check_blocks(
         if first_only:
             break
     return out, plain
-
-
-@functools.lru_cache(maxsize=4)
-def _zeros(n: int) -> bytes:
-    return bytes(n)
 
 
 def first_difference(
