@@ -31,6 +31,18 @@ def test_every_kind_of_bad_block_is_refused() -> None:
         assert err is not None and err.kind == kind, (blocks, kind)
 
 
+def test_a_reply_of_never_written_blocks_must_hold_only_zeros() -> None:
+    """All contexts empty: the whole reply is checked at once, yet one stray
+    byte in any block is still refused, naming that block."""
+    blocks: list[m.ReadBlockContext] = [None] * 8
+    data = bytearray(8 * BS)
+    assert check_read_reply(0, 8, BS, "ds", blocks, memoryview(data)) == (None, None)
+    data[5 * BS + BS - 1] = 1
+    err, _ = check_read_reply(100, 8, BS, "ds", blocks, memoryview(data))
+    assert err is not None and err.kind == ErrorKind.MissingBlockContext
+    assert "block 105 " in str(err)
+
+
 def test_first_difference() -> None:
     zero = 99
     assert first_difference([1, None, 3], [1, None, 3], zero) is None
