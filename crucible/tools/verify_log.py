@@ -16,6 +16,8 @@ import os
 import struct
 from pathlib import Path
 
+from crucible.common.buffer import is_zeros
+
 _HEAD = struct.Struct("<QQ")
 
 
@@ -28,7 +30,7 @@ def block_pattern(block: int, counter: int, block_size: int) -> bytes:
 
 def counter_of(data: bytes | memoryview, block: int, block_size: int) -> int | None:
     """The counter a block holds, or None if it is no pattern of this block."""
-    if not any(data):
+    if is_zeros(data):
         return 0
     b, counter = _HEAD.unpack_from(data)
     if b != block or counter == 0:
