@@ -61,7 +61,7 @@ from typing import Final, Literal
 
 import xxhash
 
-from crucible.common.buffer import Buffer
+from crucible.common.buffer import Buffer, is_zeros
 from crucible.common.errors import CrucibleError, ErrorKind
 from crucible.libc import address, cached_pages, libc, raw_bytearray
 from crucible.protocol.integrity import all_plain
@@ -441,7 +441,6 @@ class Extent:
         bs = self.layout.block_size
         data = pread_exact(self.fd, n * bs, start * bs)
         raw_a, raw_b = self._slot_arrays(start, n)
-        zero = bytes(bs)
         for i in range(n):
             block = start + i
             chunk = data[i * bs : (i + 1) * bs]
@@ -453,10 +452,12 @@ class Extent:
                 (s for s in order if (sc := slots[s]) is not None and sc.on_disk_hash == h), None
             )
             empty = next((s for s in order if slots[s] is None), None)
-            if chosen is None and empty is not None and (chunk == zero or not self.read_only):
-                chosen = empty
-                if chunk != zero:  # torn: back to never-written (see the top of the file)
-                    punch_hole(self.fd, block * bs, bs)
+            if chosen is None and empty is not None:
+                blank = is_zeros(chunk)
+                if blank or not self.read_only:
+                    chosen = empty
+                    if not blank:  # torn: back to never-written (see the top of the file)
+                        punch_hole(self.fd, block * bs, bs)
             if chosen is None:
                 self.damaged.add(block)
             else:
@@ -828,7 +829,6 @@ class Extent:
         problems = [f"{where(b)}: data matches neither context slot" for b in sorted(self.damaged)]
         bs = self.layout.block_size
         step = max(1, (8 << 20) // bs)
-        zero = bytes(bs)
         for start in range(0, self.layout.blocks, step):
             n = min(step, self.layout.blocks - start)
             data = pread_exact(self.fd, n * bs, start * bs)
@@ -838,7 +838,7 @@ class Extent:
                     continue
                 chunk = data[i * bs : (i + 1) * bs]
                 if sc is None:
-                    if chunk != zero:
+                    if not is_zeros(chunk):
                         problems.append(f"{where(block)}: never written but holds data")
                 elif xxhash.xxh64_intdigest(chunk) != sc.on_disk_hash:
                     problems.append(f"{where(block)}: data does not match its context hash")
