@@ -111,8 +111,11 @@ EXACT_READ_BYTES: Final = 1 << 20
 # window around it (the kernel reads just the blocks asked for a random
 # read): the upstairs reads a MiB of the volume from one replica, so the
 # next reads near it come here. As the kernel's read-around of mmap faults,
-# it stops while misses outnumber hits by MISSES_LIMIT: then reads are random
-# beyond what the cache holds and the window would only cost disk time.
+# it stops once misses outnumber hits by MISSES_LIMIT: then reads are random
+# beyond what the cache holds and the window would only cost disk time. It
+# starts again only when hits have brought that down to half the limit, not
+# at the first hit: a cache too small for the reads has some hits, and each
+# would let one more window through.
 # The count is approximate, which a limit this loose allows: a read that comes
 # while its window is still being read counts as a miss, and a miss whose own
 # block arrives before the try looks again counts as a hit.
@@ -339,6 +342,7 @@ class Extent:
         self._direct = -2  # the O_DIRECT fd for large IO; -2 not opened yet, -1 none
         self._exact = -2  # the fd for large reads the page cache holds, as _direct
         self.misses = 0  # small reads that missed the page cache, less those that hit
+        self.read_around = True  # small misses start their window: see MISSES_LIMIT
         self._probe = _RWF_NOWAIT is not None  # cleared where the filesystem has no RWF_NOWAIT
         self.cache = cache
         self.context_chunks: dict[int, list[ReadBlockContext]] = {}  # see ContextCache
@@ -526,10 +530,10 @@ class Extent:
 
     def _read_small(self, size: int, offset: int) -> Buffer:
         """A read smaller than EXACT_READ_BYTES: from the page cache when it
-        holds the data (no more syscalls than a plain read); else, unless
-        misses have outnumbered hits by MISSES_LIMIT, with the window around
-        it started too. The try already started this read's own blocks, so
-        they come first from the disk."""
+        holds the data (no more syscalls than a plain read); else, while the
+        read-around is on (see MISSES_LIMIT), with the window around it
+        started too. The try already started this read's own blocks, so they
+        come first from the disk."""
         if not self._probe or size >= READ_AROUND_BYTES:
             return pread_exact(self.fd, size, offset)
         try:
@@ -537,14 +541,19 @@ class Extent:
         except CannotProbe:
             self._probe = False
         except WouldBlock:
-            if self.misses < MISSES_LIMIT:
-                self.misses += 1
+            if self.read_around:
                 end = self.layout.blocks * self.layout.block_size
                 at = offset - offset % READ_AROUND_BYTES
                 advise(self.fd, at, min(READ_AROUND_BYTES, end - at), "WILLNEED")
+            if self.misses < MISSES_LIMIT:
+                self.misses += 1
+            if self.misses == MISSES_LIMIT:
+                self.read_around = False
         else:
             if self.misses:
                 self.misses -= 1
+                if self.misses <= MISSES_LIMIT // 2:
+                    self.read_around = True
             return data
         return pread_exact(self.fd, size, offset)
 

@@ -231,15 +231,16 @@ def test_small_reads_that_miss_the_page_cache_start_the_window_around_them(
 ) -> None:
     """A small read of data the page cache does not hold also starts reading
     its aligned READ_AROUND_BYTES window into the cache, so the next reads
-    near it are hits; once misses outnumber hits by MISSES_LIMIT a miss
-    reads only its own blocks, and hits turn the window back on."""
+    near it are hits. Once misses outnumber hits by MISSES_LIMIT a miss reads
+    only its own blocks, until hits bring that down to half the limit (one
+    hit is not enough: a cache too small for the reads has some)."""
     bs = 4096
     w = READ_AROUND_BYTES // bs  # blocks in a window
-    r = make_region(bs=bs, es=16 * w, ec=1)
+    r = make_region(bs=bs, es=24 * w, ec=1)
     path = r.extent(0).path
     if held(path, 0, 1) is None or on_memory_fs(path):
         pytest.skip("needs cachestat (Linux 6.5) and a disk-backed filesystem")
-    data = blocks(0, 16 * w, 5, bs)
+    data = blocks(0, 24 * w, 5, bs)
     r.write(0, contexts_for(data, bs), data)  # O_DIRECT: nothing in the page cache
     assert held(path, 0, len(data)) == 0
     ext = r.extent(0)
@@ -259,31 +260,40 @@ def test_small_reads_that_miss_the_page_cache_start_the_window_around_them(
         finally:
             os.close(fd)
 
-    def miss(tries: list[int], count: int) -> int:
-        """With `count` misses counted, read a block in the first window of
-        `tries` whose read is taken for a miss, and return that window. The
-        try that starts a read's own blocks can find them already read (a
-        fast disk, the thread preempted): that read counts as a hit, and the
-        next window is tried."""
+    def miss(tries: list[int], count: int, around: bool) -> int:
+        """With `count` misses counted and the read-around `around`, read a
+        block in the first window of `tries` whose read is taken for a miss,
+        and return that window. The try that starts a read's own blocks can
+        find them already read (a fast disk, the thread preempted): that
+        read counts as a hit, and the next window is tried."""
         for k in tries:
-            ext.misses = count
+            ext.misses, ext.read_around = count, around
             read(k * w + 3)
-            if ext.misses != max(count - 1, 0):
+            if ext.misses == min(count + 1, MISSES_LIMIT):
                 return k
             assert window(k) == 1  # its own block alone
         raise AssertionError(f"no read of windows {tries} missed the page cache")
 
-    k = miss([1, 3, 5], 0)
-    assert (window(k), window(k + 1), ext.misses) == (w, 0, 1)
+    def hit(count: int) -> None:
+        ext.misses = count
+        read(k * w + 1)
+        assert ext.misses == count - 1
+
+    k = miss([1, 3, 5], 0, True)
+    assert (window(k), window(k + 1), ext.misses, ext.read_around) == (w, 0, 1, True)
     settle(k)
-    read(k * w + w - 1)  # a hit
-    assert ext.misses == 0
-    j = miss([7, 9, 11], MISSES_LIMIT)  # too many misses before it: its own block alone
-    assert (window(j), ext.misses) == (1, MISSES_LIMIT)
-    read(k * w)  # a hit
-    assert ext.misses == MISSES_LIMIT - 1
-    m = miss([13, 14, 15], MISSES_LIMIT - 1)  # read-around again
-    assert (window(m), ext.misses) == (w, MISSES_LIMIT)
+    hit(1)
+    assert ext.read_around
+    j = miss([7, 9, 11], MISSES_LIMIT - 1, True)  # the miss that reaches the limit
+    assert (window(j), ext.misses, ext.read_around) == (w, MISSES_LIMIT, False)
+    hit(MISSES_LIMIT)
+    assert not ext.read_around
+    m = miss([13, 15, 17], MISSES_LIMIT // 2 + 1, False)  # still off: its own block alone
+    assert (window(m), ext.read_around) == (1, False)
+    hit(MISSES_LIMIT // 2 + 1)  # down to half the limit: on again
+    assert ext.read_around
+    n = miss([19, 21, 23], MISSES_LIMIT // 2, True)
+    assert (window(n), ext.misses, ext.read_around) == (w, MISSES_LIMIT // 2 + 1, True)
     r.close()
 
 
