@@ -9,7 +9,12 @@ take it, their replies, the ack rules, faults, and live repair's jobs.
   volume it starts in, so the same blocks are read from the same replica
   and each downstairs' page cache holds a third of the volume rather than
   all three the same blocks; the least busy client instead when the home
-  has more than SPILL_JOBS jobs in flight beyond it. When its reply fails
+  has more than SPILL_JOBS jobs in flight beyond it. Three clients of one
+  host (the same address) share its page cache and CPUs: spreading reads
+  over them saves no memory, and a small read costs a server mostly its
+  wakeup, which one server woken for them all shares. There every small
+  read has one home, which spills past SHARED_SPILL_JOBS; large reads keep
+  their homes per MiB, which keeps three disk reads going. When its reply fails
   a check or carries an error, or the client leaves, the guest's request
   is queued again as a new job for another client (a downstairs takes
   each job id once, and counts every id below a flush it finished as
@@ -77,6 +82,8 @@ REPAIR_ATTEMPTS: Final = 10
 _JOB_FINISHED: Final = UP.probe("up__job__finished")
 READ_HOME_BYTES: Final = 1 << 20  # a read's home replica is picked per MiB of the volume
 SPILL_JOBS: Final = 8  # a read leaves its home when that one has more than this many more in flight
+SHARED_SPILL_JOBS: Final = 32  # the same, for small reads of three clients of one host
+SHARED_HOME_MAX: Final = 64 << 10  # reads this small share one home on one host
 
 
 class Downstairs:
@@ -96,6 +103,8 @@ class Downstairs:
         self.reads_retried = 0
         self.scrub = Scrub(rate=opts.verify_rate)
         self.turn = 0  # added to every read's home: which replica serves which MiB
+        self.one_host = False  # the three clients' addresses name one host
+        self._place_reads()
         self.guest_counts = {op: GuestCount() for op in GUEST_OPS}
 
     # ---- capacity ------------------------------------------------------------------
@@ -237,14 +246,23 @@ class Downstairs:
 
     # ---- reads from one replica -------------------------------------------------------
 
+    def _place_reads(self) -> None:
+        self.one_host = len({c.target[0] for c in self.clients}) == 1
+
     def _reader(self, job: Job) -> Client | None:
         """The ACTIVE client a read goes to, not one it avoids: its home
-        unless that one has more than SPILL_JOBS jobs in flight beyond
-        another, else the least busy (the nearest after the home among
-        equals)."""
+        unless that one has more than SPILL_JOBS (SHARED_SPILL_JOBS) jobs in
+        flight beyond another, else the least busy (the nearest after the
+        home among equals)."""
         op = job.op
         assert isinstance(op, ReadOp) and self.region is not None
-        home = (op.start * self.region.block_size // READ_HOME_BYTES + self.turn) % 3
+        bs = self.region.block_size
+        spill = SPILL_JOBS
+        if self.one_host and op.count * bs <= SHARED_HOME_MAX:
+            home = self.turn % 3
+            spill = SHARED_SPILL_JOBS
+        else:
+            home = (op.start * bs // READ_HOME_BYTES + self.turn) % 3
         avoid = job.avoid
         first: Client | None = None  # the first that may serve it, from the home on
         least: Client | None = None  # the first of those with the fewest in flight
@@ -258,7 +276,7 @@ class Downstairs:
                 least = c
         if first is None or least is None:
             return None
-        if first is self.clients[home] and first.inflight_jobs <= least.inflight_jobs + SPILL_JOBS:
+        if first is self.clients[home] and first.inflight_jobs <= least.inflight_jobs + spill:
             return first
         return least
 
@@ -714,6 +732,7 @@ class Downstairs:
         acts = self.fault(c, f"replaced by {new_name}", now)
         c.set_state(DsState(Stage.CONNECT, Mode.REPLACED))
         c.retarget(new)
+        self._place_reads()
         c.region_uuid = None
         c.capabilities = None
         c.reconnect_at = now  # no reason to wait

@@ -34,11 +34,11 @@ def test_bad_block_on_the_replica_read_is_served_good_and_rewritten(tmp_path: Pa
             check=True,
             capture_output=True,
         )
-        with open(extent_path(n.cluster.regions[1], block // 4096), "r+b") as f:
+        with open(extent_path(n.cluster.regions[0], block // 4096), "r+b") as f:
             f.seek((block % 4096) * 512 + 17)
             f.write(b"\xff\xee")
         assert "copies differ" in _dump_block(n.cluster.regions, block)
-        for _ in range(3):  # the second MiB's home is replica 1: the read goes to the bad copy
+        for _ in range(3):  # three downstairs of one host: a small read's home is the first
             r = subprocess.run(
                 ["qemu-io", "-f", "raw", "-c", f"read -P 0x5a {offset} 512", n.uri],
                 capture_output=True,

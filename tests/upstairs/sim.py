@@ -101,14 +101,21 @@ def _no_fetch(addr: SocketAddr, eid: int, out: BinaryIO) -> None:
 
 class Sim:
     def __init__(
-        self, base: Path, es: int = 8, ec: int = 4, options: Options | None = None
+        self,
+        base: Path,
+        es: int = 8,
+        ec: int = 4,
+        options: Options | None = None,
+        one_host: bool = False,
     ) -> None:
+        """`one_host`: the three downstairs' addresses name one host."""
         encrypted = options is not None and options.cipher is not None
         d = RegionDefinition(512, es, ec, uuid.uuid4(), encrypted)
         self.ds = [SimDownstairs(base / f"ds{i}", d, 4000 + i) for i in range(3)]
         for x in self.ds:
             x.fetch = self._fetch
-        self.up = UpstairsCore([("10.0.0.1", 1), ("10.0.0.2", 1), ("10.0.0.3", 1)], options)
+        hosts = ["10.0.0.1"] * 3 if one_host else ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
+        self.up = UpstairsCore([(h, 4000 + i) for i, h in enumerate(hosts)], options)
         self.now = 0.0
         self.completed: dict[object, object] = {}
         self.on_deliver: Callable[[int, m.Message], None] | None = None

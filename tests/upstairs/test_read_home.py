@@ -1,13 +1,20 @@
 """Which replica a read goes to: the same one for the same MiB of the volume
 (so each downstairs' page cache holds its own third), another when that one
-is much busier than the rest."""
+is much busier than the rest. When the three are on one host (their page
+cache is one) every small read has the same home, and large reads keep
+theirs per MiB."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from crucible.protocol import messages as m
-from crucible.upstairs.downstairs import READ_HOME_BYTES, SPILL_JOBS
+from crucible.upstairs.downstairs import (
+    READ_HOME_BYTES,
+    SHARED_HOME_MAX,
+    SHARED_SPILL_JOBS,
+    SPILL_JOBS,
+)
 from tests.upstairs.sim import Sim
 
 BS = 512
@@ -19,8 +26,8 @@ def _reads_sent(sim: Sim) -> list[int]:
     return [sum(isinstance(x, m.ReadRequest) for x in d.inbox) for d in sim.ds]
 
 
-def _sim(tmp_path: Path) -> Sim:
-    sim = Sim(tmp_path, es=PER_MIB, ec=3)  # three MiB, one extent each
+def _sim(tmp_path: Path, one_host: bool = False) -> Sim:
+    sim = Sim(tmp_path, es=PER_MIB, ec=3, one_host=one_host)  # three MiB, one extent each
     sim.activate()
     return sim
 
@@ -63,5 +70,45 @@ def test_a_busy_home_spills_to_the_least_busy(tmp_path: Path) -> None:
         assert sum(sent) == n and all(s >= 1 for s in sent), sent
         sim.settle()
         assert all(isinstance(sim.completed[t], tuple) for t in tokens)  # (data, contexts)
+    finally:
+        sim.close()
+
+
+def test_replicas_of_one_host_serve_small_reads_from_one_home(tmp_path: Path) -> None:
+    sim = _sim(tmp_path, one_host=True)
+    try:
+        n = SHARED_SPILL_JOBS + 1 + 4
+        tokens = [object() for _ in range(n)]
+        for i, tok in enumerate(tokens):  # every MiB, nothing answering meanwhile
+            sim.apply(sim.up.read(tok, (i % 3) * PER_MIB + i, 1, sim.now))
+        sent = _reads_sent(sim)
+        home = sent.index(max(sent))
+        # Every MiB's reads go to the one home while it has at most
+        # SHARED_SPILL_JOBS more in flight than another; past that a read
+        # spills to the least busy, which lets the home take one more.
+        assert sorted(sent) == [1, 2, SHARED_SPILL_JOBS + 2], sent
+        sim.settle()
+        assert all(isinstance(sim.completed[t], tuple) for t in tokens)  # (data, contexts)
+        sim.up.ds.turn = 1  # another offset moves the home
+        sim.apply(sim.up.read(object(), 2 * PER_MIB, 1, sim.now))
+        assert _reads_sent(sim)[(home + 1) % 3] == 1
+        sim.settle()
+        # A large read keeps its home per MiB: three MiB, three replicas.
+        large = SHARED_HOME_MAX // BS + 1
+        for mib in range(3):
+            sim.apply(sim.up.read(object(), mib * PER_MIB, large, sim.now))
+        assert _reads_sent(sim) == [1, 1, 1]
+        sim.settle()
+    finally:
+        sim.close()
+
+
+def test_a_replacement_on_another_host_brings_back_homes_per_mib(tmp_path: Path) -> None:
+    sim = _sim(tmp_path, one_host=True)
+    try:
+        assert sim.up.ds.one_host
+        done = object()
+        sim.up.ds.replace(done, ("10.0.0.1", 4000), ("10.0.0.9", 4000), sim.now)
+        assert not sim.up.ds.one_host
     finally:
         sim.close()
