@@ -552,8 +552,8 @@ class Extent:
         else:
             if self.misses:
                 self.misses -= 1
-                if self.misses <= MISSES_LIMIT // 2:
-                    self.read_around = True
+            if self.misses <= MISSES_LIMIT // 2:
+                self.read_around = True
             return data
         return pread_exact(self.fd, size, offset)
 

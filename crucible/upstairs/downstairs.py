@@ -14,7 +14,9 @@ take it, their replies, the ack rules, faults, and live repair's jobs.
   over them saves no memory, and a small read costs a server mostly its
   wakeup, which one server woken for them all shares. There every small
   read has one home, which spills past SHARED_SPILL_JOBS; large reads keep
-  their homes per MiB, which keeps three disk reads going. When its reply fails
+  their homes per MiB, which keeps three disk reads going. A home that has
+  finished nothing for half the progress timeout takes no more reads while
+  another could, so a stuck one shows as stuck. When a read's reply fails
   a check or carries an error, or the client leaves, the guest's request
   is queued again as a new job for another client (a downstairs takes
   each job id once, and counts every id below a flush it finished as
@@ -181,7 +183,7 @@ class Downstairs:
         only = op.to if isinstance(op, WriteOp) else None  # a rewrite: one client
         avoid = job.avoid
         if isinstance(op, ReadOp) and not self.opts.read_all_replicas and not op.compare:
-            reader = self._reader(job)
+            reader = self._reader(job, now)
             only = reader.id if reader is not None else None
         for c in self.clients:
             stage = c.state.stage
@@ -249,20 +251,24 @@ class Downstairs:
     def _place_reads(self) -> None:
         self.one_host = len({c.target[0] for c in self.clients}) == 1
 
-    def _reader(self, job: Job) -> Client | None:
+    def _reader(self, job: Job, now: float) -> Client | None:
         """The ACTIVE client a read goes to, not one it avoids: its home
         unless that one has more than SPILL_JOBS (SHARED_SPILL_JOBS) jobs in
-        flight beyond another, else the least busy (the nearest after the
-        home among equals)."""
+        flight beyond another, or has finished none for half the progress
+        timeout (the others then show whether it alone is stuck, see
+        fault_stalled); else the least busy (the nearest after the home
+        among equals). A small read of one host's clients takes the first
+        of them from its home on as its home."""
         op = job.op
         assert isinstance(op, ReadOp) and self.region is not None
         bs = self.region.block_size
-        spill = SPILL_JOBS
-        if self.one_host and op.count * bs <= SHARED_HOME_MAX:
+        shared = self.one_host and op.count * bs <= SHARED_HOME_MAX
+        if shared:
             home = self.turn % 3
             spill = SHARED_SPILL_JOBS
         else:
             home = (op.start * bs // READ_HOME_BYTES + self.turn) % 3
+            spill = SPILL_JOBS
         avoid = job.avoid
         first: Client | None = None  # the first that may serve it, from the home on
         least: Client | None = None  # the first of those with the fewest in flight
@@ -276,9 +282,13 @@ class Downstairs:
                 least = c
         if first is None or least is None:
             return None
-        if first is self.clients[home] and first.inflight_jobs <= least.inflight_jobs + spill:
-            return first
-        return least
+        if not (shared or first is self.clients[home]):
+            return least
+        if first.inflight_jobs > least.inflight_jobs + spill:
+            return least
+        if first.inflight_jobs and now - first.last_progress >= self.opts.progress_timeout / 2:
+            return least
+        return first
 
     def _retry_read(self, job: Job, failed: Client, now: float) -> list[Action]:
         """A read not yet served that `failed` could not serve: its guest

@@ -275,6 +275,7 @@ def test_small_reads_that_miss_the_page_cache_start_the_window_around_them(
         raise AssertionError(f"no read of windows {tries} missed the page cache")
 
     def hit(count: int) -> None:
+        settle(k)  # (in the cache even if it was evicted meanwhile)
         ext.misses = count
         read(k * w + 1)
         assert ext.misses == count - 1
@@ -290,6 +291,8 @@ def test_small_reads_that_miss_the_page_cache_start_the_window_around_them(
     assert not ext.read_around
     m = miss([13, 15, 17], MISSES_LIMIT // 2 + 1, False)  # still off: its own block alone
     assert (window(m), ext.read_around) == (1, False)
+    hit(MISSES_LIMIT // 2 + 2)
+    assert not ext.read_around
     hit(MISSES_LIMIT // 2 + 1)  # down to half the limit: on again
     assert ext.read_around
     n = miss([19, 21, 23], MISSES_LIMIT // 2, True)

@@ -224,7 +224,7 @@ def test_corrupt_replica_detected_never_returned_and_rewritten(tmp_path: Path) -
             await up.read(205, 1)
         assert "match its hash" in str(e.value)
 
-    home = 0  # the replica block 205 is read from: of one host, a small read's home is the first
+    home = 0  # the replica block 205 (in the first MiB, of one host) is read from
     with cluster(tmp_path) as c:
         asyncio.run(_with_upstairs(c, write_it))
         _corrupt(c.regions[home], 205)

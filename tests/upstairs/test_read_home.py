@@ -86,18 +86,22 @@ def test_replicas_of_one_host_serve_small_reads_from_one_home(tmp_path: Path) ->
         # Every MiB's reads go to the one home while it has at most
         # SHARED_SPILL_JOBS more in flight than another; past that a read
         # spills to the least busy, which lets the home take one more.
-        assert sorted(sent) == [1, 2, SHARED_SPILL_JOBS + 2], sent
+        assert sorted(sent) == [1, 2, SHARED_SPILL_JOBS + 2] and home == 0, sent
         sim.settle()
         assert all(isinstance(sim.completed[t], tuple) for t in tokens)  # (data, contexts)
         sim.up.ds.turn = 1  # another offset moves the home
         sim.apply(sim.up.read(object(), 2 * PER_MIB, 1, sim.now))
         assert _reads_sent(sim)[(home + 1) % 3] == 1
         sim.settle()
-        # A large read keeps its home per MiB: three MiB, three replicas.
+        # A large read keeps its home per MiB: three MiB, three replicas; the
+        # largest small read goes to the one home.
         large = SHARED_HOME_MAX // BS + 1
         for mib in range(3):
             sim.apply(sim.up.read(object(), mib * PER_MIB, large, sim.now))
         assert _reads_sent(sim) == [1, 1, 1]
+        sim.settle()
+        sim.apply(sim.up.read(object(), 2 * PER_MIB, large - 1, sim.now))
+        assert _reads_sent(sim)[(home + 1) % 3] == 1 and sum(_reads_sent(sim)) == 1
         sim.settle()
     finally:
         sim.close()

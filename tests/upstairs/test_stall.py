@@ -1,6 +1,8 @@
 """The progress check on the simulated network: a downstairs that finishes
 no job while the others do is faulted, unless what it is still doing is a
-snapshot (a copy of the whole region where the filesystem cannot clone)."""
+snapshot (a copy of the whole region where the filesystem cannot clone). A
+read home that finishes nothing sends reads on to the others, so that it
+shows as stuck even when nothing else went to them."""
 
 from __future__ import annotations
 
@@ -54,5 +56,55 @@ def test_slow_snapshot_is_waited_for(tmp_path: Path) -> None:
         sim.settle()
         assert sim.completed[tok] is None
         assert all(c.state.mode is not Mode.FAULTED for c in sim.up.clients)
+    finally:
+        sim.close()
+
+
+def _data(sim: Sim, token: object) -> bytes:
+    done = sim.completed[token]
+    assert isinstance(done, tuple), done  # (data, contexts), not an error
+    return bytes(done[0])
+
+
+def _run_all_but(sim: Sim, slow: int) -> None:
+    for _ in range(1000):
+        ev = [e for e in sim.events() if e != ("disk", slow)]
+        if not ev:
+            return
+        sim.step(ev[0])
+    raise AssertionError("the simulation did not settle")
+
+
+def test_a_stuck_read_home_is_faulted_while_the_others_stand_idle(tmp_path: Path) -> None:
+    # On one host every small read has one home (the first), and nothing else
+    # goes to the others while the guest only reads.
+    opts = Options(progress_timeout=2.0, timeout=3600.0, log_jobs=False)
+    sim = Sim(tmp_path, options=opts, one_host=True)
+    sim.allow_drops = True
+    try:
+        sim.activate()
+        w = object()
+        sim.apply(sim.up.write(w, 0, b"\x5a" * 512, sim.now))
+        sim.settle()
+        stuck = object()
+        sim.apply(sim.up.read(stuck, 0, 1, sim.now))
+        _run_all_but(sim, 0)
+        assert sim.ds[0].work and stuck not in sim.completed  # the home holds it
+        sim.tick(0.5)
+        near = object()  # not yet half the progress timeout: still the home
+        sim.apply(sim.up.read(near, 0, 1, sim.now))
+        _run_all_but(sim, 0)
+        assert near not in sim.completed
+        sim.tick(0.5)
+        later = object()  # half the progress timeout without progress: another serves it
+        sim.apply(sim.up.read(later, 0, 1, sim.now))
+        _run_all_but(sim, 0)
+        assert _data(sim, later) == b"\x5a" * 512
+        for _ in range(2):
+            sim.tick(1.0)
+        assert sim.up.clients[0].state.mode is Mode.FAULTED
+        assert "no job finished in" in sim.up.clients[0].last_error
+        _run_all_but(sim, 0)  # the reads it held went to the others
+        assert _data(sim, stuck) == _data(sim, near) == b"\x5a" * 512
     finally:
         sim.close()
