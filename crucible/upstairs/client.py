@@ -79,6 +79,7 @@ class Client:
     last_flush_done: int | None = None
     inflight_jobs: int = 0
     last_progress: float = 0.0  # a job finished, or the first was sent after none
+    last_finished: float = 0.0  # a job finished
     inflight_bytes: int = 0
     skipped: set[int] = field(default_factory=set)
     # Jobs below this id were never sent on the current session (live repair

@@ -367,7 +367,7 @@ class Downstairs:
                 return [Drop(c.id, f"unexpected {type(msg).__name__} for job {jid}")]
         c.inflight_jobs -= 1
         c.inflight_bytes -= job.nbytes
-        c.last_progress = now
+        c.last_progress = c.last_finished = now
         if UP.on:
             answered = probe_names(job).client_done
             if answered.handlers:
@@ -781,7 +781,9 @@ class Downstairs:
                 continue
             if self._snapshotting(c):
                 continue
-            if any(o is not c and o.last_progress > c.last_progress for o in working):
+            # (finished, not just sent: a client that was only sent jobs since,
+            # as the reads a stuck home spills, may be stuck on the same disk)
+            if any(o is not c and o.last_finished > c.last_progress for o in working):
                 why = f"no job finished in {now - c.last_progress:.0f} s while the others kept on"
                 acts += self.fault(c, why, now)
         return acts

@@ -108,3 +108,33 @@ def test_a_stuck_read_home_is_faulted_while_the_others_stand_idle(tmp_path: Path
         assert _data(sim, stuck) == _data(sim, near) == b"\x5a" * 512
     finally:
         sim.close()
+
+
+def test_replicas_stuck_alike_are_not_faulted_when_reads_spill(tmp_path: Path) -> None:
+    # One disk under all three: the reads a stuck home spills stick too, and
+    # being sent jobs is not finishing them, so no replica is faulted.
+    opts = Options(progress_timeout=2.0, timeout=3600.0, log_jobs=False)
+    sim = Sim(tmp_path, options=opts, one_host=True)
+    sim.allow_drops = True
+    try:
+        sim.activate()
+        w = object()
+        sim.apply(sim.up.write(w, 0, b"\x5a" * 512, sim.now))
+        sim.settle()
+        reads = []
+        for _ in range(8):
+            tok = object()
+            reads.append(tok)
+            sim.apply(sim.up.read(tok, 0, 1, sim.now))
+            for _ in range(1000):  # everything but the disks
+                ev = [e for e in sim.events() if e[0] != "disk"]
+                if not ev:
+                    break
+                sim.step(ev[0])
+            sim.tick(1.0)
+        assert all(d.work for d in sim.ds), "the stuck home's reads spilled to both others"
+        assert all(c.state.mode is not Mode.FAULTED for c in sim.up.clients)
+        sim.settle()
+        assert all(_data(sim, t) == b"\x5a" * 512 for t in reads)
+    finally:
+        sim.close()
