@@ -15,24 +15,38 @@ from tests.upstairs.sim import Sim
 SLOW = 2  # the downstairs whose disk work does not run
 
 
-def flush_with_one_slow(tmp_path: Path, snapshot: str | None) -> tuple[Sim, object]:
-    """A write, then a flush (with `snapshot`) that every downstairs but SLOW
-    finishes; then four progress timeouts pass."""
-    sim = Sim(tmp_path, options=Options(progress_timeout=2.0, timeout=3600.0, log_jobs=False))
+def run_all_but(sim: Sim, held: set[int]) -> None:
+    """Everything that can happen but the disk work of the downstairs `held`."""
+    for _ in range(1000):
+        ev = [e for e in sim.events() if e[0] != "disk" or e[1] not in held]
+        if not ev:
+            return
+        sim.step(ev[0])
+    raise AssertionError("the simulation did not settle")
+
+
+def with_a_block(tmp_path: Path, one_host: bool = False) -> Sim:
+    """Three downstairs (of one host: every small read has one home, the
+    first), block 0 written with 0x5a; a progress timeout of 2 s."""
+    opts = Options(progress_timeout=2.0, timeout=3600.0, log_jobs=False)
+    sim = Sim(tmp_path, options=opts, one_host=one_host)
     sim.allow_drops = True
     sim.activate()
     w = object()
     sim.apply(sim.up.write(w, 0, b"\x5a" * 512, sim.now))
     sim.settle()
     assert sim.completed[w] is None
+    return sim
+
+
+def flush_with_one_slow(tmp_path: Path, snapshot: str | None) -> tuple[Sim, object]:
+    """A write, then a flush (with `snapshot`) that every downstairs but SLOW
+    finishes; then four progress timeouts pass."""
+    sim = with_a_block(tmp_path)
     tok = object()
     sim.apply(sim.up.flush(tok, sim.now, snapshot))
     sim.now += 0.5  # the others' replies come after it was sent
-    for _ in range(1000):
-        ev = [e for e in sim.events() if e != ("disk", SLOW)]
-        if not ev:
-            break
-        sim.step(ev[0])
+    run_all_but(sim, {SLOW})
     assert sim.ds[SLOW].work, "the slow one still has the flush to do"
     for _ in range(4):
         sim.tick(2.0)
@@ -66,45 +80,29 @@ def _data(sim: Sim, token: object) -> bytes:
     return bytes(done[0])
 
 
-def _run_all_but(sim: Sim, slow: int) -> None:
-    for _ in range(1000):
-        ev = [e for e in sim.events() if e != ("disk", slow)]
-        if not ev:
-            return
-        sim.step(ev[0])
-    raise AssertionError("the simulation did not settle")
-
-
 def test_a_stuck_read_home_is_faulted_while_the_others_stand_idle(tmp_path: Path) -> None:
-    # On one host every small read has one home (the first), and nothing else
-    # goes to the others while the guest only reads.
-    opts = Options(progress_timeout=2.0, timeout=3600.0, log_jobs=False)
-    sim = Sim(tmp_path, options=opts, one_host=True)
-    sim.allow_drops = True
+    # The guest only reads: nothing but spilled reads goes to the others.
+    sim = with_a_block(tmp_path, one_host=True)
     try:
-        sim.activate()
-        w = object()
-        sim.apply(sim.up.write(w, 0, b"\x5a" * 512, sim.now))
-        sim.settle()
         stuck = object()
         sim.apply(sim.up.read(stuck, 0, 1, sim.now))
-        _run_all_but(sim, 0)
+        run_all_but(sim, {0})
         assert sim.ds[0].work and stuck not in sim.completed  # the home holds it
         sim.tick(0.5)
         near = object()  # not yet half the progress timeout: still the home
         sim.apply(sim.up.read(near, 0, 1, sim.now))
-        _run_all_but(sim, 0)
+        run_all_but(sim, {0})
         assert near not in sim.completed
         sim.tick(0.5)
         later = object()  # half the progress timeout without progress: another serves it
         sim.apply(sim.up.read(later, 0, 1, sim.now))
-        _run_all_but(sim, 0)
+        run_all_but(sim, {0})
         assert _data(sim, later) == b"\x5a" * 512
         for _ in range(2):
             sim.tick(1.0)
         assert sim.up.clients[0].state.mode is Mode.FAULTED
         assert "no job finished in" in sim.up.clients[0].last_error
-        _run_all_but(sim, 0)  # the reads it held went to the others
+        run_all_but(sim, {0})  # the reads it held went to the others
         assert _data(sim, stuck) == _data(sim, near) == b"\x5a" * 512
     finally:
         sim.close()
@@ -113,24 +111,14 @@ def test_a_stuck_read_home_is_faulted_while_the_others_stand_idle(tmp_path: Path
 def test_replicas_stuck_alike_are_not_faulted_when_reads_spill(tmp_path: Path) -> None:
     # One disk under all three: the reads a stuck home spills stick too, and
     # being sent jobs is not finishing them, so no replica is faulted.
-    opts = Options(progress_timeout=2.0, timeout=3600.0, log_jobs=False)
-    sim = Sim(tmp_path, options=opts, one_host=True)
-    sim.allow_drops = True
+    sim = with_a_block(tmp_path, one_host=True)
     try:
-        sim.activate()
-        w = object()
-        sim.apply(sim.up.write(w, 0, b"\x5a" * 512, sim.now))
-        sim.settle()
         reads = []
         for _ in range(8):
             tok = object()
             reads.append(tok)
             sim.apply(sim.up.read(tok, 0, 1, sim.now))
-            for _ in range(1000):  # everything but the disks
-                ev = [e for e in sim.events() if e[0] != "disk"]
-                if not ev:
-                    break
-                sim.step(ev[0])
+            run_all_but(sim, {0, 1, 2})
             sim.tick(1.0)
         assert all(d.work for d in sim.ds), "the stuck home's reads spilled to both others"
         assert all(c.state.mode is not Mode.FAULTED for c in sim.up.clients)
