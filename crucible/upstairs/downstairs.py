@@ -88,6 +88,11 @@ SHARED_SPILL_JOBS: Final = 32  # the same, for small reads of three clients of o
 SHARED_HOME_MAX: Final = 64 << 10  # reads this small share one home on one host
 
 
+def one_host(clients: list[Client]) -> bool:
+    """Whether the clients' addresses name one host (as written)."""
+    return len({c.target[0] for c in clients}) == 1
+
+
 class Downstairs:
     def __init__(self, targets: list[SocketAddr], opts: Options) -> None:
         self.opts = opts
@@ -105,8 +110,7 @@ class Downstairs:
         self.reads_retried = 0
         self.scrub = Scrub(rate=opts.verify_rate)
         self.turn = 0  # added to every read's home: which replica serves which MiB
-        self.one_host = False  # the three clients' addresses name one host
-        self._place_reads()
+        self.one_host = one_host(self.clients)  # see _reader
         self.guest_counts = {op: GuestCount() for op in GUEST_OPS}
 
     # ---- capacity ------------------------------------------------------------------
@@ -247,9 +251,6 @@ class Downstairs:
         return deps[0] < c.first_job or (bool(c.skipped) and not c.skipped.isdisjoint(deps))
 
     # ---- reads from one replica -------------------------------------------------------
-
-    def _place_reads(self) -> None:
-        self.one_host = len({c.target[0] for c in self.clients}) == 1
 
     def _reader(self, job: Job, now: float) -> Client | None:
         """The ACTIVE client a read goes to, not one it avoids: its home
@@ -742,7 +743,7 @@ class Downstairs:
         acts = self.fault(c, f"replaced by {new_name}", now)
         c.set_state(DsState(Stage.CONNECT, Mode.REPLACED))
         c.retarget(new)
-        self._place_reads()
+        self.one_host = one_host(self.clients)
         c.region_uuid = None
         c.capabilities = None
         c.reconnect_at = now  # no reason to wait
