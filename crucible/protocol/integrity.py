@@ -5,6 +5,7 @@ block (so it is checked without the key)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 from itertools import repeat
 from operator import itemgetter
 from typing import Any, Final
@@ -22,6 +23,7 @@ def sealed_hash(nonce: bytes, tag: bytes, ciphertext: Buffer) -> int:
     return h.intdigest()
 
 
+_HASH: Final = itemgetter(0)  # a BlockContext's hash
 _ENCRYPTION: Final = itemgetter(1)  # a BlockContext's encryption
 
 
@@ -41,12 +43,27 @@ def all_plain(contexts: list[BlockContext]) -> bool:
     return list(map(_ENCRYPTION, contexts)).count(None) == len(contexts)
 
 
+def plain_hashes(contexts: list[BlockContext]) -> list[int] | None:
+    """Each context's hash when none carries encryption (the one-pass paths
+    take them), else None."""
+    if not all_plain(contexts):
+        return None
+    return list(map(_HASH, contexts))
+
+
+@lru_cache(maxsize=16)
+def _block_slices(size: int, block_size: int) -> tuple[slice, ...]:
+    """The slice of each block of a buffer of `size` bytes: made once per
+    IO size, not 256 times per MiB hashed."""
+    return tuple(slice(i, i + block_size) for i in range(0, size, block_size))
+
+
 def block_hashes(data: Buffer, block_size: int) -> list[int]:
     """xxh64 of each block of `data` (whole blocks), in one pass of C calls."""
     if len(data) == block_size:
         return [xxhash.xxh64_intdigest(data)]
     view = memoryview(data)
-    blocks = [view[i : i + block_size] for i in range(0, len(view), block_size)]
+    blocks = map(view.__getitem__, _block_slices(len(view), block_size))
     return list(map(xxhash.xxh64_intdigest, blocks))
 
 

@@ -31,11 +31,11 @@ class BadSlot(ValueError):
 def encode_plain_slots(hashes: list[int], flush_id: int) -> bytes:
     """encode_slot of a run of plain contexts (the on-disk hash is the
     context's own), as one buffer: one struct call instead of one per block."""
-    fid = flush_id & 0xFFFF
-    args: list[int] = []
-    for h in hashes:
-        args += (1, h, 0, h, fid)
-    return struct_run(_PLAIN_SLOT, len(hashes)).pack(*args)
+    n = len(hashes)
+    args = [1, 0, 0, 0, flush_id & 0xFFFF] * n  # each slot's (Some, hash, None, hash, flush id)
+    args[1::5] = hashes
+    args[3::5] = hashes
+    return struct_run(_PLAIN_SLOT, n).pack(*args)
 
 
 def encode_slot(ctx: BlockContext, on_disk_hash: int, flush_id: int) -> bytes:

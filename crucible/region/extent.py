@@ -55,7 +55,6 @@ import os
 import struct
 import threading
 from collections.abc import Callable
-from operator import itemgetter
 from pathlib import Path
 from typing import Final, Literal
 
@@ -64,7 +63,7 @@ import xxhash
 from crucible.common.buffer import Buffer, is_zeros
 from crucible.common.errors import CrucibleError, ErrorKind
 from crucible.libc import address, cached_pages, libc, raw_bytearray
-from crucible.protocol.integrity import all_plain
+from crucible.protocol.integrity import plain_hashes
 from crucible.protocol.messages import BlockContext, EncryptionContext, ReadBlockContext
 from crucible.protocol.wire import struct_run
 from crucible.region.context import (
@@ -609,16 +608,24 @@ class Extent:
             cache.room(self)
             self.context_chunks[c] = ctxs[first - start : first - start + size]
 
-    def _update_contexts(self, start: int, n: int, written: list[BlockContext] | None) -> None:
+    def _update_contexts(
+        self, start: int, n: int, written: list[BlockContext] | None, hashes: list[int] | None
+    ) -> None:
         """n blocks from `start` were written with these contexts (None:
-        trimmed): the chunks kept say what a read of them now returns, and
-        the chunks written whole are kept (what was just written is often
-        read next)."""
-        new: list[ReadBlockContext] = [None] * n if written is None else [
-            ctx.hash if ctx.encryption is None
-            else EncryptionContext(bytes(ctx.encryption.nonce), bytes(ctx.encryption.tag))
-            for ctx in written
-        ]  # fmt: skip
+        trimmed; `hashes`, their plain_hashes if known): the chunks kept say
+        what a read of them now returns, and the chunks written whole are
+        kept (what was just written is often read next)."""
+        new: list[ReadBlockContext]
+        if written is None:
+            new = [None] * n
+        elif hashes is not None:  # a plain block reads back as its hash
+            new = list(hashes)
+        else:
+            new = [
+                ctx.hash if ctx.encryption is None
+                else EncryptionContext(bytes(ctx.encryption.nonce), bytes(ctx.encryption.tag))
+                for ctx in written
+            ]  # fmt: skip
         end = start + n
         for c in range(start // CONTEXT_CHUNK, (end - 1) // CONTEXT_CHUNK + 1):
             chunk = self.context_chunks.get(c)
@@ -665,24 +672,42 @@ class Extent:
         only_unwritten: bool = False,
     ) -> None:
         """Write blocks whose hashes the caller has already checked."""
+        self.write_checked(start, data, contexts, plain_hashes(contexts), only_unwritten)
+
+    def write_checked(
+        self,
+        start: int,
+        data: memoryview,
+        contexts: list[BlockContext],
+        hashes: list[int] | None,
+        only_unwritten: bool = False,
+    ) -> None:
+        """`write`, given plain_hashes(contexts) (the region has them from its check)."""
         if self.read_only:
             raise CrucibleError(ErrorKind.ModifyingReadOnlyRegion)
         n = len(contexts)
         self._check_range(start, n)
         if not only_unwritten:
-            self._write_run(start, data, contexts)
+            self._write_run(start, data, contexts, hashes)
             return
         bs = self.layout.block_size
         unwritten = [sc is None for sc in self.active_slots(start, n)]
         for s, e in runs(unwritten):
-            self._write_run(start + s, data[s * bs : e * bs], contexts[s:e])
+            run_hashes = None if hashes is None else hashes[s:e]
+            self._write_run(start + s, data[s * bs : e * bs], contexts[s:e], run_hashes)
 
-    def _write_run(self, start: int, data: memoryview, contexts: list[BlockContext]) -> None:
+    def _write_run(
+        self,
+        start: int,
+        data: memoryview,
+        contexts: list[BlockContext],
+        hashes: list[int] | None,
+    ) -> None:
         bs = self.layout.block_size
         flush_id = self.flush_number
-        if all_plain(contexts):
+        if hashes is not None:
             # Plaintext on disk: each hash already covers its block.
-            slots = encode_plain_slots(list(map(itemgetter(0), contexts)), flush_id)
+            slots = encode_plain_slots(hashes, flush_id)
         else:
             parts = []
             for j, ctx in enumerate(contexts):
@@ -693,9 +718,13 @@ class Extent:
             slots = b"".join(parts)
         offset = start * bs
         if len(data) >= DIRECT_BYTES and self._direct_fd() >= 0:
-            self._replace_blocks(start, slots, contexts, lambda: self._put_direct(data, offset))
+            self._replace_blocks(
+                start, slots, contexts, lambda: self._put_direct(data, offset), hashes
+            )
             return
-        self._replace_blocks(start, slots, contexts, lambda: pwrite_all(self.fd, data, offset))
+        self._replace_blocks(
+            start, slots, contexts, lambda: pwrite_all(self.fd, data, offset), hashes
+        )
         if len(data) >= WRITEBACK_BYTES:
             start_writeback(self.fd, offset, len(data))
 
@@ -761,11 +790,13 @@ class Extent:
         slots: bytes,
         written: list[BlockContext] | None,
         put_data: Callable[[], None],
+        hashes: list[int] | None = None,
     ) -> None:
         """The write protocol: dirty mark (synced) once per flush, a sync before
         reusing a slot not yet durable, new contexts into the inactive slots
         (`slots`: the encoded slot of each block in turn, of `written`, or
-        empty for a trim), then the data, then the in-memory flip."""
+        empty for a trim), then the data, then the in-memory flip. `hashes`:
+        plain_hashes(written), when the caller has them."""
         lay = self.layout
         n = len(slots) // SLOT_SIZE
         fd = self.fd
@@ -800,7 +831,7 @@ class Extent:
             raise io_error(e, f"write extent {self.number}") from None
         self.active[start : start + n] = bytes(target)
         if self.context_chunks or (self.cache is not None and n >= CONTEXT_CHUNK):
-            self._update_contexts(start, n, written)
+            self._update_contexts(start, n, written, hashes)
         self.unsynced[start : start + n] = b"\x01" * n
         if self.damaged:
             self.damaged.difference_update(range(start, start + n))

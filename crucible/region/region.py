@@ -9,14 +9,13 @@ import re
 import shutil
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from operator import itemgetter
 from pathlib import Path
 from typing import BinaryIO
 
 from crucible.common.buffer import Buffer
 from crucible.common.definition import RegionDefinition, RegionError
 from crucible.common.errors import CrucibleError, ErrorKind
-from crucible.protocol.integrity import all_plain, block_hash, block_hashes
+from crucible.protocol.integrity import block_hash, block_hashes, plain_hashes
 from crucible.protocol.messages import BlockContext, ReadBlockContext
 from crucible.region.definition import (
     REGION_JSON,
@@ -39,8 +38,11 @@ FLUSH_THREADS = 8
 _EXTENT_NAME = re.compile(r"[0-9A-F]{2}/[0-9A-F]{3}/[0-9A-F]{3}")
 
 
-def check_write(contexts: list[BlockContext], data: memoryview, block_size: int) -> None:
-    """Shape and hash of a write, checked before anything touches the disk."""
+def check_write(
+    contexts: list[BlockContext], data: memoryview, block_size: int, hashes: list[int] | None
+) -> None:
+    """Shape and hash of a write, checked before anything touches the disk;
+    `hashes` are the contexts' own when none is sealed (plain_hashes)."""
     if len(data) % block_size:
         raise CrucibleError(ErrorKind.DataLenUnaligned)
     if len(data) // block_size != len(contexts):
@@ -48,8 +50,8 @@ def check_write(contexts: list[BlockContext], data: memoryview, block_size: int)
             ErrorKind.InvalidNumberOfBlocks,
             f"{len(contexts)} contexts for {len(data) // block_size} blocks",
         )
-    if all_plain(contexts):
-        if block_hashes(data, block_size) != list(map(itemgetter(0), contexts)):  # in one pass
+    if hashes is not None:
+        if block_hashes(data, block_size) != hashes:  # in one pass
             raise CrucibleError(ErrorKind.HashMismatch)
         return
     for i, ctx in enumerate(contexts):
@@ -235,14 +237,16 @@ class Region:
             raise CrucibleError(ErrorKind.ModifyingReadOnlyRegion)
         bs = self.definition.block_size
         view = memoryview(data).cast("B")
-        check_write(contexts, view, bs)
+        hashes = plain_hashes(contexts)
+        check_write(contexts, view, bs, hashes)
         pieces = self._pieces(start, len(contexts))
         exts = [self.extent(eid) for eid, *_ in pieces]  # all open, before any write
         for ext, (eid, off, n, before) in zip(exts, pieces, strict=True):
-            ext.write(
+            ext.write_checked(
                 off,
                 view[before * bs : (before + n) * bs],
                 contexts[before : before + n],
+                None if hashes is None else hashes[before : before + n],
                 only_unwritten,
             )
             if ext.dirty:

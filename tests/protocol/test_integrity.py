@@ -9,7 +9,7 @@ import xxhash
 from hypothesis import given
 from hypothesis import strategies as st
 
-from crucible.protocol.integrity import all_plain, block_hashes, plain_contexts
+from crucible.protocol.integrity import all_plain, block_hashes, plain_contexts, plain_hashes
 from crucible.protocol.messages import BlockContext, EncryptionContext
 
 
@@ -35,3 +35,9 @@ def test_all_plain_sees_one_sealed_context() -> None:
     assert not all_plain([BlockContext(2), sealed])
     assert not all_plain([sealed])
     assert all_plain([])
+    assert plain_hashes([BlockContext(2), sealed]) is None
+
+
+@given(st.lists(st.integers(0, 2**64 - 1), max_size=300))
+def test_plain_hashes_are_the_contexts_hashes(hashes: list[int]) -> None:
+    assert plain_hashes(plain_contexts(hashes)) == hashes
