@@ -810,14 +810,14 @@ class Extent:
                 self.unsynced = bytearray(lay.blocks)
         except OSError as e:
             raise io_error(e, f"write extent {self.number}") from None
-        target = list(self.active[start : start + n].translate(_FLIP))
+        target = self.active[start : start + n].translate(_FLIP)
         i = 0
         try:
             while i < n:
                 slot = target[i]
-                j = i
-                while j < n and target[j] == slot:
-                    j += 1
+                j = target.find(1 - slot, i)  # where the run of this slot ends
+                if j == -1:
+                    j = n
                 run = slots if i == 0 and j == n else slots[i * SLOT_SIZE : j * SLOT_SIZE]
                 pwrite_all(fd, run, lay.slot_offset(slot, start + i))
                 i = j
@@ -829,7 +829,7 @@ class Extent:
             except (OSError, CrucibleError):
                 self.damaged.update(range(start, start + n))
             raise io_error(e, f"write extent {self.number}") from None
-        self.active[start : start + n] = bytes(target)
+        self.active[start : start + n] = target
         if self.context_chunks or (self.cache is not None and n >= CONTEXT_CHUNK):
             self._update_contexts(start, n, written, hashes)
         self.unsynced[start : start + n] = b"\x01" * n
