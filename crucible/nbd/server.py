@@ -53,6 +53,10 @@ log = logging.getLogger("crucible.nbd")
 MAX_PAYLOAD: Final = 32 << 20
 REPLY_BACKLOG: Final = 8 << 20  # unsent reply bytes before the client's requests wait
 RX_BUFFER: Final = 256 << 10  # request headers and small write payloads land here
+# After a write payload this large, the next receive takes one request header
+# only: the next payload (likely as large) then lands in its own buffer whole
+# instead of partly here and copied.
+LARGE_PAYLOAD: Final = 128 << 10
 REQ_SIZE: Final = p.REQUEST.size
 MAX_INFLIGHT: Final = 512  # requests of one client in flight before reading pauses
 MAX_INFLIGHT_BYTES: Final = 128 << 20
@@ -180,6 +184,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._payload: bytearray | None = None  # a write's payload being received
         self._got = 0
         self._write_req: tuple[int, int, int, int] = (0, 0, 0, 0)
+        self._header_next = False  # the next receive takes a request header only
         self._disconnecting = False
         self._closed = False
         self._pending = 0  # requests whose reply is not sent yet
@@ -222,6 +227,8 @@ class _Connection(asyncio.BufferedProtocol):
             n = self._end - self._start
             self._rxv[:n] = self._rxv[self._start : self._end]
             self._start, self._end = 0, n
+        if self._header_next:  # (the buffer is empty: the payload emptied it)
+            return self._rxv[self._end : self._end + REQ_SIZE]
         return self._rxv[self._end :]
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -232,10 +239,12 @@ class _Connection(asyncio.BufferedProtocol):
             if self._got < len(self._payload):
                 return
             payload, self._payload = self._payload, None
+            self._header_next = len(payload) >= LARGE_PAYLOAD
             flags, cookie, offset, length = self._write_req
             self._dispatch(flags, WRITE, cookie, offset, length, payload)
             return
         self._end += nbytes
+        self._header_next = False
         if self._handshake is not None:
             self._negotiate(self._handshake)
         else:

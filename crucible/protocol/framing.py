@@ -23,6 +23,8 @@ Goals and costs, for whoever changes it:
   ends on a page boundary, so bulk data at its end (a write's) is
   page-aligned and goes to an O_DIRECT file without another copy. Frames
   larger still take the shared buffer's path, whose growth follows the data.
+  After a large frame the next receive asks for a length only (4 bytes), so
+  that the next frame, when large too, lands in its own buffer whole.
 * A frame that is short, too long or does not decode raises ProtocolError;
   the caller closes the connection. Nothing here ever blocks.
 * With `hello_limit`, frames over HELLO_MAX_FRAME are refused until the
@@ -62,6 +64,10 @@ class FrameDecoder:
         self.greeted = False  # a valid message has arrived
         self._frame: memoryview | None = None  # a large frame in a buffer of its own
         self._got = 0  # bytes of it received
+        # The last frame taken was large: the next receive brings the next
+        # frame's length only, so that a large one lands in its own buffer
+        # whole instead of partly in the shared one and copied.
+        self._after_large = False
 
     def unlimit(self) -> None:
         """Negotiation is done: frames up to the full limit from now on."""
@@ -95,6 +101,8 @@ class FrameDecoder:
         the next get_buffer (only a caller that leaves whole frames untaken
         gives that up, never progress)."""
         avail = self._end - self._start
+        if avail < 4 and self._after_large:
+            return 4 - avail
         owed = U32.unpack_from(self._buf, self._start)[0] - avail if avail >= 4 else -avail
         return max(owed + OWN_FRAME_MIN - 1, MIN_FREE)
 
@@ -167,6 +175,7 @@ class FrameDecoder:
             own, self._frame = self._frame, None  # its length was checked when moved
             msg = decode_body(own[4:])
             self.greeted = True
+            self._after_large = True
             return msg
         start = self._start
         avail = self._end - start
@@ -182,6 +191,7 @@ class FrameDecoder:
         if avail < n:
             return None
         frame = self._buf[start + 4 : start + n]  # one copy, owned by this message
+        self._after_large = False
         msg = decode_body(memoryview(frame))
         self._start = start + n
         if self._start == self._end:

@@ -153,6 +153,36 @@ print('ok', h.can_multi_conn(), h.can_fua(), h.can_trim(), h.can_zero())
     assert dump.returncode == 0, dump.stdout  # replicas identical after trims
 
 
+def test_requests_pipelined_behind_large_writes(nbd: Nbd) -> None:
+    """Small requests sent right behind 1 MiB writes, before any reply: each
+    is parsed whole, whatever a receive of the stream brings of it."""
+    out = libnbd(
+        nbd.uri,
+        """
+mib, bs = 1 << 20, 4096
+h.pwrite(b'\x07' * bs, 8 * mib)
+want = {0: b'\x01' * mib, 2 * mib: b'\x02' * bs, 3 * mib: b'\x03' * mib,
+        5 * mib: b'\x04' * 100, 6 * mib: b'\x05' * mib}
+cookies = []
+reads = []
+for off, data in want.items():
+    cookies.append(h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(data)), off))
+    buf = nbd.Buffer(bs)
+    reads.append(buf)
+    cookies.append(h.aio_pread(buf, 8 * mib))
+while h.aio_in_flight() > 0:
+    h.poll(-1)
+for c in cookies:
+    assert h.aio_command_completed(c)
+assert all(bytes(b.to_bytearray()) == b'\x07' * bs for b in reads)
+for off, data in want.items():
+    assert h.pread(len(data), off) == data, off
+print('ok')
+""",
+    )
+    assert out.strip() == "ok"
+
+
 def test_fio_verify(nbd: Nbd, tmp_path: Path) -> None:
     job = tmp_path / "verify.fio"
     job.write_text(f"""

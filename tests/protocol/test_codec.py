@@ -216,6 +216,26 @@ def test_bytes_after_a_large_frame_not_yet_taken_go_to_the_next_frame() -> None:
     assert out == [big, small, big]
 
 
+def test_after_a_large_frame_the_next_receive_takes_a_length_only() -> None:
+    """So a large frame that follows lands in its own buffer whole, none of
+    it copied from the shared one; a small one after it comes as before."""
+    big, small = codec.encode(_write(7, 64, 1)), codec.encode(m.VersionMismatch(13))
+    stream, i, dec = big + big + small, 0, FrameDecoder()
+    offers, out = [], []
+    while i < len(stream):  # a socket that always has what is offered
+        buf = dec.get_buffer()
+        offers.append(len(buf))
+        n = min(len(buf), len(stream) - i)
+        buf[:n] = stream[i : i + n]
+        dec.advance(n)
+        i += n
+        while (x := dec.next_message()) is not None:
+            out.append(codec.encode(x))
+    assert out == [big, big, small]
+    assert offers[2:5] == [4, len(big) - 4, 4]
+    assert len(offers) == 6
+
+
 def test_frames_over_own_frame_max_grow_with_the_data() -> None:
     """A claim larger than OWN_FRAME_MAX gets no buffer of its size up front."""
     dec = FrameDecoder()
