@@ -138,6 +138,9 @@ def _pack_write(msg: Any, tag: int) -> Parts | None:
     n = len(ctxs)
     head = bytearray(_job_head(msg, tag, 0))
     head += _START_COUNT.pack(msg.start, n)
+    if type(ctxs) is m.PlainContexts:
+        head += struct_run(PLAIN_CONTEXT, n).pack(*ctxs.hashes)
+        return with_bulk(head, msg.data, type(msg).__name__)
     encs = list(map(itemgetter(1), ctxs))
     if encs.count(None) == n:
         head += struct_run(PLAIN_CONTEXT, n).pack(*map(itemgetter(0), ctxs))
@@ -242,7 +245,7 @@ def _fast_write(body: memoryview) -> m.Message | None:
     if end_ctx + 8 > len(body):
         return None
     raw = bytes(body[pos:end_ctx])
-    contexts: list[m.BlockContext]
+    contexts: m.Contexts
     if sealed:
         f = struct_run("QB12s16s", nctx).unpack(raw)
         if f[1::4].count(1) != nctx:

@@ -9,7 +9,7 @@ the schema codec (codec.py) can encode and decode any message field by field.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 from crucible.common.definition import RegionDefinition
@@ -95,7 +95,7 @@ def decode_error(r: Reader) -> CrucibleError:
 # ---- block contexts -----------------------------------------------------------------
 
 
-def put_contexts(out: bytearray, ctxs: list[BlockContext]) -> None:
+def put_contexts(out: bytearray, ctxs: Sequence[BlockContext]) -> None:
     out += U64.pack(len(ctxs))
     for h, enc in ctxs:
         if enc is None:
@@ -105,7 +105,7 @@ def put_contexts(out: bytearray, ctxs: list[BlockContext]) -> None:
             _put_enc(out, enc)
 
 
-def get_contexts(r: Reader) -> list[BlockContext]:
+def get_contexts(r: Reader) -> Sequence[BlockContext]:
     n = r.length(9)
     start = r.pos
     raw = bytes(r.buf[start : start + 9 * n])

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import lru_cache
-from itertools import repeat
 from operator import itemgetter
-from typing import Any, Final
+from typing import Final
 
 import xxhash
 
 from crucible.common.buffer import Buffer
-from crucible.protocol.messages import BlockContext
+from crucible.protocol.messages import BlockContext, PlainContexts
 
 
 def sealed_hash(nonce: bytes, tag: bytes, ciphertext: Buffer) -> int:
@@ -27,25 +26,23 @@ _HASH: Final = itemgetter(0)  # a BlockContext's hash
 _ENCRYPTION: Final = itemgetter(1)  # a BlockContext's encryption
 
 
-def plain_contexts(hashes: Sequence[int]) -> list[BlockContext]:
-    """BlockContext(h) for each hash. A NamedTuple's own __new__ is Python
-    code; tuple.__new__ makes the same tuples without it (a MiB written
-    carries 256 of them, at every hop). Here, not beside BlockContext: this
-    module is compiled, and the call is made for every write."""
-    make: Any = tuple.__new__
-    if len(hashes) == 1:  # a one-block write, the commonest
-        return [make(BlockContext, (hashes[0], None))]
-    return list(map(make, repeat(BlockContext), zip(hashes, repeat(None))))
+def plain_contexts(hashes: Sequence[int]) -> PlainContexts:
+    """BlockContext(h) for each hash, kept as the hashes."""
+    return PlainContexts(list(hashes))
 
 
-def all_plain(contexts: list[BlockContext]) -> bool:
+def all_plain(contexts: Sequence[BlockContext]) -> bool:
     """No context carries encryption: the whole run takes the one-pass paths."""
+    if type(contexts) is PlainContexts:
+        return True
     return list(map(_ENCRYPTION, contexts)).count(None) == len(contexts)
 
 
-def plain_hashes(contexts: list[BlockContext]) -> list[int] | None:
+def plain_hashes(contexts: Sequence[BlockContext]) -> list[int] | None:
     """Each context's hash when none carries encryption (the one-pass paths
-    take them), else None."""
+    take them), else None. Not to be changed: it may be the contexts' own."""
+    if type(contexts) is PlainContexts:
+        return contexts.hashes
     if not all_plain(contexts):
         return None
     return list(map(_HASH, contexts))

@@ -9,8 +9,9 @@ in MESSAGE_TYPES (bincode numbers enum variants in declaration order).
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, overload
 
 from crucible.common.buffer import Buffer
 from crucible.common.definition import RegionDefinition
@@ -52,10 +53,47 @@ class BlockContext(NamedTuple):
     encryption: EncryptionContext | None = None
 
 
+class PlainContexts(Sequence[BlockContext]):
+    """Block contexts none of which carries encryption, kept as their hashes.
+    A MiB written carries 256 contexts through every hop, and what handles
+    them there (hashing, the check, packing, the slots on disk) wants only
+    the hashes: this spares a tuple per block. Reads as BlockContexts."""
+
+    __slots__ = ("hashes",)
+
+    def __init__(self, hashes: list[int]) -> None:
+        self.hashes = hashes
+
+    def __len__(self) -> int:
+        return len(self.hashes)
+
+    @overload
+    def __getitem__(self, i: int) -> BlockContext: ...
+    @overload
+    def __getitem__(self, i: slice) -> PlainContexts: ...
+    def __getitem__(self, i: int | slice) -> BlockContext | PlainContexts:
+        if isinstance(i, slice):
+            return PlainContexts(self.hashes[i])
+        return BlockContext(self.hashes[i])
+
+    def __iter__(self) -> Iterator[BlockContext]:
+        return map(BlockContext, self.hashes)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, PlainContexts):
+            return self.hashes == other.hashes
+        if isinstance(other, (list, tuple)):
+            return list(self) == list(other)
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return f"PlainContexts({self.hashes!r})"
+
+
 # A read block's context: None = Empty (never written), int = Unencrypted{hash},
 # EncryptionContext = Encrypted.
 ReadBlockContext = EncryptionContext | int | None
-Contexts = list[BlockContext]
+Contexts = Sequence[BlockContext]  # a list, or PlainContexts
 ReadBlocks = list[ReadBlockContext] | CrucibleError
 
 

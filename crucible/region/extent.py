@@ -54,7 +54,7 @@ import mmap
 import os
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final, Literal
 
@@ -609,7 +609,7 @@ class Extent:
             self.context_chunks[c] = ctxs[first - start : first - start + size]
 
     def _update_contexts(
-        self, start: int, n: int, written: list[BlockContext] | None, hashes: list[int] | None
+        self, start: int, n: int, written: Sequence[BlockContext] | None, hashes: list[int] | None
     ) -> None:
         """n blocks from `start` were written with these contexts (None:
         trimmed; `hashes`, their plain_hashes if known): the chunks kept say
@@ -668,7 +668,7 @@ class Extent:
         self,
         start: int,
         data: memoryview,
-        contexts: list[BlockContext],
+        contexts: Sequence[BlockContext],
         only_unwritten: bool = False,
     ) -> None:
         """Write blocks whose hashes the caller has already checked."""
@@ -678,7 +678,7 @@ class Extent:
         self,
         start: int,
         data: memoryview,
-        contexts: list[BlockContext],
+        contexts: Sequence[BlockContext],
         hashes: list[int] | None,
         only_unwritten: bool = False,
     ) -> None:
@@ -700,7 +700,7 @@ class Extent:
         self,
         start: int,
         data: memoryview,
-        contexts: list[BlockContext],
+        contexts: Sequence[BlockContext],
         hashes: list[int] | None,
     ) -> None:
         bs = self.layout.block_size
@@ -788,7 +788,7 @@ class Extent:
         self,
         start: int,
         slots: bytes,
-        written: list[BlockContext] | None,
+        written: Sequence[BlockContext] | None,
         put_data: Callable[[], None],
         hashes: list[int] | None = None,
     ) -> None:

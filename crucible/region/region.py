@@ -7,7 +7,7 @@ import fcntl
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
@@ -39,7 +39,7 @@ _EXTENT_NAME = re.compile(r"[0-9A-F]{2}/[0-9A-F]{3}/[0-9A-F]{3}")
 
 
 def check_write(
-    contexts: list[BlockContext], data: memoryview, block_size: int, hashes: list[int] | None
+    contexts: Sequence[BlockContext], data: memoryview, block_size: int, hashes: list[int] | None
 ) -> None:
     """Shape and hash of a write, checked before anything touches the disk;
     `hashes` are the contexts' own when none is sealed (plain_hashes)."""
@@ -229,7 +229,7 @@ class Region:
     def write(
         self,
         start: int,
-        contexts: list[BlockContext],
+        contexts: Sequence[BlockContext],
         data: Buffer,
         only_unwritten: bool = False,
     ) -> None:

@@ -213,6 +213,7 @@ class UpstairsCore:
         bs = region.block_size
         count = len(data) // bs
         cipher = self.opts.cipher
+        contexts: m.Contexts
         if cipher is not None:
             data, contexts = cipher.seal(start, data, bs)
         else:

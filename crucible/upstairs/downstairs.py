@@ -914,7 +914,7 @@ class Downstairs:
         return acts
 
 
-def _write_args(op: WriteOp) -> tuple[int, list[m.BlockContext], m.Data]:
+def _write_args(op: WriteOp) -> tuple[int, m.Contexts, m.Data]:
     return op.start, op.contexts, op.data
 
 

@@ -27,7 +27,7 @@ class IOState(Enum):
 @dataclass(slots=True, init=False)
 class WriteOp:
     start: int
-    contexts: list[m.BlockContext]
+    contexts: m.Contexts
     data: Buffer
     unwritten: bool
     to: int | None  # a rewrite of bad blocks: this client only (rewrite.py)
@@ -35,7 +35,7 @@ class WriteOp:
     def __init__(
         self,
         start: int,
-        contexts: list[m.BlockContext],
+        contexts: m.Contexts,
         data: Buffer,
         unwritten: bool = False,
         to: int | None = None,

@@ -204,7 +204,7 @@ def test_hash_mismatch_writes_nothing(ds: Downstairs) -> None:
     c = Client(ds.port)
     c.negotiate()
     bad = c.write_msg(7, pattern(7, 1) + pattern(8, 1))
-    bad.contexts[1] = m.BlockContext(bad.contexts[1].hash + 1)
+    bad.contexts = [bad.contexts[0], m.BlockContext(bad.contexts[1].hash + 1)]
     c.send(bad)
     err = c.expect(m.ErrorReport)
     assert err.job_id == bad.job_id and err.error.kind == ErrorKind.HashMismatch
@@ -224,7 +224,7 @@ def test_out_of_range_and_wrong_counts_refused(ds: Downstairs) -> None:
     assert c.expect(m.ErrorReport).error.kind == ErrorKind.InvalidExtent
     # Contexts that do not match the data length: refused and disconnected.
     w = c.write_msg(0, pattern(0, 1) + pattern(1, 1))
-    w.contexts.pop()
+    w.contexts = w.contexts[:-1]
     c.send(w)
     assert c.expect(m.ErrorReport).error.kind == ErrorKind.InvalidNumberOfBlocks
     assert c.closed_by_peer()
