@@ -94,6 +94,7 @@ FIELD_STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
 # The shapes the hand-packed fast paths take: plain contexts, Ok results.
 PLAIN_STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
     "Contexts": st.lists(u64.map(m.BlockContext), max_size=4)
+    | st.lists(u64, max_size=4).map(m.PlainContexts)
     | st.lists(st.builds(m.BlockContext, u64, enc_ctx), max_size=4),
     "ReadBlocks": st.lists(u64, max_size=4) | st.lists(enc_ctx, max_size=4),
     "UnitResult": st.none(),

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from crucible.protocol.integrity import all_plain, block_hashes, plain_contexts, plain_hashes
-from crucible.protocol.messages import BlockContext, EncryptionContext
+from crucible.protocol.messages import BlockContext, EncryptionContext, PlainContexts
 
 
 @given(st.integers(1, 8), st.sampled_from([512, 4096]), st.integers(0, 2**32))
@@ -41,3 +41,22 @@ def test_all_plain_sees_one_sealed_context() -> None:
 @given(st.lists(st.integers(0, 2**64 - 1), max_size=300))
 def test_plain_hashes_are_the_contexts_hashes(hashes: list[int]) -> None:
     assert plain_hashes(plain_contexts(hashes)) == hashes
+    assert plain_hashes([BlockContext(h) for h in hashes]) == hashes
+
+
+@given(st.lists(st.integers(0, 2**64 - 1), min_size=1, max_size=20), st.data())
+def test_plain_contexts_read_as_the_block_contexts_they_keep(
+    hashes: list[int], data: st.DataObject
+) -> None:
+    ctxs = plain_contexts(hashes)
+    full = [BlockContext(h) for h in hashes]
+    assert list(ctxs) == full and len(ctxs) == len(full)
+    assert ctxs == full and full == ctxs and ctxs == tuple(full)
+    i = data.draw(st.integers(-len(hashes), len(hashes) - 1))
+    assert ctxs[i] == full[i] and type(ctxs[i]) is BlockContext
+    a, b = data.draw(st.integers(0, len(hashes))), data.draw(st.integers(0, len(hashes)))
+    assert type(ctxs[a:b]) is PlainContexts and ctxs[a:b] == full[a:b]
+    other = [*hashes[:-1], hashes[-1] ^ 1]
+    assert ctxs != plain_contexts(other) and ctxs != [BlockContext(h) for h in other]
+    sealed = BlockContext(hashes[0], EncryptionContext(bytes(12), bytes(16)))
+    assert ctxs != [sealed, *full[1:]]
