@@ -242,11 +242,13 @@ class Region:
         pieces = self._pieces(start, len(contexts))
         exts = [self.extent(eid) for eid, *_ in pieces]  # all open, before any write
         for ext, (eid, off, n, before) in zip(exts, pieces, strict=True):
+            end = before + n
+            whole = n == len(contexts)  # within one extent, the usual case: nothing cut
             ext.write_checked(
                 off,
-                view[before * bs : (before + n) * bs],
-                contexts[before : before + n],
-                None if hashes is None else hashes[before : before + n],
+                view if whole else view[before * bs : end * bs],
+                contexts if whole else contexts[before:end],
+                hashes if whole or hashes is None else hashes[before:end],
                 only_unwritten,
             )
             if ext.dirty:
