@@ -196,7 +196,9 @@ def run_test(
 def run_round(base: Path, size: int, rnd: int, args: argparse.Namespace) -> list[Result]:
     """Both servers up; each test on one, then at once on the other (which
     goes first alternates by round), so a ratio compares runs seconds apart:
-    a shared machine's load drifts over minutes."""
+    a shared machine's load drifts over minutes. Each test starts once the
+    disk has written back what the run before left dirty, so that the side
+    that runs second does not pay for the first's writeback."""
     results = []
     with crucible_server(base, size, args.extra) as ours, qemu_server(base, size) as theirs:
         sides = [("crucible", *ours), ("qemu-nbd", *theirs)]
@@ -204,6 +206,7 @@ def run_round(base: Path, size: int, rnd: int, args: argparse.Namespace) -> list
             sides.reverse()
         for test in TESTS:
             for server, uri, pids in sides:
+                os.sync()
                 results.append(run_test(test, uri, server, pids, rnd, args.size_mib, args.runtime))
     return results
 
