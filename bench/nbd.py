@@ -11,9 +11,9 @@ crucible-nbd and its three downstairs, or qemu-nbd -- per IO and per MiB,
 and their minor page faults per IO. CPU per IO is the headline: unlike MB/s
 it barely moves with the load of a shared machine. Each round serves both at
 once and runs each test on one, then the other (each after a sync), so each
-ratio compares runs seconds apart; --repeat N rounds report the median and spread of those
-ratios against the targets. JSON and a PNG chart go under --out (default
-bench/results). Flags after `--` go to crucible-nbd (e.g.
+ratio compares runs seconds apart; --repeat N rounds report the median and
+spread of those ratios against the targets. JSON and a PNG chart go under
+--out (default bench/results). Flags after `--` go to crucible-nbd (e.g.
 `-- --read-all-replicas`).
 """
 
