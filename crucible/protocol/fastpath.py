@@ -18,7 +18,7 @@ from typing import Any, Final
 import crucible.protocol.messages as m
 from crucible.common.buffer import Buffer
 from crucible.protocol.fields import PLAIN_CONTEXT
-from crucible.protocol.integrity import plain_contexts
+from crucible.protocol.integrity import plain_contexts, plain_hashes
 from crucible.protocol.wire import U32, U64, ProtocolError, cached_uuid, struct_run, uuid_bytes
 
 Parts = list[Buffer]
@@ -138,15 +138,13 @@ def _pack_write(msg: Any, tag: int) -> Parts | None:
     n = len(ctxs)
     head = bytearray(_job_head(msg, tag, 0))
     head += _START_COUNT.pack(msg.start, n)
-    if type(ctxs) is m.PlainContexts:
-        head += struct_run(PLAIN_CONTEXT, n).pack(*ctxs.hashes)
-        return with_bulk(head, msg.data, type(msg).__name__)
-    encs = list(map(itemgetter(1), ctxs))
-    if encs.count(None) == n:
-        head += struct_run(PLAIN_CONTEXT, n).pack(*map(itemgetter(0), ctxs))
-    elif None in encs:
-        return None
+    hashes = plain_hashes(ctxs)
+    if hashes is not None:
+        head += struct_run(PLAIN_CONTEXT, n).pack(*hashes)
     else:
+        encs = list(map(itemgetter(1), ctxs))
+        if None in encs:  # some sealed, some not
+            return None
         try:
             run = struct_run("QB12s16s", n)
             head += run.pack(*[v for c, e in zip(ctxs, encs, strict=True) for v in (c.hash, 1, *e)])

@@ -608,13 +608,12 @@ class Extent:
             cache.room(self)
             self.context_chunks[c] = ctxs[first - start : first - start + size]
 
-    def _update_contexts(
-        self, start: int, n: int, written: Sequence[BlockContext] | None, hashes: list[int] | None
-    ) -> None:
+    def _update_contexts(self, start: int, n: int, written: Sequence[BlockContext] | None) -> None:
         """n blocks from `start` were written with these contexts (None:
-        trimmed; `hashes`, their plain_hashes if known): the chunks kept say
-        what a read of them now returns, and the chunks written whole are
-        kept (what was just written is often read next)."""
+        trimmed): the chunks kept say what a read of them now returns, and
+        the chunks written whole are kept (what was just written is often
+        read next)."""
+        hashes = None if written is None else plain_hashes(written)
         new: list[ReadBlockContext]
         if written is None:
             new = [None] * n
@@ -672,39 +671,22 @@ class Extent:
         only_unwritten: bool = False,
     ) -> None:
         """Write blocks whose hashes the caller has already checked."""
-        self.write_checked(start, data, contexts, plain_hashes(contexts), only_unwritten)
-
-    def write_checked(
-        self,
-        start: int,
-        data: memoryview,
-        contexts: Sequence[BlockContext],
-        hashes: list[int] | None,
-        only_unwritten: bool = False,
-    ) -> None:
-        """`write`, given plain_hashes(contexts) (the region has them from its check)."""
         if self.read_only:
             raise CrucibleError(ErrorKind.ModifyingReadOnlyRegion)
         n = len(contexts)
         self._check_range(start, n)
         if not only_unwritten:
-            self._write_run(start, data, contexts, hashes)
+            self._write_run(start, data, contexts)
             return
         bs = self.layout.block_size
         unwritten = [sc is None for sc in self.active_slots(start, n)]
         for s, e in runs(unwritten):
-            run_hashes = None if hashes is None else hashes[s:e]
-            self._write_run(start + s, data[s * bs : e * bs], contexts[s:e], run_hashes)
+            self._write_run(start + s, data[s * bs : e * bs], contexts[s:e])
 
-    def _write_run(
-        self,
-        start: int,
-        data: memoryview,
-        contexts: Sequence[BlockContext],
-        hashes: list[int] | None,
-    ) -> None:
+    def _write_run(self, start: int, data: memoryview, contexts: Sequence[BlockContext]) -> None:
         bs = self.layout.block_size
         flush_id = self.flush_number
+        hashes = plain_hashes(contexts)  # (PlainContexts, the usual, has them already)
         if hashes is not None:
             # Plaintext on disk: each hash already covers its block.
             slots = encode_plain_slots(hashes, flush_id)
@@ -718,13 +700,9 @@ class Extent:
             slots = b"".join(parts)
         offset = start * bs
         if len(data) >= DIRECT_BYTES and self._direct_fd() >= 0:
-            self._replace_blocks(
-                start, slots, contexts, lambda: self._put_direct(data, offset), hashes
-            )
+            self._replace_blocks(start, slots, contexts, lambda: self._put_direct(data, offset))
             return
-        self._replace_blocks(
-            start, slots, contexts, lambda: pwrite_all(self.fd, data, offset), hashes
-        )
+        self._replace_blocks(start, slots, contexts, lambda: pwrite_all(self.fd, data, offset))
         if len(data) >= WRITEBACK_BYTES:
             start_writeback(self.fd, offset, len(data))
 
@@ -790,13 +768,11 @@ class Extent:
         slots: bytes,
         written: Sequence[BlockContext] | None,
         put_data: Callable[[], None],
-        hashes: list[int] | None = None,
     ) -> None:
         """The write protocol: dirty mark (synced) once per flush, a sync before
         reusing a slot not yet durable, new contexts into the inactive slots
         (`slots`: the encoded slot of each block in turn, of `written`, or
-        empty for a trim), then the data, then the in-memory flip. `hashes`:
-        plain_hashes(written), when the caller has them."""
+        empty for a trim), then the data, then the in-memory flip."""
         lay = self.layout
         n = len(slots) // SLOT_SIZE
         fd = self.fd
@@ -831,7 +807,7 @@ class Extent:
             raise io_error(e, f"write extent {self.number}") from None
         self.active[start : start + n] = target
         if self.context_chunks or (self.cache is not None and n >= CONTEXT_CHUNK):
-            self._update_contexts(start, n, written, hashes)
+            self._update_contexts(start, n, written)
         self.unsynced[start : start + n] = b"\x01" * n
         if self.damaged:
             self.damaged.difference_update(range(start, start + n))

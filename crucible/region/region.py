@@ -38,11 +38,8 @@ FLUSH_THREADS = 8
 _EXTENT_NAME = re.compile(r"[0-9A-F]{2}/[0-9A-F]{3}/[0-9A-F]{3}")
 
 
-def check_write(
-    contexts: Sequence[BlockContext], data: memoryview, block_size: int, hashes: list[int] | None
-) -> None:
-    """Shape and hash of a write, checked before anything touches the disk;
-    `hashes` are the contexts' own when none is sealed (plain_hashes)."""
+def check_write(contexts: Sequence[BlockContext], data: memoryview, block_size: int) -> None:
+    """Shape and hash of a write, checked before anything touches the disk."""
     if len(data) % block_size:
         raise CrucibleError(ErrorKind.DataLenUnaligned)
     if len(data) // block_size != len(contexts):
@@ -50,6 +47,7 @@ def check_write(
             ErrorKind.InvalidNumberOfBlocks,
             f"{len(contexts)} contexts for {len(data) // block_size} blocks",
         )
+    hashes = plain_hashes(contexts)
     if hashes is not None:
         if block_hashes(data, block_size) != hashes:  # in one pass
             raise CrucibleError(ErrorKind.HashMismatch)
@@ -237,18 +235,16 @@ class Region:
             raise CrucibleError(ErrorKind.ModifyingReadOnlyRegion)
         bs = self.definition.block_size
         view = memoryview(data).cast("B")
-        hashes = plain_hashes(contexts)
-        check_write(contexts, view, bs, hashes)
+        check_write(contexts, view, bs)
         pieces = self._pieces(start, len(contexts))
         exts = [self.extent(eid) for eid, *_ in pieces]  # all open, before any write
         for ext, (eid, off, n, before) in zip(exts, pieces, strict=True):
             end = before + n
             whole = n == len(contexts)  # within one extent, the usual case: nothing cut
-            ext.write_checked(
+            ext.write(
                 off,
                 view if whole else view[before * bs : end * bs],
                 contexts if whole else contexts[before:end],
-                hashes if whole or hashes is None else hashes[before:end],
                 only_unwritten,
             )
             if ext.dirty:
