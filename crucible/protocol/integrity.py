@@ -4,7 +4,7 @@ block (so it is checked without the key)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from operator import itemgetter
 from typing import Final
@@ -48,8 +48,14 @@ def plain_hashes(contexts: Sequence[BlockContext]) -> list[int] | None:
     return list(map(_HASH, contexts))
 
 
-@lru_cache(maxsize=16)
-def _block_slices(size: int, block_size: int) -> tuple[slice, ...]:
+# IO sizes whose block slices are kept: at most SLICES_KEPT sizes of at most
+# SLICES_KEPT_BLOCKS blocks each (about 1 MB), whatever sizes peers send.
+SLICES_KEPT: Final = 16
+SLICES_KEPT_BLOCKS: Final = 1024
+
+
+@lru_cache(maxsize=SLICES_KEPT)
+def block_slices(size: int, block_size: int) -> tuple[slice, ...]:
     """The slice of each block of a buffer of `size` bytes: made once per
     IO size, not 256 times per MiB hashed."""
     return tuple(slice(i, i + block_size) for i in range(0, size, block_size))
@@ -60,8 +66,12 @@ def block_hashes(data: Buffer, block_size: int) -> list[int]:
     if len(data) == block_size:
         return [xxhash.xxh64_intdigest(data)]
     view = memoryview(data)
-    blocks = map(view.__getitem__, _block_slices(len(view), block_size))
-    return list(map(xxhash.xxh64_intdigest, blocks))
+    size = len(view)
+    if size // block_size <= SLICES_KEPT_BLOCKS:
+        slices: Iterable[slice] = block_slices(size, block_size)
+    else:  # a size past those kept: its slices made for this call only
+        slices = map(slice, range(0, size, block_size), range(block_size, size + 1, block_size))
+    return list(map(xxhash.xxh64_intdigest, map(view.__getitem__, slices)))
 
 
 def block_hash(ctx: BlockContext, block: Buffer) -> int:

@@ -9,6 +9,7 @@ import xxhash
 from hypothesis import given
 from hypothesis import strategies as st
 
+from crucible.protocol import integrity
 from crucible.protocol.integrity import all_plain, block_hashes, plain_contexts, plain_hashes
 from crucible.protocol.messages import BlockContext, EncryptionContext, PlainContexts
 
@@ -19,6 +20,22 @@ def test_block_hashes_hash_each_block(blocks: int, bs: int, seed: int) -> None:
     want = [xxhash.xxh64_intdigest(data[i : i + bs]) for i in range(0, len(data), bs)]
     for form in (data, bytearray(data), memoryview(data)):
         assert block_hashes(form, bs) == want
+
+
+def testblock_slices_kept_are_bounded_whatever_sizes_come() -> None:
+    """A peer picks the sizes hashed: the slices kept stay within
+    SLICES_KEPT sizes of SLICES_KEPT_BLOCKS blocks, and a larger size is
+    hashed as right as a kept one."""
+    integrity.block_slices.cache_clear()
+    bs = 512
+    big = random.Random(3).randbytes((integrity.SLICES_KEPT_BLOCKS + 1) * bs)
+    want = [xxhash.xxh64_intdigest(big[i : i + bs]) for i in range(0, len(big), bs)]
+    assert block_hashes(big, bs) == want
+    assert integrity.block_slices.cache_info().currsize == 0
+    for blocks in range(2, 2 + 3 * integrity.SLICES_KEPT):
+        assert block_hashes(big[: blocks * bs], bs) == want[:blocks]
+    info = integrity.block_slices.cache_info()
+    assert info.currsize == integrity.SLICES_KEPT == info.maxsize
 
 
 @given(st.lists(st.integers(0, 2**64 - 1), max_size=300))
