@@ -63,7 +63,7 @@ import xxhash
 from crucible.common.buffer import Buffer, is_zeros
 from crucible.common.errors import CrucibleError, ErrorKind
 from crucible.libc import address, cached_pages, libc, raw_bytearray
-from crucible.protocol.integrity import plain_hashes
+from crucible.protocol.integrity import block_hashes, plain_hashes
 from crucible.protocol.messages import BlockContext, EncryptionContext, ReadBlockContext
 from crucible.protocol.wire import struct_run
 from crucible.region.context import (
@@ -691,12 +691,12 @@ class Extent:
             # Plaintext on disk: each hash already covers its block.
             slots = encode_plain_slots(hashes, flush_id)
         else:
-            parts = []
-            for j, ctx in enumerate(contexts):
-                odh = ctx.hash
-                if ctx.encryption is not None:
-                    odh = xxhash.xxh64_intdigest(data[j * bs : (j + 1) * bs])
-                parts.append(encode_slot(ctx, odh, flush_id))
+            # Sealed blocks keep the hash of their ciphertext as well.
+            on_disk = block_hashes(data, bs)
+            parts = [
+                encode_slot(ctx, ctx.hash if ctx.encryption is None else odh, flush_id)
+                for ctx, odh in zip(contexts, on_disk, strict=True)
+            ]
             slots = b"".join(parts)
         offset = start * bs
         if len(data) >= DIRECT_BYTES and self._direct_fd() >= 0:

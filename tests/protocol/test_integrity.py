@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import xxhash
 from hypothesis import given
 from hypothesis import strategies as st
@@ -14,26 +15,62 @@ from crucible.protocol.integrity import all_plain, block_hashes, plain_contexts,
 from crucible.protocol.messages import BlockContext, EncryptionContext, PlainContexts
 
 
-@given(st.integers(1, 8), st.sampled_from([512, 4096]), st.integers(0, 2**32))
+def slice_hashes(data: bytes, bs: int) -> list[int]:
+    return [xxhash.xxh64_intdigest(data[i : i + bs]) for i in range(0, len(data), bs)]
+
+
+@given(st.integers(1, 20), st.sampled_from([512, 4096]), st.integers(0, 2**32))
 def test_block_hashes_hash_each_block(blocks: int, bs: int, seed: int) -> None:
+    """Through the C module when the build has it, and through the xxhash
+    package (sliced_hashes, its fallback)."""
     data = random.Random(seed).randbytes(blocks * bs)
-    want = [xxhash.xxh64_intdigest(data[i : i + bs]) for i in range(0, len(data), bs)]
+    want = slice_hashes(data, bs)
     for form in (data, bytearray(data), memoryview(data)):
         assert block_hashes(form, bs) == want
+        assert integrity.sliced_hashes(form, bs) == want
 
 
-def testblock_slices_kept_are_bounded_whatever_sizes_come() -> None:
+@given(
+    st.integers(0, 40 * 33),
+    st.sampled_from([1, 7, 8, 31, 32, 33, 64, 100, 512, 4096]),
+    st.integers(0, 31),
+    st.booleans(),
+    st.integers(0, 2**32),
+)
+def test_native_block_hashes_are_xxh64_of_each_slice(
+    size: int, bs: int, offset: int, vector: bool, seed: int
+) -> None:
+    """Any block size (a stripe of 32 bytes or not, a tail of 8, 4 and single
+    bytes), any length (a short last block, groups of eight and the rest),
+    any alignment, vectorised or not: the xxh64 of each slice."""
+    native = pytest.importorskip("crucible.protocol._blockhash")
+    raw = random.Random(seed).randbytes(offset + size)
+    data = memoryview(bytearray(raw))[offset:]
+    assert native.block_hashes(data, bs, vector) == slice_hashes(raw[offset:], bs)
+
+
+def test_native_block_hashes_refuse_what_is_not_blocks() -> None:
+    native = pytest.importorskip("crucible.protocol._blockhash")
+    with pytest.raises(ValueError, match="block size 0"):
+        native.block_hashes(b"abc", 0)
+    with pytest.raises(BufferError):
+        native.block_hashes(memoryview(bytearray(64))[::2], 8)  # not contiguous
+    with pytest.raises(TypeError):
+        native.block_hashes("text", 8)
+
+
+def test_block_slices_kept_are_bounded_whatever_sizes_come() -> None:
     """A peer picks the sizes hashed: the slices kept stay within
     SLICES_KEPT sizes of SLICES_KEPT_BLOCKS blocks, and a larger size is
     hashed as right as a kept one."""
     integrity.block_slices.cache_clear()
     bs = 512
     big = random.Random(3).randbytes((integrity.SLICES_KEPT_BLOCKS + 1) * bs)
-    want = [xxhash.xxh64_intdigest(big[i : i + bs]) for i in range(0, len(big), bs)]
-    assert block_hashes(big, bs) == want
+    want = slice_hashes(big, bs)
+    assert integrity.sliced_hashes(big, bs) == want
     assert integrity.block_slices.cache_info().currsize == 0
     for blocks in range(2, 2 + 3 * integrity.SLICES_KEPT):
-        assert block_hashes(big[: blocks * bs], bs) == want[:blocks]
+        assert integrity.sliced_hashes(big[: blocks * bs], bs) == want[:blocks]
     info = integrity.block_slices.cache_info()
     assert info.currsize == integrity.SLICES_KEPT == info.maxsize
 
