@@ -1,15 +1,27 @@
-"""Output batching for asyncio transports.
+"""Batched output and marked input for asyncio transports.
 
 Every message a loop iteration produces for one connection goes out in one
 writelines() at the end of that iteration, instead of one send() syscall per
 message: under load dozens of small frames share a syscall.
+
+A server receiving a large frame into a buffer of its own (a 1 MiB write)
+says how much of it is still to come (ReceiveMark), and the kernel wakes it
+once that much has arrived (SO_RCVLOWAT) instead of for each segment of it:
+fewer wakeups of the receiver, each of which its sender pays for too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
+from typing import Final
 
 from crucible.common.buffer import Buffer
+
+log = logging.getLogger("crucible.netio")
+
+MARK_MAX: Final = 4 << 20  # the most one wakeup waits for
 
 
 class OutputBatcher:
@@ -41,3 +53,37 @@ class OutputBatcher:
         it to drain past a limit. (Work done in one callback can queue many
         replies before the next flush.)"""
         return self.transport.get_write_buffer_size() + self._pending
+
+
+class ReceiveMark:
+    """The receive low-water mark of a plain TCP connection (none for TLS,
+    whose records the socket counts, nor for other sockets).
+
+    Set it, with `expect`, to no more than the peer has committed to send:
+    the rest of a frame whose length has arrived. Each receive may bring
+    less than what the mark was set for, so the owner sets it again after
+    every receive, or the mark would wait for bytes of a frame the peer has
+    not sent."""
+
+    def __init__(self) -> None:
+        self._sock: socket.socket | None = None  # none until attached
+        self._mark = 1
+
+    def attach(self, transport: asyncio.BaseTransport) -> None:
+        sock = transport.get_extra_info("socket")
+        plain = transport.get_extra_info("ssl_object") is None
+        tcp = sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6)
+        self._sock = sock if plain and tcp else None
+
+    def expect(self, n: int) -> None:
+        """Wake the reader once n more bytes are there (1: at any byte)."""
+        n = min(max(n, 1), MARK_MAX)
+        if self._sock is None or n == self._mark:
+            return
+        try:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, n)
+        except OSError as e:  # closing, or a kernel without it: wake at every byte
+            log.debug("SO_RCVLOWAT not set: %s", e)
+            self._sock = None
+            return
+        self._mark = n

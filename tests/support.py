@@ -112,6 +112,32 @@ def wait_listening(
     raise TimeoutError(f"nothing listening on port {port}")
 
 
+def _tcp_queues() -> dict[tuple[int, int], tuple[int, int]]:
+    """(local port, remote port) -> (unacknowledged bytes sent, bytes
+    received and not yet read) of each IPv4 TCP socket (/proc/net/tcp)."""
+    out = {}
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        f = line.split()
+        tx, rx = (int(x, 16) for x in f[4].split(":"))
+        out[(int(f[1].split(":")[1], 16), int(f[2].split(":")[1], 16))] = (tx, rx)
+    return out
+
+
+def wait_reading_begun(sock: socket.socket, sent: int, timeout: float = 30.0) -> None:
+    """Until the process at the other end of a loopback TCP connection has
+    read some of the `sent` bytes sent on `sock` (a server waiting for the
+    rest of a frame need not read all that came of it)."""
+    me, peer = sock.getsockname()[1], sock.getpeername()[1]
+    deadline = time.monotonic() + timeout
+    while True:
+        q = _tcp_queues()
+        unacked, unread = q.get((me, peer), (0, 0))[0], q.get((peer, me), (0, 0))[1]
+        if unacked + unread < sent:
+            return
+        assert time.monotonic() < deadline, "the peer read none of what was sent"
+        time.sleep(0.01)
+
+
 def create_region(path: Path, *args: str) -> None:
     subprocess.run([DOWNSTAIRS, "create", "-d", str(path), *args], check=True, capture_output=True)
 

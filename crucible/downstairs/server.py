@@ -39,7 +39,7 @@ from crucible.downstairs.http_guard import GuardedFactory
 from crucible.downstairs.probing import JOB_PROBES
 from crucible.downstairs.repair import REPAIR_PORT_OFFSET, fetch_extent, make_app
 from crucible.libc import trim_heap
-from crucible.netio import OutputBatcher
+from crucible.netio import OutputBatcher, ReceiveMark
 from crucible.observe.probes import DS, clock
 from crucible.protocol.capabilities import NONE, OURS
 from crucible.protocol.codec import encode_parts
@@ -79,6 +79,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.decoder = FrameDecoder(hello_limit=True)  # until it is the promoted upstairs
         self.transport: asyncio.Transport | None = None
         self.out: OutputBatcher | None = None
+        self.mark = ReceiveMark()
         self.last_rx = self.since = time.monotonic()
         self.closing = False
         self.held = False  # not read: its load is over CONN_LOAD_LIMIT
@@ -89,6 +90,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self.transport.set_write_buffer_limits(high=REPLY_BACKLOG)
         self.out = OutputBatcher(self.transport)
+        self.mark.attach(transport)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -97,13 +99,16 @@ class _Connection(asyncio.BufferedProtocol):
         self.server.connection_made(self, name)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self.decoder.get_buffer()  # frames are received in place
+        buf = self.decoder.get_buffer()  # frames are received in place
+        self.mark.expect(self.decoder.owed())
+        return buf
 
     def buffer_updated(self, nbytes: int) -> None:
         if self.closing:
             return
         self.last_rx = time.monotonic()
         self.decoder.advance(nbytes)
+        self.mark.expect(self.decoder.owed())  # (the receive may have brought less)
         self.parse()
 
     def parse(self) -> None:

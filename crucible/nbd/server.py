@@ -33,7 +33,7 @@ from crucible.common.errors import CrucibleError, ErrorKind
 from crucible.libc import raw_bytearray
 from crucible.nbd.disk import Disk
 from crucible.nbd.handshake import ExportInfo, Handshake, HandshakeError, Negotiated
-from crucible.netio import OutputBatcher
+from crucible.netio import OutputBatcher, ReceiveMark
 from crucible.observe.probes import NBD
 from crucible.upstairs.blockio import BlockIO
 
@@ -176,6 +176,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.settings = Negotiated(structured=False, allocation=False)
         self.transport: asyncio.Transport | None = None
         self.out: OutputBatcher | None = None
+        self.mark = ReceiveMark()
         self._handshake: Handshake | None = None  # None once transmission begins
         self._size = 0  # the export's size as the handshake told the client
         self._rx = bytearray(RX_BUFFER)
@@ -201,6 +202,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(high=REPLY_BACKLOG)
         self.out = OutputBatcher(self.transport)
+        self.mark.attach(transport)
         peer = transport.get_extra_info("peername")
         if len(self.server.connections) >= self.server.max_connections:
             n = len(self.server.connections)
@@ -222,7 +224,9 @@ class _Connection(asyncio.BufferedProtocol):
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._payload is not None:
+            self.mark.expect(len(self._payload) - self._got)
             return memoryview(self._payload)[self._got :]
+        self.mark.expect(1)
         if self._end == len(self._rx):  # move the unparsed tail to the front
             n = self._end - self._start
             self._rxv[:n] = self._rxv[self._start : self._end]
@@ -237,6 +241,7 @@ class _Connection(asyncio.BufferedProtocol):
         if self._payload is not None:
             self._got += nbytes
             if self._got < len(self._payload):
+                self.mark.expect(len(self._payload) - self._got)  # (the receive may bring less)
                 return
             payload, self._payload = self._payload, None
             self._header_next = len(payload) >= LARGE_PAYLOAD

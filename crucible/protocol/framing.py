@@ -94,6 +94,12 @@ class FrameDecoder:
         self._make_room(MIN_FREE)
         return memoryview(self._buf)[self._end : self._end + self._shared_offer()]
 
+    def owed(self) -> int:
+        """The bytes a receive should wait for: the rest of a large frame
+        being received into its own buffer, else 1."""
+        frame = self._filling()
+        return len(frame) - self._got if frame is not None else 1
+
     def _shared_offer(self) -> int:
         """How much one receive into the shared buffer may bring: less than
         OWN_FRAME_MIN past the end of the frame at the start, so a large

@@ -25,6 +25,7 @@ from tests.support import (
     free_port,
     pattern,
     wait_listening,
+    wait_reading_begun,
 )
 
 pytestmark = pytest.mark.slow
@@ -198,6 +199,26 @@ def test_large_reads_in_order_from_the_cache_or_the_disk(ds: Downstairs, region:
         assert r2.blocks == [ctx.hash for ctx in contexts_for(new)]
         c.send(c.write_msg(0, old))  # back, for the next round
         assert isinstance(c.recv(), m.WriteAck)
+
+
+def test_a_large_write_whose_last_byte_comes_late_is_taken(ds: Downstairs) -> None:
+    """A downstairs asks the kernel to wake it once the rest of a large frame
+    has arrived (SO_RCVLOWAT). What it asks must follow every receive: had
+    it kept asking for what was owed before its last one, the last byte,
+    sent after it read all the others, would never wake it."""
+    c = Client(ds.port)
+    c.negotiate()
+    n = 600  # 300 KiB: a frame received into a buffer of its own
+    data = b"".join(pattern(b, 3) for b in range(n))
+    frame = codec.encode(c.write_msg(0, data))
+    for cut in (len(frame) - 1, len(frame) // 2):
+        c.send_raw(frame[:cut])
+        wait_reading_begun(c.sock, cut)
+        c.send_raw(frame[cut:])
+        assert isinstance(c.recv(), m.WriteAck)  # (a stall: the socket's timeout fails it)
+        frame = codec.encode(c.write_msg(0, data))
+    r = c.read(0, n)
+    assert isinstance(r, m.ReadResponse) and bytes(r.data) == data
 
 
 def test_hash_mismatch_writes_nothing(ds: Downstairs) -> None:

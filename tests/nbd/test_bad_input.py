@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from crucible.nbd import protocol as p
 from tests.nbd.conftest import Nbd
-from tests.support import free_port, rss
+from tests.support import free_port, rss, wait_reading_begun
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -75,6 +75,25 @@ def still_serves(nbd: Nbd) -> None:
         timeout=60,
     )
     assert r.returncode == 0 and "verification failed" not in r.stdout, r.stdout + r.stderr
+
+
+def test_a_write_whose_last_byte_comes_late_is_taken(nbd: Nbd) -> None:
+    """crucible-nbd asks the kernel to wake it once the rest of a large write
+    payload has arrived (SO_RCVLOWAT), and must lower that as each receive
+    takes part of it: a client that sends the last byte only after the
+    server read the others is answered."""
+    c = Raw(nbd.port)
+    c.go()
+    data = bytes(range(256)) * 4096  # 1 MiB
+    head = p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.Cmd.WRITE, 9, 0, len(data))
+    c.s.sendall(head + data[:-1])
+    wait_reading_begun(c.s, len(head) + len(data) - 1)
+    c.s.sendall(data[-1:])
+    magic, error, cookie = struct.unpack(">IIQ", c.recv(16))  # (a stall: the timeout fails it)
+    assert (magic, error, cookie) == (p.SIMPLE_REPLY_MAGIC, 0, 9)
+    c.s.sendall(p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.Cmd.READ, 10, 0, len(data)))
+    assert struct.unpack(">IIQ", c.recv(16)) == (p.SIMPLE_REPLY_MAGIC, 0, 10)
+    assert c.recv(len(data)) == data
 
 
 def test_bad_handshakes(nbd: Nbd) -> None:

@@ -236,6 +236,36 @@ def test_after_a_large_frame_the_next_receive_takes_a_length_only() -> None:
     assert len(offers) == 6
 
 
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(1, 1 << 17), min_size=1, max_size=6))
+def test_owed_is_the_rest_of_the_frame_being_received(chunks: list[int]) -> None:
+    """What a receive may wait for (a server's SO_RCVLOWAT), before and
+    after any receive: never more than the rest of the frame coming, which
+    its peer has committed to send; all of that rest while a large frame is
+    received into its own buffer; else 1."""
+    big, small = codec.encode(_write(7, 64, 1)), codec.encode(m.VersionMismatch(13))
+    stream, i, k, dec = big + small + big, 0, 0, FrameDecoder()
+    ends = [len(big), len(big) + len(small), len(stream)]
+    waited = []
+    while i < len(stream):
+        buf = dec.get_buffer()
+        rest = next(e for e in ends if e > i) - i
+        assert dec.owed() in (1, rest)
+        if dec.owed() > 1:
+            assert len(buf) == rest  # its own buffer, offered whole
+            waited.append(rest)
+        n = min(len(buf), chunks[k % len(chunks)], len(stream) - i)
+        buf[:n] = stream[i : i + n]
+        dec.advance(n)
+        i, k = i + n, k + 1
+        if i < len(stream):
+            assert dec.owed() in (1, next(e for e in ends if e > i) - i)
+        while dec.next_message() is not None:
+            pass
+    assert dec.owed() == 1
+    assert waited  # a large frame was waited for whole at least once
+
+
 def test_frames_over_own_frame_max_grow_with_the_data() -> None:
     """A claim larger than OWN_FRAME_MAX gets no buffer of its size up front."""
     dec = FrameDecoder()
