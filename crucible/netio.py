@@ -21,7 +21,9 @@ from crucible.common.buffer import Buffer
 
 log = logging.getLogger("crucible.netio")
 
-MARK_MAX: Final = 4 << 20  # the most one wakeup waits for
+# The most one wakeup waits for: even at 0.4 Mbit/s that much comes within a
+# downstairs' idle timeout (45 s), which counts from the last receive.
+MARK_MAX: Final = 2 << 20
 
 
 class OutputBatcher:
@@ -60,10 +62,11 @@ class ReceiveMark:
     whose records the socket counts, nor for other sockets).
 
     Set it, with `expect`, to no more than the peer has committed to send:
-    the rest of a frame whose length has arrived. Each receive may bring
-    less than what the mark was set for, so the owner sets it again after
-    every receive, or the mark would wait for bytes of a frame the peer has
-    not sent."""
+    the rest of a frame whose length has arrived, else 1. The owner sets it
+    again after every receive: one may bring less than the mark was set
+    for, or end the frame, and a mark left as it was would wait for bytes
+    the peer has not committed to (asyncio's loop asks for a buffer once per
+    wakeup, and uvloop's stops asking after 32 receives in a row)."""
 
     def __init__(self) -> None:
         self._sock: socket.socket | None = None  # none until attached

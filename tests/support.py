@@ -114,10 +114,13 @@ def wait_listening(
 
 def _tcp_queues() -> dict[tuple[int, int], tuple[int, int]]:
     """(local port, remote port) -> (unacknowledged bytes sent, bytes
-    received and not yet read) of each IPv4 TCP socket (/proc/net/tcp)."""
+    received and not yet read) of each established IPv4 TCP connection
+    (/proc/net/tcp)."""
     out = {}
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         f = line.split()
+        if f[3] != "01":  # not ESTABLISHED: a TIME_WAIT one may share the ports
+            continue
         tx, rx = (int(x, 16) for x in f[4].split(":"))
         out[(int(f[1].split(":")[1], 16), int(f[2].split(":")[1], 16))] = (tx, rx)
     return out

@@ -240,8 +240,11 @@ class _Connection(asyncio.BufferedProtocol):
             return
         if self._payload is not None:
             self._got += nbytes
-            if self._got < len(self._payload):
-                self.mark.expect(len(self._payload) - self._got)  # (the receive may bring less)
+            rest = len(self._payload) - self._got
+            # Again after every receive, which may bring less than the mark
+            # or end the payload (then 1: a request header may be all that comes).
+            self.mark.expect(rest)
+            if rest:
                 return
             payload, self._payload = self._payload, None
             self._header_next = len(payload) >= LARGE_PAYLOAD

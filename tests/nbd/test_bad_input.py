@@ -96,6 +96,30 @@ def test_a_write_whose_last_byte_comes_late_is_taken(nbd: Nbd) -> None:
     assert c.recv(len(data)) == data
 
 
+def test_small_requests_after_large_payloads_are_answered(nbd: Nbd) -> None:
+    """A payload's last receive must leave crucible-nbd's receive mark at 1:
+    a mark left at what was owed before it would never let the 28 bytes of
+    a flush that follows wake the server. Pipelined writes, each payload
+    filling its buffer exactly, end uvloop's run of receives (32 at most)
+    on a payload's end now and then; a write sent in two parts ends on a
+    large receive."""
+    c = Raw(nbd.port)
+    c.go()
+    payload = bytes(range(256)) * 1024  # 256 KiB
+    write = p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.Cmd.WRITE, 1, 0, len(payload)) + payload
+    for _ in range(6):
+        c.s.sendall(write * 16)
+        for _ in range(16):
+            assert struct.unpack(">IIQ", c.recv(16)) == (p.SIMPLE_REPLY_MAGIC, 0, 1)
+        assert c.request(p.Cmd.FLUSH, 0, 0, cookie=2) == 0  # (a stall: the timeout fails it)
+    big = p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.Cmd.WRITE, 3, 0, 1 << 20) + bytes(1 << 20)
+    c.s.sendall(big[: 300 << 10])
+    wait_reading_begun(c.s, 300 << 10)
+    c.s.sendall(big[300 << 10 :])
+    assert struct.unpack(">IIQ", c.recv(16)) == (p.SIMPLE_REPLY_MAGIC, 0, 3)
+    assert c.request(p.Cmd.FLUSH, 0, 0, cookie=4) == 0
+
+
 def test_bad_handshakes(nbd: Nbd) -> None:
     c = Raw(nbd.port)
     c.s.sendall(b"\xff\xff\xff\xff")  # unknown client flags

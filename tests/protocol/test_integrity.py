@@ -49,6 +49,19 @@ def test_native_block_hashes_are_xxh64_of_each_slice(
     assert native.block_hashes(data, bs, vector) == slice_hashes(raw[offset:], bs)
 
 
+def test_the_vector_path_runs_where_the_cpu_has_it() -> None:
+    """So a machine with AVX-512 tests it above, and one without it is known
+    to test the scalar path only."""
+    native = pytest.importorskip("crucible.protocol._blockhash")
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((x for x in f if x.startswith("flags")), "flags:")
+    except OSError:
+        pytest.skip("no /proc/cpuinfo to tell")
+    has_it = {"avx512f", "avx512dq", "avx512vl"} <= set(line.split(":", 1)[1].split())
+    assert bool(native.VECTOR) is has_it
+
+
 def test_native_block_hashes_refuse_what_is_not_blocks() -> None:
     native = pytest.importorskip("crucible.protocol._blockhash")
     with pytest.raises(ValueError, match="block size 0"):
