@@ -57,6 +57,12 @@ class OutputBatcher:
         return self.transport.get_write_buffer_size() + self._pending
 
 
+def tcp_socket(transport: asyncio.BaseTransport) -> socket.socket | None:
+    """The transport's socket when it is a TCP one (IPv4 or IPv6)."""
+    sock: socket.socket | None = transport.get_extra_info("socket")
+    return sock if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6) else None
+
+
 class ReceiveMark:
     """The receive low-water mark of a plain TCP connection (none for TLS,
     whose records the socket counts, nor for other sockets).
@@ -73,10 +79,8 @@ class ReceiveMark:
         self._mark = 1
 
     def attach(self, transport: asyncio.BaseTransport) -> None:
-        sock = transport.get_extra_info("socket")
         plain = transport.get_extra_info("ssl_object") is None
-        tcp = sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6)
-        self._sock = sock if plain and tcp else None
+        self._sock = tcp_socket(transport) if plain else None
 
     def expect(self, n: int) -> None:
         """Wake the reader once n more bytes are there (1: at any byte)."""

@@ -39,7 +39,7 @@ from crucible.downstairs.http_guard import GuardedFactory
 from crucible.downstairs.probing import JOB_PROBES
 from crucible.downstairs.repair import REPAIR_PORT_OFFSET, fetch_extent, make_app
 from crucible.libc import trim_heap
-from crucible.netio import OutputBatcher, ReceiveMark
+from crucible.netio import OutputBatcher, ReceiveMark, tcp_socket
 from crucible.observe.probes import DS, clock
 from crucible.protocol.capabilities import NONE, OURS
 from crucible.protocol.codec import encode_parts
@@ -91,8 +91,8 @@ class _Connection(asyncio.BufferedProtocol):
         self.transport.set_write_buffer_limits(high=REPLY_BACKLOG)
         self.out = OutputBatcher(self.transport)
         self.mark.attach(transport)
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock = tcp_socket(transport)
+        if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peer = transport.get_extra_info("peername")
         name = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)

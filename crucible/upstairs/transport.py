@@ -8,7 +8,7 @@ import socket
 from typing import Protocol, cast
 
 import crucible.protocol.messages as m
-from crucible.netio import OutputBatcher
+from crucible.netio import OutputBatcher, tcp_socket
 from crucible.protocol.framing import FrameDecoder
 from crucible.protocol.wire import ProtocolError
 
@@ -42,7 +42,7 @@ class Connection(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         self.out = OutputBatcher(self.transport)
-        sock = self.transport.get_extra_info("socket")
+        sock = tcp_socket(self.transport)
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 

@@ -59,12 +59,21 @@ class Raw:
     def request(
         self, cmd: int, offset: int, length: int, flags: int = 0, data: bytes = b"", cookie: int = 7
     ) -> int:
-        self.s.sendall(p.REQUEST.pack(p.REQUEST_MAGIC, flags, cmd, cookie, offset, length) + data)
-        magic, error, got = struct.unpack(">IIQ", self.recv(16))
-        assert magic == p.SIMPLE_REPLY_MAGIC and got == cookie
+        self.s.sendall(header(cmd, offset, length, flags, cookie) + data)
+        error = self.reply(cookie)
         if cmd == p.Cmd.READ and not error:
             self.recv(length)
+        return error
+
+    def reply(self, cookie: int) -> int:
+        """The error of the next simple reply, which must be for `cookie`."""
+        magic, error, got = struct.unpack(">IIQ", self.recv(16))
+        assert magic == p.SIMPLE_REPLY_MAGIC and got == cookie
         return int(error)
+
+
+def header(cmd: int, offset: int, length: int, flags: int = 0, cookie: int = 7) -> bytes:
+    return p.REQUEST.pack(p.REQUEST_MAGIC, flags, cmd, cookie, offset, length)
 
 
 def still_serves(nbd: Nbd) -> None:
@@ -85,14 +94,13 @@ def test_a_write_whose_last_byte_comes_late_is_taken(nbd: Nbd) -> None:
     c = Raw(nbd.port)
     c.go()
     data = bytes(range(256)) * 4096  # 1 MiB
-    head = p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.Cmd.WRITE, 9, 0, len(data))
+    head = header(p.Cmd.WRITE, 0, len(data), cookie=9)
     c.s.sendall(head + data[:-1])
     wait_reading_begun(c.s, len(head) + len(data) - 1)
     c.s.sendall(data[-1:])
-    magic, error, cookie = struct.unpack(">IIQ", c.recv(16))  # (a stall: the timeout fails it)
-    assert (magic, error, cookie) == (p.SIMPLE_REPLY_MAGIC, 0, 9)
-    c.s.sendall(p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.Cmd.READ, 10, 0, len(data)))
-    assert struct.unpack(">IIQ", c.recv(16)) == (p.SIMPLE_REPLY_MAGIC, 0, 10)
+    assert c.reply(9) == 0  # (a stall: the timeout fails it)
+    c.s.sendall(header(p.Cmd.READ, 0, len(data), cookie=10))
+    assert c.reply(10) == 0
     assert c.recv(len(data)) == data
 
 
@@ -106,17 +114,17 @@ def test_small_requests_after_large_payloads_are_answered(nbd: Nbd) -> None:
     c = Raw(nbd.port)
     c.go()
     payload = bytes(range(256)) * 1024  # 256 KiB
-    write = p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.Cmd.WRITE, 1, 0, len(payload)) + payload
+    write = header(p.Cmd.WRITE, 0, len(payload), cookie=1) + payload
     for _ in range(6):
         c.s.sendall(write * 16)
         for _ in range(16):
-            assert struct.unpack(">IIQ", c.recv(16)) == (p.SIMPLE_REPLY_MAGIC, 0, 1)
+            assert c.reply(1) == 0
         assert c.request(p.Cmd.FLUSH, 0, 0, cookie=2) == 0  # (a stall: the timeout fails it)
-    big = p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.Cmd.WRITE, 3, 0, 1 << 20) + bytes(1 << 20)
+    big = header(p.Cmd.WRITE, 0, 1 << 20, cookie=3) + bytes(1 << 20)
     c.s.sendall(big[: 300 << 10])
     wait_reading_begun(c.s, 300 << 10)
     c.s.sendall(big[300 << 10 :])
-    assert struct.unpack(">IIQ", c.recv(16)) == (p.SIMPLE_REPLY_MAGIC, 0, 3)
+    assert c.reply(3) == 0
     assert c.request(p.Cmd.FLUSH, 0, 0, cookie=4) == 0
 
 
@@ -188,7 +196,7 @@ def test_transmission_errors(nbd: Nbd) -> None:
     assert c.request(p.Cmd.WRITE_ZEROES, 0, 4096, flags=p.CMD_FLAG_FAST_ZERO) == 0
     assert c.request(p.Cmd.READ, 0, 512) == 0
     # A write payload over the maximum cannot be skipped safely: disconnect.
-    c.s.sendall(p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.Cmd.WRITE, 1, 0, (32 << 20) + 1))
+    c.s.sendall(header(p.Cmd.WRITE, 0, (32 << 20) + 1, cookie=1))
     assert c.closed()
     c = Raw(nbd.port)
     c.go()
@@ -233,9 +241,7 @@ def test_requests_past_the_in_flight_caps_wait(nbd: Nbd) -> None:
     hog = Raw(nbd.port)
     hog.go()
     size = 32 << 20
-    reqs = b"".join(
-        p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.Cmd.READ, i, (i % 2) * size, size) for i in range(100)
-    )
+    reqs = b"".join(header(p.Cmd.READ, (i % 2) * size, size, cookie=i) for i in range(100))
     hog.s.sendall(reqs)
     other = Raw(nbd.port)
     other.go()
