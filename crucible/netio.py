@@ -72,7 +72,13 @@ class ReceiveMark:
     again after every receive: one may bring less than the mark was set
     for, or end the frame, and a mark left as it was would wait for bytes
     the peer has not committed to (asyncio's loop asks for a buffer once per
-    wakeup, and uvloop's stops asking after 32 receives in a row)."""
+    wakeup, and uvloop's stops asking after 32 receives in a row).
+
+    It sets the mark through a socket of its own on the connection (a
+    duplicate descriptor): uvloop's transport socket builds a Python socket
+    for every setsockopt, which cost a downstairs 4% of a 1 MiB write. The
+    owner closes it when the connection is lost; until then the kernel
+    holds the connection open."""
 
     def __init__(self) -> None:
         self._sock: socket.socket | None = None  # none until attached
@@ -80,7 +86,15 @@ class ReceiveMark:
 
     def attach(self, transport: asyncio.BaseTransport) -> None:
         plain = transport.get_extra_info("ssl_object") is None
-        self._sock = tcp_socket(transport) if plain else None
+        sock = tcp_socket(transport) if plain else None
+        if sock is not None:
+            self._sock = socket.fromfd(sock.fileno(), sock.family, sock.type)
+
+    def close(self) -> None:
+        """The connection is lost: let go of its socket."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
 
     def expect(self, n: int) -> None:
         """Wake the reader once n more bytes are there (1: at any byte)."""
@@ -91,6 +105,6 @@ class ReceiveMark:
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, n)
         except OSError as e:  # closing, or a kernel without it: wake at every byte
             log.debug("SO_RCVLOWAT not set: %s", e)
-            self._sock = None
+            self.close()
             return
         self._mark = n

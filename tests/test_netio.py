@@ -3,6 +3,7 @@ only when it changes, and never on a socket it would misread."""
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Iterator
 from typing import Any
@@ -53,17 +54,36 @@ def test_the_mark_follows_what_is_expected(tcp: socket.socket) -> None:
         assert _lowat(tcp) == want
 
 
-def test_the_mark_is_set_only_when_it_changes() -> None:
+def test_the_mark_is_set_only_when_it_changes(
+    tcp: socket.socket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def counting_dup(fd: int, family: int, kind: int) -> socket.socket:
+        return _Counting(family, kind, fileno=os.dup(fd))
+
+    monkeypatch.setattr(socket, "fromfd", counting_dup)
+    _Counting.calls = 0
+    mark = ReceiveMark()
+    mark.attach(_Transport(tcp))  # type: ignore[arg-type]
+    for n in (1, 1, 9000, 9000, 9000, 1, 1):
+        mark.expect(n)
+    assert _Counting.calls == 2 and _lowat(tcp) == 1
+    mark.close()
+
+
+def test_the_connection_ends_once_its_owner_and_the_mark_let_go() -> None:
+    """The mark holds a descriptor of its own: closed with the connection,
+    the peer sees the end (else the kernel would keep the connection open)."""
     with socket.create_server(("127.0.0.1", 0)) as server:
-        sock = _Counting(socket.AF_INET, socket.SOCK_STREAM)
-        with sock:
-            sock.connect(server.getsockname())
-            _Counting.calls = 0
+        client = socket.create_connection(server.getsockname())
+        peer, _ = server.accept()
+        with peer:
+            peer.settimeout(10)
             mark = ReceiveMark()
-            mark.attach(_Transport(sock))  # type: ignore[arg-type]
-            for n in (1, 1, 9000, 9000, 9000, 1, 1):
-                mark.expect(n)
-            assert _Counting.calls == 2 and _lowat(sock) == 1
+            mark.attach(_Transport(client))  # type: ignore[arg-type]
+            mark.expect(9000)
+            client.close()  # what the transport does
+            mark.close()  # what the protocol's connection_lost does
+            assert peer.recv(1) == b""
 
 
 def test_no_mark_under_tls_or_off_tcp(tcp: socket.socket) -> None:

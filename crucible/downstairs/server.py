@@ -142,6 +142,7 @@ class _Connection(asyncio.BufferedProtocol):
         return not (self.held or self.closing or self.server.paused)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.mark.close()
         self.server.connection_lost(self)
 
     def send(self, msg: m.Message) -> None:

@@ -282,6 +282,7 @@ class _Connection(asyncio.BufferedProtocol):
             self.close(f"no handshake in {self.server.handshake_timeout:g} s")
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.mark.close()
         if self._deadline is not None:
             self._deadline.cancel()
         if self in self.server.connections:
