@@ -57,7 +57,7 @@ INLINE_BYTES: Final = 64 * 1024  # smaller reads run on the loop: a thread hop c
 # than the loop waiting out the write: the thread's wakeups and their GIL
 # handoffs, and the check of the block hashes on another core than the one
 # that received the data. 10 alternating rounds of 1 MiB writes: each
-# downstairs 870 to 750 us of CPU per MiB, as many IOPS. Larger writes (a
+# downstairs 770 to 620 us of CPU per MiB, as many IOPS. Larger writes (a
 # guest's single write over an extent of many MiB) still go to the thread.
 INLINE_WRITE_BYTES: Final = 4 << 20
 # Work run on the loop in one go before replies go out and other connections
