@@ -88,7 +88,10 @@ class ReceiveMark:
         plain = transport.get_extra_info("ssl_object") is None
         sock = tcp_socket(transport) if plain else None
         if sock is not None:
-            self._sock = socket.fromfd(sock.fileno(), sock.family, sock.type)
+            try:
+                self._sock = socket.fromfd(sock.fileno(), sock.family, sock.type)
+            except OSError as e:  # out of descriptors: serve it unmarked
+                log.debug("no receive mark: %s", e)
 
     def close(self) -> None:
         """The connection is lost: let go of its socket."""

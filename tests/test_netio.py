@@ -99,3 +99,20 @@ def test_no_mark_under_tls_or_off_tcp(tcp: socket.socket) -> None:
         mark.attach(_Transport(a))  # type: ignore[arg-type]
         mark.expect(5000)
         assert _lowat(a) == 1
+
+
+def test_a_connection_without_a_spare_descriptor_goes_unmarked(
+    tcp: socket.socket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Out of descriptors (a peer opening many connections): the connection
+    is served as before the mark, waking at every byte."""
+
+    def no_dup(fd: int, family: int, kind: int) -> socket.socket:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(socket, "fromfd", no_dup)
+    mark = ReceiveMark()
+    mark.attach(_Transport(tcp))  # type: ignore[arg-type]
+    mark.expect(9000)
+    assert _lowat(tcp) == 1
+    mark.close()

@@ -356,8 +356,8 @@ class DownstairsServer:
         """Run queued small work, writes, and large reads the page cache can answer
         right here, in order, so its replies leave in this loop iteration;
         stop at work for the disk thread (the worker takes it from the head
-        of the queue, so order is kept). After DRAIN_BUDGET bytes of it the
-        rest waits for the next loop iteration."""
+        of the queue, so order is kept). Once it has written DRAIN_BUDGET
+        bytes, the rest waits for the next loop iteration."""
         if self._draining:
             return  # work finishing below queued more: this loop takes it
         self._draining = True
