@@ -63,6 +63,14 @@ def tcp_socket(transport: asyncio.BaseTransport) -> socket.socket | None:
     return sock if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6) else None
 
 
+def no_delay(transport: asyncio.BaseTransport) -> None:
+    """Send small frames at once (TCP_NODELAY) on a TCP transport: replies
+    and acks are batched per loop iteration already."""
+    sock = tcp_socket(transport)
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 class ReceiveMark:
     """The receive low-water mark of a plain TCP connection (none for TLS,
     whose records the socket counts, nor for other sockets).

@@ -52,6 +52,7 @@ def test_the_mark_follows_what_is_expected(tcp: socket.socket) -> None:
     for n, want in [(300_000, 300_000), (4096, 4096), (1, 1), (0, 1), (MARK_MAX + 1, MARK_MAX)]:
         mark.expect(n)
         assert _lowat(tcp) == want
+    mark.close()
 
 
 def test_the_mark_is_set_only_when_it_changes(

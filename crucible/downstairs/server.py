@@ -14,7 +14,6 @@ import contextlib
 import errno
 import functools
 import logging
-import socket
 import time
 from collections import deque
 from collections.abc import Callable
@@ -39,7 +38,7 @@ from crucible.downstairs.http_guard import GuardedFactory
 from crucible.downstairs.probing import JOB_PROBES
 from crucible.downstairs.repair import REPAIR_PORT_OFFSET, fetch_extent, make_app
 from crucible.libc import trim_heap
-from crucible.netio import OutputBatcher, ReceiveMark, tcp_socket
+from crucible.netio import OutputBatcher, ReceiveMark, no_delay
 from crucible.observe.probes import DS, clock
 from crucible.protocol.capabilities import NONE, OURS
 from crucible.protocol.codec import encode_parts
@@ -60,9 +59,9 @@ INLINE_BYTES: Final = 64 * 1024  # smaller reads run on the loop: a thread hop c
 # downstairs 770 to 620 us of CPU per MiB, as many IOPS. Larger writes (a
 # guest's single write over an extent of many MiB) still go to the thread.
 INLINE_WRITE_BYTES: Final = 4 << 20
-# Work run on the loop in one go before replies go out and other connections
-# are heard: a queue that waited behind a flush on the disk thread can hold
-# up to PAUSE_BYTES of writes.
+# Bytes written on the loop in one go before replies go out and other
+# connections are heard: a queue that waited behind a flush on the disk
+# thread can hold up to PAUSE_BYTES of writes.
 DRAIN_BUDGET: Final = 8 << 20
 PAUSE_BYTES: Final = 256 << 20  # stop reading sockets while this much data waits for disk
 RESUME_BYTES: Final = 64 << 20
@@ -102,9 +101,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.transport.set_write_buffer_limits(high=REPLY_BACKLOG)
         self.out = OutputBatcher(self.transport)
         self.mark.attach(transport)
-        sock = tcp_socket(transport)
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        no_delay(transport)
         peer = transport.get_extra_info("peername")
         name = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self.server.connection_made(self, name)

@@ -4,11 +4,10 @@ into messages for the upstairs' loop, and the probe of its repair server."""
 from __future__ import annotations
 
 import asyncio
-import socket
 from typing import Protocol, cast
 
 import crucible.protocol.messages as m
-from crucible.netio import OutputBatcher, tcp_socket
+from crucible.netio import OutputBatcher, no_delay
 from crucible.protocol.framing import FrameDecoder
 from crucible.protocol.wire import ProtocolError
 
@@ -42,9 +41,7 @@ class Connection(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         self.out = OutputBatcher(self.transport)
-        sock = tcp_socket(self.transport)
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        no_delay(self.transport)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self.decoder.get_buffer()  # frames are received in place
